@@ -1,0 +1,250 @@
+/*
+ * tally: embeddable usage metering and rate limiting.
+ *
+ * Contract sentences used throughout this header:
+ *   "Any thread may call it."   No registration is needed; the engine registers
+ *                               the calling thread with RCU on first use and
+ *                               unregisters it when the thread exits.
+ *   "It never blocks."          No lock, no I/O, no allocation on this path
+ *                               (except where noted), no wait on another thread.
+ *   "On failure nothing changes." An error return leaves every counter as it was.
+ */
+#ifndef TALLY_H
+#define TALLY_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- Errors ------------------------------------------------------------ */
+
+/* X(name, value, message): the one table every error comes from. */
+#define TALLY_ERRORS(X)                                                              \
+    X(TALLY_EINVAL,    -1, "invalid argument")                                      \
+    X(TALLY_ENOMEM,    -2, "out of memory")                                         \
+    X(TALLY_EFULL,     -3, "no free slot for a new key: every slot holds live state") \
+    X(TALLY_ENOENT,    -4, "key not tracked")                                       \
+    X(TALLY_ECONFLICT, -5, "state changed since it was observed")                   \
+    X(TALLY_ETIMEDOUT, -6, "timed out")                                             \
+    X(TALLY_EIO,       -7, "a sink failed")                                         \
+    X(TALLY_ESTATE,    -8, "call not valid in the engine's current state")
+
+enum {
+#define TALLY_ERR_ENUM_(name, value, msg) name = value,
+    TALLY_ERRORS(TALLY_ERR_ENUM_)
+#undef TALLY_ERR_ENUM_
+};
+
+/*
+ * tally_strerror - describe an error code.
+ * @err: a value returned by a tally function.
+ * Return a static string; never NULL ("success" for 0, "unknown error" for
+ * values not in the table). Any thread may call it. It never blocks.
+ */
+const char *tally_strerror(int err);
+
+/* ---- Engine ------------------------------------------------------------ */
+
+typedef struct tally_engine tally_engine;
+
+typedef struct tally_options {
+    size_t  capacity;      /* most keys tracked at once per policy; memory is bounded by it */
+    size_t  max_key_len;   /* default 256 */
+    bool    digest_only;   /* keep only a keyed 128-bit digest of each key, never its bytes */
+    uint8_t hash_key[16];  /* secret for the keyed hash; all zero => random at open.
+                              Engines that share Redis counters must set the same key. */
+} tally_options;
+
+/* Largest accepted capacity and key length. */
+#define TALLY_MAX_CAPACITY ((size_t)1 << 32)
+#define TALLY_MAX_KEY_LEN  ((size_t)1 << 16)
+
+/*
+ * tally_options_init - fill @opts with defaults: capacity 65536, max_key_len
+ * 256, digest_only false, hash_key all zero (random at open).
+ * Any thread may call it. It never blocks.
+ */
+void tally_options_init(tally_options *opts);
+
+/*
+ * tally_open - create an engine.
+ * @opts: options; NULL means the defaults of tally_options_init().
+ * @out:  receives the engine.
+ * Return 0, TALLY_EINVAL (NULL @out, capacity 0 or above TALLY_MAX_CAPACITY,
+ * max_key_len 0 or above TALLY_MAX_KEY_LEN) or TALLY_ENOMEM.
+ * Any thread may call it. It may block (it allocates).
+ * On failure nothing is allocated and *@out is untouched.
+ */
+int tally_open(const tally_options *opts, tally_engine **out);
+
+/*
+ * tally_close - destroy an engine and free all its memory. NULL is a no-op.
+ * Calls that overlap close either complete or return TALLY_ESTATE; no call may
+ * start after close has returned (the handle is gone). Calling it twice on the
+ * same handle is a use after free, as with free().
+ * Any thread may call it. It blocks for an RCU grace period.
+ */
+void tally_close(tally_engine *e);
+
+/*
+ * tally_now_ns - nanoseconds since the Unix epoch. The value never goes back:
+ * it is the wall clock read once at load, advanced by CLOCK_MONOTONIC.
+ * Any thread may call it. It never blocks.
+ */
+uint64_t tally_now_ns(void);
+
+/* ---- Policies ---------------------------------------------------------- */
+
+typedef enum tally_algo {
+    TALLY_FIXED_WINDOW,    /* window opens at the first hit after the last one expired */
+    TALLY_CALENDAR_WINDOW, /* window = calendar minute/hour/day/week(Monday)/month at utc_offset_s */
+    TALLY_SLIDING_WINDOW,  /* weighted previous + current window, as HAProxy/Cloudflare estimate */
+    TALLY_GCRA             /* generic cell rate: max = burst, period_ns = time to refill max */
+} tally_algo;
+
+typedef enum tally_calendar_unit {
+    TALLY_MINUTE, TALLY_HOUR, TALLY_DAY, TALLY_WEEK, TALLY_MONTH
+} tally_calendar_unit;
+
+typedef struct tally_limit {
+    tally_algo          algo;
+    uint64_t            max;          /* cost allowed per window (GCRA: burst) ; > 0 */
+    uint64_t            period_ns;    /* window length (GCRA: refill time); unused for calendar */
+    tally_calendar_unit unit;         /* calendar windows */
+    int32_t             utc_offset_s; /* calendar windows */
+} tally_limit;
+
+#define TALLY_MAX_LIMITS 4
+enum { TALLY_SHADOW = 1u << 0,        /* count and report, never deny */
+       TALLY_COUNT_REJECTED = 1u << 1 /* denied hits consume too (default: they do not) */ };
+
+/* Bounds of a valid limit (see tally_policy_add). */
+#define TALLY_MAX_COUNT          ((UINT64_C(1) << 63) - 1) /* fixed, calendar, GCRA max */
+#define TALLY_SLIDING_MAX_COUNT  ((UINT64_C(1) << 44) - 1) /* sliding window max */
+#define TALLY_MAX_PERIOD_NS      ((UINT64_C(1) << 62))     /* about 146 years */
+#define TALLY_MAX_UTC_OFFSET_S   (18 * 3600)
+#define TALLY_MAX_POLICIES       1024
+#define TALLY_MAX_POLICY_NAME    128
+
+typedef struct tally_policy {
+    const char *name;                 /* used in Redis keys and reports */
+    tally_limit limits[TALLY_MAX_LIMITS];
+    unsigned    n_limits;             /* 1..TALLY_MAX_LIMITS */
+    unsigned    flags;
+} tally_policy;
+
+/*
+ * tally_policy_add - register a policy and allocate its key table.
+ * @e:      the engine.
+ * @p:      the policy; copied, so it may be freed on return.
+ * @id_out: receives the policy id used by the hot path.
+ * Each policy tracks at most opts.capacity keys; its table is allocated here.
+ * Return 0, TALLY_EINVAL (NULL argument; name NULL, empty, longer than
+ * TALLY_MAX_POLICY_NAME or already used; n_limits 0 or above TALLY_MAX_LIMITS;
+ * unknown algo or flags; max 0 or above the algorithm's bound; period_ns 0 or
+ * above TALLY_MAX_PERIOD_NS; GCRA period_ns below max (the emission interval
+ * period_ns / max must be at least 1 ns); calendar unit out of range or
+ * |utc_offset_s| above TALLY_MAX_UTC_OFFSET_S), TALLY_ENOMEM (allocation failed
+ * or TALLY_MAX_POLICIES reached), TALLY_ESTATE (engine closing).
+ * Any thread may call it, also while others run the hot path. It may block
+ * (it allocates). On failure nothing changes.
+ */
+int tally_policy_add(tally_engine *e, const tally_policy *p, uint32_t *id_out);
+
+/* ---- The hot path ------------------------------------------------------ */
+
+typedef struct tally_result {
+    bool     allowed;        /* false only if a limit denied and the policy is not SHADOW */
+    uint32_t exceeded;       /* bit i: limit i is over (or would deny, in shadow mode) */
+    uint32_t first_exceeded; /* bit i: this very call first crossed limit i in this window;
+                                exactly one call per key, limit and window gets the bit */
+    uint64_t remaining;      /* smallest remaining cost across the limits */
+    uint64_t reset_after_ns; /* until the binding limit is fully available again */
+    uint64_t retry_after_ns; /* 0 when allowed; else until this hit would be allowed */
+} tally_result;
+
+/* retry_after_ns when the hit can never be allowed (its cost exceeds max). */
+#define TALLY_NEVER UINT64_MAX
+
+/*
+ * tally_hit_at - count one hit of @key against @policy at time @now_ns.
+ * @costs:  one cost per limit; NULL means 1 for each. Costs saturate.
+ * @now_ns: ns since the Unix epoch, at most INT64_MAX. A time older than the
+ *          key's state is taken as the state's own time.
+ * @out:    receives the decision.
+ * The hit consumes from every limit or from none (see README.md for the exact
+ * guarantee under contention). A key seen for the first time takes a slot;
+ * when every slot holds live state, slots whose windows have all expired are
+ * reclaimed, and failing that the call returns TALLY_EFULL.
+ * Return 0, TALLY_EINVAL (NULL @e, @key or @out; key_len 0 or above
+ * max_key_len; unknown policy; @now_ns above INT64_MAX), TALLY_EFULL,
+ * TALLY_ESTATE (engine closing).
+ * Any thread may call it. It never blocks, except that reclaiming a slot for a
+ * new key in a full table waits for an RCU grace period.
+ * On failure nothing changes.
+ */
+int tally_hit_at(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
+                 const uint64_t *costs, uint64_t now_ns, tally_result *out);
+
+/* tally_hit - tally_hit_at() at tally_now_ns(). Same contract. */
+int tally_hit(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
+              const uint64_t *costs, tally_result *out);
+
+/*
+ * tally_peek_at - the decision a hit of cost 1 per limit would get at @now_ns,
+ * consuming nothing. An untracked key is evaluated as empty and is not added.
+ * first_exceeded is always 0.
+ * Return 0, TALLY_EINVAL, TALLY_ESTATE as tally_hit_at().
+ * Any thread may call it. It never blocks. It changes nothing.
+ */
+int tally_peek_at(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
+                  uint64_t now_ns, tally_result *out);
+
+/* ---- Reading and resetting --------------------------------------------- */
+
+typedef struct tally_counter {
+    uint64_t used;             /* cost used in the current window (GCRA: burst in use) */
+    uint64_t window_start_ns;  /* start of the current window (GCRA: 0) */
+    uint64_t raw[2];           /* the exact state words, for reset_if */
+} tally_counter;
+
+typedef struct tally_snapshot {
+    uint32_t      policy;
+    unsigned      n_limits;
+    tally_counter c[TALLY_MAX_LIMITS];
+} tally_snapshot;
+
+/*
+ * tally_read - the stored state of @key under @policy.
+ * The state is reported as stored: a window is not rolled by reading, so
+ * window_start_ns tells which window `used` belongs to. For GCRA, `used` is
+ * the burst in use as of the key's last hit.
+ * Return 0, TALLY_EINVAL, TALLY_ENOENT (key not tracked), TALLY_ESTATE.
+ * Any thread may call it. It never blocks. It changes nothing.
+ */
+int tally_read(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
+               tally_snapshot *out);
+
+/*
+ * tally_reset_if - reset to empty each limit whose state still equals
+ * observed->c[i].raw bit for bit.
+ * @observed:   a snapshot from tally_read() of the same policy and key.
+ * @reset_mask: receives bit i for each limit really reset (may be NULL).
+ * Concurrent resetters of the same observed state collapse into one winner.
+ * Return 0 (at least one limit reset), TALLY_ECONFLICT (none was: the state
+ * changed since it was observed), TALLY_EINVAL (NULL argument, or @observed is
+ * of another policy or limit count), TALLY_ENOENT, TALLY_ESTATE.
+ * Any thread may call it. It never blocks.
+ */
+int tally_reset_if(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
+                   const tally_snapshot *observed, uint32_t *reset_mask);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* TALLY_H */

@@ -1,0 +1,548 @@
+/*
+ * The engine: options, policies, and the one CAS loop that applies the pure
+ * algorithm steps of algo.c to the state words of table.c.
+ *
+ * Ordering and progress guarantees of the hot path:
+ *  1. Every call that touches a table runs inside an RCU read-side section;
+ *     slots are reused only after a grace period (table.c, guarantee 5).
+ *  2. A limit's state changes only by a 16-byte CAS from the exact state the
+ *     step was computed from, so every increment is applied exactly once and
+ *     the exceeded mark, kept in the same word, is set by exactly one call.
+ *  3. A single-limit hit is one CAS loop: lock-free, it retries only when
+ *     another call changed the same key in between.
+ *  4. A multi-limit hit first checks every limit without writing. If all fit,
+ *     it consumes from each in order and, should a limit stop fitting in the
+ *     meantime, takes back what it consumed and decides again; if one denies,
+ *     it only sets the exceeded marks. The end state is all-or-none; a
+ *     concurrent call may briefly see a consumption that is then taken back.
+ *  5. A hit that meets a DEAD state (its slot was reclaimed because every
+ *     window in it expired) helps finish the reclaim and starts over in a
+ *     fresh slot: nothing it consumed stays in the dead slot.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+
+#include <urcu/urcu-memb.h>
+
+#include "tally-internal.h"
+
+#define DEFAULT_CAPACITY    65536
+#define DEFAULT_MAX_KEY_LEN 256
+
+typedef struct tally__policy {
+    char         name[TALLY_MAX_POLICY_NAME + 1];
+    unsigned     n_limits;
+    unsigned     flags;
+    tally__limit limits[TALLY_MAX_LIMITS];
+    tally__table table;
+} tally__policy;
+
+struct tally_engine {
+    tally_options    opts;
+    _Atomic bool     closing;
+    _Atomic size_t   reclaimers;     /* calls waiting for a grace period outside RCU */
+    pthread_mutex_t  add_lock;       /* serialises tally_policy_add only */
+    _Atomic uint32_t n_policies;
+    tally__policy *_Atomic policies[TALLY_MAX_POLICIES];
+};
+
+/* ---- Errors -------------------------------------------------------------- */
+
+const char *tally_strerror(int err)
+{
+    switch (err) {
+    case 0:
+        return "success";
+#define TALLY_ERR_CASE_(name, value, msg) case name: return msg;
+        TALLY_ERRORS(TALLY_ERR_CASE_)
+#undef TALLY_ERR_CASE_
+    default:
+        return "unknown error";
+    }
+}
+
+/* ---- Clock --------------------------------------------------------------- */
+
+static uint64_t clock_base_real, clock_base_mono;
+
+static uint64_t read_clock(clockid_t id)
+{
+    struct timespec ts;
+    clock_gettime(id, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+__attribute__((constructor)) static void clock_init(void)
+{
+    clock_base_real = read_clock(CLOCK_REALTIME);
+    clock_base_mono = read_clock(CLOCK_MONOTONIC);
+}
+
+uint64_t tally_now_ns(void)
+{
+    return clock_base_real + (read_clock(CLOCK_MONOTONIC) - clock_base_mono);
+}
+
+/* ---- RCU reader registration --------------------------------------------- */
+
+static pthread_once_t rcu_once = PTHREAD_ONCE_INIT;
+static pthread_key_t rcu_key;
+static __thread bool rcu_registered __attribute__((tls_model("initial-exec")));
+
+static void rcu_thread_exit(void *arg)
+{
+    (void)arg;
+    urcu_memb_unregister_thread();
+}
+
+static void rcu_key_init(void)
+{
+    pthread_key_create(&rcu_key, rcu_thread_exit);
+}
+
+void tally__rcu_enter(void)
+{
+    if (TALLY__UNLIKELY(!rcu_registered)) {
+        pthread_once(&rcu_once, rcu_key_init);
+        urcu_memb_register_thread();
+        /* non-NULL so that the destructor runs when the thread exits */
+        pthread_setspecific(rcu_key, &rcu_registered);
+        rcu_registered = true;
+    }
+    urcu_memb_read_lock();
+}
+
+void tally__rcu_exit(void)
+{
+    urcu_memb_read_unlock();
+}
+
+void tally__rcu_synchronize(void)
+{
+    urcu_memb_synchronize_rcu();
+}
+
+/* ---- Engine -------------------------------------------------------------- */
+
+void tally_options_init(tally_options *opts)
+{
+    if (!opts)
+        return;
+    memset(opts, 0, sizeof(*opts));
+    opts->capacity = DEFAULT_CAPACITY;
+    opts->max_key_len = DEFAULT_MAX_KEY_LEN;
+}
+
+static bool all_zero(const uint8_t *p, size_t n)
+{
+    uint8_t acc = 0;
+    for (size_t i = 0; i < n; i++)
+        acc |= p[i];
+    return acc == 0;
+}
+
+int tally_open(const tally_options *opts, tally_engine **out)
+{
+    tally_options o;
+    tally_engine *e;
+
+    if (!out)
+        return TALLY_EINVAL;
+    if (opts)
+        o = *opts;
+    else
+        tally_options_init(&o);
+    if (o.capacity == 0 || o.capacity > TALLY_MAX_CAPACITY)
+        return TALLY_EINVAL;
+    if (o.max_key_len == 0 || o.max_key_len > TALLY_MAX_KEY_LEN)
+        return TALLY_EINVAL;
+    if (all_zero(o.hash_key, sizeof(o.hash_key))) {
+        size_t got = 0;
+        while (got < sizeof(o.hash_key)) {
+            ssize_t n = getrandom(o.hash_key + got, sizeof(o.hash_key) - got, 0);
+            if (n < 0 && errno != EINTR)
+                return TALLY_ENOMEM;
+            got += n > 0 ? (size_t)n : 0;
+        }
+    }
+    e = calloc(1, sizeof(*e));
+    if (!e)
+        return TALLY_ENOMEM;
+    e->opts = o;
+    pthread_mutex_init(&e->add_lock, NULL);
+    *out = e;
+    return 0;
+}
+
+void tally_close(tally_engine *e)
+{
+    if (!e)
+        return;
+    atomic_store(&e->closing, true);
+    /* every call that started before now has left its read-side section */
+    tally__rcu_synchronize();
+    /* and calls parked outside RCU to wait for a grace period are done */
+    while (atomic_load(&e->reclaimers) != 0)
+        sched_yield();
+    uint32_t n = atomic_load(&e->n_policies);
+    for (uint32_t i = 0; i < n; i++) {
+        tally__policy *p = atomic_load(&e->policies[i]);
+        tally__table_destroy(&p->table);
+        free(p);
+    }
+    pthread_mutex_destroy(&e->add_lock);
+    free(e);
+}
+
+/* ---- Policies ------------------------------------------------------------ */
+
+int tally_policy_add(tally_engine *e, const tally_policy *p, uint32_t *id_out)
+{
+    tally__policy *np;
+    size_t name_len;
+    int rc;
+
+    if (!e || !p || !id_out || !p->name)
+        return TALLY_EINVAL;
+    name_len = strnlen(p->name, TALLY_MAX_POLICY_NAME + 1);
+    if (name_len == 0 || name_len > TALLY_MAX_POLICY_NAME)
+        return TALLY_EINVAL;
+    if (p->n_limits == 0 || p->n_limits > TALLY_MAX_LIMITS)
+        return TALLY_EINVAL;
+    if (p->flags & ~(unsigned)(TALLY_SHADOW | TALLY_COUNT_REJECTED))
+        return TALLY_EINVAL;
+
+    np = calloc(1, sizeof(*np));
+    if (!np)
+        return TALLY_ENOMEM;
+    memcpy(np->name, p->name, name_len);
+    np->n_limits = p->n_limits;
+    np->flags = p->flags;
+    for (unsigned i = 0; i < p->n_limits; i++) {
+        rc = tally__limit_compile(&p->limits[i], &np->limits[i]);
+        if (rc) {
+            free(np);
+            return rc;
+        }
+    }
+
+    pthread_mutex_lock(&e->add_lock);
+    uint32_t n = atomic_load_explicit(&e->n_policies, memory_order_relaxed);
+    rc = atomic_load(&e->closing) ? TALLY_ESTATE : n == TALLY_MAX_POLICIES ? TALLY_ENOMEM : 0;
+    for (uint32_t i = 0; i < n && !rc; i++)
+        if (strcmp(atomic_load_explicit(&e->policies[i], memory_order_relaxed)->name, np->name) == 0)
+            rc = TALLY_EINVAL;
+    if (!rc)
+        rc = tally__table_init(&np->table, e->opts.capacity, np->n_limits, np->limits,
+                               !e->opts.digest_only);
+    if (!rc) {
+        /* publish the policy before the count that makes its id valid */
+        atomic_store_explicit(&e->policies[n], np, memory_order_release);
+        atomic_store_explicit(&e->n_policies, n + 1, memory_order_release);
+        *id_out = n;
+    }
+    pthread_mutex_unlock(&e->add_lock);
+    if (rc)
+        free(np);
+    return rc;
+}
+
+/* ---- The hot path -------------------------------------------------------- */
+
+/* Common argument checks; on success the caller is inside a read-side section. */
+static int enter(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
+                 const void *out, tally__policy **pp)
+{
+    if (TALLY__UNLIKELY(!e || !key || !out || key_len == 0))
+        return TALLY_EINVAL;
+    if (TALLY__UNLIKELY(key_len > e->opts.max_key_len))
+        return TALLY_EINVAL;
+    tally__rcu_enter();
+    if (TALLY__UNLIKELY(atomic_load_explicit(&e->closing, memory_order_relaxed))) {
+        tally__rcu_exit();
+        return TALLY_ESTATE;
+    }
+    /* acquire: the policy's table is initialised before its id is valid */
+    if (TALLY__UNLIKELY(policy >= atomic_load_explicit(&e->n_policies, memory_order_acquire))) {
+        tally__rcu_exit();
+        return TALLY_EINVAL;
+    }
+    *pp = atomic_load_explicit(&e->policies[policy], memory_order_acquire);
+    return 0;
+}
+
+/*
+ * Take the slot of a new key. When the key has no free slot, reclaim expired
+ * slots: leave the read-side section to wait for a grace period, then retry.
+ * Returns inside a read-side section whatever happens.
+ */
+static int acquire_slot(tally_engine *e, tally__table *t, tally__digest d, const void *key,
+                        size_t key_len, uint64_t now, tally__slot **out)
+{
+    tally__batch batch;
+
+    for (;;) {
+        int rc = tally__table_acquire(t, d, key, key_len, out);
+        if (rc != TALLY_EFULL)
+            return rc;
+        if (tally__table_reclaim_take(t, d, now, &batch) == 0)
+            return TALLY_EFULL;
+        atomic_fetch_add(&e->reclaimers, 1);
+        tally__rcu_exit();
+        tally__rcu_synchronize();
+        tally__table_reclaim_free(t, &batch);
+        tally__rcu_enter();
+        /* seen before close's grace period began, or close waits for us */
+        bool closing = atomic_load(&e->closing);
+        atomic_fetch_sub(&e->reclaimers, 1);
+        if (closing)
+            return TALLY_ESTATE;
+    }
+}
+
+static void fill_result(const tally__policy *p, const tally__step *r, tally_result *out)
+{
+    uint32_t exceeded = 0, first = 0;
+    uint64_t remaining = UINT64_MAX, reset = 0, retry = 0;
+
+    for (unsigned i = 0; i < p->n_limits; i++) {
+        if (!r[i].fits) {
+            exceeded |= 1u << i;
+            if (r[i].retry_after_ns > retry)
+                retry = r[i].retry_after_ns;
+        }
+        if (r[i].first)
+            first |= 1u << i;
+        /* the binding limit has the least room; among equals, the longest wait */
+        if (r[i].remaining < remaining || (r[i].remaining == remaining && r[i].reset_after_ns > reset)) {
+            remaining = r[i].remaining;
+            reset = r[i].reset_after_ns;
+        }
+    }
+    out->allowed = exceeded == 0 || (p->flags & TALLY_SHADOW);
+    out->exceeded = exceeded;
+    out->first_exceeded = first;
+    out->remaining = remaining;
+    out->reset_after_ns = reset;
+    out->retry_after_ns = out->allowed ? 0 : retry;
+}
+
+enum { STEP_OK = 0, STEP_DEAD = 1 };
+
+/* The CAS loop, written once: apply one step to limit @i. */
+static int apply(tally__policy *p, tally__slot *s, unsigned i, uint64_t now, uint64_t cost,
+                 unsigned how, tally__step *r)
+{
+    for (;;) {
+        tally__state cur = tally__state_load(&s->st[i]);
+        if (TALLY__UNLIKELY(tally__state_is_dead(cur)))
+            return STEP_DEAD;
+        tally__algo_step(&p->limits[i], cur, now, cost, how, r);
+        if (!r->changed || tally__state_cas(&s->st[i], cur, r->next))
+            return STEP_OK;
+    }
+}
+
+static void take_back(tally__policy *p, tally__slot *s, unsigned i, tally__state added,
+                      uint64_t now, uint64_t cost)
+{
+    for (;;) {
+        tally__state cur = tally__state_load(&s->st[i]);
+        if (tally__state_is_dead(cur))
+            return;                               /* the slot died with what we added */
+        tally__state next = tally__algo_undo(&p->limits[i], cur, added, now, cost);
+        if ((next.w0 == cur.w0 && next.w1 == cur.w1) || tally__state_cas(&s->st[i], cur, next))
+            return;
+    }
+}
+
+/* One attempt of a multi-limit hit on slot @s (guarantee 4). */
+static int hit_multi(tally__policy *p, tally__slot *s, uint64_t now, const uint64_t *costs,
+                     tally__step *r)
+{
+    unsigned n = p->n_limits;
+
+    if (p->flags & (TALLY_SHADOW | TALLY_COUNT_REJECTED)) {
+        for (unsigned i = 0; i < n; i++)
+            if (apply(p, s, i, now, costs ? costs[i] : 1, TALLY__ADD_ALWAYS, &r[i]))
+                return STEP_DEAD;
+        goto check;
+    }
+    for (;;) {
+        bool all_fit = true;
+        for (unsigned i = 0; i < n; i++) {
+            tally__state cur = tally__state_load(&s->st[i]);
+            if (tally__state_is_dead(cur))
+                return STEP_DEAD;
+            tally__algo_step(&p->limits[i], cur, now, costs ? costs[i] : 1,
+                             TALLY__ADD_NEVER | TALLY__NO_MARK, &r[i]);
+            all_fit &= r[i].fits;
+        }
+        if (!all_fit) {
+            all_fit = true;
+            for (unsigned i = 0; i < n; i++) {
+                if (apply(p, s, i, now, costs ? costs[i] : 1, TALLY__ADD_NEVER, &r[i]))
+                    return STEP_DEAD;
+                all_fit &= r[i].fits;
+            }
+            if (all_fit)
+                continue;                         /* room appeared meanwhile: decide again */
+            return STEP_OK;
+        }
+        unsigned done = 0;
+        for (; done < n; done++) {
+            uint64_t c = costs ? costs[done] : 1;
+            if (apply(p, s, done, now, c, TALLY__ADD_IF_FITS | TALLY__NO_MARK, &r[done]))
+                return STEP_DEAD;
+            if (!r[done].fits)
+                break;
+        }
+        if (done == n)
+            break;
+        while (done-- > 0)
+            take_back(p, s, done, r[done].next, now, costs ? costs[done] : 1);
+    }
+check:
+    /* a reclaim that killed limit 0 after we passed it took our hit with it */
+    return tally__state_is_dead(tally__state_load(&s->st[0])) ? STEP_DEAD : STEP_OK;
+}
+
+int tally_hit_at(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
+                 const uint64_t *costs, uint64_t now_ns, tally_result *out)
+{
+    tally__policy *p;
+    tally__step r[TALLY_MAX_LIMITS];
+    int rc;
+
+    if (TALLY__UNLIKELY(now_ns > TALLY__TIME_MAX))
+        return TALLY_EINVAL;
+    rc = enter(e, policy, key, key_len, out, &p);
+    if (TALLY__UNLIKELY(rc))
+        return rc;
+
+    tally__digest d = tally__siphash128(e->opts.hash_key, key, key_len);
+    tally__table *t = &p->table;
+    unsigned how = (p->flags & (TALLY_SHADOW | TALLY_COUNT_REJECTED)) ? TALLY__ADD_ALWAYS
+                                                                     : TALLY__ADD_IF_FITS;
+    for (;;) {
+        tally__slot *s = tally__table_find_fast(t, d);
+        if (TALLY__UNLIKELY(!s)) {
+            rc = acquire_slot(e, t, d, key, key_len, now_ns, &s);
+            if (rc)
+                break;
+        }
+        int st = p->n_limits == 1
+            ? apply(p, s, 0, now_ns, costs ? costs[0] : 1, how, &r[0])
+            : hit_multi(p, s, now_ns, costs, r);
+        if (TALLY__LIKELY(st == STEP_OK)) {
+            fill_result(p, r, out);
+            break;
+        }
+        tally__table_help_kill(t, s);
+    }
+    tally__rcu_exit();
+    return rc;
+}
+
+int tally_hit(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
+              const uint64_t *costs, tally_result *out)
+{
+    return tally_hit_at(e, policy, key, key_len, costs, tally_now_ns(), out);
+}
+
+int tally_peek_at(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
+                  uint64_t now_ns, tally_result *out)
+{
+    tally__policy *p;
+    tally__step r[TALLY_MAX_LIMITS];
+    int rc;
+
+    if (now_ns > TALLY__TIME_MAX)
+        return TALLY_EINVAL;
+    rc = enter(e, policy, key, key_len, out, &p);
+    if (rc)
+        return rc;
+    tally__slot *s = tally__table_find(&p->table, tally__siphash128(e->opts.hash_key, key, key_len));
+    for (unsigned i = 0; i < p->n_limits; i++) {
+        tally__state cur = { 0, 0 };
+        if (s)
+            cur = tally__state_load_atomic(&s->st[i]);
+        if (tally__state_is_dead(cur))
+            cur = (tally__state){ 0, 0 };         /* being reclaimed: it had expired */
+        tally__algo_step(&p->limits[i], cur, now_ns, 1, TALLY__ADD_NEVER | TALLY__NO_MARK, &r[i]);
+    }
+    fill_result(p, r, out);
+    tally__rcu_exit();
+    return 0;
+}
+
+/* ---- Reading and resetting ----------------------------------------------- */
+
+int tally_read(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
+               tally_snapshot *out)
+{
+    tally__policy *p;
+    int rc = enter(e, policy, key, key_len, out, &p);
+    if (rc)
+        return rc;
+
+    tally_snapshot snap = { .policy = policy, .n_limits = p->n_limits };
+    tally__slot *s = tally__table_find(&p->table, tally__siphash128(e->opts.hash_key, key, key_len));
+    uint64_t now = tally_now_ns();
+    rc = s ? 0 : TALLY_ENOENT;
+    for (unsigned i = 0; i < p->n_limits && !rc; i++) {
+        tally__state cur = tally__state_load_atomic(&s->st[i]);
+        if (tally__state_is_dead(cur))
+            rc = TALLY_ENOENT;
+        else
+            tally__algo_counter(&p->limits[i], cur, now, &snap.c[i]);
+    }
+    tally__rcu_exit();
+    if (!rc)
+        *out = snap;
+    return rc;
+}
+
+int tally_reset_if(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
+                   const tally_snapshot *observed, uint32_t *reset_mask)
+{
+    tally__policy *p;
+    uint32_t mask = 0;
+    int rc;
+
+    if (!observed)
+        return TALLY_EINVAL;
+    rc = enter(e, policy, key, key_len, observed, &p);
+    if (rc)
+        return rc;
+    if (observed->policy != policy || observed->n_limits != p->n_limits) {
+        tally__rcu_exit();
+        return TALLY_EINVAL;
+    }
+    tally__slot *s = tally__table_find(&p->table, tally__siphash128(e->opts.hash_key, key, key_len));
+    if (!s) {
+        tally__rcu_exit();
+        return TALLY_ENOENT;
+    }
+    for (unsigned i = 0; i < p->n_limits; i++) {
+        tally__state seen = { observed->c[i].raw[0], observed->c[i].raw[1] };
+        static const tally__state empty = { 0, 0 };
+        if (!tally__state_is_dead(seen) && tally__state_cas(&s->st[i], seen, empty))
+            mask |= 1u << i;
+    }
+    tally__rcu_exit();
+    if (reset_mask)
+        *reset_mask = mask;
+    return mask ? 0 : TALLY_ECONFLICT;
+}
+
+/* For tests and benchmarks: bytes of the table behind @policy. */
+size_t tally__policy_bytes(tally_engine *e, uint32_t policy)
+{
+    if (!e || policy >= atomic_load(&e->n_policies))
+        return 0;
+    return tally__table_bytes(&atomic_load(&e->policies[policy])->table);
+}

@@ -1,0 +1,396 @@
+/*
+ * The key table: a flat open-addressing array of fixed capacity whose slots
+ * hold a 128-bit key digest and the key's per-limit state inline.
+ *
+ * A key lives within TALLY__WINDOW slots of its home slot. A slot moves
+ * through these digest states (status in the top two bits of the hi word):
+ *
+ *   EMPTY {0,0} --claim--> PENDING(D) --promote--> LIVE(D) --kill--> DEAD(D)
+ *   FREE  {1,0} --claim--> PENDING(D) --lose-----> DEAD(D)
+ *   DEAD(D) --take--> ZOMBIE {2,0} --grace period--> FREE {1,0}
+ *
+ * Ordering and progress guarantees:
+ *  1. EMPTY is never re-entered, so a probe that meets EMPTY before the key
+ *     proves the key was absent when the slot was read (a key is always
+ *     claimed at the first EMPTY-or-FREE slot of its window).
+ *  2. Claims and promotions are 16-byte CASes on the digest word: a slot is
+ *     owned by the one CAS that moved it out of EMPTY or FREE.
+ *  3. At most one LIVE slot per digest. Each claimant publishes PENDING, then
+ *     scans the window (seq_cst, Dekker style): a LIVE twin or a PENDING twin
+ *     nearer home wins and the claimant kills its own claim; a PENDING twin
+ *     farther from home is killed. Of two claimants at least one sees the
+ *     other, so two promotions cannot both succeed. Any thread that meets a
+ *     PENDING slot of its key runs the same resolution (helping), so no thread
+ *     waits on another.
+ *  4. A LIVE slot dies only by a CAS of its limit-0 state from an expired
+ *     value to DEAD: a hit that changed limit 0 in between makes the kill
+ *     fail, and a hit that comes after sees DEAD and moves to a fresh slot.
+ *  5. A slot is reused only after an RCU grace period that began after it
+ *     died, so a reader holding a pointer to it never sees it hold another
+ *     key (no ABA on state words or digests).
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "tally-internal.h"
+
+static inline tally__slot *slot_at(const tally__table *t, size_t i)
+{
+    return (tally__slot *)(t->mem + i * t->stride);
+}
+
+static inline size_t home_of(const tally__table *t, tally__digest d)
+{
+    return (size_t)(((unsigned __int128)d.lo * t->n_slots) >> 64);
+}
+
+static inline size_t wrap(const tally__table *t, size_t i)
+{
+    return i >= t->n_slots ? i - t->n_slots : i;
+}
+
+static inline uint64_t hi_with(tally__digest d, unsigned status)
+{
+    return (d.hi & TALLY__DIGEST_HI_MASK) | ((uint64_t)status << TALLY__STATUS_SHIFT);
+}
+
+static inline unsigned status_of(uint64_t hi)
+{
+    return (unsigned)(hi >> TALLY__STATUS_SHIFT);
+}
+
+static inline bool is_key(uint64_t hi, uint64_t lo, tally__digest d)
+{
+    return status_of(hi) != TALLY__EMPTY && lo == d.lo
+        && (hi & TALLY__DIGEST_HI_MASK) == (d.hi & TALLY__DIGEST_HI_MASK);
+}
+
+static inline bool digest_cas(tally__slot *s, uint64_t lo, uint64_t hi, uint64_t nlo, uint64_t nhi)
+{
+    unsigned __int128 e = ((unsigned __int128)hi << 64) | lo;
+    unsigned __int128 n = ((unsigned __int128)nhi << 64) | nlo;
+    /* full barrier: a claim is ordered before the scan that resolves it */
+    return __sync_bool_compare_and_swap((unsigned __int128 *)&s->d_lo, e, n);
+}
+
+static inline void digest_load(tally__slot *s, uint64_t *lo, uint64_t *hi)
+{
+    /* seq_cst: the resolution scan must not be reordered before our claim */
+    *hi = __atomic_load_n(&s->d_hi, __ATOMIC_SEQ_CST);
+    *lo = __atomic_load_n(&s->d_lo, __ATOMIC_SEQ_CST);
+}
+
+int tally__table_init(tally__table *t, size_t capacity, unsigned n_limits,
+                      const tally__limit *limits, bool keep_keys)
+{
+    memset(t, 0, sizeof(*t));
+    t->capacity = capacity;
+    t->n_limits = n_limits;
+    t->limits = limits;
+    t->stride = sizeof(tally__slot) + n_limits * sizeof(tally__state);
+    /* Load factor at most 2/3 keeps full probe windows vanishingly rare. */
+    t->n_slots = capacity + capacity / 2 + 1;
+    if (t->n_slots < TALLY__WINDOW)
+        t->n_slots = TALLY__WINDOW;
+    t->window = TALLY__WINDOW;
+    if (t->n_slots > SIZE_MAX / t->stride)
+        return TALLY_ENOMEM;
+    if (posix_memalign((void **)&t->mem, 64, t->n_slots * t->stride) != 0)
+        return TALLY_ENOMEM;
+    memset(t->mem, 0, t->n_slots * t->stride);
+    if (keep_keys) {
+        t->keys = calloc(t->n_slots, sizeof(void *));
+        if (!t->keys) {
+            free(t->mem);
+            t->mem = NULL;
+            return TALLY_ENOMEM;
+        }
+    }
+    return 0;
+}
+
+void tally__table_destroy(tally__table *t)
+{
+    if (t->keys) {
+        for (size_t i = 0; i < t->n_slots; i++)
+            free(t->keys[i]);
+        free(t->keys);
+    }
+    free(t->mem);
+    t->mem = NULL;
+    t->keys = NULL;
+}
+
+size_t tally__table_bytes(const tally__table *t)
+{
+    return t->n_slots * t->stride + (t->keys ? t->n_slots * sizeof(void *) : 0);
+}
+
+tally__slot *tally__table_find_fast(tally__table *t, tally__digest d)
+{
+    size_t i = home_of(t, d);
+
+    for (size_t k = 0; k < t->window; k++, i = wrap(t, i + 1)) {
+        tally__slot *s = slot_at(t, i);
+        uint64_t hi = __atomic_load_n(&s->d_hi, __ATOMIC_ACQUIRE);
+        if (hi == 0) {
+            if (__atomic_load_n(&s->d_lo, __ATOMIC_ACQUIRE) == TALLY__LO_EMPTY)
+                return NULL;
+            continue;
+        }
+        if (hi != hi_with(d, TALLY__LIVE))
+            continue;
+        if (__atomic_load_n(&s->d_lo, __ATOMIC_ACQUIRE) == d.lo)
+            return s;
+    }
+    return NULL;
+}
+
+tally__slot *tally__table_find(tally__table *t, tally__digest d)
+{
+    size_t i = home_of(t, d);
+
+    for (size_t k = 0; k < t->window; k++, i = wrap(t, i + 1)) {
+        tally__slot *s = slot_at(t, i);
+        uint64_t lo, hi;
+        digest_load(s, &lo, &hi);
+        if (hi == 0 && lo == TALLY__LO_EMPTY)
+            return NULL;
+        if (hi == hi_with(d, TALLY__LIVE) && lo == d.lo)
+            return s;
+    }
+    return NULL;
+}
+
+/* Kill a PENDING claim of @d; whoever kills it gives back its reservation. */
+static bool kill_pending(tally__table *t, tally__slot *s, tally__digest d)
+{
+    if (!digest_cas(s, d.lo, hi_with(d, TALLY__PENDING), d.lo, hi_with(d, TALLY__DEAD)))
+        return false;
+    atomic_fetch_sub_explicit(&t->live, 1, memory_order_relaxed);
+    return true;
+}
+
+/*
+ * Resolve the PENDING claim at window position @me (guarantee 3). Return the
+ * LIVE slot of @d, or NULL if the claim lost and the caller must look again.
+ */
+static tally__slot *resolve(tally__table *t, tally__digest d, size_t home, size_t me)
+{
+again:;
+    tally__slot *mine = slot_at(t, wrap(t, home + me));
+    for (size_t k = 0; k < t->window; k++) {
+        if (k == me)
+            continue;
+        tally__slot *s = slot_at(t, wrap(t, home + k));
+        uint64_t lo, hi;
+        digest_load(s, &lo, &hi);
+        if (!is_key(hi, lo, d))
+            continue;
+        switch (status_of(hi)) {
+        case TALLY__LIVE:
+            kill_pending(t, mine, d);
+            return s;
+        case TALLY__PENDING:
+            if (k < me) {
+                kill_pending(t, mine, d);
+                me = k;
+                goto again;
+            }
+            if (!kill_pending(t, s, d))
+                goto again;           /* it moved on: promoted or killed; look again */
+            break;
+        default:
+            break;
+        }
+    }
+    if (digest_cas(mine, d.lo, hi_with(d, TALLY__PENDING), d.lo, hi_with(d, TALLY__LIVE)))
+        return mine;
+    uint64_t lo, hi;
+    digest_load(mine, &lo, &hi);
+    return (lo == d.lo && hi == hi_with(d, TALLY__LIVE)) ? mine : NULL;
+}
+
+static void *key_copy(const void *key, size_t len)
+{
+    size_t *p = malloc(sizeof(size_t) + len);
+    if (p) {
+        *p = len;
+        memcpy(p + 1, key, len);
+    }
+    return p;
+}
+
+static bool reserve(tally__table *t)
+{
+    size_t n = atomic_load_explicit(&t->live, memory_order_relaxed);
+    do {
+        if (n >= t->capacity)
+            return false;
+    } while (!atomic_compare_exchange_weak_explicit(&t->live, &n, n + 1,
+                                                    memory_order_relaxed, memory_order_relaxed));
+    return true;
+}
+
+int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size_t key_len,
+                         tally__slot **out)
+{
+    size_t home = home_of(t, d);
+
+    for (;;) {
+        size_t free_k = SIZE_MAX;
+        uint64_t free_lo = 0;
+        tally__slot *found = NULL;
+        bool rescan = false;
+
+        for (size_t k = 0; k < t->window && !found && !rescan; k++) {
+            tally__slot *s = slot_at(t, wrap(t, home + k));
+            uint64_t lo, hi;
+            digest_load(s, &lo, &hi);
+            if (hi == 0) {
+                if (lo != TALLY__LO_EMPTY && lo != TALLY__LO_FREE)
+                    continue;                 /* ZOMBIE */
+                if (free_k == SIZE_MAX) {
+                    free_k = k;
+                    free_lo = lo;
+                }
+                if (lo == TALLY__LO_EMPTY)
+                    break;                    /* guarantee 1: nothing of ours past here */
+                continue;
+            }
+            if (!is_key(hi, lo, d))
+                continue;
+            if (status_of(hi) == TALLY__LIVE) {
+                found = s;
+            } else if (status_of(hi) == TALLY__PENDING) {
+                found = resolve(t, d, home, k);
+                rescan = !found;              /* lost a race: scan again */
+            }
+        }
+        if (found) {
+            *out = found;
+            return 0;
+        }
+        if (rescan)
+            continue;
+        if (free_k == SIZE_MAX || !reserve(t))
+            return TALLY_EFULL;
+
+        size_t idx = wrap(t, home + free_k);
+        tally__slot *mine = slot_at(t, idx);
+        if (!digest_cas(mine, free_lo, 0, d.lo, hi_with(d, TALLY__PENDING))) {
+            atomic_fetch_sub_explicit(&t->live, 1, memory_order_relaxed);
+            continue;
+        }
+        if (t->keys) {
+            void *copy = key_copy(key, key_len);
+            if (!copy) {
+                kill_pending(t, mine, d);
+                return TALLY_ENOMEM;
+            }
+            /* the claim CAS made us the only writer of this slot's key */
+            __atomic_store_n(&t->keys[idx], copy, __ATOMIC_RELEASE);
+        }
+        found = resolve(t, d, home, free_k);
+        if (found) {
+            *out = found;
+            return 0;
+        }
+    }
+}
+
+/* Finish the death of a slot whose limit 0 is DEAD (guarantee 4). */
+void tally__table_help_kill(tally__table *t, tally__slot *s)
+{
+    static const tally__state dead = { 0, TALLY__DEAD_W1 };
+
+    for (unsigned i = 1; i < t->n_limits; i++) {
+        for (;;) {
+            tally__state cur = tally__state_load(&s->st[i]);
+            if (tally__state_is_dead(cur) || tally__state_cas(&s->st[i], cur, dead))
+                break;
+        }
+    }
+    uint64_t lo, hi;
+    digest_load(s, &lo, &hi);
+    if (status_of(hi) == TALLY__LIVE
+        && digest_cas(s, lo, hi, lo, (hi & TALLY__DIGEST_HI_MASK) | ((uint64_t)TALLY__DEAD << TALLY__STATUS_SHIFT)))
+        atomic_fetch_sub_explicit(&t->live, 1, memory_order_relaxed);
+}
+
+/* Kill a LIVE slot if every limit expired at @now. */
+static bool kill_expired(tally__table *t, tally__slot *s, uint64_t now)
+{
+    static const tally__state dead = { 0, TALLY__DEAD_W1 };
+    tally__state first = tally__state_load_atomic(&s->st[0]);
+
+    if (tally__state_is_dead(first))
+        goto help;
+    for (unsigned i = 0; i < t->n_limits; i++) {
+        tally__state cur = i ? tally__state_load_atomic(&s->st[i]) : first;
+        if (tally__state_is_dead(cur))
+            goto help;
+        if (!tally__algo_expired(&t->limits[i], cur, now))
+            return false;
+    }
+    if (!tally__state_cas(&s->st[0], first, dead))
+        return false;
+help:
+    tally__table_help_kill(t, s);
+    return true;
+}
+
+/* Move a DEAD slot to ZOMBIE, owned by this reclaim. */
+static bool take_dead(tally__slot *s)
+{
+    uint64_t lo, hi;
+    digest_load(s, &lo, &hi);
+    return status_of(hi) == TALLY__DEAD && digest_cas(s, lo, hi, TALLY__LO_ZOMBIE, 0);
+}
+
+static void consider(tally__table *t, size_t idx, uint64_t now, tally__batch *b)
+{
+    tally__slot *s = slot_at(t, idx);
+    uint64_t lo, hi;
+
+    if (b->n == sizeof(b->idx) / sizeof(b->idx[0]))
+        return;
+    digest_load(s, &lo, &hi);
+    if (status_of(hi) == TALLY__LIVE && !kill_expired(t, s, now))
+        return;
+    if (status_of(hi) == TALLY__LIVE || status_of(hi) == TALLY__DEAD) {
+        if (take_dead(s))
+            b->idx[b->n++] = idx;
+    }
+}
+
+size_t tally__table_reclaim_take(tally__table *t, tally__digest d, uint64_t now, tally__batch *b)
+{
+    size_t home = home_of(t, d);
+    size_t sweep = atomic_fetch_add_explicit(&t->sweep, TALLY__SWEEP, memory_order_relaxed);
+
+    b->n = 0;
+    for (size_t k = 0; k < t->window; k++)
+        consider(t, wrap(t, home + k), now, b);
+    for (size_t k = 0; k < TALLY__SWEEP; k++)
+        consider(t, (sweep + k) % t->n_slots, now, b);
+    return b->n;
+}
+
+void tally__table_reclaim_free(tally__table *t, const tally__batch *b)
+{
+    for (size_t j = 0; j < b->n; j++) {
+        tally__slot *s = slot_at(t, b->idx[j]);
+        for (unsigned i = 0; i < t->n_limits; i++) {
+            __atomic_store_n(&s->st[i].w0, 0, __ATOMIC_RELAXED);
+            __atomic_store_n(&s->st[i].w1, 0, __ATOMIC_RELAXED);
+        }
+        if (t->keys) {
+            free(__atomic_load_n(&t->keys[b->idx[j]], __ATOMIC_RELAXED));
+            __atomic_store_n(&t->keys[b->idx[j]], NULL, __ATOMIC_RELAXED);
+        }
+        /* publish the zeroed state before the slot can be claimed */
+        __atomic_store_n(&s->d_lo, TALLY__LO_FREE, __ATOMIC_RELEASE);
+        atomic_fetch_add_explicit(&t->reclaimed, 1, memory_order_relaxed);
+    }
+}

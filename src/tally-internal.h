@@ -1,0 +1,207 @@
+/* Private declarations shared by the files of src/. Not installed. */
+#ifndef TALLY_INTERNAL_H
+#define TALLY_INTERNAL_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "tally.h"
+
+_Static_assert(sizeof(struct { _Alignas(16) uint64_t a; uint64_t b; }) == 16, "16-byte CAS pair");
+
+#define TALLY__LIKELY(x)   __builtin_expect(!!(x), 1)
+#define TALLY__UNLIKELY(x) __builtin_expect(!!(x), 0)
+
+/* ---- Per-limit state: two words swapped together by a 16-byte CAS ------- */
+
+/*
+ * Encodings (bit 63 of w0 is always the "exceeded in this window" mark):
+ *   fixed, calendar: w0 = mark | used (63 bits)     w1 = window start ns
+ *   sliding:         w0 = mark | cur (44) | idx_hi (19)
+ *                    w1 = 0 | prev (44) | idx_lo (19)    idx = window number mod 2^38
+ *   GCRA:            w0 = mark | last hit ns (63)   w1 = theoretical arrival time ns
+ * {0, 0} is the empty state for every algorithm. Every encoding keeps w1 at
+ * most INT64_MAX, so w1 == UINT64_MAX is free to mean "slot being reclaimed".
+ */
+typedef struct tally__state {
+    _Alignas(16) uint64_t w0;
+    uint64_t w1;
+} tally__state;
+
+#define TALLY__MARK      (UINT64_C(1) << 63)
+#define TALLY__DEAD_W1   UINT64_MAX
+#define TALLY__TIME_MAX  ((uint64_t)INT64_MAX)
+
+static inline bool tally__state_is_dead(tally__state s) { return s.w1 == TALLY__DEAD_W1; }
+static inline bool tally__state_is_empty(tally__state s) { return (s.w0 | s.w1) == 0; }
+
+/* A validated limit with the values its algorithm derives from the spec. */
+typedef struct tally__limit {
+    tally_limit spec;
+    uint64_t    emission_ns;   /* GCRA: period_ns / max */
+    uint64_t    tau_ns;        /* GCRA: emission_ns * max */
+} tally__limit;
+
+/* What a step may do to the state. */
+enum {
+    TALLY__ADD_IF_FITS = 0,    /* consume only if the cost fits */
+    TALLY__ADD_ALWAYS  = 1,    /* consume even if it does not fit (shadow, count rejected) */
+    TALLY__ADD_NEVER   = 2,    /* consume nothing (another limit denied; peek) */
+    TALLY__NO_MARK     = 4     /* do not set the exceeded mark (peek) */
+};
+
+/* The outcome of one limit's step. */
+typedef struct tally__step {
+    tally__state next;         /* the state to store */
+    bool         changed;      /* next differs from the state given */
+    bool         fits;         /* the cost fits: this limit would allow the hit */
+    bool         first;        /* this step set the exceeded mark */
+    uint64_t     remaining;    /* after the step */
+    uint64_t     reset_after_ns;
+    uint64_t     retry_after_ns; /* 0 when it fits; TALLY_NEVER if it never will */
+} tally__step;
+
+/* Validate @l and derive its algorithm constants into @out. Return 0 or TALLY_EINVAL. */
+int tally__limit_compile(const tally_limit *l, tally__limit *out);
+
+/* The pure function state x now x cost -> state, and what the caller reports. */
+void tally__algo_step(const tally__limit *l, tally__state cur, uint64_t now, uint64_t cost,
+                      unsigned how, tally__step *out);
+
+/* Take back @cost added by a step that produced @added, from the state @cur
+   (which may have moved on since). Returns the state to store. */
+tally__state tally__algo_undo(const tally__limit *l, tally__state cur, tally__state added,
+                              uint64_t now, uint64_t cost);
+
+/* True when nothing in @s counts any more at @now: the slot may be reclaimed. */
+bool tally__algo_expired(const tally__limit *l, tally__state s, uint64_t now);
+
+/* The public view of a stored state (@now places a sliding window number). */
+void tally__algo_counter(const tally__limit *l, tally__state s, uint64_t now, tally_counter *out);
+
+/* Calendar arithmetic (exposed for tests). Times are ns since the epoch. */
+uint64_t tally__calendar_start(tally_calendar_unit unit, int32_t utc_offset_s, uint64_t now);
+uint64_t tally__calendar_next(tally_calendar_unit unit, int32_t utc_offset_s, uint64_t start);
+
+/* ---- Keyed hash -------------------------------------------------------- */
+
+typedef struct tally__digest {
+    uint64_t lo, hi;
+} tally__digest;
+
+/* SipHash-1-3 with a 128-bit output: the key digest. */
+tally__digest tally__siphash128(const uint8_t key[16], const void *data, size_t len);
+/* SipHash-2-4 with a 128-bit output: the reference variant, for its test vectors. */
+tally__digest tally__siphash24_128(const uint8_t key[16], const void *data, size_t len);
+
+/* ---- The key table ----------------------------------------------------- */
+
+typedef struct tally__table tally__table;
+
+/*
+ * A slot: a 16-byte digest word, then one 16-byte state per limit.
+ * The top two bits of the digest's hi word give the slot's status.
+ */
+typedef struct tally__slot {
+    _Alignas(16) uint64_t d_lo;    /* one declarator: _Alignas applies to each */
+    uint64_t d_hi;
+    tally__state st[];
+} tally__slot;
+
+enum { TALLY__EMPTY = 0, TALLY__PENDING = 1, TALLY__LIVE = 2, TALLY__DEAD = 3 };
+/* Digest words of the slots that hold no key (status bits 00):
+   {0, 0} never used, ends every probe; FREE reusable; ZOMBIE owned by a reclaimer. */
+#define TALLY__LO_EMPTY  UINT64_C(0)
+#define TALLY__LO_FREE   UINT64_C(1)
+#define TALLY__LO_ZOMBIE UINT64_C(2)
+#define TALLY__STATUS_SHIFT 62
+#define TALLY__DIGEST_HI_MASK ((UINT64_C(1) << TALLY__STATUS_SHIFT) - 1)
+
+struct tally__table {
+    size_t          capacity;     /* most LIVE + PENDING slots */
+    size_t          n_slots;
+    size_t          stride;       /* bytes per slot */
+    size_t          window;       /* probe window length */
+    unsigned        n_limits;
+    const tally__limit *limits;
+    unsigned char  *mem;
+    _Atomic size_t  live;         /* LIVE + PENDING slots */
+    _Atomic size_t  sweep;        /* cursor of the reclaim sweep */
+    _Atomic uint64_t reclaimed;   /* slots reclaimed so far */
+    void          **keys;         /* per slot copy of the key bytes (NULL: digest_only) */
+};
+
+int  tally__table_init(tally__table *t, size_t capacity, unsigned n_limits,
+                       const tally__limit *limits, bool keep_keys);
+void tally__table_destroy(tally__table *t);
+size_t tally__table_bytes(const tally__table *t);
+
+/* Find the LIVE slot of @d, or NULL. Caller is inside an RCU read-side section.
+   The _fast variant may miss a key that is being inserted right now. */
+tally__slot *tally__table_find_fast(tally__table *t, tally__digest d);
+tally__slot *tally__table_find(tally__table *t, tally__digest d);
+
+#define TALLY__WINDOW 64           /* probe window: a key lives within 64 slots of home */
+#define TALLY__SWEEP  128          /* slots a reclaim examines beyond the key's window */
+
+/* Slots taken out of use by a reclaim, to be made FREE after a grace period. */
+typedef struct tally__batch {
+    size_t n;
+    size_t idx[TALLY__WINDOW + TALLY__SWEEP];
+} tally__batch;
+
+/*
+ * Find or insert the slot of @d. Caller is inside an RCU read-side section.
+ * Return 0 and the LIVE slot in *out, TALLY_ENOMEM, or TALLY_EFULL when the
+ * key has no free slot: the caller then runs a reclaim and calls again.
+ */
+int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size_t key_len,
+                         tally__slot **out);
+
+/*
+ * Reclaim, step 1 (inside a read-side section): take slots whose state expired
+ * at @now, and slots left DEAD, out of use into @b. Return how many.
+ * Step 2 (after a grace period, outside): make them FREE.
+ */
+size_t tally__table_reclaim_take(tally__table *t, tally__digest d, uint64_t now, tally__batch *b);
+void   tally__table_reclaim_free(tally__table *t, const tally__batch *b);
+
+/* A reader met a DEAD state in a LIVE slot: finish the reclaim it belongs to. */
+void tally__table_help_kill(tally__table *t, tally__slot *s);
+
+/* ---- State word access ------------------------------------------------- */
+
+static inline tally__state tally__state_load(tally__state *p)
+{
+    tally__state s;
+    /* Two plain atomic loads: a torn pair is caught by the CAS that follows. */
+    s.w0 = __atomic_load_n(&p->w0, __ATOMIC_ACQUIRE);
+    s.w1 = __atomic_load_n(&p->w1, __ATOMIC_ACQUIRE);
+    return s;
+}
+
+static inline tally__state tally__state_load_atomic(tally__state *p)
+{
+    /* One 16-byte load, for readers that report the pair without a CAS. */
+    unsigned __int128 v = __atomic_load_n((unsigned __int128 *)p, __ATOMIC_ACQUIRE);
+    tally__state s = { (uint64_t)v, (uint64_t)(v >> 64) };
+    return s;
+}
+
+static inline bool tally__state_cas(tally__state *p, tally__state expect, tally__state desired)
+{
+    unsigned __int128 e = ((unsigned __int128)expect.w1 << 64) | expect.w0;
+    unsigned __int128 d = ((unsigned __int128)desired.w1 << 64) | desired.w0;
+    /* full barrier: the new state is ordered after everything the hit read */
+    return __sync_bool_compare_and_swap((unsigned __int128 *)p, e, d);
+}
+
+/* ---- RCU (liburcu, memb flavour) --------------------------------------- */
+
+void tally__rcu_enter(void);   /* registers the thread on first use */
+void tally__rcu_exit(void);
+void tally__rcu_synchronize(void);
+
+#endif /* TALLY_INTERNAL_H */
