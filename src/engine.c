@@ -38,6 +38,7 @@ typedef struct tally__policy {
     unsigned     flags;
     tally__limit limits[TALLY_MAX_LIMITS];
     tally__table table;
+    pthread_mutex_t reset_lock;   /* serialises tally_reset_if on this policy */
 } tally__policy;
 
 struct tally_engine {
@@ -191,6 +192,7 @@ void tally_close(tally_engine *e)
     for (uint32_t i = 0; i < n; i++) {
         tally__policy *p = atomic_load(&e->policies[i]);
         tally__table_destroy(&p->table);
+        pthread_mutex_destroy(&p->reset_lock);
         free(p);
     }
     pthread_mutex_destroy(&e->add_lock);
@@ -239,6 +241,7 @@ int tally_policy_add(tally_engine *e, const tally_policy *p, uint32_t *id_out)
         rc = tally__table_init(&np->table, e->opts.capacity, np->n_limits, np->limits,
                                !e->opts.digest_only);
     if (!rc) {
+        pthread_mutex_init(&np->reset_lock, NULL);
         /* publish the policy before the count that makes its id valid */
         atomic_store_explicit(&e->policies[n], np, memory_order_release);
         atomic_store_explicit(&e->n_policies, n + 1, memory_order_release);
@@ -283,13 +286,24 @@ static int acquire_slot(tally_engine *e, tally__table *t, tally__digest d, const
                         size_t key_len, uint64_t now, tally__slot **out)
 {
     tally__batch batch;
+    unsigned idle = 0;
 
     for (;;) {
         int rc = tally__table_acquire(t, d, key, key_len, out);
         if (rc != TALLY_EFULL)
             return rc;
-        if (tally__table_reclaim_take(t, d, now, &batch) == 0)
-            return TALLY_EFULL;
+        if (tally__table_reclaim_take(t, d, now, &batch) == 0) {
+            /* Nothing to take. Slots another reclaim took become FREE after
+               its grace period, and slots may have been freed since we
+               looked: try a few more times before giving up. */
+            if (++idle > 8)
+                return TALLY_EFULL;
+            if (atomic_load_explicit(&t->zombies, memory_order_relaxed) == 0) {
+                if (atomic_load_explicit(&t->live, memory_order_relaxed) >= t->capacity)
+                    return TALLY_EFULL;
+                continue;
+            }
+        }
         atomic_fetch_add(&e->reclaimers, 1);
         tally__rcu_exit();
         tally__rcu_synchronize();
@@ -527,12 +541,20 @@ int tally_reset_if(tally_engine *e, uint32_t policy, const void *key, size_t key
         tally__rcu_exit();
         return TALLY_ENOENT;
     }
+    /* Resetters of one policy take turns, so that of several resetters of
+       the same observed state exactly one resets anything: the others then
+       find the state changed. Hits do not take the lock. */
+    pthread_mutex_lock(&p->reset_lock);
     for (unsigned i = 0; i < p->n_limits; i++) {
         tally__state seen = { observed->c[i].raw[0], observed->c[i].raw[1] };
         static const tally__state empty = { 0, 0 };
-        if (!tally__state_is_dead(seen) && tally__state_cas(&s->st[i], seen, empty))
+        /* an empty state has nothing to reset; a DEAD one must not come back */
+        if (tally__state_is_empty(seen) || tally__state_is_dead(seen))
+            continue;
+        if (tally__state_cas(&s->st[i], seen, empty))
             mask |= 1u << i;
     }
+    pthread_mutex_unlock(&p->reset_lock);
     tally__rcu_exit();
     if (reset_mask)
         *reset_mask = mask;

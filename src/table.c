@@ -15,7 +15,8 @@
  *     claimed at the first EMPTY-or-FREE slot of its window).
  *  2. Claims and promotions are 16-byte CASes on the digest word: a slot is
  *     owned by the one CAS that moved it out of EMPTY or FREE.
- *  3. At most one LIVE slot per digest. Each claimant publishes PENDING, then
+ *  3. At most one LIVE slot per digest, and at most capacity LIVE slots (the
+ *     promotion takes a reservation of the live count; PENDING holds none). Each claimant publishes PENDING, then
  *     scans the window (seq_cst, Dekker style): a LIVE twin or a PENDING twin
  *     nearer home wins and the claimant kills its own claim; a PENDING twin
  *     farther from home is killed. Of two claimants at least one sees the
@@ -88,8 +89,9 @@ int tally__table_init(tally__table *t, size_t capacity, unsigned n_limits,
     t->n_limits = n_limits;
     t->limits = limits;
     t->stride = sizeof(tally__slot) + n_limits * sizeof(tally__state);
-    /* Load factor at most 2/3 keeps full probe windows vanishingly rare. */
-    t->n_slots = capacity + capacity / 2 + 1;
+    /* Load factor at most 1/2: the longest run of linear probing then stays
+       far below the probe window (about 75 slots for a million keys). */
+    t->n_slots = 2 * capacity;
     if (t->n_slots < TALLY__WINDOW)
         t->n_slots = TALLY__WINDOW;
     t->window = TALLY__WINDOW;
@@ -162,20 +164,31 @@ tally__slot *tally__table_find(tally__table *t, tally__digest d)
     return NULL;
 }
 
-/* Kill a PENDING claim of @d; whoever kills it gives back its reservation. */
-static bool kill_pending(tally__table *t, tally__slot *s, tally__digest d)
+/* Kill a PENDING claim of @d. A PENDING slot holds no reservation. */
+static bool kill_pending(tally__slot *s, tally__digest d)
 {
-    if (!digest_cas(s, d.lo, hi_with(d, TALLY__PENDING), d.lo, hi_with(d, TALLY__DEAD)))
-        return false;
-    atomic_fetch_sub_explicit(&t->live, 1, memory_order_relaxed);
+    return digest_cas(s, d.lo, hi_with(d, TALLY__PENDING), d.lo, hi_with(d, TALLY__DEAD));
+}
+
+static bool reserve(tally__table *t)
+{
+    size_t n = atomic_load_explicit(&t->live, memory_order_relaxed);
+    do {
+        if (n >= t->capacity)
+            return false;
+    } while (!atomic_compare_exchange_weak_explicit(&t->live, &n, n + 1,
+                                                    memory_order_relaxed, memory_order_relaxed));
     return true;
 }
 
 /*
  * Resolve the PENDING claim at window position @me (guarantee 3). Return the
- * LIVE slot of @d, or NULL if the claim lost and the caller must look again.
+ * LIVE slot of @d, or NULL if the claim lost and the caller must look again,
+ * or NULL with *full set if the table already holds capacity LIVE keys.
+ * Promotion takes the capacity reservation, so that racing duplicate claims
+ * of one key never count against the capacity.
  */
-static tally__slot *resolve(tally__table *t, tally__digest d, size_t home, size_t me)
+static tally__slot *resolve(tally__table *t, tally__digest d, size_t home, size_t me, bool *full)
 {
 again:;
     tally__slot *mine = slot_at(t, wrap(t, home + me));
@@ -185,27 +198,37 @@ again:;
         tally__slot *s = slot_at(t, wrap(t, home + k));
         uint64_t lo, hi;
         digest_load(s, &lo, &hi);
+        if (hi == 0 && lo == TALLY__LO_EMPTY)
+            break;                    /* guarantee 1: a later twin will see our claim */
         if (!is_key(hi, lo, d))
             continue;
         switch (status_of(hi)) {
         case TALLY__LIVE:
-            kill_pending(t, mine, d);
+            kill_pending(mine, d);
             return s;
         case TALLY__PENDING:
             if (k < me) {
-                kill_pending(t, mine, d);
+                kill_pending(mine, d);
                 me = k;
                 goto again;
             }
-            if (!kill_pending(t, s, d))
+            if (!kill_pending(s, d))
                 goto again;           /* it moved on: promoted or killed; look again */
             break;
         default:
             break;
         }
     }
-    if (digest_cas(mine, d.lo, hi_with(d, TALLY__PENDING), d.lo, hi_with(d, TALLY__LIVE)))
+    bool reserved = reserve(t);
+    if (reserved && digest_cas(mine, d.lo, hi_with(d, TALLY__PENDING), d.lo, hi_with(d, TALLY__LIVE)))
         return mine;
+    if (reserved)
+        atomic_fetch_sub_explicit(&t->live, 1, memory_order_relaxed);
+    else if (kill_pending(mine, d)) {
+        *full = true;
+        return NULL;
+    }
+    /* another thread promoted or killed the claim meanwhile */
     uint64_t lo, hi;
     digest_load(mine, &lo, &hi);
     return (lo == d.lo && hi == hi_with(d, TALLY__LIVE)) ? mine : NULL;
@@ -221,21 +244,11 @@ static void *key_copy(const void *key, size_t len)
     return p;
 }
 
-static bool reserve(tally__table *t)
-{
-    size_t n = atomic_load_explicit(&t->live, memory_order_relaxed);
-    do {
-        if (n >= t->capacity)
-            return false;
-    } while (!atomic_compare_exchange_weak_explicit(&t->live, &n, n + 1,
-                                                    memory_order_relaxed, memory_order_relaxed));
-    return true;
-}
-
 int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size_t key_len,
                          tally__slot **out)
 {
     size_t home = home_of(t, d);
+    bool full = false;
 
     for (;;) {
         size_t free_k = SIZE_MAX;
@@ -263,7 +276,9 @@ int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size
             if (status_of(hi) == TALLY__LIVE) {
                 found = s;
             } else if (status_of(hi) == TALLY__PENDING) {
-                found = resolve(t, d, home, k);
+                found = resolve(t, d, home, k, &full);
+                if (full)
+                    return TALLY_EFULL;
                 rescan = !found;              /* lost a race: scan again */
             }
         }
@@ -273,29 +288,30 @@ int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size
         }
         if (rescan)
             continue;
-        if (free_k == SIZE_MAX || !reserve(t))
+        if (free_k == SIZE_MAX
+            || atomic_load_explicit(&t->live, memory_order_relaxed) >= t->capacity)
             return TALLY_EFULL;
 
         size_t idx = wrap(t, home + free_k);
         tally__slot *mine = slot_at(t, idx);
-        if (!digest_cas(mine, free_lo, 0, d.lo, hi_with(d, TALLY__PENDING))) {
-            atomic_fetch_sub_explicit(&t->live, 1, memory_order_relaxed);
+        if (!digest_cas(mine, free_lo, 0, d.lo, hi_with(d, TALLY__PENDING)))
             continue;
-        }
         if (t->keys) {
             void *copy = key_copy(key, key_len);
             if (!copy) {
-                kill_pending(t, mine, d);
+                kill_pending(mine, d);
                 return TALLY_ENOMEM;
             }
             /* the claim CAS made us the only writer of this slot's key */
             __atomic_store_n(&t->keys[idx], copy, __ATOMIC_RELEASE);
         }
-        found = resolve(t, d, home, free_k);
+        found = resolve(t, d, home, free_k, &full);
         if (found) {
             *out = found;
             return 0;
         }
+        if (full)
+            return TALLY_EFULL;
     }
 }
 
@@ -341,11 +357,14 @@ help:
 }
 
 /* Move a DEAD slot to ZOMBIE, owned by this reclaim. */
-static bool take_dead(tally__slot *s)
+static bool take_dead(tally__table *t, tally__slot *s)
 {
     uint64_t lo, hi;
     digest_load(s, &lo, &hi);
-    return status_of(hi) == TALLY__DEAD && digest_cas(s, lo, hi, TALLY__LO_ZOMBIE, 0);
+    if (status_of(hi) != TALLY__DEAD || !digest_cas(s, lo, hi, TALLY__LO_ZOMBIE, 0))
+        return false;
+    atomic_fetch_add_explicit(&t->zombies, 1, memory_order_relaxed);
+    return true;
 }
 
 static void consider(tally__table *t, size_t idx, uint64_t now, tally__batch *b)
@@ -359,7 +378,7 @@ static void consider(tally__table *t, size_t idx, uint64_t now, tally__batch *b)
     if (status_of(hi) == TALLY__LIVE && !kill_expired(t, s, now))
         return;
     if (status_of(hi) == TALLY__LIVE || status_of(hi) == TALLY__DEAD) {
-        if (take_dead(s))
+        if (take_dead(t, s))
             b->idx[b->n++] = idx;
     }
 }
@@ -392,5 +411,6 @@ void tally__table_reclaim_free(tally__table *t, const tally__batch *b)
         /* publish the zeroed state before the slot can be claimed */
         __atomic_store_n(&s->d_lo, TALLY__LO_FREE, __ATOMIC_RELEASE);
         atomic_fetch_add_explicit(&t->reclaimed, 1, memory_order_relaxed);
+        atomic_fetch_sub_explicit(&t->zombies, 1, memory_order_relaxed);
     }
 }

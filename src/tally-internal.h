@@ -130,6 +130,7 @@ struct tally__table {
     _Atomic size_t  live;         /* LIVE + PENDING slots */
     _Atomic size_t  sweep;        /* cursor of the reclaim sweep */
     _Atomic uint64_t reclaimed;   /* slots reclaimed so far */
+    _Atomic size_t  zombies;      /* slots taken by a reclaim, not yet FREE */
     void          **keys;         /* per slot copy of the key bytes (NULL: digest_only) */
 };
 
@@ -143,8 +144,8 @@ size_t tally__table_bytes(const tally__table *t);
 tally__slot *tally__table_find_fast(tally__table *t, tally__digest d);
 tally__slot *tally__table_find(tally__table *t, tally__digest d);
 
-#define TALLY__WINDOW 64           /* probe window: a key lives within 64 slots of home */
-#define TALLY__SWEEP  128          /* slots a reclaim examines beyond the key's window */
+#define TALLY__WINDOW 256          /* probe window: a key lives within 256 slots of home */
+#define TALLY__SWEEP  1024         /* slots a reclaim examines beyond the key's window */
 
 /* Slots taken out of use by a reclaim, to be made FREE after a grace period. */
 typedef struct tally__batch {

@@ -1,0 +1,444 @@
+/*
+ * Stress tests: real threads racing on real keys. Each test checks an exact
+ * invariant that a lost increment, a double reset winner or a duplicated
+ * first_exceeded would break. Virtual time (tally_hit_at) makes the windows
+ * roll at chosen points while the threads race.
+ */
+#include <criterion/criterion.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "tally.h"
+
+#define THREADS 4
+#define SEC     UINT64_C(1000000000)
+#define T0      (UINT64_C(1700000000) * SEC)
+
+static tally_engine *open_engine(size_t capacity)
+{
+    tally_options o;
+    tally_engine *e;
+    tally_options_init(&o);
+    o.capacity = capacity;
+    cr_assert_eq(tally_open(&o, &e), 0);
+    return e;
+}
+
+static uint32_t add_policy(tally_engine *e, const char *name, tally_limit l, unsigned flags)
+{
+    tally_policy p = { .name = name, .n_limits = 1, .flags = flags, .limits = { l } };
+    uint32_t id;
+    cr_assert_eq(tally_policy_add(e, &p, &id), 0);
+    return id;
+}
+
+static void run_threads(void *(*fn)(void *), void *args, size_t arg_size, int n)
+{
+    pthread_t th[16];
+    for (int i = 0; i < n; i++)
+        cr_assert_eq(pthread_create(&th[i], NULL, fn, (char *)args + i * arg_size), 0);
+    for (int i = 0; i < n; i++)
+        pthread_join(th[i], NULL);
+}
+
+/* ---- No lost increment: hot and cold keys -------------------------------- */
+
+#define HOT_HITS  200000
+#define COLD_KEYS 512
+
+struct count_arg {
+    tally_engine *e;
+    uint32_t      policy;
+    int           t;
+    uint64_t      cost_sum;
+    int           errors;
+};
+
+static void *count_worker(void *p)
+{
+    struct count_arg *a = p;
+    char key[32];
+    for (int i = 0; i < HOT_HITS; i++) {
+        tally_result r;
+        uint64_t cost = 1 + (uint64_t)(i % 3);          /* weighted costs 1, 2, 3 */
+        const char *k = "hot";
+        if (i % 4 == 0) {                               /* every 4th hit goes to a cold key */
+            snprintf(key, sizeof(key), "cold-%d", (i / 4 + a->t * 7) % COLD_KEYS);
+            k = key;
+        }
+        if (tally_hit_at(a->e, a->policy, k, strlen(k), &cost, T0, &r) != 0 || !r.allowed)
+            a->errors++;
+        a->cost_sum += cost;
+    }
+    return NULL;
+}
+
+Test(stress, no_lost_increment_hot_and_cold_keys, .timeout = 600)
+{
+    tally_engine *e = open_engine(4096);
+    tally_limit l = { .algo = TALLY_FIXED_WINDOW, .max = TALLY_MAX_COUNT, .period_ns = 3600 * SEC };
+    uint32_t pol = add_policy(e, "count", l, 0);
+    struct count_arg args[THREADS];
+    for (int t = 0; t < THREADS; t++)
+        args[t] = (struct count_arg){ .e = e, .policy = pol, .t = t };
+
+    run_threads(count_worker, args, sizeof(args[0]), THREADS);
+
+    uint64_t expected = 0, got = 0;
+    for (int t = 0; t < THREADS; t++) {
+        cr_assert_eq(args[t].errors, 0);
+        expected += args[t].cost_sum;
+    }
+    tally_snapshot s;
+    cr_assert_eq(tally_read(e, pol, "hot", 3, &s), 0);
+    got += s.c[0].used;
+    for (int k = 0; k < COLD_KEYS; k++) {
+        char key[32];
+        snprintf(key, sizeof(key), "cold-%d", k);
+        if (tally_read(e, pol, key, strlen(key), &s) == 0)
+            got += s.c[0].used;
+    }
+    cr_assert_eq(got, expected, "counted %" PRIu64 ", hit %" PRIu64, got, expected);
+    tally_close(e);
+}
+
+/* ---- Window roll-over races: phases of virtual time ---------------------- */
+
+#define PHASES       1500
+#define PHASE_HITS   50
+#define PHASE_MAX    120   /* below THREADS * PHASE_HITS: every phase overflows */
+
+struct phase_shared {
+    tally_engine     *e;
+    uint32_t          policy[3];
+    pthread_barrier_t barrier;
+    uint64_t          period[3];
+    /* per phase and policy: allowed hits, first_exceeded bits seen */
+    _Atomic uint32_t  allowed[3][PHASES];
+    _Atomic uint32_t  firsts[3][PHASES];
+    _Atomic uint32_t  errors;
+};
+
+struct phase_arg {
+    struct phase_shared *s;
+    int t;
+};
+
+static void *phase_worker(void *p)
+{
+    struct phase_arg *a = p;
+    struct phase_shared *s = a->s;
+    for (int ph = 0; ph < PHASES; ph++) {
+        pthread_barrier_wait(&s->barrier);
+        for (int i = 0; i < PHASE_HITS; i++) {
+            for (int k = 0; k < 3; k++) {
+                tally_result r;
+                /* each phase is two periods later: every window of the last phase expired */
+                uint64_t now = T0 + (uint64_t)ph * 2 * s->period[k] + (uint64_t)i;
+                if (tally_hit_at(s->e, s->policy[k], "key", 3, NULL, now, &r) != 0) {
+                    atomic_fetch_add(&s->errors, 1);
+                    continue;
+                }
+                if (r.allowed)
+                    atomic_fetch_add(&s->allowed[k][ph], 1);
+                atomic_fetch_add(&s->firsts[k][ph], __builtin_popcount(r.first_exceeded));
+            }
+        }
+    }
+    return NULL;
+}
+
+Test(stress, window_rollover_exact_admission_and_one_first_exceeded, .timeout = 600)
+{
+    static struct phase_shared s;
+    memset(&s, 0, sizeof(s));
+    s.e = open_engine(64);
+    s.period[0] = SEC;
+    s.period[1] = SEC;
+    s.period[2] = SEC;
+    tally_limit fixed = { .algo = TALLY_FIXED_WINDOW, .max = PHASE_MAX, .period_ns = SEC };
+    tally_limit sliding = { .algo = TALLY_SLIDING_WINDOW, .max = PHASE_MAX, .period_ns = SEC };
+    tally_limit gcra = { .algo = TALLY_GCRA, .max = PHASE_MAX, .period_ns = SEC };
+    s.policy[0] = add_policy(s.e, "fixed", fixed, 0);
+    s.policy[1] = add_policy(s.e, "sliding", sliding, 0);
+    s.policy[2] = add_policy(s.e, "gcra", gcra, 0);
+    pthread_barrier_init(&s.barrier, NULL, THREADS);
+
+    struct phase_arg args[THREADS];
+    for (int t = 0; t < THREADS; t++)
+        args[t] = (struct phase_arg){ &s, t };
+    run_threads(phase_worker, args, sizeof(args[0]), THREADS);
+
+    cr_assert_eq(atomic_load(&s.errors), 0);
+    for (int k = 0; k < 3; k++) {
+        for (int ph = 0; ph < PHASES; ph++) {
+            /* exactly max admitted per window: none lost in the roll, none over */
+            cr_assert_eq(atomic_load(&s.allowed[k][ph]), PHASE_MAX,
+                         "policy %d phase %d admitted %u", k, ph, atomic_load(&s.allowed[k][ph]));
+            cr_assert_eq(atomic_load(&s.firsts[k][ph]), 1,
+                         "policy %d phase %d first_exceeded %u times", k, ph,
+                         atomic_load(&s.firsts[k][ph]));
+        }
+    }
+    pthread_barrier_destroy(&s.barrier);
+    tally_close(s.e);
+}
+
+/* ---- Multi-limit: all or none under contention --------------------------- */
+
+#define MULTI_HITS 20000
+
+struct multi_arg {
+    tally_engine *e;
+    uint32_t      policy;
+    uint64_t      allowed_req, allowed_tok;
+};
+
+static void *multi_worker(void *p)
+{
+    struct multi_arg *a = p;
+    for (int i = 0; i < MULTI_HITS; i++) {
+        uint64_t costs[2] = { 1, 1 + (uint64_t)(i % 5) };
+        tally_result r;
+        if (tally_hit_at(a->e, a->policy, "k", 1, costs, T0 + (uint64_t)i, &r) == 0 && r.allowed) {
+            a->allowed_req += costs[0];
+            a->allowed_tok += costs[1];
+        }
+    }
+    return NULL;
+}
+
+Test(stress, multi_limit_consumes_all_or_none, .timeout = 600)
+{
+    tally_engine *e = open_engine(16);
+    tally_policy p = {
+        .name = "multi", .n_limits = 2,
+        .limits = {
+            { .algo = TALLY_FIXED_WINDOW, .max = 30000, .period_ns = 3600 * SEC },
+            { .algo = TALLY_FIXED_WINDOW, .max = 50000, .period_ns = 3600 * SEC },
+        },
+    };
+    uint32_t pol;
+    cr_assert_eq(tally_policy_add(e, &p, &pol), 0);
+    struct multi_arg args[THREADS];
+    for (int t = 0; t < THREADS; t++)
+        args[t] = (struct multi_arg){ .e = e, .policy = pol };
+    run_threads(multi_worker, args, sizeof(args[0]), THREADS);
+
+    uint64_t req = 0, tok = 0;
+    for (int t = 0; t < THREADS; t++) {
+        req += args[t].allowed_req;
+        tok += args[t].allowed_tok;
+    }
+    tally_snapshot s;
+    cr_assert_eq(tally_read(e, pol, "k", 1, &s), 0);
+    /* what the allowed hits consumed is exactly what the counters hold */
+    cr_assert_eq(s.c[0].used, req);
+    cr_assert_eq(s.c[1].used, tok);
+    cr_assert_leq(tok, 50000);
+    cr_assert_geq(tok, 50000 - 4, "the token limit must be nearly used up, got %" PRIu64, tok);
+    tally_close(e);
+}
+
+/* ---- reset_if: exactly one winner ---------------------------------------- */
+
+#define RESET_ROUNDS 2000
+
+struct reset_shared {
+    tally_engine     *e;
+    uint32_t          policy;
+    pthread_barrier_t barrier;
+    tally_snapshot    snap;
+    _Atomic int       winners[RESET_ROUNDS];
+    _Atomic int       conflicts[RESET_ROUNDS];
+};
+
+static void *reset_worker(void *p)
+{
+    struct reset_shared *s = *(struct reset_shared **)p;
+    for (int round = 0; round < RESET_ROUNDS; round++) {
+        pthread_barrier_wait(&s->barrier);           /* snapshot taken by the main thread */
+        uint32_t mask = 0;
+        int rc = tally_reset_if(s->e, s->policy, "r", 1, &s->snap, &mask);
+        if (rc == 0 && mask == 3)
+            atomic_fetch_add(&s->winners[round], 1);
+        else if (rc == TALLY_ECONFLICT)
+            atomic_fetch_add(&s->conflicts[round], 1);
+        pthread_barrier_wait(&s->barrier);
+    }
+    return NULL;
+}
+
+Test(stress, reset_if_has_exactly_one_winner, .timeout = 600)
+{
+    static struct reset_shared s;
+    memset(&s, 0, sizeof(s));
+    s.e = open_engine(16);
+    tally_policy p = {
+        .name = "two", .n_limits = 2,
+        .limits = {
+            { .algo = TALLY_FIXED_WINDOW, .max = 1000000, .period_ns = 3600 * SEC },
+            { .algo = TALLY_GCRA, .max = 1000, .period_ns = SEC },
+        },
+    };
+    cr_assert_eq(tally_policy_add(s.e, &p, &s.policy), 0);
+    pthread_barrier_init(&s.barrier, NULL, THREADS + 1);
+    struct reset_shared *ptrs[THREADS];
+    pthread_t th[THREADS];
+    for (int t = 0; t < THREADS; t++) {
+        ptrs[t] = &s;
+        pthread_create(&th[t], NULL, reset_worker, &ptrs[t]);
+    }
+    for (int round = 0; round < RESET_ROUNDS; round++) {
+        tally_result r;
+        uint64_t costs[2] = { 3, 2 };
+        cr_assert_eq(tally_hit_at(s.e, s.policy, "r", 1, costs, T0 + (uint64_t)round * SEC, &r), 0);
+        cr_assert_eq(tally_read(s.e, s.policy, "r", 1, &s.snap), 0);
+        pthread_barrier_wait(&s.barrier);
+        pthread_barrier_wait(&s.barrier);
+    }
+    for (int t = 0; t < THREADS; t++)
+        pthread_join(th[t], NULL);
+    for (int round = 0; round < RESET_ROUNDS; round++) {
+        cr_assert_eq(atomic_load(&s.winners[round]), 1, "round %d", round);
+        cr_assert_eq(atomic_load(&s.conflicts[round]), THREADS - 1, "round %d", round);
+    }
+    pthread_barrier_destroy(&s.barrier);
+    tally_close(s.e);
+}
+
+/* ---- A full table under churn loses no live state ------------------------ */
+
+#define LIVE_KEYS     32
+#define CHURN_PER     48     /* new keys per thread per phase */
+#define CHURN_PHASES  400
+#define STEP          (SEC / 4)   /* a phase is a quarter of the window */
+
+struct churn_shared {
+    tally_engine     *e;
+    uint32_t          policy;
+    pthread_barrier_t barrier;
+    _Atomic uint32_t  live_errors, churn_full, churn_other;
+};
+
+struct churn_arg {
+    struct churn_shared *s;
+    int t;
+};
+
+static void *churn_worker(void *p)
+{
+    struct churn_arg *a = p;
+    struct churn_shared *s = a->s;
+    char key[48];
+    for (int ph = 0; ph < CHURN_PHASES; ph++) {
+        uint64_t now = T0 + (uint64_t)ph * STEP;
+        pthread_barrier_wait(&s->barrier);
+        for (int i = 0; i < CHURN_PER; i++) {
+            tally_result r;
+            int rc;
+            /* interleave live keys (every thread hits each once a phase) with fresh keys */
+            if (i < LIVE_KEYS) {
+                snprintf(key, sizeof(key), "live-%d", i);
+                rc = tally_hit_at(s->e, s->policy, key, strlen(key), NULL, now, &r);
+                if (rc != 0 || !r.allowed)
+                    atomic_fetch_add(&s->live_errors, 1);
+            }
+            snprintf(key, sizeof(key), "churn-%d-%d-%d", a->t, ph, i);
+            rc = tally_hit_at(s->e, s->policy, key, strlen(key), NULL, now, &r);
+            if (rc == TALLY_EFULL)
+                atomic_fetch_add(&s->churn_full, 1);
+            else if (rc != 0)
+                atomic_fetch_add(&s->churn_other, 1);
+        }
+        pthread_barrier_wait(&s->barrier);
+        if (a->t == 0) {
+            /* a live key's window opened at a phase start and counts every hit since */
+            for (int k = 0; k < LIVE_KEYS; k++) {
+                tally_snapshot snap;
+                snprintf(key, sizeof(key), "live-%d", k);
+                if (tally_read(s->e, s->policy, key, strlen(key), &snap) != 0) {
+                    atomic_fetch_add(&s->live_errors, 1);
+                    continue;
+                }
+                uint64_t start = snap.c[0].window_start_ns;
+                uint64_t phases = (now - start) / STEP + 1;
+                if ((start - T0) % STEP != 0 || snap.c[0].used != phases * THREADS)
+                    atomic_fetch_add(&s->live_errors, 1);
+            }
+        }
+    }
+    return NULL;
+}
+
+Test(stress, full_table_under_churn_loses_no_live_state, .timeout = 600)
+{
+    static struct churn_shared s;
+    memset(&s, 0, sizeof(s));
+    /* live keys + 4 phases of churn fit; older churn must be reclaimed to go on */
+    s.e = open_engine(LIVE_KEYS + 6 * THREADS * CHURN_PER);
+    tally_limit l = { .algo = TALLY_FIXED_WINDOW, .max = 1000000, .period_ns = SEC };
+    s.policy = add_policy(s.e, "churn", l, 0);
+    pthread_barrier_init(&s.barrier, NULL, THREADS);
+    struct churn_arg args[THREADS];
+    for (int t = 0; t < THREADS; t++)
+        args[t] = (struct churn_arg){ &s, t };
+    run_threads(churn_worker, args, sizeof(args[0]), THREADS);
+
+    cr_assert_eq(atomic_load(&s.live_errors), 0);
+    cr_assert_eq(atomic_load(&s.churn_other), 0);
+    cr_assert_eq(atomic_load(&s.churn_full), 0,
+                 "expired slots were there to reclaim, yet %u new keys got TALLY_EFULL",
+                 atomic_load(&s.churn_full));
+    pthread_barrier_destroy(&s.barrier);
+    tally_close(s.e);
+}
+
+/* ---- New keys racing: one slot per key ----------------------------------- */
+
+#define RACE_KEYS 20000
+
+struct race_arg {
+    tally_engine *e;
+    uint32_t      policy;
+    int           errors;
+};
+
+static void *race_worker(void *p)
+{
+    struct race_arg *a = p;
+    char key[32];
+    for (int k = 0; k < RACE_KEYS; k++) {
+        tally_result r;
+        snprintf(key, sizeof(key), "new-%d", k);
+        if (tally_hit_at(a->e, a->policy, key, strlen(key), NULL, T0, &r) != 0)
+            a->errors++;
+    }
+    return NULL;
+}
+
+Test(stress, concurrent_inserts_of_one_key_share_one_slot, .timeout = 600)
+{
+    tally_engine *e = open_engine(RACE_KEYS);
+    tally_limit l = { .algo = TALLY_FIXED_WINDOW, .max = 1000, .period_ns = 3600 * SEC };
+    uint32_t pol = add_policy(e, "race", l, 0);
+    struct race_arg args[THREADS];
+    for (int t = 0; t < THREADS; t++)
+        args[t] = (struct race_arg){ .e = e, .policy = pol };
+    run_threads(race_worker, args, sizeof(args[0]), THREADS);
+    for (int t = 0; t < THREADS; t++)
+        cr_assert_eq(args[t].errors, 0);
+    /* every thread hit every key once, all at the same moment it was new:
+       a duplicate slot would split the count */
+    for (int k = 0; k < RACE_KEYS; k++) {
+        char key[32];
+        tally_snapshot s;
+        snprintf(key, sizeof(key), "new-%d", k);
+        cr_assert_eq(tally_read(e, pol, key, strlen(key), &s), 0);
+        cr_assert_eq(s.c[0].used, THREADS, "key %d counted %" PRIu64, k, s.c[0].used);
+    }
+    tally_close(e);
+}

@@ -1,0 +1,927 @@
+/*
+ * Unit tests of the pure algorithm functions of src/algo.c: limit validation,
+ * and state x now x cost -> state for the fixed window, the sliding window and
+ * GCRA, plus undo, expiry and the public counter view. No engine, no threads:
+ * every state is built by feeding one step's `next` into the following step.
+ */
+#include <criterion/criterion.h>
+#include <inttypes.h>
+#include <stdint.h>
+
+#include "tally-internal.h"
+
+#define NS_PER_MS UINT64_C(1000000)
+#define NS_PER_S  UINT64_C(1000000000)
+/* A realistic "now": 2023-11-14, far from 0 and from INT64_MAX. */
+#define S         (UINT64_C(1700000000) * NS_PER_S)
+
+#define IF_FITS TALLY__ADD_IF_FITS
+#define ALWAYS  TALLY__ADD_ALWAYS
+#define PEEK    (TALLY__ADD_NEVER | TALLY__NO_MARK)
+
+/* cr_assert_eq with both values printed on failure (arguments must be pure). */
+#define EQ(a, b)                                                                   \
+    cr_assert_eq((uint64_t)(a), (uint64_t)(b), "%s = %" PRIu64 ", expected %s = %" PRIu64, \
+                 #a, (uint64_t)(a), #b, (uint64_t)(b))
+
+static const tally__state EMPTY = { 0, 0 };
+
+static tally__limit limit_of(tally_algo algo, uint64_t max, uint64_t period_ns)
+{
+    tally_limit spec = { .algo = algo, .max = max, .period_ns = period_ns };
+    tally__limit l;
+    cr_assert_eq(tally__limit_compile(&spec, &l), 0, "valid limit rejected");
+    return l;
+}
+
+static tally__step step(const tally__limit *l, tally__state cur, uint64_t now, uint64_t cost,
+                        unsigned how)
+{
+    tally__step o;
+    tally__algo_step(l, cur, now, cost, how, &o);
+    /* Invariant of every step: an unchanged step hands back the very same state. */
+    if (!o.changed)
+        cr_assert(o.next.w0 == cur.w0 && o.next.w1 == cur.w1, "unchanged step altered the state");
+    /* Invariant: retry_after is 0 exactly when the cost fits. */
+    cr_assert_eq(o.fits, o.retry_after_ns == 0, "fits=%d but retry_after=%" PRIu64, o.fits,
+                 o.retry_after_ns);
+    return o;
+}
+
+/* Apply a step and return the state to store, as the engine would. */
+static tally__state apply(const tally__limit *l, tally__state cur, uint64_t now, uint64_t cost,
+                          unsigned how)
+{
+    tally__step o = step(l, cur, now, cost, how);
+    return o.changed ? o.next : cur;
+}
+
+static tally_counter counter(const tally__limit *l, tally__state s, uint64_t now)
+{
+    tally_counter c;
+    tally__algo_counter(l, s, now, &c);
+    return c;
+}
+
+static int compile(tally_algo algo, uint64_t max, uint64_t period, tally_calendar_unit unit,
+                   int32_t off)
+{
+    tally_limit spec = { .algo = algo, .max = max, .period_ns = period, .unit = unit,
+                         .utc_offset_s = off };
+    tally__limit l;
+    return tally__limit_compile(&spec, &l);
+}
+
+/* ======================================================================== */
+/* tally__limit_compile                                                     */
+/* ======================================================================== */
+
+/* max 0 would be a limit that allows nothing: rejected for every algorithm. */
+Test(algo, compile_rejects_max_zero)
+{
+    EQ(compile(TALLY_FIXED_WINDOW, 0, NS_PER_S, 0, 0), (uint64_t)TALLY_EINVAL);
+    EQ(compile(TALLY_SLIDING_WINDOW, 0, NS_PER_S, 0, 0), (uint64_t)TALLY_EINVAL);
+    EQ(compile(TALLY_GCRA, 0, NS_PER_S, 0, 0), (uint64_t)TALLY_EINVAL);
+    EQ(compile(TALLY_CALENDAR_WINDOW, 0, 0, TALLY_DAY, 0), (uint64_t)TALLY_EINVAL);
+    /* and 1 is fine: the check is "== 0", not "<= 1" */
+    EQ(compile(TALLY_FIXED_WINDOW, 1, NS_PER_S, 0, 0), 0);
+}
+
+/* The counters have 63 bits (44 for sliding): a larger max could never be reached. */
+Test(algo, compile_rejects_max_above_bound)
+{
+    EQ(compile(TALLY_FIXED_WINDOW, TALLY_MAX_COUNT + 1, NS_PER_S, 0, 0), (uint64_t)TALLY_EINVAL);
+    EQ(compile(TALLY_CALENDAR_WINDOW, TALLY_MAX_COUNT + 1, 0, TALLY_DAY, 0),
+       (uint64_t)TALLY_EINVAL);
+    EQ(compile(TALLY_GCRA, TALLY_MAX_COUNT + 1, TALLY_MAX_PERIOD_NS, 0, 0),
+       (uint64_t)TALLY_EINVAL);
+    EQ(compile(TALLY_SLIDING_WINDOW, TALLY_SLIDING_MAX_COUNT + 1, NS_PER_S, 0, 0),
+       (uint64_t)TALLY_EINVAL);
+    /* the sliding bound is its own, much smaller one */
+    EQ(compile(TALLY_SLIDING_WINDOW, TALLY_MAX_COUNT, NS_PER_S, 0, 0), (uint64_t)TALLY_EINVAL);
+    /* the bounds themselves are accepted */
+    EQ(compile(TALLY_FIXED_WINDOW, TALLY_MAX_COUNT, NS_PER_S, 0, 0), 0);
+    EQ(compile(TALLY_CALENDAR_WINDOW, TALLY_MAX_COUNT, 0, TALLY_DAY, 0), 0);
+    EQ(compile(TALLY_SLIDING_WINDOW, TALLY_SLIDING_MAX_COUNT, NS_PER_S, 0, 0), 0);
+}
+
+/* A zero-length window has no meaning (and sliding divides by it). */
+Test(algo, compile_rejects_period_zero)
+{
+    EQ(compile(TALLY_FIXED_WINDOW, 10, 0, 0, 0), (uint64_t)TALLY_EINVAL);
+    EQ(compile(TALLY_SLIDING_WINDOW, 10, 0, 0, 0), (uint64_t)TALLY_EINVAL);
+    EQ(compile(TALLY_GCRA, 10, 0, 0, 0), (uint64_t)TALLY_EINVAL);
+}
+
+/* Periods above 2^62 could overflow start + period. */
+Test(algo, compile_rejects_period_above_max)
+{
+    EQ(compile(TALLY_FIXED_WINDOW, 10, TALLY_MAX_PERIOD_NS + 1, 0, 0), (uint64_t)TALLY_EINVAL);
+    EQ(compile(TALLY_SLIDING_WINDOW, 10, TALLY_MAX_PERIOD_NS + 1, 0, 0), (uint64_t)TALLY_EINVAL);
+    EQ(compile(TALLY_GCRA, 10, TALLY_MAX_PERIOD_NS + 1, 0, 0), (uint64_t)TALLY_EINVAL);
+    EQ(compile(TALLY_FIXED_WINDOW, 10, TALLY_MAX_PERIOD_NS, 0, 0), 0);
+    EQ(compile(TALLY_SLIDING_WINDOW, 10, TALLY_MAX_PERIOD_NS, 0, 0), 0);
+    EQ(compile(TALLY_GCRA, 10, TALLY_MAX_PERIOD_NS, 0, 0), 0);
+}
+
+/* GCRA needs an emission interval period/max of at least 1 ns. */
+Test(algo, compile_rejects_gcra_period_below_max)
+{
+    EQ(compile(TALLY_GCRA, 10, 9, 0, 0), (uint64_t)TALLY_EINVAL);
+    EQ(compile(TALLY_GCRA, 1000, 1, 0, 0), (uint64_t)TALLY_EINVAL);
+    EQ(compile(TALLY_GCRA, 10, 10, 0, 0), 0);   /* emission 1 ns: the smallest valid */
+}
+
+/* The derived GCRA constants: emission = period / max (floored), tau = emission * max. */
+Test(algo, compile_derives_gcra_constants)
+{
+    tally__limit l = limit_of(TALLY_GCRA, 5, 5 * NS_PER_S);
+    EQ(l.emission_ns, NS_PER_S);
+    EQ(l.tau_ns, 5 * NS_PER_S);
+    l = limit_of(TALLY_GCRA, 3, 10);
+    EQ(l.emission_ns, 3);
+    EQ(l.tau_ns, 9);
+    EQ(l.spec.max, 3);
+}
+
+/* An enum value outside TALLY_MINUTE..TALLY_MONTH must not reach the calendar code. */
+Test(algo, compile_rejects_calendar_unit_out_of_range)
+{
+    EQ(compile(TALLY_CALENDAR_WINDOW, 10, 0, (tally_calendar_unit)7, 0), (uint64_t)TALLY_EINVAL);
+    EQ(compile(TALLY_CALENDAR_WINDOW, 10, 0, (tally_calendar_unit)(TALLY_MONTH + 1), 0),
+       (uint64_t)TALLY_EINVAL);
+    EQ(compile(TALLY_CALENDAR_WINDOW, 10, 0, (tally_calendar_unit)-1, 0), (uint64_t)TALLY_EINVAL);
+    EQ(compile(TALLY_CALENDAR_WINDOW, 10, 0, TALLY_MINUTE, 0), 0);
+    EQ(compile(TALLY_CALENDAR_WINDOW, 10, 0, TALLY_MONTH, 0), 0);
+}
+
+/* UTC offsets are bounded by +-18 h; the bound itself is valid. */
+Test(algo, compile_rejects_utc_offset_out_of_range)
+{
+    EQ(compile(TALLY_CALENDAR_WINDOW, 10, 0, TALLY_DAY, TALLY_MAX_UTC_OFFSET_S + 1),
+       (uint64_t)TALLY_EINVAL);
+    EQ(compile(TALLY_CALENDAR_WINDOW, 10, 0, TALLY_DAY, -TALLY_MAX_UTC_OFFSET_S - 1),
+       (uint64_t)TALLY_EINVAL);
+    EQ(compile(TALLY_CALENDAR_WINDOW, 10, 0, TALLY_DAY, INT32_MIN), (uint64_t)TALLY_EINVAL);
+    EQ(compile(TALLY_CALENDAR_WINDOW, 10, 0, TALLY_DAY, TALLY_MAX_UTC_OFFSET_S), 0);
+    EQ(compile(TALLY_CALENDAR_WINDOW, 10, 0, TALLY_DAY, -TALLY_MAX_UTC_OFFSET_S), 0);
+}
+
+Test(algo, compile_rejects_unknown_algo)
+{
+    EQ(compile((tally_algo)7, 10, NS_PER_S, 0, 0), (uint64_t)TALLY_EINVAL);
+    EQ(compile((tally_algo)(TALLY_GCRA + 1), 10, NS_PER_S, 0, 0), (uint64_t)TALLY_EINVAL);
+}
+
+/* ======================================================================== */
+/* Fixed window                                                             */
+/* ======================================================================== */
+
+#define FW_P  (10 * NS_PER_S)
+#define FW_T0 (S + 123)          /* deliberately not aligned to anything */
+
+/* The window opens at the first hit: window_start is that hit's time, not a multiple of P. */
+Test(algo, fixed_opens_at_first_hit)
+{
+    tally__limit l = limit_of(TALLY_FIXED_WINDOW, 5, FW_P);
+    tally__step o = step(&l, EMPTY, FW_T0, 1, IF_FITS);
+    cr_assert(o.fits && o.changed && !o.first);
+    EQ(o.next.w1, FW_T0);
+    EQ(o.next.w0, 1);
+    EQ(o.remaining, 4);
+    EQ(o.reset_after_ns, FW_P);
+    EQ(o.retry_after_ns, 0);
+    tally_counter c = counter(&l, o.next, FW_T0);
+    EQ(c.used, 1);
+    EQ(c.window_start_ns, FW_T0);
+}
+
+/* start+P-1 is the last ns of the window; start+P opens a new one with a fresh count. */
+Test(algo, fixed_window_edge)
+{
+    tally__limit l = limit_of(TALLY_FIXED_WINDOW, 5, FW_P);
+    tally__state st = apply(&l, EMPTY, FW_T0, 3, IF_FITS);
+
+    tally__step in = step(&l, st, FW_T0 + FW_P - 1, 1, IF_FITS);
+    EQ(in.next.w1, FW_T0);
+    EQ(in.next.w0, 4);
+    EQ(in.remaining, 1);
+    EQ(in.reset_after_ns, 1);
+
+    tally__step out = step(&l, in.next, FW_T0 + FW_P, 1, IF_FITS);
+    EQ(out.next.w1, FW_T0 + FW_P);
+    EQ(out.next.w0, 1);
+    EQ(out.remaining, 4);
+    EQ(out.reset_after_ns, FW_P);
+}
+
+/* reset_after is the time left in the window; retry_after the same when denied. */
+Test(algo, fixed_reset_and_retry_after)
+{
+    tally__limit l = limit_of(TALLY_FIXED_WINDOW, 2, FW_P);
+    tally__state st = apply(&l, EMPTY, FW_T0, 1, IF_FITS);
+
+    tally__step o = step(&l, st, FW_T0 + 300, 1, IF_FITS);
+    cr_assert(o.fits);
+    EQ(o.reset_after_ns, FW_P - 300);
+    EQ(o.remaining, 0);
+
+    tally__step d = step(&l, o.next, FW_T0 + 400, 1, IF_FITS);
+    cr_assert(!d.fits);
+    EQ(d.retry_after_ns, FW_P - 400);
+    EQ(d.reset_after_ns, FW_P - 400);
+    EQ(d.remaining, 0);
+    EQ(d.next.w0 & ~TALLY__MARK, 2);               /* a denied hit consumes nothing */
+    /* and retry_after is right: at now + retry_after the hit fits */
+    cr_assert(step(&l, d.next, FW_T0 + 400 + d.retry_after_ns, 1, IF_FITS).fits);
+    cr_assert(!step(&l, d.next, FW_T0 + 400 + d.retry_after_ns - 1, 1, PEEK).fits);
+}
+
+/* A cost above max can never be allowed, however long one waits. */
+Test(algo, fixed_never_when_cost_above_max)
+{
+    tally__limit l = limit_of(TALLY_FIXED_WINDOW, 5, FW_P);
+    tally__step o = step(&l, EMPTY, FW_T0, 6, IF_FITS);
+    cr_assert(!o.fits);
+    EQ(o.retry_after_ns, TALLY_NEVER);
+    EQ(o.remaining, 5);
+    /* but exactly max fits in an empty window */
+    cr_assert(step(&l, EMPTY, FW_T0, 5, IF_FITS).fits);
+    /* and a cost <= max on a full window is not NEVER */
+    tally__state full = apply(&l, EMPTY, FW_T0, 5, IF_FITS);
+    tally__step d = step(&l, full, FW_T0, 5, IF_FITS);
+    cr_assert(!d.fits);
+    EQ(d.retry_after_ns, FW_P);
+}
+
+/* Costs are weights: they add up, and a cost fits only if all of it fits. */
+Test(algo, fixed_weighted_costs)
+{
+    tally__limit l = limit_of(TALLY_FIXED_WINDOW, 10, FW_P);
+    tally__step o = step(&l, EMPTY, FW_T0, 3, IF_FITS);
+    EQ(o.remaining, 7);
+    o = step(&l, o.next, FW_T0 + 1, 5, IF_FITS);
+    EQ(o.remaining, 2);
+    EQ(o.next.w0, 8);
+    tally__step d = step(&l, o.next, FW_T0 + 2, 3, IF_FITS);  /* 3 > 2 left: all or nothing */
+    cr_assert(!d.fits);
+    EQ(d.next.w0 & ~TALLY__MARK, 8);
+    EQ(d.remaining, 2);
+    o = step(&l, d.next, FW_T0 + 3, 2, IF_FITS);              /* exactly what is left */
+    cr_assert(o.fits);
+    EQ(o.remaining, 0);
+    EQ(o.next.w0 & ~TALLY__MARK, 10);
+}
+
+/* ADD_ALWAYS with a huge cost saturates at TALLY_MAX_COUNT: never wraps, never reaches the mark bit. */
+Test(algo, fixed_saturation)
+{
+    tally__limit l = limit_of(TALLY_FIXED_WINDOW, 10, FW_P);
+    tally__state st = apply(&l, EMPTY, FW_T0, 4, IF_FITS);
+    tally__step o = step(&l, st, FW_T0 + 1, UINT64_MAX, ALWAYS | TALLY__NO_MARK);
+    cr_assert(!o.fits);
+    EQ(o.retry_after_ns, TALLY_NEVER);
+    EQ(o.next.w0, TALLY_MAX_COUNT);                 /* no mark: NO_MARK was given */
+    EQ(o.remaining, 0);
+    o = step(&l, o.next, FW_T0 + 2, UINT64_MAX, ALWAYS | TALLY__NO_MARK);
+    EQ(o.next.w0, TALLY_MAX_COUNT);                 /* still saturated, not wrapped */
+    EQ(counter(&l, o.next, FW_T0 + 2).used, TALLY_MAX_COUNT);
+
+    /* Two big costs that each fit in 63 bits but not together. */
+    tally__limit big = limit_of(TALLY_FIXED_WINDOW, TALLY_MAX_COUNT, FW_P);
+    tally__step a = step(&big, EMPTY, FW_T0, UINT64_C(1) << 62, IF_FITS);
+    cr_assert(a.fits);
+    tally__step b = step(&big, a.next, FW_T0, UINT64_C(1) << 62, ALWAYS | TALLY__NO_MARK);
+    cr_assert(!b.fits);
+    EQ(b.next.w0, TALLY_MAX_COUNT);
+    EQ(b.next.w1, FW_T0);
+}
+
+/* first is true on exactly the first denial of a window; the mark resets with the window. */
+Test(algo, fixed_exceeded_mark_once_per_window)
+{
+    tally__limit l = limit_of(TALLY_FIXED_WINDOW, 2, FW_P);
+    tally__state st = apply(&l, EMPTY, FW_T0, 2, IF_FITS);
+
+    tally__step d1 = step(&l, st, FW_T0 + 1, 1, IF_FITS);
+    cr_assert(!d1.fits && d1.first && d1.changed);
+    cr_assert(d1.next.w0 & TALLY__MARK);
+    EQ(d1.next.w0 & ~TALLY__MARK, 2);               /* the mark alone changed */
+
+    tally__step d2 = step(&l, d1.next, FW_T0 + 2, 1, IF_FITS);
+    cr_assert(!d2.fits && !d2.first && !d2.changed);
+
+    /* a hit that fits in a marked window does not report first either, and keeps the mark */
+    tally__state m = apply(&l, apply(&l, EMPTY, FW_T0, 1, IF_FITS), FW_T0, 5, IF_FITS);
+    tally__step f = step(&l, m, FW_T0 + 3, 1, IF_FITS);
+    cr_assert(f.fits && !f.first);
+    cr_assert(f.next.w0 & TALLY__MARK);
+
+    /* next window: fresh count, mark cleared, first again on its first denial */
+    tally__step n = step(&l, d2.next, FW_T0 + FW_P, 2, IF_FITS);
+    cr_assert(n.fits && !n.first);
+    cr_assert(!(n.next.w0 & TALLY__MARK));
+    tally__step d3 = step(&l, n.next, FW_T0 + FW_P + 1, 1, IF_FITS);
+    cr_assert(!d3.fits && d3.first);
+}
+
+/* A time before the window start (clock went back) is the window start: same window. */
+Test(algo, fixed_time_backwards)
+{
+    tally__limit l = limit_of(TALLY_FIXED_WINDOW, 5, FW_P);
+    tally__state st = apply(&l, EMPTY, FW_T0, 1, IF_FITS);
+    tally__step o = step(&l, st, FW_T0 - 500, 1, IF_FITS);
+    EQ(o.next.w1, FW_T0);                           /* not a new window at FW_T0 - 500 */
+    EQ(o.next.w0, 2);
+    EQ(o.reset_after_ns, FW_P);                     /* measured from the window start */
+    /* far in the past too (unsigned now - start must not wrap into "a later window") */
+    o = step(&l, o.next, 1, 1, IF_FITS);
+    EQ(o.next.w1, FW_T0);
+    EQ(o.next.w0, 3);
+}
+
+/* ADD_NEVER | NO_MARK is a peek: it reports but changes nothing, even on a denial. */
+Test(algo, fixed_peek_changes_nothing)
+{
+    tally__limit l = limit_of(TALLY_FIXED_WINDOW, 2, FW_P);
+    tally__state st = apply(&l, EMPTY, FW_T0, 1, IF_FITS);
+
+    tally__step p = step(&l, st, FW_T0 + 5, 1, PEEK);
+    cr_assert(p.fits && !p.changed && !p.first);
+    EQ(p.remaining, 1);                             /* nothing consumed */
+
+    tally__step d = step(&l, st, FW_T0 + 5, 2, PEEK);   /* would deny: still no mark */
+    cr_assert(!d.fits && !d.changed && !d.first);
+    EQ(d.retry_after_ns, FW_P - 5);
+
+    tally__step e = step(&l, EMPTY, FW_T0, 3, PEEK);   /* on the empty state, too */
+    cr_assert(!e.changed);
+    cr_assert(tally__state_is_empty(e.next));
+}
+
+/* ADD_NEVER without NO_MARK (another limit denied) consumes nothing but may mark. */
+Test(algo, fixed_add_never_consumes_nothing)
+{
+    tally__limit l = limit_of(TALLY_FIXED_WINDOW, 2, FW_P);
+    tally__state st = apply(&l, EMPTY, FW_T0, 1, IF_FITS);
+    tally__step o = step(&l, st, FW_T0 + 1, 1, TALLY__ADD_NEVER);
+    cr_assert(o.fits && !o.changed);
+    EQ(o.remaining, 1);
+    tally__step d = step(&l, st, FW_T0 + 1, 2, TALLY__ADD_NEVER);
+    cr_assert(!d.fits && d.first && d.changed);
+    EQ(d.next.w0, TALLY__MARK | 1);
+}
+
+/* A cost-0 hit counts nothing and must not open a window or write anything. */
+Test(algo, fixed_cost_zero_changes_nothing)
+{
+    tally__limit l = limit_of(TALLY_FIXED_WINDOW, 2, FW_P);
+    tally__step e = step(&l, EMPTY, FW_T0, 0, IF_FITS);
+    cr_assert(e.fits && !e.changed);
+    cr_assert(tally__state_is_empty(e.next));
+    EQ(e.remaining, 2);
+    EQ(e.reset_after_ns, 0);
+
+    tally__state st = apply(&l, EMPTY, FW_T0, 2, IF_FITS);
+    tally__step z = step(&l, st, FW_T0 + 1, 0, IF_FITS);   /* on a full window: 0 still fits */
+    cr_assert(z.fits && !z.changed && !z.first);
+    EQ(z.remaining, 0);
+}
+
+/* ======================================================================== */
+/* Sliding window                                                           */
+/* ======================================================================== */
+
+#define SW_P UINT64_C(1000)
+/* Window number of S at P=1000 is ~1.7e15, far beyond the 2^38 stored: exercises the wrap. */
+#define SW_K (S / SW_P)
+
+/* Build a state with `prev` counted in window k and `cur` in window k+1. */
+static tally__state sliding_state(const tally__limit *l, uint64_t k, uint64_t prev, uint64_t cur)
+{
+    uint64_t P = l->spec.period_ns;
+    tally__state st = apply(l, EMPTY, k * P, prev, ALWAYS | TALLY__NO_MARK);
+    return apply(l, st, (k + 1) * P, cur, ALWAYS | TALLY__NO_MARK);
+}
+
+/* The previous window counts with the weight of the part of it still inside the sliding span. */
+Test(algo, sliding_weight_of_previous_window)
+{
+    tally__limit l = limit_of(TALLY_SLIDING_WINDOW, 200, SW_P);
+    tally__state st = sliding_state(&l, SW_K, 100, 20);
+    uint64_t w = (SW_K + 1) * SW_P;
+
+    /* 25% into the current window: 75% of prev still counts, floor(100*750/1000) = 75 */
+    EQ(step(&l, st, w + 250, 0, PEEK).remaining, 200 - 20 - 75);
+    tally__step o = step(&l, st, w + 250, 10, IF_FITS);
+    EQ(o.remaining, 200 - 30 - 75);
+    /* at the window start all of prev counts; at its last ns floor(100*1/1000) = 0 */
+    EQ(step(&l, st, w, 0, PEEK).remaining, 200 - 20 - 100);
+    EQ(step(&l, st, w + 999, 0, PEEK).remaining, 200 - 20 - 0);
+    /* rounding down: 33.3% in -> floor(100*667/1000) = 66 */
+    EQ(step(&l, st, w + 333, 0, PEEK).remaining, 200 - 20 - 66);
+    /* the estimate decides fits: at 25% in, 105 more fit exactly, 106 do not */
+    cr_assert(step(&l, st, w + 250, 105, PEEK).fits);
+    cr_assert(!step(&l, st, w + 250, 106, PEEK).fits);
+}
+
+/* Rolling by one window: cur becomes prev; the counter moves to the new window. */
+Test(algo, sliding_roll_one_window)
+{
+    tally__limit l = limit_of(TALLY_SLIDING_WINDOW, 100, SW_P);
+    tally__state st = apply(&l, EMPTY, SW_K * SW_P + 10, 40, IF_FITS);
+    tally_counter c = counter(&l, st, SW_K * SW_P + 10);
+    EQ(c.used, 40);
+    EQ(c.window_start_ns, SW_K * SW_P);
+
+    uint64_t w = (SW_K + 1) * SW_P;
+    tally__step o = step(&l, st, w, 5, IF_FITS);
+    EQ(o.remaining, 100 - 5 - 40);                  /* prev = 40 with full weight */
+    c = counter(&l, o.next, w);
+    EQ(c.used, 5);                                  /* cur restarted */
+    EQ(c.window_start_ns, w);
+    /* prev really is 40 in the stored state: half-way it weighs 20 */
+    EQ(step(&l, o.next, w + 500, 0, PEEK).remaining, 100 - 5 - 20);
+}
+
+/* Rolling by two or more windows clears both counts. */
+Test(algo, sliding_roll_two_or_more_windows)
+{
+    tally__limit l = limit_of(TALLY_SLIDING_WINDOW, 100, SW_P);
+    tally__state st = sliding_state(&l, SW_K, 70, 60);    /* window k+1 holds 60 */
+    for (uint64_t skip = 2; skip <= 5; skip++) {
+        uint64_t w = (SW_K + 1 + skip) * SW_P;
+        tally__step o = step(&l, st, w, 1, IF_FITS);
+        EQ(o.remaining, 99);
+        tally_counter c = counter(&l, o.next, w);
+        EQ(c.used, 1);
+        EQ(c.window_start_ns, w);
+    }
+    /* the last ns of window k+2 still carries k+1's count as prev at weight 1/1000 */
+    EQ(step(&l, st, (SW_K + 3) * SW_P - 1, 0, PEEK).remaining, 100);
+    EQ(step(&l, st, (SW_K + 2) * SW_P, 0, PEEK).remaining, 40);
+}
+
+/*
+ * retry_after, checked against its definition by brute force: no time in
+ * [now, now+retry_after) lets the hit fit, and now+retry_after does.
+ * Returns 1 if the case fitted in the current window, 2 if it had to wait
+ * for the next one, 0 if the hit was not denied.
+ */
+static int check_sliding_retry(const tally__limit *l, tally__state st, uint64_t now, uint64_t cost)
+{
+    uint64_t P = l->spec.period_ns;
+    tally__step d = step(l, st, now, cost, IF_FITS);
+    if (d.fits)
+        return 0;
+    cr_assert_neq(d.retry_after_ns, TALLY_NEVER);
+    cr_assert_lt(d.retry_after_ns, 2 * P, "retry %" PRIu64 " beyond two windows",
+                 d.retry_after_ns);
+    uint64_t at = now + d.retry_after_ns;
+    for (uint64_t t = now; t < at; t++)
+        cr_assert(!step(l, d.next, t, cost, PEEK).fits,
+                  "fits at now+%" PRIu64 " < retry_after %" PRIu64, t - now, d.retry_after_ns);
+    cr_assert(step(l, d.next, at, cost, PEEK).fits,
+              "does not fit at now+retry_after (%" PRIu64 ")", d.retry_after_ns);
+    return at / P == now / P ? 1 : 2;
+}
+
+/* Two worked examples, one per branch of the retry computation. */
+Test(algo, sliding_retry_after_examples)
+{
+    tally__limit l = limit_of(TALLY_SLIDING_WINDOW, 100, SW_P);
+    uint64_t w = (SW_K + 1) * SW_P;
+
+    /* Room in this window: prev 80, cur 10, cost 20, 10% in (weight 900/1000 -> 72):
+       need floor(80*m/1000) <= 70, m <= 887, i.e. wait 900-887 = 13 ns. */
+    tally__state a = sliding_state(&l, SW_K, 80, 10);
+    tally__step d = step(&l, a, w + 100, 20, IF_FITS);
+    cr_assert(!d.fits);
+    EQ(d.retry_after_ns, 13);
+    EQ(check_sliding_retry(&l, a, w + 100, 20), 1);
+
+    /* Must wait for the next window: cur 90 + cost 20 > 100 whatever prev does.
+       Next window: floor(90*m/1000) <= 80, m <= 899: wait 1000 + (1000-899) = 1101 ns. */
+    tally__state b = sliding_state(&l, SW_K, 0, 90);
+    d = step(&l, b, w, 20, IF_FITS);
+    cr_assert(!d.fits);
+    EQ(d.retry_after_ns, 1101);
+    EQ(check_sliding_retry(&l, b, w, 20), 2);
+}
+
+/* The same property over a grid of states, with an awkward (prime) period too. */
+Test(algo, sliding_retry_after_brute_force)
+{
+    static const uint64_t periods[] = { 1000, 997 };
+    static const uint64_t prevs[] = { 0, 1, 30, 80, 100, 150 };
+    static const uint64_t curs[] = { 0, 10, 50, 90, 100, 120 };
+    static const uint64_t offs[] = { 0, 1, 250, 500, 998 };
+    static const uint64_t costs[] = { 1, 20, 60, 100 };
+    unsigned branch[3] = { 0, 0, 0 };
+
+    for (size_t pi = 0; pi < 2; pi++) {
+        uint64_t P = periods[pi], k = S / P;
+        tally__limit l = limit_of(TALLY_SLIDING_WINDOW, 100, P);
+        for (size_t a = 0; a < sizeof prevs / sizeof *prevs; a++)
+            for (size_t b = 0; b < sizeof curs / sizeof *curs; b++)
+                for (size_t c = 0; c < sizeof offs / sizeof *offs; c++)
+                    for (size_t e = 0; e < sizeof costs / sizeof *costs; e++) {
+                        tally__state st = sliding_state(&l, k, prevs[a], curs[b]);
+                        branch[check_sliding_retry(&l, st, (k + 1) * P + offs[c], costs[e])]++;
+                    }
+    }
+    /* both branches were really exercised, not skipped as "fits" */
+    cr_assert_gt(branch[1], 50, "room-in-this-window cases: %u", branch[1]);
+    cr_assert_gt(branch[2], 50, "next-window cases: %u", branch[2]);
+}
+
+Test(algo, sliding_never_when_cost_above_max)
+{
+    tally__limit l = limit_of(TALLY_SLIDING_WINDOW, 100, SW_P);
+    tally__step o = step(&l, EMPTY, SW_K * SW_P, 101, IF_FITS);
+    cr_assert(!o.fits);
+    EQ(o.retry_after_ns, TALLY_NEVER);
+}
+
+/* reset_after: until cur has slid out (end of next window), or prev (end of this one). */
+Test(algo, sliding_reset_after)
+{
+    tally__limit l = limit_of(TALLY_SLIDING_WINDOW, 100, SW_P);
+    uint64_t w = (SW_K + 1) * SW_P;
+    tally__state st = sliding_state(&l, SW_K, 30, 5);
+    EQ(step(&l, st, w + 300, 1, IF_FITS).reset_after_ns, 2 * SW_P - 300);
+    /* only prev counts in window k+1: it is gone at the end of k+1 */
+    tally__state p = apply(&l, EMPTY, SW_K * SW_P, 30, IF_FITS);
+    EQ(step(&l, p, w + 300, 0, PEEK).reset_after_ns, SW_P - 300);
+    /* nothing counts */
+    EQ(step(&l, EMPTY, w + 300, 0, PEEK).reset_after_ns, 0);
+}
+
+/* cur saturates at TALLY_SLIDING_MAX_COUNT without spilling into the mark or the window number. */
+Test(algo, sliding_saturation)
+{
+    tally__limit l = limit_of(TALLY_SLIDING_WINDOW, TALLY_SLIDING_MAX_COUNT, SW_P);
+    uint64_t w = SW_K * SW_P;
+    tally__step o = step(&l, EMPTY, w, TALLY_SLIDING_MAX_COUNT - 1, IF_FITS);
+    cr_assert(o.fits);
+    o = step(&l, o.next, w + 1, UINT64_MAX, ALWAYS | TALLY__NO_MARK);
+    cr_assert(!o.fits);
+    cr_assert(!(o.next.w0 & TALLY__MARK));
+    tally_counter c = counter(&l, o.next, w + 1);
+    EQ(c.used, TALLY_SLIDING_MAX_COUNT);
+    EQ(c.window_start_ns, w);                       /* window number intact */
+    o = step(&l, o.next, w + 2, UINT64_MAX, ALWAYS | TALLY__NO_MARK);
+    EQ(counter(&l, o.next, w + 2).used, TALLY_SLIDING_MAX_COUNT);
+    EQ(o.remaining, 0);
+    /* rolled into prev, the saturated count is still whole: at the next window start it
+       weighs all of it, so nothing fits, and the stored w1 stays <= INT64_MAX */
+    tally__step n = step(&l, o.next, w + SW_P, 1, IF_FITS);
+    cr_assert(!n.fits);
+    EQ(n.remaining, 0);
+    cr_assert_leq(n.next.w1, (uint64_t)INT64_MAX);
+    EQ(counter(&l, n.next, w + SW_P).window_start_ns, w + SW_P);
+}
+
+/* The exceeded mark: once per window, cleared by the roll. */
+Test(algo, sliding_mark_once_per_window)
+{
+    tally__limit l = limit_of(TALLY_SLIDING_WINDOW, 10, SW_P);
+    uint64_t w = SW_K * SW_P;
+    tally__state st = apply(&l, EMPTY, w, 10, IF_FITS);
+    tally__step d1 = step(&l, st, w + 1, 1, IF_FITS);
+    cr_assert(!d1.fits && d1.first && d1.changed);
+    EQ(counter(&l, d1.next, w + 1).used, 10);       /* the mark alone changed */
+    tally__step d2 = step(&l, d1.next, w + 2, 1, IF_FITS);
+    cr_assert(!d2.fits && !d2.first && !d2.changed);
+    /* next window: prev = 10 weighs fully at its start, so a hit is denied, first again */
+    tally__step d3 = step(&l, d2.next, w + SW_P, 1, IF_FITS);
+    cr_assert(!d3.fits && d3.first);
+    tally__step d4 = step(&l, d3.next, w + SW_P + 1, 1, IF_FITS);
+    cr_assert(!d4.fits && !d4.first);
+}
+
+/* A time in an earlier window than the state's is taken as the state's window start. */
+Test(algo, sliding_time_backwards)
+{
+    tally__limit l = limit_of(TALLY_SLIDING_WINDOW, 100, SW_P);
+    tally__state st = sliding_state(&l, SW_K, 40, 10);   /* state in window k+1 */
+    tally__step o = step(&l, st, SW_K * SW_P + 500, 1, IF_FITS);  /* now in window k */
+    EQ(o.remaining, 100 - 11 - 40);                 /* prev still weighs fully: no roll back */
+    tally_counter c = counter(&l, o.next, (SW_K + 1) * SW_P);
+    EQ(c.used, 11);
+    EQ(c.window_start_ns, (SW_K + 1) * SW_P);
+}
+
+/* ======================================================================== */
+/* GCRA                                                                     */
+/* ======================================================================== */
+
+/* redis-cell's max_burst 4 at 1/s: limit 5, emission interval 1 s. */
+static tally__limit gcra_5_per_5s(void)
+{
+    return limit_of(TALLY_GCRA, 5, 5 * NS_PER_S);
+}
+
+/* redis-cell's own CL.THROTTLE test table (src/cell/mod.rs, it_rate_limits). */
+Test(algo, gcra_redis_cell_table)
+{
+    static const struct {
+        uint64_t at_ms, cost;
+        bool allowed;
+        uint64_t remaining, reset_ms, retry_ms;   /* retry UINT64_MAX: never */
+    } cases[] = {
+        { 0,    6, false, 5, 0,    UINT64_MAX },   /* never more than the burst */
+        { 0,    1, true,  4, 1000, 0 },
+        { 0,    1, true,  3, 2000, 0 },
+        { 0,    1, true,  2, 3000, 0 },
+        { 0,    1, true,  1, 4000, 0 },
+        { 0,    1, true,  0, 5000, 0 },
+        { 0,    1, false, 0, 5000, 1000 },
+        { 3000, 1, true,  2, 3000, 0 },
+        { 3100, 1, true,  1, 3900, 0 },
+        { 4000, 1, true,  1, 4000, 0 },
+        { 8000, 1, true,  4, 1000, 0 },
+        { 9500, 1, true,  4, 1000, 0 },
+        { 9500, 0, true,  4, 1000, 0 },            /* cost 0 peeks */
+        { 9500, 2, true,  2, 3000, 0 },
+        { 9500, 5, false, 2, 3000, 3000 },
+    };
+    tally__limit l = gcra_5_per_5s();
+    tally__state cur = EMPTY;
+
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        tally__step o = step(&l, cur, S + cases[i].at_ms * NS_PER_MS, cases[i].cost, IF_FITS);
+        cr_assert_eq(o.fits, cases[i].allowed, "case %zu: allowed", i);
+        cr_assert_eq(o.remaining, cases[i].remaining, "case %zu: remaining %" PRIu64, i,
+                     o.remaining);
+        cr_assert_eq(o.reset_after_ns, cases[i].reset_ms * NS_PER_MS,
+                     "case %zu: reset_after %" PRIu64, i, o.reset_after_ns);
+        uint64_t retry = cases[i].retry_ms == UINT64_MAX ? TALLY_NEVER
+                                                         : cases[i].retry_ms * NS_PER_MS;
+        cr_assert_eq(o.retry_after_ns, retry, "case %zu: retry_after %" PRIu64, i,
+                     o.retry_after_ns);
+        if (cases[i].cost == 0)
+            cr_assert(!o.changed, "case %zu: a cost-0 hit wrote", i);
+        if (o.changed)
+            cur = o.next;
+    }
+}
+
+/* The mark: set on the first denial of a throttling episode, kept while the bucket
+   refills partially, cleared once the bucket is full again (tat <= now). */
+Test(algo, gcra_mark_once_per_episode)
+{
+    tally__limit l = gcra_5_per_5s();
+    tally__state st = EMPTY;
+    for (int i = 0; i < 5; i++)
+        st = apply(&l, st, S, 1, IF_FITS);          /* tat = S + 5 s */
+
+    tally__step d1 = step(&l, st, S, 1, IF_FITS);
+    cr_assert(!d1.fits && d1.first && d1.changed);
+    cr_assert(d1.next.w0 & TALLY__MARK);
+    EQ(d1.next.w1, S + 5 * NS_PER_S);               /* nothing consumed */
+
+    tally__step d2 = step(&l, d1.next, S + 500 * NS_PER_MS, 1, IF_FITS);
+    cr_assert(!d2.fits && !d2.first && !d2.changed);
+
+    /* partial refill: the hit fits (tat - now = 4.8 s), the episode goes on */
+    tally__step a = step(&l, d2.next, S + 1200 * NS_PER_MS, 1, IF_FITS);
+    cr_assert(a.fits && !a.first);
+    cr_assert(a.next.w0 & TALLY__MARK);
+    tally__step d3 = step(&l, a.next, S + 1300 * NS_PER_MS, 1, IF_FITS);
+    cr_assert(!d3.fits && !d3.first);
+
+    /* tat = S + 6 s: at S + 6 s the bucket is full again, a new episode begins */
+    tally__step n = step(&l, d3.next, S + 6 * NS_PER_S, 1, IF_FITS);
+    cr_assert(n.fits && !n.first);
+    cr_assert(!(n.next.w0 & TALLY__MARK));
+    st = n.next;
+    for (int i = 0; i < 4; i++)
+        st = apply(&l, st, S + 6 * NS_PER_S, 1, IF_FITS);
+    tally__step d4 = step(&l, st, S + 6 * NS_PER_S, 1, IF_FITS);
+    cr_assert(!d4.fits && d4.first);
+}
+
+/* A time before the last hit is taken as the last hit. */
+Test(algo, gcra_time_backwards)
+{
+    tally__limit l = gcra_5_per_5s();
+    tally__state st = apply(&l, EMPTY, S + 2 * NS_PER_S, 1, IF_FITS);  /* tat = S + 3 s */
+    EQ(st.w0, S + 2 * NS_PER_S);
+    tally__step o = step(&l, st, S + 1 * NS_PER_S, 1, IF_FITS);
+    cr_assert(o.fits);
+    EQ(o.next.w0 & ~TALLY__MARK, S + 2 * NS_PER_S); /* last hit does not go back */
+    EQ(o.next.w1, S + 4 * NS_PER_S);
+    EQ(o.reset_after_ns, 2 * NS_PER_S);             /* from S+2 s, not 3 s from S+1 s */
+    EQ(o.remaining, 3);
+}
+
+/* Huge costs: NEVER, and with ADD_ALWAYS the TAT saturates below INT64_MAX. */
+Test(algo, gcra_huge_cost)
+{
+    tally__limit l = gcra_5_per_5s();
+    tally__step o = step(&l, EMPTY, S, UINT64_MAX, ALWAYS | TALLY__NO_MARK);
+    cr_assert(!o.fits);
+    EQ(o.retry_after_ns, TALLY_NEVER);
+    EQ(o.next.w1, (uint64_t)INT64_MAX);
+    EQ(o.remaining, 0);
+    o = step(&l, o.next, S, UINT64_MAX, ALWAYS | TALLY__NO_MARK);
+    EQ(o.next.w1, (uint64_t)INT64_MAX);
+}
+
+/* ======================================================================== */
+/* Undo                                                                     */
+/* ======================================================================== */
+
+/* Undo in the same window takes the cost back and keeps the mark. */
+Test(algo, undo_fixed_same_window)
+{
+    tally__limit l = limit_of(TALLY_FIXED_WINDOW, 5, FW_P);
+    tally__state st = apply(&l, EMPTY, FW_T0, 2, IF_FITS);
+    tally__state added = apply(&l, st, FW_T0 + 1, 3, IF_FITS);
+    EQ(added.w0, 5);
+    tally__state u = tally__algo_undo(&l, added, added, FW_T0 + 2, 3);
+    EQ(u.w0, 2);
+    EQ(u.w1, FW_T0);
+    /* the state moved on since (another hit of 1 and a mark): only our 3 leave */
+    tally__state later = apply(&l, apply(&l, st, FW_T0 + 1, 3, IF_FITS), FW_T0 + 2, 9, IF_FITS);
+    cr_assert(later.w0 & TALLY__MARK);
+    u = tally__algo_undo(&l, later, added, FW_T0 + 3, 3);
+    EQ(u.w0, TALLY__MARK | 2);
+}
+
+/* In a later window the cost left with the old window: nothing to undo. */
+Test(algo, undo_fixed_later_window)
+{
+    tally__limit l = limit_of(TALLY_FIXED_WINDOW, 5, FW_P);
+    tally__state added = apply(&l, EMPTY, FW_T0, 3, IF_FITS);
+    tally__state now = apply(&l, added, FW_T0 + FW_P, 1, IF_FITS);
+    tally__state u = tally__algo_undo(&l, now, added, FW_T0 + FW_P, 3);
+    EQ(u.w0, now.w0);
+    EQ(u.w1, now.w1);
+}
+
+/* Sliding: same window -> from cur; after one roll -> from prev; two rolls -> nothing. */
+Test(algo, undo_sliding)
+{
+    tally__limit l = limit_of(TALLY_SLIDING_WINDOW, 100, SW_P);
+    uint64_t w = SW_K * SW_P;
+    tally__state base = apply(&l, EMPTY, w, 6, IF_FITS);
+    tally__state added = apply(&l, base, w + 1, 4, IF_FITS);    /* cur = 10 */
+
+    tally__state u = tally__algo_undo(&l, added, added, w + 2, 4);
+    EQ(counter(&l, u, w + 2).used, 6);
+
+    /* the key moved to window k+1 (cur 1, prev 10): the 4 are taken from prev */
+    tally__state rolled = apply(&l, added, w + SW_P, 1, IF_FITS);
+    EQ(step(&l, rolled, w + SW_P, 0, PEEK).remaining, 100 - 1 - 10);
+    u = tally__algo_undo(&l, rolled, added, w + SW_P, 4);
+    EQ(step(&l, u, w + SW_P, 0, PEEK).remaining, 100 - 1 - 6);
+    EQ(counter(&l, u, w + SW_P).used, 1);           /* cur untouched */
+
+    /* two windows on, the cost has slid out: nothing changes */
+    tally__state gone = apply(&l, added, w + 2 * SW_P, 1, IF_FITS);
+    u = tally__algo_undo(&l, gone, added, w + 2 * SW_P, 4);
+    EQ(u.w0, gone.w0);
+    EQ(u.w1, gone.w1);
+}
+
+/* GCRA: undo moves the TAT back by cost * emission interval. */
+Test(algo, undo_gcra)
+{
+    tally__limit l = gcra_5_per_5s();
+    tally__state st = apply(&l, EMPTY, S, 1, IF_FITS);
+    tally__state added = apply(&l, st, S, 3, IF_FITS);
+    EQ(added.w1, S + 4 * NS_PER_S);
+    tally__state u = tally__algo_undo(&l, added, added, S, 3);
+    EQ(u.w1, S + 1 * NS_PER_S);
+    EQ(u.w0, added.w0);
+    /* the undone state behaves like one that never had the 3: 4 left at S */
+    EQ(step(&l, u, S, 0, PEEK).remaining, 4);
+    /* an undo larger than the TAT floors at 0, never wraps */
+    tally__state small = { S, 2 * NS_PER_S };
+    EQ(tally__algo_undo(&l, small, small, S, 3).w1, 0);
+}
+
+/* ======================================================================== */
+/* Expiry                                                                   */
+/* ======================================================================== */
+
+Test(algo, expired_empty_state)
+{
+    tally__limit ls[] = {
+        limit_of(TALLY_FIXED_WINDOW, 5, FW_P), limit_of(TALLY_SLIDING_WINDOW, 5, SW_P),
+        limit_of(TALLY_GCRA, 5, 5 * NS_PER_S),
+    };
+    for (size_t i = 0; i < 3; i++) {
+        cr_assert(tally__algo_expired(&ls[i], EMPTY, 0));
+        cr_assert(tally__algo_expired(&ls[i], EMPTY, S));
+    }
+    tally_limit cal = { .algo = TALLY_CALENDAR_WINDOW, .max = 5, .unit = TALLY_DAY };
+    tally__limit c;
+    EQ(tally__limit_compile(&cal, &c), 0);
+    cr_assert(tally__algo_expired(&c, EMPTY, S));
+}
+
+/* A fixed window expires exactly at start + period. */
+Test(algo, expired_fixed)
+{
+    tally__limit l = limit_of(TALLY_FIXED_WINDOW, 5, FW_P);
+    tally__state st = apply(&l, EMPTY, FW_T0, 1, IF_FITS);
+    cr_assert(!tally__algo_expired(&l, st, FW_T0));
+    cr_assert(!tally__algo_expired(&l, st, FW_T0 + FW_P - 1));
+    cr_assert(tally__algo_expired(&l, st, FW_T0 + FW_P));
+    cr_assert(!tally__algo_expired(&l, st, FW_T0 - 1));   /* before the start: not expired */
+}
+
+/* A sliding state counts until two full windows have passed (it weighs as prev in the next). */
+Test(algo, expired_sliding)
+{
+    tally__limit l = limit_of(TALLY_SLIDING_WINDOW, 5, SW_P);
+    uint64_t w = SW_K * SW_P;
+    tally__state st = apply(&l, EMPTY, w + 300, 1, IF_FITS);
+    cr_assert(!tally__algo_expired(&l, st, w + 300));
+    cr_assert(!tally__algo_expired(&l, st, w + SW_P));
+    cr_assert(!tally__algo_expired(&l, st, w + 2 * SW_P - 1));
+    cr_assert(tally__algo_expired(&l, st, w + 2 * SW_P));
+    cr_assert(tally__algo_expired(&l, st, w + 7 * SW_P));
+}
+
+/* GCRA expires once the bucket is full again: tat <= now. */
+Test(algo, expired_gcra)
+{
+    tally__limit l = gcra_5_per_5s();
+    tally__state st = apply(&l, EMPTY, S, 2, IF_FITS);       /* tat = S + 2 s */
+    cr_assert(!tally__algo_expired(&l, st, S));
+    cr_assert(!tally__algo_expired(&l, st, S + 2 * NS_PER_S - 1));
+    cr_assert(tally__algo_expired(&l, st, S + 2 * NS_PER_S));
+}
+
+/* A calendar window expires at the next calendar boundary. */
+Test(algo, expired_calendar)
+{
+    tally_limit spec = { .algo = TALLY_CALENDAR_WINDOW, .max = 5, .unit = TALLY_HOUR,
+                         .utc_offset_s = 1800 };       /* hours start at :30 UTC */
+    tally__limit l;
+    EQ(tally__limit_compile(&spec, &l), 0);
+    /* S = 2023-11-14T22:13:20Z, so the local hour began at 21:30Z and ends at 22:30Z */
+    uint64_t start = S - (43 * 60 + 20) * NS_PER_S;
+    uint64_t end = start + 3600 * NS_PER_S;
+    tally__state st = apply(&l, EMPTY, S, 1, IF_FITS);
+    EQ(st.w1, start);
+    cr_assert(!tally__algo_expired(&l, st, end - 1));
+    cr_assert(tally__algo_expired(&l, st, end));
+}
+
+/* ======================================================================== */
+/* The public counter view                                                  */
+/* ======================================================================== */
+
+Test(algo, counter_fixed)
+{
+    tally__limit l = limit_of(TALLY_FIXED_WINDOW, 5, FW_P);
+    tally__state st = apply(&l, apply(&l, EMPTY, FW_T0, 2, IF_FITS), FW_T0 + 1, 9, IF_FITS);
+    tally_counter c = counter(&l, st, FW_T0 + 2);
+    EQ(c.used, 2);                                  /* the mark bit is not part of used */
+    EQ(c.window_start_ns, FW_T0);
+    EQ(c.raw[0], st.w0);
+    EQ(c.raw[1], st.w1);
+    cr_assert(c.raw[0] & TALLY__MARK);
+}
+
+Test(algo, counter_sliding)
+{
+    tally__limit l = limit_of(TALLY_SLIDING_WINDOW, 100, SW_P);
+    tally__state st = sliding_state(&l, SW_K, 30, 12);
+    tally_counter c = counter(&l, st, (SW_K + 1) * SW_P + 5);
+    EQ(c.used, 12);                                 /* cur only; prev is not "used" */
+    EQ(c.window_start_ns, (SW_K + 1) * SW_P);
+    EQ(c.raw[0], st.w0);
+    EQ(c.raw[1], st.w1);
+    /* read much later, the state still reports the window it belongs to */
+    EQ(counter(&l, st, (SW_K + 50) * SW_P).window_start_ns, (SW_K + 1) * SW_P);
+    c = counter(&l, EMPTY, S);
+    EQ(c.used, 0);
+    EQ(c.window_start_ns, 0);
+}
+
+/* GCRA used = burst in use as of the last hit = ceil((tat - last) / emission). */
+Test(algo, counter_gcra)
+{
+    tally__limit l = gcra_5_per_5s();
+    tally__state st = apply(&l, EMPTY, S, 3, IF_FITS);      /* tat - last = 3 s */
+    tally_counter c = counter(&l, st, S);
+    EQ(c.used, 3);
+    EQ(c.window_start_ns, 0);
+    EQ(c.raw[0], st.w0);
+    EQ(c.raw[1], st.w1);
+    /* at S+1.5 s: tat = S+4 s, last = S+1.5 s -> 2.5 s in use -> 3 (rounded up) */
+    st = apply(&l, st, S + 1500 * NS_PER_MS, 1, IF_FITS);
+    EQ(counter(&l, st, S + 1500 * NS_PER_MS).used, 3);
+    /* as of the last hit, not as of the read: reading later changes nothing */
+    EQ(counter(&l, st, S + 100 * NS_PER_S).used, 3);
+    /* a denied hit that set the mark still counts from the (new) last hit */
+    st = apply(&l, st, S + 2 * NS_PER_S, 5, IF_FITS);
+    cr_assert(st.w0 & TALLY__MARK);
+    EQ(counter(&l, st, S + 2 * NS_PER_S).used, 2);
+}
