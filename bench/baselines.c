@@ -1,8 +1,8 @@
 /*
  * The baselines a user would otherwise write, both on the same flat
  * open-addressing table (linear probing, inline slots of one cache line,
- * key bytes copied inline and compared, the same hash and load factor as
- * tally's table: n_slots = capacity * 3/2 + 1):
+ * key bytes copied inline and compared, one hash for both, load factor at
+ * most 2/3: n_slots = capacity * 3/2 + 1, a common choice for such maps):
  *   mutex map      one pthread mutex around find-or-insert and a fixed-window
  *                  counter {count, window_start} with tally's "max per period" check;
  *   flat lock-free keys inserted before the run, lookup without a lock, then a

@@ -475,8 +475,9 @@ static int check_sliding_retry(const tally__limit *l, tally__state st, uint64_t 
     if (d.fits)
         return 0;
     cr_assert_neq(d.retry_after_ns, TALLY_NEVER);
-    cr_assert_lt(d.retry_after_ns, 2 * P, "retry %" PRIu64 " beyond two windows",
-                 d.retry_after_ns);
+    /* at the latest, two window starts from now everything in the state has slid out */
+    cr_assert_leq(d.retry_after_ns, 2 * P, "retry %" PRIu64 " beyond two windows",
+                  d.retry_after_ns);
     uint64_t at = now + d.retry_after_ns;
     for (uint64_t t = now; t < at; t++)
         cr_assert(!step(l, d.next, t, cost, PEEK).fits,
@@ -596,8 +597,28 @@ Test(algo, sliding_mark_once_per_window)
     /* next window: prev = 10 weighs fully at its start, so a hit is denied, first again */
     tally__step d3 = step(&l, d2.next, w + SW_P, 1, IF_FITS);
     cr_assert(!d3.fits && d3.first);
-    tally__step d4 = step(&l, d3.next, w + SW_P + 1, 1, IF_FITS);
-    cr_assert(!d4.fits && !d4.first);
+    /* 1 ns later prev weighs floor(10*999/1000) = 9: a cost of 2 is still denied, not first */
+    tally__step d4 = step(&l, d3.next, w + SW_P + 1, 2, IF_FITS);
+    cr_assert(!d4.fits && !d4.first && !d4.changed);
+}
+
+/* The state keeps the window number mod 2^38: a roll across the wrap is still a roll by one. */
+Test(algo, sliding_window_number_wrap)
+{
+    uint64_t k = 6000 * (UINT64_C(1) << 38) - 1;    /* k mod 2^38 = 2^38 - 1; k*P is in 2022 */
+    tally__limit l = limit_of(TALLY_SLIDING_WINDOW, 100, SW_P);
+    tally__state st = apply(&l, EMPTY, k * SW_P, 40, IF_FITS);
+    EQ(counter(&l, st, k * SW_P).window_start_ns, k * SW_P);
+
+    /* window k+1 is stored as number 0: prev = 40 at half weight */
+    tally__step o = step(&l, st, (k + 1) * SW_P + 500, 5, IF_FITS);
+    EQ(o.remaining, 100 - 5 - 20);
+    EQ(counter(&l, o.next, (k + 1) * SW_P + 500).window_start_ns, (k + 1) * SW_P);
+    /* undo of the 40 recognises window 0 as the successor of 2^38 - 1 */
+    tally__state u = tally__algo_undo(&l, o.next, st, (k + 1) * SW_P + 500, 40);
+    EQ(step(&l, u, (k + 1) * SW_P, 0, PEEK).remaining, 100 - 5);
+    cr_assert(!tally__algo_expired(&l, st, (k + 2) * SW_P - 1));
+    cr_assert(tally__algo_expired(&l, st, (k + 2) * SW_P));
 }
 
 /* A time in an earlier window than the state's is taken as the state's window start. */
@@ -736,18 +757,20 @@ Test(algo, gcra_huge_cost)
 /* Undo in the same window takes the cost back and keeps the mark. */
 Test(algo, undo_fixed_same_window)
 {
-    tally__limit l = limit_of(TALLY_FIXED_WINDOW, 5, FW_P);
+    tally__limit l = limit_of(TALLY_FIXED_WINDOW, 10, FW_P);
     tally__state st = apply(&l, EMPTY, FW_T0, 2, IF_FITS);
     tally__state added = apply(&l, st, FW_T0 + 1, 3, IF_FITS);
     EQ(added.w0, 5);
     tally__state u = tally__algo_undo(&l, added, added, FW_T0 + 2, 3);
     EQ(u.w0, 2);
     EQ(u.w1, FW_T0);
-    /* the state moved on since (another hit of 1 and a mark): only our 3 leave */
-    tally__state later = apply(&l, apply(&l, st, FW_T0 + 1, 3, IF_FITS), FW_T0 + 2, 9, IF_FITS);
-    cr_assert(later.w0 & TALLY__MARK);
-    u = tally__algo_undo(&l, later, added, FW_T0 + 3, 3);
-    EQ(u.w0, TALLY__MARK | 2);
+    /* the state moved on since (another hit of 1, then a denial set the mark):
+       only our 3 leave, the other hit and the mark stay */
+    tally__state later = apply(&l, apply(&l, added, FW_T0 + 2, 1, IF_FITS), FW_T0 + 3, 9, IF_FITS);
+    EQ(later.w0, TALLY__MARK | 6);
+    u = tally__algo_undo(&l, later, added, FW_T0 + 4, 3);
+    EQ(u.w0, TALLY__MARK | 3);
+    EQ(u.w1, FW_T0);
 }
 
 /* In a later window the cost left with the old window: nothing to undo. */

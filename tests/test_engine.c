@@ -3,7 +3,7 @@
  * several limits, shadow mode, counting rejected hits, first_exceeded,
  * peek, read, reset_if, reclaiming expired slots and refusing when full.
  */
-#include <criterion/criterion.h>
+#include "test.h"
 #include <inttypes.h>
 #include <stdio.h>
 #include <string.h>

@@ -2,7 +2,7 @@
  * Bad input: every entry point answers with a clear error code and changes
  * nothing. Each test checks the code and then that the state is untouched.
  */
-#include <criterion/criterion.h>
+#include "test.h"
 #include <string.h>
 
 #include "tally.h"

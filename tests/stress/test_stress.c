@@ -4,7 +4,7 @@
  * first_exceeded would break. Virtual time (tally_hit_at) makes the windows
  * roll at chosen points while the threads race.
  */
-#include <criterion/criterion.h>
+#include "../test.h"
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdatomic.h>
