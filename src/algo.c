@@ -123,28 +123,32 @@ static int64_t unit_first_day(tally_calendar_unit unit, int64_t days)
     return days - (int64_t)(d - 1);
 }
 
-uint64_t tally__calendar_start(tally_calendar_unit unit, int32_t utc_offset_s, uint64_t now)
+/* Local-time start (ns since the local epoch) of the unit holding @local. */
+static __int128 local_unit_start(tally_calendar_unit unit, __int128 local)
 {
-    __int128 off = (__int128)utc_offset_s * (int64_t)NS_PER_S;
-    __int128 local = (__int128)now + off;
     int64_t len;
 
     switch (unit) {
     case TALLY_MINUTE: len = 60 * (int64_t)NS_PER_S; break;
     case TALLY_HOUR:   len = 3600 * (int64_t)NS_PER_S; break;
     case TALLY_DAY:    len = (int64_t)NS_PER_DAY; break;
-    default: {
-        int64_t first = unit_first_day(unit, floor_div(local, (int64_t)NS_PER_DAY));
-        return clamp_time((__int128)first * (int64_t)NS_PER_DAY - off);
+    default:
+        return (__int128)unit_first_day(unit, floor_div(local, (int64_t)NS_PER_DAY)) * (int64_t)NS_PER_DAY;
     }
-    }
-    return clamp_time((__int128)floor_div(local, len) * len - off);
+    return (__int128)floor_div(local, len) * len;
+}
+
+uint64_t tally__calendar_start(tally_calendar_unit unit, int32_t utc_offset_s, uint64_t now)
+{
+    __int128 off = (__int128)utc_offset_s * (int64_t)NS_PER_S;
+    return clamp_time(local_unit_start(unit, (__int128)now + off) - off);
 }
 
 uint64_t tally__calendar_next(tally_calendar_unit unit, int32_t utc_offset_s, uint64_t start)
 {
+    /* From the unclamped start: a unit that began before 1970 still ends on time. */
     __int128 off = (__int128)utc_offset_s * (int64_t)NS_PER_S;
-    __int128 local = (__int128)tally__calendar_start(unit, utc_offset_s, start) + off;
+    __int128 local = local_unit_start(unit, (__int128)start + off);
     int64_t days = floor_div(local, (int64_t)NS_PER_DAY);
     __int128 next;
 
@@ -152,7 +156,7 @@ uint64_t tally__calendar_next(tally_calendar_unit unit, int32_t utc_offset_s, ui
     case TALLY_MINUTE: next = local + 60 * (__int128)NS_PER_S; break;
     case TALLY_HOUR:   next = local + 3600 * (__int128)NS_PER_S; break;
     case TALLY_DAY:    next = local + NS_PER_DAY; break;
-    case TALLY_WEEK:   next = (__int128)(unit_first_day(unit, days) + 7) * (int64_t)NS_PER_DAY; break;
+    case TALLY_WEEK:   next = local + 7 * (__int128)NS_PER_DAY; break;
     default: {
         int64_t y;
         unsigned m, d;
@@ -333,8 +337,8 @@ static void step_gcra(const tally__limit *l, tally__state cur, uint64_t now, uin
 
     if (now < last)
         now = last;
-    if (tat <= now)
-        mark = 0;                             /* the bucket is full again: a new episode */
+    if (tat <= now && tat > last)
+        mark = 0;                             /* drained since the last write: a new episode */
     uint64_t tat_eff = tat > now ? tat : now;
     uint64_t inc = sat_mul(cost, T, TALLY__TIME_MAX);
     uint64_t new_tat = sat_add(tat_eff, inc, TALLY__TIME_MAX);

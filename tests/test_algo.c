@@ -4,7 +4,7 @@
  * GCRA, plus undo, expiry and the public counter view. No engine, no threads:
  * every state is built by feeding one step's `next` into the following step.
  */
-#include <criterion/criterion.h>
+#include "test.h"   /* Criterion, or tests/harness.h under TSan */
 #include <inttypes.h>
 #include <stdint.h>
 
@@ -464,14 +464,17 @@ Test(algo, sliding_roll_two_or_more_windows)
 
 /*
  * retry_after, checked against its definition by brute force: no time in
- * [now, now+retry_after) lets the hit fit, and now+retry_after does.
+ * [now, now+retry_after) lets the hit fit, and now+retry_after does. With
+ * ADD_ALWAYS (count rejected) the denied hit is itself counted, and the
+ * property holds for the state that includes it.
  * Returns 1 if the case fitted in the current window, 2 if it had to wait
  * for the next one, 0 if the hit was not denied.
  */
-static int check_sliding_retry(const tally__limit *l, tally__state st, uint64_t now, uint64_t cost)
+static int check_sliding_retry(const tally__limit *l, tally__state st, uint64_t now, uint64_t cost,
+                               unsigned how)
 {
     uint64_t P = l->spec.period_ns;
-    tally__step d = step(l, st, now, cost, IF_FITS);
+    tally__step d = step(l, st, now, cost, how);
     if (d.fits)
         return 0;
     cr_assert_neq(d.retry_after_ns, TALLY_NEVER);
@@ -499,7 +502,7 @@ Test(algo, sliding_retry_after_examples)
     tally__step d = step(&l, a, w + 100, 20, IF_FITS);
     cr_assert(!d.fits);
     EQ(d.retry_after_ns, 13);
-    EQ(check_sliding_retry(&l, a, w + 100, 20), 1);
+    EQ(check_sliding_retry(&l, a, w + 100, 20, IF_FITS), 1);
 
     /* Must wait for the next window: cur 90 + cost 20 > 100 whatever prev does.
        Next window: floor(90*m/1000) <= 80, m <= 899: wait 1000 + (1000-899) = 1101 ns. */
@@ -507,14 +510,14 @@ Test(algo, sliding_retry_after_examples)
     d = step(&l, b, w, 20, IF_FITS);
     cr_assert(!d.fits);
     EQ(d.retry_after_ns, 1101);
-    EQ(check_sliding_retry(&l, b, w, 20), 2);
+    EQ(check_sliding_retry(&l, b, w, 20, IF_FITS), 2);
 }
 
 /* The same property over a grid of states, with an awkward (prime) period too. */
 Test(algo, sliding_retry_after_brute_force)
 {
     static const uint64_t periods[] = { 1000, 997 };
-    static const uint64_t prevs[] = { 0, 1, 30, 80, 100, 150 };
+    static const uint64_t prevs[] = { 0, 1, 30, 80, 100, 150, 1000 };  /* > max: count rejected */
     static const uint64_t curs[] = { 0, 10, 50, 90, 100, 120 };
     static const uint64_t offs[] = { 0, 1, 250, 500, 998 };
     static const uint64_t costs[] = { 1, 20, 60, 100 };
@@ -528,7 +531,9 @@ Test(algo, sliding_retry_after_brute_force)
                 for (size_t c = 0; c < sizeof offs / sizeof *offs; c++)
                     for (size_t e = 0; e < sizeof costs / sizeof *costs; e++) {
                         tally__state st = sliding_state(&l, k, prevs[a], curs[b]);
-                        branch[check_sliding_retry(&l, st, (k + 1) * P + offs[c], costs[e])]++;
+                        uint64_t now = (k + 1) * P + offs[c];
+                        branch[check_sliding_retry(&l, st, now, costs[e], IF_FITS)]++;
+                        check_sliding_retry(&l, st, now, costs[e], ALWAYS);
                     }
     }
     /* both branches were really exercised, not skipped as "fits" */
@@ -947,4 +952,33 @@ Test(algo, counter_gcra)
     st = apply(&l, st, S + 2 * NS_PER_S, 5, IF_FITS);
     cr_assert(st.w0 & TALLY__MARK);
     EQ(counter(&l, st, S + 2 * NS_PER_S).used, 2);
+}
+
+/*
+ * A hit whose cost is above max, at a full bucket, is refused without
+ * touching the bucket: the exceeded mark must still go to the first such
+ * call only, until the bucket has been used and drained again.
+ */
+Test(algo, gcra_mark_once_for_oversized_cost_at_full_bucket)
+{
+    tally__limit l;
+    tally_limit spec = { .algo = TALLY_GCRA, .max = 5, .period_ns = 5 * NS_PER_S };
+    cr_assert_eq(tally__limit_compile(&spec, &l), 0);
+    tally__state st = { 0, 0 };
+    tally__step r;
+    int firsts = 0;
+    for (int i = 0; i < 5; i++) {
+        tally__algo_step(&l, st, S + (uint64_t)i, 6, TALLY__ADD_IF_FITS, &r);
+        cr_assert_not(r.fits);
+        firsts += r.first;
+        if (r.changed)
+            st = r.next;
+    }
+    cr_assert_eq(firsts, 1);
+    /* use the bucket, let it drain: a new episode may be marked again */
+    tally__algo_step(&l, st, S + 10, 1, TALLY__ADD_IF_FITS, &r);
+    cr_assert(r.fits);
+    st = r.next;
+    tally__algo_step(&l, st, S + 10 * NS_PER_S, 6, TALLY__ADD_IF_FITS, &r);
+    cr_assert(r.first);
 }

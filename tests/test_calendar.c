@@ -7,7 +7,7 @@
  * and gmtime_r() on a struct tm holding the *local* wall-clock time, shifted
  * by the UTC offset. No expected instant is a hand-typed number.
  */
-#include <criterion/criterion.h>
+#include "test.h"   /* Criterion, or tests/harness.h under TSan */
 #include <inttypes.h>
 #include <stdint.h>
 #include <time.h>
@@ -134,11 +134,13 @@ Test(calendar, minute)
         EQ(tally__calendar_start(TALLY_MINUTE, OFFSETS[i], now), UTC(2024, 6, 15, 11, 22, 0));
         EQ(tally__calendar_next(TALLY_MINUTE, OFFSETS[i], now), UTC(2024, 6, 15, 11, 23, 0));
     }
-    /* an offset with seconds (accepted: any |offset| <= 18 h) shifts minute boundaries */
+    /* An offset with seconds (accepted: any |offset| <= 18 h) shifts minute boundaries.
+       At +00:00:30 local time is 11:23:03, its minute began 11:23:00 local = 11:22:30Z. */
     check(TALLY_MINUTE, 30, now);
     EQ(tally__calendar_start(TALLY_MINUTE, 30, now), UTC(2024, 6, 15, 11, 22, 30));
-    check(TALLY_MINUTE, -30, now);
-    EQ(tally__calendar_start(TALLY_MINUTE, -30, now), UTC(2024, 6, 15, 11, 21, 30));
+    /* at -00:00:40 local time is 11:21:53, its minute began 11:21:00 local = 11:21:40Z */
+    check(TALLY_MINUTE, -40, now);
+    EQ(tally__calendar_start(TALLY_MINUTE, -40, now), UTC(2024, 6, 15, 11, 21, 40));
 }
 
 /* Hours: at +05:45 the local hour starts at :15 UTC. */
@@ -365,17 +367,30 @@ Test(calendar, step_window_month)
     EQ(back.next.w0, 2);
 }
 
+/* Near the epoch a unit may have begun before 1970: start is clamped to 0 and
+   never lies after now (local time before the epoch is floored, not truncated). */
+Test(calendar, start_clamped_at_epoch)
+{
+    uint64_t now = 3600 * NS_PER_S;                 /* 1970-01-01T01:00Z = Dec 31 20:00 at -05:00 */
+    EQ(tally__calendar_start(TALLY_DAY, -18000, now), 0);
+    EQ(tally__calendar_start(TALLY_WEEK, -18000, now), 0);
+    EQ(tally__calendar_start(TALLY_MONTH, -18000, now), 0);
+    EQ(tally__calendar_start(TALLY_HOUR, -18000, now), now);
+    EQ(tally__calendar_start(TALLY_HOUR, -18000 - 1800, now), 1800 * NS_PER_S);
+    /* the units computed in days still find the real next boundary */
+    EQ(tally__calendar_next(TALLY_MONTH, -18000, 0), UTC(1970, 1, 1, 5, 0, 0));
+    EQ(tally__calendar_next(TALLY_WEEK, -18000, 0), UTC(1970, 1, 5, 5, 0, 0));  /* a Monday */
+}
+
 /*
- * DISABLED: documents a suspected bug in src/algo.c, enable once fixed.
- * Near the epoch, tally__calendar_start clamps a local-day start that falls
- * before 1970-01-01T00:00Z to 0, and tally__calendar_next (minute/hour/day
- * branches) then adds one unit to the *clamped* local time instead of the
- * real one. At -05:00 the local day holding 1970-01-01T01:00Z ends at
- * 1970-01-01T05:00Z (local midnight), but next() returns 1970-01-02T00:00Z.
+ * Near the epoch the start of a local day can fall before 1970 and is clamped
+ * to 0; the end of that day must still be local midnight. At -05:00 the local
+ * day holding 1970-01-01T01:00Z ends at 1970-01-01T05:00Z.
  */
-Test(calendar, next_after_clamped_start_near_epoch, .disabled = true)
+Test(calendar, next_after_clamped_start_near_epoch)
 {
     uint64_t now = 3600 * NS_PER_S;                 /* 1970-01-01T01:00Z = Dec 31 20:00 local */
     uint64_t start = tally__calendar_start(TALLY_DAY, -18000, now);
+    EQ(start, 0);
     EQ(tally__calendar_next(TALLY_DAY, -18000, start), UTC(1970, 1, 1, 5, 0, 0));
 }
