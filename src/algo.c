@@ -2,36 +2,15 @@
  * The four algorithms as pure functions: state x now x cost -> state.
  *
  * Nothing here touches shared memory; the CAS loop around these functions
- * lives in engine.c and is written once. Every function is total: any state
+ * lives in engine.c and is written once. The steps themselves are in
+ * algo-step.h, inline, for the hot path. Every function is total: any state
  * words and any time give a defined answer, with arithmetic that saturates
  * instead of wrapping.
  */
-#include "tally-internal.h"
+#include "algo-step.h"
 
 #define NS_PER_S   UINT64_C(1000000000)
 #define NS_PER_DAY (UINT64_C(86400) * NS_PER_S)
-
-#define SLIDING_IDX_BITS  38
-#define SLIDING_IDX_MASK  ((UINT64_C(1) << SLIDING_IDX_BITS) - 1)
-#define SLIDING_LO_BITS   19
-#define SLIDING_LO_MASK   ((UINT64_C(1) << SLIDING_LO_BITS) - 1)
-#define SLIDING_CNT_MASK  TALLY_SLIDING_MAX_COUNT
-
-static inline uint64_t sat_add(uint64_t a, uint64_t b, uint64_t cap)
-{
-    return (a > cap || b > cap - a) ? cap : a + b;
-}
-
-static inline uint64_t sat_mul(uint64_t a, uint64_t b, uint64_t cap)
-{
-    unsigned __int128 p = (unsigned __int128)a * b;
-    return p > cap ? cap : (uint64_t)p;
-}
-
-static inline uint64_t sub0(uint64_t a, uint64_t b)
-{
-    return a > b ? a - b : 0;
-}
 
 /* ---- Validation ----------------------------------------------------------- */
 
@@ -103,15 +82,6 @@ static void civil_from_days(int64_t z, int64_t *y, unsigned *m, unsigned *d)
     *y = (int64_t)yoe + era * 400 + (*m <= 2);
 }
 
-static uint64_t clamp_time(__int128 t)
-{
-    if (t < 0)
-        return 0;
-    if (t > (__int128)TALLY__TIME_MAX)
-        return TALLY__TIME_MAX;
-    return (uint64_t)t;
-}
-
 /* Start, in local days, of the calendar unit holding local day @days. */
 static int64_t unit_first_day(tally_calendar_unit unit, int64_t days)
 {
@@ -168,216 +138,10 @@ uint64_t tally__calendar_next(tally_calendar_unit unit, int32_t utc_offset_s, ui
     return clamp_time(next - off);
 }
 
-/* ---- Fixed and calendar windows: {mark | used, window start} --------------- */
-
-static void step_window(const tally__limit *l, tally__state cur, uint64_t now, uint64_t cost,
-                        unsigned how, tally__step *out)
-{
-    const tally_limit *s = &l->spec;
-    bool empty = tally__state_is_empty(cur);
-    uint64_t start = cur.w1, end;
-    bool same;
-
-    if (!empty && now < start)
-        now = start;                          /* time never runs backwards in a key */
-    if (s->algo == TALLY_FIXED_WINDOW) {
-        same = !empty && now - start < s->period_ns;
-        if (!same)
-            start = now;
-        end = start + s->period_ns;           /* start <= 2^63, period <= 2^62: no wrap */
-    } else {
-        uint64_t b = tally__calendar_start(s->unit, s->utc_offset_s, now);
-        same = !empty && b == start;
-        start = b;
-        end = tally__calendar_next(s->unit, s->utc_offset_s, start);
-    }
-
-    uint64_t used = same ? cur.w0 & ~TALLY__MARK : 0;
-    uint64_t mark = same ? cur.w0 & TALLY__MARK : 0;
-    bool fits = used <= s->max && cost <= s->max - used;
-    unsigned add = how & 3;
-    bool consume = add == TALLY__ADD_ALWAYS || (add == TALLY__ADD_IF_FITS && fits);
-    uint64_t new_used = consume ? sat_add(used, cost, TALLY_MAX_COUNT) : used;
-
-    out->fits = fits;
-    out->first = !fits && !mark && !(how & TALLY__NO_MARK);
-    out->changed = new_used != used || out->first;
-    if (out->changed) {
-        out->next.w0 = new_used | mark | (out->first ? TALLY__MARK : 0);
-        out->next.w1 = start;
-    } else {
-        out->next = cur;
-    }
-    out->remaining = sub0(s->max, new_used);
-    out->reset_after_ns = new_used ? end - now : 0;
-    if (fits)
-        out->retry_after_ns = 0;
-    else if (cost > s->max)
-        out->retry_after_ns = TALLY_NEVER;
-    else
-        out->retry_after_ns = end - now;
-}
-
-/* ---- Sliding window: {mark | cur | idx_hi, prev | idx_lo} ----------------- */
-
-typedef struct sliding {
-    uint64_t mark, cur, prev, idx;
-} sliding;
-
-static sliding sliding_decode(tally__state s)
-{
-    sliding v;
-    v.mark = s.w0 & TALLY__MARK;
-    v.cur = (s.w0 >> SLIDING_LO_BITS) & SLIDING_CNT_MASK;
-    v.prev = (s.w1 >> SLIDING_LO_BITS) & SLIDING_CNT_MASK;
-    v.idx = ((s.w0 & SLIDING_LO_MASK) << SLIDING_LO_BITS) | (s.w1 & SLIDING_LO_MASK);
-    return v;
-}
-
-static tally__state sliding_encode(sliding v)
-{
-    uint64_t idx = v.idx & SLIDING_IDX_MASK;
-    tally__state s = {
-        v.mark | (v.cur << SLIDING_LO_BITS) | (idx >> SLIDING_LO_BITS),
-        (v.prev << SLIDING_LO_BITS) | (idx & SLIDING_LO_MASK),
-    };
-    return s;
-}
-
-/*
- * The full window number of a stored state, given the window number at @now.
- * The state keeps it modulo 2^38; a state "ahead" of now (time ran backwards)
- * is told apart by the half-range rule.
- */
-static uint64_t sliding_full_idx(uint64_t stored, uint64_t idx_now)
-{
-    uint64_t d = (idx_now - stored) & SLIDING_IDX_MASK;
-    if (d < (UINT64_C(1) << (SLIDING_IDX_BITS - 1)))
-        return idx_now - d;
-    return idx_now + ((SLIDING_IDX_MASK + 1) - d);
-}
-
-/* Largest m with floor(prev * m / P) <= r, i.e. ceil((r + 1) * P / prev) - 1. */
-static uint64_t sliding_slack(uint64_t r, uint64_t prev, uint64_t period)
-{
-    unsigned __int128 x = ((unsigned __int128)r + 1) * period;
-    unsigned __int128 m = (x + prev - 1) / prev - 1;
-    return m > UINT64_MAX ? UINT64_MAX : (uint64_t)m;
-}
-
-static void step_sliding(const tally__limit *l, tally__state cur, uint64_t now, uint64_t cost,
-                         unsigned how, tally__step *out)
-{
-    const uint64_t P = l->spec.period_ns, max = l->spec.max;
-    uint64_t idx = now / P;
-    sliding v = { 0, 0, 0, idx };
-
-    if (!tally__state_is_empty(cur)) {
-        v = sliding_decode(cur);
-        uint64_t full = sliding_full_idx(v.idx, idx);
-        if (full > idx) {                     /* time ran backwards: use the state's window */
-            idx = full;
-            now = idx * P;
-        }
-        uint64_t d = idx - full;
-        if (d >= 1) {
-            v.prev = d == 1 ? v.cur : 0;
-            v.cur = 0;
-            v.mark = 0;
-        }
-        v.idx = idx;
-    }
-
-    uint64_t end = (uint64_t)clamp_time((__int128)(idx + 1) * P);
-    uint64_t weighted = (uint64_t)(((unsigned __int128)v.prev * (end - now)) / P);
-    uint64_t est = v.cur + weighted;
-    bool fits = est <= max && cost <= max - est;
-    unsigned add = how & 3;
-    bool consume = add == TALLY__ADD_ALWAYS || (add == TALLY__ADD_IF_FITS && fits);
-    uint64_t old_cur = v.cur;
-
-    if (consume)
-        v.cur = sat_add(v.cur, cost, SLIDING_CNT_MASK);
-    out->fits = fits;
-    out->first = !fits && !v.mark && !(how & TALLY__NO_MARK);
-    out->changed = v.cur != old_cur || out->first;
-    if (out->first)
-        v.mark = TALLY__MARK;
-    out->next = out->changed ? sliding_encode(v) : cur;
-
-    uint64_t est_after = v.cur + weighted;
-    out->remaining = sub0(max, est_after);
-    if (v.cur)
-        out->reset_after_ns = (uint64_t)clamp_time((__int128)(idx + 2) * P - now);
-    else
-        out->reset_after_ns = v.prev ? end - now : 0;
-
-    if (fits) {
-        out->retry_after_ns = 0;
-    } else if (cost > max) {
-        out->retry_after_ns = TALLY_NEVER;
-    } else if (v.cur <= max - cost) {
-        /* This window still has room once enough of prev has slid out. */
-        uint64_t m = sliding_slack(max - v.cur - cost, v.prev, P);
-        out->retry_after_ns = sub0(end - now, m);
-    } else {
-        /* Wait for the next window, where cur becomes the weighted previous. */
-        uint64_t m = sliding_slack(max - cost, v.cur, P);
-        out->retry_after_ns = (end - now) + sub0(P, m);
-    }
-}
-
-/* ---- GCRA: {mark | last hit, theoretical arrival time} --------------------- */
-
-static void step_gcra(const tally__limit *l, tally__state cur, uint64_t now, uint64_t cost,
-                      unsigned how, tally__step *out)
-{
-    const uint64_t T = l->emission_ns, tau = l->tau_ns;
-    uint64_t mark = cur.w0 & TALLY__MARK, last = cur.w0 & ~TALLY__MARK, tat = cur.w1;
-
-    if (now < last)
-        now = last;
-    if (tat <= now && tat > last)
-        mark = 0;                             /* drained since the last write: a new episode */
-    uint64_t tat_eff = tat > now ? tat : now;
-    uint64_t inc = sat_mul(cost, T, TALLY__TIME_MAX);
-    uint64_t new_tat = sat_add(tat_eff, inc, TALLY__TIME_MAX);
-    bool fits = new_tat - now <= tau;
-    unsigned add = how & 3;
-    bool consume = inc && (add == TALLY__ADD_ALWAYS || (add == TALLY__ADD_IF_FITS && fits));
-    uint64_t after = consume ? new_tat : tat_eff;
-
-    out->fits = fits;
-    out->first = !fits && !mark && !(how & TALLY__NO_MARK);
-    out->changed = consume || out->first;
-    if (out->changed) {
-        out->next.w0 = mark | (out->first ? TALLY__MARK : 0) | now;
-        out->next.w1 = consume ? new_tat : tat;
-    } else {
-        out->next = cur;
-    }
-
-    uint64_t ttl = after - now;
-    out->remaining = ttl <= tau ? (tau - ttl) / T : 0;
-    out->reset_after_ns = ttl;
-    if (fits)
-        out->retry_after_ns = 0;
-    else if (inc > tau)
-        out->retry_after_ns = TALLY_NEVER;
-    else
-        out->retry_after_ns = sub0(sat_add(after, inc, TALLY__TIME_MAX) - tau, now);
-}
-
-/* ---- Dispatch ------------------------------------------------------------- */
-
 void tally__algo_step(const tally__limit *l, tally__state cur, uint64_t now, uint64_t cost,
                       unsigned how, tally__step *out)
 {
-    switch (l->spec.algo) {
-    case TALLY_SLIDING_WINDOW: step_sliding(l, cur, now, cost, how, out); break;
-    case TALLY_GCRA:           step_gcra(l, cur, now, cost, how, out); break;
-    default:                   step_window(l, cur, now, cost, how, out); break;
-    }
+    algo_step(l, cur, now, cost, how, out);
 }
 
 tally__state tally__algo_undo(const tally__limit *l, tally__state cur, tally__state added,

@@ -25,9 +25,21 @@
 #include <sys/random.h>
 #include <time.h>
 
+/* Inline the read-side fast path: these static inline functions of liburcu
+   are a few lines each (LGPL-2.1 section 5 covers them). Not under
+   ThreadSanitizer: liburcu's own plain-access protocol would then be
+   instrumented as if it were ours; TSan builds call the library instead. */
+#if defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define TALLY__TSAN 1
+#endif
+#endif
+#if !defined(TALLY__TSAN) && !defined(__SANITIZE_THREAD__)
+#define _LGPL_SOURCE
+#endif
 #include <urcu/urcu-memb.h>
 
-#include "tally-internal.h"
+#include "algo-step.h"
 
 #define DEFAULT_CAPACITY    65536
 #define DEFAULT_MAX_KEY_LEN 256
@@ -104,7 +116,7 @@ static void rcu_key_init(void)
     pthread_key_create(&rcu_key, rcu_thread_exit);
 }
 
-void tally__rcu_enter(void)
+static inline void rcu_enter(void)
 {
     if (TALLY__UNLIKELY(!rcu_registered)) {
         pthread_once(&rcu_once, rcu_key_init);
@@ -116,12 +128,12 @@ void tally__rcu_enter(void)
     urcu_memb_read_lock();
 }
 
-void tally__rcu_exit(void)
+static inline void rcu_exit(void)
 {
     urcu_memb_read_unlock();
 }
 
-void tally__rcu_synchronize(void)
+static void rcu_synchronize(void)
 {
     urcu_memb_synchronize_rcu();
 }
@@ -184,7 +196,7 @@ void tally_close(tally_engine *e)
         return;
     atomic_store(&e->closing, true);
     /* every call that started before now has left its read-side section */
-    tally__rcu_synchronize();
+    rcu_synchronize();
     /* and calls parked outside RCU to wait for a grace period are done */
     while (atomic_load(&e->reclaimers) != 0)
         sched_yield();
@@ -263,14 +275,14 @@ static int enter(tally_engine *e, uint32_t policy, const void *key, size_t key_l
         return TALLY_EINVAL;
     if (TALLY__UNLIKELY(key_len > e->opts.max_key_len))
         return TALLY_EINVAL;
-    tally__rcu_enter();
+    rcu_enter();
     if (TALLY__UNLIKELY(atomic_load_explicit(&e->closing, memory_order_relaxed))) {
-        tally__rcu_exit();
+        rcu_exit();
         return TALLY_ESTATE;
     }
     /* acquire: the policy's table is initialised before its id is valid */
     if (TALLY__UNLIKELY(policy >= atomic_load_explicit(&e->n_policies, memory_order_acquire))) {
-        tally__rcu_exit();
+        rcu_exit();
         return TALLY_EINVAL;
     }
     *pp = atomic_load_explicit(&e->policies[policy], memory_order_acquire);
@@ -305,10 +317,10 @@ static int acquire_slot(tally_engine *e, tally__table *t, tally__digest d, const
             }
         }
         atomic_fetch_add(&e->reclaimers, 1);
-        tally__rcu_exit();
-        tally__rcu_synchronize();
+        rcu_exit();
+        rcu_synchronize();
         tally__table_reclaim_free(t, &batch);
-        tally__rcu_enter();
+        rcu_enter();
         /* seen before close's grace period began, or close waits for us */
         bool closing = atomic_load(&e->closing);
         atomic_fetch_sub(&e->reclaimers, 1);
@@ -319,6 +331,15 @@ static int acquire_slot(tally_engine *e, tally__table *t, tally__digest d, const
 
 static void fill_result(const tally__policy *p, const tally__step *r, tally_result *out)
 {
+    if (TALLY__LIKELY(p->n_limits == 1)) {
+        out->allowed = r->fits || (p->flags & TALLY_SHADOW);
+        out->exceeded = !r->fits;
+        out->first_exceeded = r->first;
+        out->remaining = r->remaining;
+        out->reset_after_ns = r->reset_after_ns;
+        out->retry_after_ns = out->allowed ? 0 : r->retry_after_ns;
+        return;
+    }
     uint32_t exceeded = 0, first = 0;
     uint64_t remaining = UINT64_MAX, reset = 0, retry = 0;
 
@@ -354,7 +375,7 @@ static int apply(tally__policy *p, tally__slot *s, unsigned i, uint64_t now, uin
         tally__state cur = tally__state_load(&s->st[i]);
         if (TALLY__UNLIKELY(tally__state_is_dead(cur)))
             return STEP_DEAD;
-        tally__algo_step(&p->limits[i], cur, now, cost, how, r);
+        algo_step(&p->limits[i], cur, now, cost, how, r);
         if (!r->changed || tally__state_cas(&s->st[i], cur, r->next))
             return STEP_OK;
     }
@@ -457,7 +478,7 @@ int tally_hit_at(tally_engine *e, uint32_t policy, const void *key, size_t key_l
         }
         tally__table_help_kill(t, s);
     }
-    tally__rcu_exit();
+    rcu_exit();
     return rc;
 }
 
@@ -489,7 +510,7 @@ int tally_peek_at(tally_engine *e, uint32_t policy, const void *key, size_t key_
         tally__algo_step(&p->limits[i], cur, now_ns, 1, TALLY__ADD_NEVER | TALLY__NO_MARK, &r[i]);
     }
     fill_result(p, r, out);
-    tally__rcu_exit();
+    rcu_exit();
     return 0;
 }
 
@@ -514,7 +535,7 @@ int tally_read(tally_engine *e, uint32_t policy, const void *key, size_t key_len
         else
             tally__algo_counter(&p->limits[i], cur, now, &snap.c[i]);
     }
-    tally__rcu_exit();
+    rcu_exit();
     if (!rc)
         *out = snap;
     return rc;
@@ -533,12 +554,12 @@ int tally_reset_if(tally_engine *e, uint32_t policy, const void *key, size_t key
     if (rc)
         return rc;
     if (observed->policy != policy || observed->n_limits != p->n_limits) {
-        tally__rcu_exit();
+        rcu_exit();
         return TALLY_EINVAL;
     }
     tally__slot *s = tally__table_find(&p->table, tally__siphash128(e->opts.hash_key, key, key_len));
     if (!s) {
-        tally__rcu_exit();
+        rcu_exit();
         return TALLY_ENOENT;
     }
     /* Resetters of one policy take turns, so that of several resetters of
@@ -555,7 +576,7 @@ int tally_reset_if(tally_engine *e, uint32_t policy, const void *key, size_t key
             mask |= 1u << i;
     }
     pthread_mutex_unlock(&p->reset_lock);
-    tally__rcu_exit();
+    rcu_exit();
     if (reset_mask)
         *reset_mask = mask;
     return mask ? 0 : TALLY_ECONFLICT;

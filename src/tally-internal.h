@@ -199,10 +199,4 @@ static inline bool tally__state_cas(tally__state *p, tally__state expect, tally_
     return __sync_bool_compare_and_swap((unsigned __int128 *)p, e, d);
 }
 
-/* ---- RCU (liburcu, memb flavour) --------------------------------------- */
-
-void tally__rcu_enter(void);   /* registers the thread on first use */
-void tally__rcu_exit(void);
-void tally__rcu_synchronize(void);
-
 #endif /* TALLY_INTERNAL_H */
