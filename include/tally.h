@@ -120,7 +120,9 @@ typedef struct tally_limit {
 
 #define TALLY_MAX_LIMITS 4
 enum { TALLY_SHADOW = 1u << 0,        /* count and report, never deny */
-       TALLY_COUNT_REJECTED = 1u << 1 /* denied hits consume too (default: they do not) */ };
+       TALLY_COUNT_REJECTED = 1u << 1, /* denied hits consume too (default: they do not) */
+       TALLY_ALIGNED = 1u << 2         /* fixed windows start at multiples of period_ns since
+                                          the epoch, so that engines sharing Redis agree */ };
 
 /* Bounds of a valid limit (see tally_policy_add). */
 #define TALLY_MAX_COUNT          ((UINT64_C(1) << 63) - 1) /* fixed, calendar, GCRA max */
@@ -246,5 +248,7 @@ int tally_reset_if(tally_engine *e, uint32_t policy, const void *key, size_t key
 #ifdef __cplusplus
 }
 #endif
+
+#include "tally/flusher.h"
 
 #endif /* TALLY_H */

@@ -41,8 +41,15 @@ static inline uint64_t clamp_time(__int128 t)
 
 /* ---- Fixed and calendar windows: {mark | used, window start} --------------- */
 
-static inline __attribute__((always_inline)) void step_window(const tally__limit *l, tally__state cur, uint64_t now, uint64_t cost,
-                        unsigned how, tally__step *out)
+/* Other engines' cost counted in window @win. */
+static inline uint64_t remote_in(const tally__remote *rem, uint64_t win)
+{
+    return rem && rem->count && rem->win == win ? rem->count : 0;
+}
+
+static inline __attribute__((always_inline)) void step_window(const tally__limit *l, tally__state cur,
+                                                              uint64_t now, uint64_t cost, unsigned how,
+                                                              const tally__remote *rem, tally__step *out)
 {
     const tally_limit *s = &l->spec;
     bool empty = tally__state_is_empty(cur);
@@ -53,8 +60,8 @@ static inline __attribute__((always_inline)) void step_window(const tally__limit
         now = start;                          /* time never runs backwards in a key */
     if (s->algo == TALLY_FIXED_WINDOW) {
         same = !empty && now - start < s->period_ns;
-        if (!same)
-            start = now;
+        if (!same)                            /* aligned: every engine agrees on the window */
+            start = l->aligned ? now - now % s->period_ns : now;
         end = start + s->period_ns;           /* start <= 2^63, period <= 2^62: no wrap */
     } else {
         uint64_t b = tally__calendar_start(s->unit, s->utc_offset_s, now);
@@ -65,11 +72,17 @@ static inline __attribute__((always_inline)) void step_window(const tally__limit
 
     uint64_t used = same ? cur.w0 & ~TALLY__MARK : 0;
     uint64_t mark = same ? cur.w0 & TALLY__MARK : 0;
-    bool fits = used <= s->max && cost <= s->max - used;
+    uint64_t others = remote_in(rem, start);
+    uint64_t seen = sat_add(used, others, TALLY_MAX_COUNT);
+    bool fits = seen <= s->max && cost <= s->max - seen;
     unsigned add = how & 3;
     bool consume = add == TALLY__ADD_ALWAYS || (add == TALLY__ADD_IF_FITS && fits);
     uint64_t new_used = consume ? sat_add(used, cost, TALLY_MAX_COUNT) : used;
+    uint64_t new_seen = sat_add(new_used, others, TALLY_MAX_COUNT);
 
+    out->added = new_used - used;
+    out->win = start;
+    out->used = new_seen;
     out->fits = fits;
     out->first = !fits && !mark && !(how & TALLY__NO_MARK);
     out->changed = new_used != used || out->first;
@@ -79,8 +92,8 @@ static inline __attribute__((always_inline)) void step_window(const tally__limit
     } else {
         out->next = cur;
     }
-    out->remaining = sub0(s->max, new_used);
-    out->reset_after_ns = new_used ? end - now : 0;
+    out->remaining = sub0(s->max, new_seen);
+    out->reset_after_ns = new_seen ? end - now : 0;
     if (fits)
         out->retry_after_ns = 0;
     else if (cost > s->max)
@@ -137,7 +150,7 @@ static inline uint64_t sliding_slack(uint64_t r, uint64_t prev, uint64_t period)
 }
 
 static inline void step_sliding(const tally__limit *l, tally__state cur, uint64_t now, uint64_t cost,
-                         unsigned how, tally__step *out)
+                                unsigned how, const tally__remote *rem, tally__step *out)
 {
     const uint64_t P = l->spec.period_ns, max = l->spec.max;
     uint64_t idx = now / P;
@@ -160,8 +173,10 @@ static inline void step_sliding(const tally__limit *l, tally__state cur, uint64_
     }
 
     uint64_t end = (uint64_t)clamp_time((__int128)(idx + 1) * P);
-    uint64_t weighted = (uint64_t)(((unsigned __int128)v.prev * (end - now)) / P);
-    uint64_t est = v.cur + weighted;
+    uint64_t oc = remote_in(rem, idx * P);
+    uint64_t prev = v.prev + (idx ? remote_in(rem, (idx - 1) * P) : 0);
+    uint64_t weighted = (uint64_t)(((unsigned __int128)prev * (end - now)) / P);
+    uint64_t est = v.cur + oc + weighted;
     bool fits = est <= max && cost <= max - est;
     unsigned add = how & 3;
     bool consume = add == TALLY__ADD_ALWAYS || (add == TALLY__ADD_IF_FITS && fits);
@@ -169,6 +184,8 @@ static inline void step_sliding(const tally__limit *l, tally__state cur, uint64_
 
     if (consume)
         v.cur = sat_add(v.cur, cost, SLIDING_CNT_MASK);
+    out->added = v.cur - old_cur;
+    out->win = idx * P;
     out->fits = fits;
     out->first = !fits && !v.mark && !(how & TALLY__NO_MARK);
     out->changed = v.cur != old_cur || out->first;
@@ -176,24 +193,25 @@ static inline void step_sliding(const tally__limit *l, tally__state cur, uint64_
         v.mark = TALLY__MARK;
     out->next = out->changed ? sliding_encode(v) : cur;
 
-    uint64_t est_after = v.cur + weighted;
-    out->remaining = sub0(max, est_after);
-    if (v.cur)
+    uint64_t now_cur = v.cur + oc;            /* this window, every engine */
+    out->used = now_cur + weighted;
+    out->remaining = sub0(max, now_cur + weighted);
+    if (now_cur)
         out->reset_after_ns = (uint64_t)clamp_time((__int128)(idx + 2) * P - now);
     else
-        out->reset_after_ns = v.prev ? end - now : 0;
+        out->reset_after_ns = prev ? end - now : 0;
 
     if (fits) {
         out->retry_after_ns = 0;
     } else if (cost > max) {
         out->retry_after_ns = TALLY_NEVER;
-    } else if (v.cur <= max - cost) {
+    } else if (now_cur <= max - cost) {
         /* This window still has room once enough of prev has slid out. */
-        uint64_t m = sliding_slack(max - v.cur - cost, v.prev, P);
+        uint64_t m = sliding_slack(max - now_cur - cost, prev, P);
         out->retry_after_ns = sub0(end - now, m);
     } else {
         /* Wait for the next window, where cur becomes the weighted previous. */
-        uint64_t m = sliding_slack(max - cost, v.cur, P);
+        uint64_t m = sliding_slack(max - cost, now_cur, P);
         out->retry_after_ns = (end - now) + sub0(P, m);
     }
 }
@@ -201,7 +219,7 @@ static inline void step_sliding(const tally__limit *l, tally__state cur, uint64_
 /* ---- GCRA: {mark | last hit, theoretical arrival time} --------------------- */
 
 static inline void step_gcra(const tally__limit *l, tally__state cur, uint64_t now, uint64_t cost,
-                      unsigned how, tally__step *out)
+                             unsigned how, tally__step *out)
 {
     const uint64_t T = l->emission_ns, tau = l->tau_ns;
     uint64_t mark = cur.w0 & TALLY__MARK, last = cur.w0 & ~TALLY__MARK, tat = cur.w1;
@@ -218,6 +236,8 @@ static inline void step_gcra(const tally__limit *l, tally__state cur, uint64_t n
     bool consume = inc && (add == TALLY__ADD_ALWAYS || (add == TALLY__ADD_IF_FITS && fits));
     uint64_t after = consume ? new_tat : tat_eff;
 
+    out->added = 0;                           /* GCRA stays local to this engine */
+    out->win = 0;
     out->fits = fits;
     out->first = !fits && !mark && !(how & TALLY__NO_MARK);
     out->changed = consume || out->first;
@@ -229,6 +249,7 @@ static inline void step_gcra(const tally__limit *l, tally__state cur, uint64_t n
     }
 
     uint64_t ttl = after - now;
+    out->used = ttl / T + (ttl % T != 0);
     out->remaining = ttl <= tau ? (tau - ttl) / T : 0;
     out->reset_after_ns = ttl;
     if (fits)
@@ -241,13 +262,14 @@ static inline void step_gcra(const tally__limit *l, tally__state cur, uint64_t n
 
 /* ---- Dispatch ------------------------------------------------------------- */
 
-static inline __attribute__((always_inline)) void algo_step(const tally__limit *l, tally__state cur, uint64_t now, uint64_t cost,
-                             unsigned how, tally__step *out)
+static inline __attribute__((always_inline)) void algo_step(const tally__limit *l, tally__state cur,
+                                                            uint64_t now, uint64_t cost, unsigned how,
+                                                            const tally__remote *rem, tally__step *out)
 {
     switch (l->spec.algo) {
-    case TALLY_SLIDING_WINDOW: step_sliding(l, cur, now, cost, how, out); break;
+    case TALLY_SLIDING_WINDOW: step_sliding(l, cur, now, cost, how, rem, out); break;
     case TALLY_GCRA:           step_gcra(l, cur, now, cost, how, out); break;
-    default:                   step_window(l, cur, now, cost, how, out); break;
+    default:                   step_window(l, cur, now, cost, how, rem, out); break;
     }
 }
 

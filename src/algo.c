@@ -139,9 +139,9 @@ uint64_t tally__calendar_next(tally_calendar_unit unit, int32_t utc_offset_s, ui
 }
 
 void tally__algo_step(const tally__limit *l, tally__state cur, uint64_t now, uint64_t cost,
-                      unsigned how, tally__step *out)
+                      unsigned how, const tally__remote *rem, tally__step *out)
 {
-    algo_step(l, cur, now, cost, how, out);
+    algo_step(l, cur, now, cost, how, rem, out);
 }
 
 tally__state tally__algo_undo(const tally__limit *l, tally__state cur, tally__state added,

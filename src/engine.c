@@ -44,24 +44,6 @@
 #define DEFAULT_CAPACITY    65536
 #define DEFAULT_MAX_KEY_LEN 256
 
-typedef struct tally__policy {
-    char         name[TALLY_MAX_POLICY_NAME + 1];
-    unsigned     n_limits;
-    unsigned     flags;
-    tally__limit limits[TALLY_MAX_LIMITS];
-    tally__table table;
-    pthread_mutex_t reset_lock;   /* serialises tally_reset_if on this policy */
-} tally__policy;
-
-struct tally_engine {
-    tally_options    opts;
-    _Atomic bool     closing;
-    _Atomic size_t   reclaimers;     /* calls waiting for a grace period outside RCU */
-    pthread_mutex_t  add_lock;       /* serialises tally_policy_add only */
-    _Atomic uint32_t n_policies;
-    tally__policy *_Atomic policies[TALLY_MAX_POLICIES];
-};
-
 /* ---- Errors -------------------------------------------------------------- */
 
 const char *tally_strerror(int err)
@@ -104,6 +86,8 @@ uint64_t tally_now_ns(void)
 static pthread_once_t rcu_once = PTHREAD_ONCE_INIT;
 static pthread_key_t rcu_key;
 static __thread bool rcu_registered __attribute__((tls_model("initial-exec")));
+static __thread unsigned stat_shard __attribute__((tls_model("initial-exec")));
+static _Atomic unsigned stat_shard_next;
 
 static void rcu_thread_exit(void *arg)
 {
@@ -124,6 +108,7 @@ static inline void rcu_enter(void)
         /* non-NULL so that the destructor runs when the thread exits */
         pthread_setspecific(rcu_key, &rcu_registered);
         rcu_registered = true;
+        stat_shard = atomic_fetch_add_explicit(&stat_shard_next, 1, memory_order_relaxed);
     }
     urcu_memb_read_lock();
 }
@@ -136,6 +121,18 @@ static inline void rcu_exit(void)
 static void rcu_synchronize(void)
 {
     urcu_memb_synchronize_rcu();
+}
+
+void tally__rcu_read(void (*fn)(void *), void *arg)
+{
+    rcu_enter();
+    fn(arg);
+    rcu_exit();
+}
+
+void tally__rcu_wait(void)
+{
+    rcu_synchronize();
 }
 
 /* ---- Engine -------------------------------------------------------------- */
@@ -194,6 +191,7 @@ void tally_close(tally_engine *e)
 {
     if (!e)
         return;
+    tally_flusher_stop(e);
     atomic_store(&e->closing, true);
     /* every call that started before now has left its read-side section */
     rcu_synchronize();
@@ -206,6 +204,10 @@ void tally_close(tally_engine *e)
         tally__table_destroy(&p->table);
         pthread_mutex_destroy(&p->reset_lock);
         free(p);
+    }
+    for (tally__note *n = atomic_exchange(&e->notes, NULL), *next; n; n = next) {
+        next = n->next;
+        free(n);
     }
     pthread_mutex_destroy(&e->add_lock);
     free(e);
@@ -226,7 +228,7 @@ int tally_policy_add(tally_engine *e, const tally_policy *p, uint32_t *id_out)
         return TALLY_EINVAL;
     if (p->n_limits == 0 || p->n_limits > TALLY_MAX_LIMITS)
         return TALLY_EINVAL;
-    if (p->flags & ~(unsigned)(TALLY_SHADOW | TALLY_COUNT_REJECTED))
+    if (p->flags & ~(unsigned)(TALLY_SHADOW | TALLY_COUNT_REJECTED | TALLY_ALIGNED))
         return TALLY_EINVAL;
 
     np = calloc(1, sizeof(*np));
@@ -241,6 +243,7 @@ int tally_policy_add(tally_engine *e, const tally_policy *p, uint32_t *id_out)
             free(np);
             return rc;
         }
+        np->limits[i].aligned = (p->flags & TALLY_ALIGNED) != 0;
     }
 
     pthread_mutex_lock(&e->add_lock);
@@ -252,6 +255,10 @@ int tally_policy_add(tally_engine *e, const tally_policy *p, uint32_t *id_out)
     if (!rc)
         rc = tally__table_init(&np->table, e->opts.capacity, np->n_limits, np->limits,
                                !e->opts.digest_only);
+    np->table.engine = e;
+    np->table.policy = n;
+    if (!rc && atomic_load(&e->syncing) && (rc = tally__table_sync_alloc(&np->table)) != 0)
+        tally__table_destroy(&np->table);
     if (!rc) {
         pthread_mutex_init(&np->reset_lock, NULL);
         /* publish the policy before the count that makes its id valid */
@@ -367,59 +374,85 @@ static void fill_result(const tally__policy *p, const tally__step *r, tally_resu
 
 enum { STEP_OK = 0, STEP_DEAD = 1 };
 
-/* The CAS loop, written once: apply one step to limit @i. */
-static int apply(tally__policy *p, tally__slot *s, unsigned i, uint64_t now, uint64_t cost,
-                 unsigned how, tally__step *r)
+/* One hit's view of its slot. */
+typedef struct hit_ctx {
+    tally__policy *p;
+    tally__slot   *s;
+    tally__sync   *sync;      /* the slot's entries, one per limit; NULL when not syncing */
+} hit_ctx;
+
+/* Other engines' count for limit @i: seqlock read, rwin is the sequence. */
+static inline void load_remote(const hit_ctx *c, unsigned i, tally__remote *out)
 {
+    out->count = 0;
+    if (!c->sync)
+        return;
+    tally__sync *y = &c->sync[i];
+    uint64_t w1 = __atomic_load_n(&y->rwin, __ATOMIC_ACQUIRE);
+    uint64_t n = __atomic_load_n(&y->remote, __ATOMIC_RELAXED);
+    /* the count is read before rwin is checked again */
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    if (w1 && __atomic_load_n(&y->rwin, __ATOMIC_RELAXED) == w1) {
+        out->win = w1 - 1;
+        out->count = n;
+    }
+}
+
+/* The CAS loop, written once: apply one step to limit @i. */
+static int apply(const hit_ctx *c, unsigned i, uint64_t now, uint64_t cost, unsigned how,
+                 tally__step *r)
+{
+    tally__remote rem;
+    load_remote(c, i, &rem);
     for (;;) {
-        tally__state cur = tally__state_load(&s->st[i]);
+        tally__state cur = tally__state_load(&c->s->st[i]);
         if (TALLY__UNLIKELY(tally__state_is_dead(cur)))
             return STEP_DEAD;
-        algo_step(&p->limits[i], cur, now, cost, how, r);
-        if (!r->changed || tally__state_cas(&s->st[i], cur, r->next))
+        algo_step(&c->p->limits[i], cur, now, cost, how, &rem, r);
+        if (!r->changed || tally__state_cas(&c->s->st[i], cur, r->next))
             return STEP_OK;
     }
 }
 
-static void take_back(tally__policy *p, tally__slot *s, unsigned i, tally__state added,
-                      uint64_t now, uint64_t cost)
+static void take_back(const hit_ctx *c, unsigned i, tally__state added, uint64_t now, uint64_t cost)
 {
     for (;;) {
-        tally__state cur = tally__state_load(&s->st[i]);
+        tally__state cur = tally__state_load(&c->s->st[i]);
         if (tally__state_is_dead(cur))
             return;                               /* the slot died with what we added */
-        tally__state next = tally__algo_undo(&p->limits[i], cur, added, now, cost);
-        if ((next.w0 == cur.w0 && next.w1 == cur.w1) || tally__state_cas(&s->st[i], cur, next))
+        tally__state next = tally__algo_undo(&c->p->limits[i], cur, added, now, cost);
+        if ((next.w0 == cur.w0 && next.w1 == cur.w1) || tally__state_cas(&c->s->st[i], cur, next))
             return;
     }
 }
 
 /* One attempt of a multi-limit hit on slot @s (guarantee 4). */
-static int hit_multi(tally__policy *p, tally__slot *s, uint64_t now, const uint64_t *costs,
-                     tally__step *r)
+static int hit_multi(const hit_ctx *c, uint64_t now, const uint64_t *costs, tally__step *r)
 {
-    unsigned n = p->n_limits;
+    unsigned n = c->p->n_limits;
 
-    if (p->flags & (TALLY_SHADOW | TALLY_COUNT_REJECTED)) {
+    if (c->p->flags & (TALLY_SHADOW | TALLY_COUNT_REJECTED)) {
         for (unsigned i = 0; i < n; i++)
-            if (apply(p, s, i, now, costs ? costs[i] : 1, TALLY__ADD_ALWAYS, &r[i]))
+            if (apply(c, i, now, costs ? costs[i] : 1, TALLY__ADD_ALWAYS, &r[i]))
                 return STEP_DEAD;
         goto check;
     }
     for (;;) {
         bool all_fit = true;
         for (unsigned i = 0; i < n; i++) {
-            tally__state cur = tally__state_load(&s->st[i]);
+            tally__remote rem;
+            load_remote(c, i, &rem);
+            tally__state cur = tally__state_load(&c->s->st[i]);
             if (tally__state_is_dead(cur))
                 return STEP_DEAD;
-            tally__algo_step(&p->limits[i], cur, now, costs ? costs[i] : 1,
-                             TALLY__ADD_NEVER | TALLY__NO_MARK, &r[i]);
+            algo_step(&c->p->limits[i], cur, now, costs ? costs[i] : 1,
+                      TALLY__ADD_NEVER | TALLY__NO_MARK, &rem, &r[i]);
             all_fit &= r[i].fits;
         }
         if (!all_fit) {
             all_fit = true;
             for (unsigned i = 0; i < n; i++) {
-                if (apply(p, s, i, now, costs ? costs[i] : 1, TALLY__ADD_NEVER, &r[i]))
+                if (apply(c, i, now, costs ? costs[i] : 1, TALLY__ADD_NEVER, &r[i]))
                     return STEP_DEAD;
                 all_fit &= r[i].fits;
             }
@@ -429,8 +462,8 @@ static int hit_multi(tally__policy *p, tally__slot *s, uint64_t now, const uint6
         }
         unsigned done = 0;
         for (; done < n; done++) {
-            uint64_t c = costs ? costs[done] : 1;
-            if (apply(p, s, done, now, c, TALLY__ADD_IF_FITS | TALLY__NO_MARK, &r[done]))
+            uint64_t cost = costs ? costs[done] : 1;
+            if (apply(c, done, now, cost, TALLY__ADD_IF_FITS | TALLY__NO_MARK, &r[done]))
                 return STEP_DEAD;
             if (!r[done].fits)
                 break;
@@ -438,11 +471,66 @@ static int hit_multi(tally__policy *p, tally__slot *s, uint64_t now, const uint6
         if (done == n)
             break;
         while (done-- > 0)
-            take_back(p, s, done, r[done].next, now, costs ? costs[done] : 1);
+            take_back(c, done, r[done].next, now, costs ? costs[done] : 1);
     }
 check:
     /* a reclaim that killed limit 0 after we passed it took our hit with it */
-    return tally__state_is_dead(tally__state_load(&s->st[0])) ? STEP_DEAD : STEP_OK;
+    return tally__state_is_dead(tally__state_load(&c->s->st[0])) ? STEP_DEAD : STEP_OK;
+}
+
+/* Add a consumed cost to the slot's unflushed delta of window @win. */
+static void delta_add(tally_engine *e, const hit_ctx *c, unsigned i, tally__digest d,
+                      uint64_t win, uint64_t cost)
+{
+    tally__state *pair = (tally__state *)&c->sync[i].win;
+    for (;;) {
+        tally__state cur = tally__state_load(pair);
+        bool other = cur.w1 != 0 && cur.w0 != win;
+        tally__state next = { win, other ? cost : cur.w1 + cost };
+        if (tally__state_cas(pair, cur, next)) {
+            /* a delta of an older window, not yet pushed: hand it to the flusher */
+            if (other)
+                tally__spill(e, c->p->table.policy, i, d, cur.w0, cur.w1);
+            return;
+        }
+    }
+}
+
+static void push_event(tally_engine *e, const hit_ctx *c, unsigned i, tally__digest d,
+                       const void *key, size_t key_len, const tally__step *r)
+{
+    if (e->opts.digest_only) {
+        key = &d;
+        key_len = sizeof(d);
+    }
+    tally__note *n = malloc(sizeof(*n) + key_len);
+    if (!n)
+        return;                                   /* the event is lost, never a count */
+    memset(n, 0, sizeof(*n));
+    n->policy = c->p->table.policy;
+    n->limit = i;
+    n->is_event = true;
+    n->digest = d;
+    n->win = r->win;
+    n->delta = r->used;
+    n->key_len = key_len;
+    memcpy(n->key, key, key_len);
+    tally__note_push(e, n);
+}
+
+static inline tally__stat_shard *my_shard(tally_engine *e)
+{
+    return &e->stats[stat_shard % TALLY__STAT_SHARDS];
+}
+
+/* Fail closed: deny without consuming once the global view is too old. */
+static bool too_stale(tally_engine *e, uint64_t now)
+{
+    uint64_t bound = atomic_load_explicit(&e->fail_closed_ns, memory_order_relaxed);
+    if (TALLY__LIKELY(bound == 0))
+        return false;
+    uint64_t last = atomic_load_explicit(&e->last_flush_ok_ns, memory_order_relaxed);
+    return now > last && now - last > bound;
 }
 
 int tally_hit_at(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
@@ -458,25 +546,55 @@ int tally_hit_at(tally_engine *e, uint32_t policy, const void *key, size_t key_l
     if (TALLY__UNLIKELY(rc))
         return rc;
 
+    tally__stat_shard *st = my_shard(e);
+    if (TALLY__UNLIKELY(too_stale(e, now_ns))) {
+        rcu_exit();
+        memset(out, 0, sizeof(*out));
+        out->retry_after_ns = atomic_load_explicit(&e->fail_closed_ns, memory_order_relaxed);
+        atomic_fetch_add_explicit(&st->hits, 1, memory_order_relaxed);
+        atomic_fetch_add_explicit(&st->denials, 1, memory_order_relaxed);
+        return 0;
+    }
+
     tally__digest d = tally__siphash128(e->opts.hash_key, key, key_len);
     tally__table *t = &p->table;
     unsigned how = (p->flags & (TALLY_SHADOW | TALLY_COUNT_REJECTED)) ? TALLY__ADD_ALWAYS
                                                                      : TALLY__ADD_IF_FITS;
+    bool syncing = atomic_load_explicit(&e->syncing, memory_order_relaxed);
+    tally__sync *sync = syncing ? atomic_load_explicit(&t->sync, memory_order_acquire) : NULL;
+    hit_ctx c = { .p = p };
     for (;;) {
-        tally__slot *s = tally__table_find_fast(t, d);
-        if (TALLY__UNLIKELY(!s)) {
-            rc = acquire_slot(e, t, d, key, key_len, now_ns, &s);
-            if (rc)
+        c.s = tally__table_find_fast(t, d);
+        if (TALLY__UNLIKELY(!c.s)) {
+            rc = acquire_slot(e, t, d, key, key_len, now_ns, &c.s);
+            if (rc) {
+                if (rc == TALLY_EFULL)
+                    atomic_fetch_add_explicit(&st->full_refusals, 1, memory_order_relaxed);
                 break;
+            }
         }
-        int st = p->n_limits == 1
-            ? apply(p, s, 0, now_ns, costs ? costs[0] : 1, how, &r[0])
-            : hit_multi(p, s, now_ns, costs, r);
-        if (TALLY__LIKELY(st == STEP_OK)) {
+        c.sync = sync ? sync + tally__slot_index(t, c.s) * p->n_limits : NULL;
+        int step = p->n_limits == 1
+            ? apply(&c, 0, now_ns, costs ? costs[0] : 1, how, &r[0])
+            : hit_multi(&c, now_ns, costs, r);
+        if (TALLY__LIKELY(step == STEP_OK)) {
             fill_result(p, r, out);
+            if (c.sync) {
+                for (unsigned i = 0; i < p->n_limits; i++) {
+                    if (r[i].added)
+                        delta_add(e, &c, i, d, r[i].win, r[i].added);
+                    if (r[i].first && atomic_load_explicit(&e->events_on, memory_order_relaxed))
+                        push_event(e, &c, i, d, key, key_len, &r[i]);
+                }
+            }
+            atomic_fetch_add_explicit(&st->hits, 1, memory_order_relaxed);
+            if (!out->allowed)
+                atomic_fetch_add_explicit(&st->denials, 1, memory_order_relaxed);
+            else if (out->exceeded)
+                atomic_fetch_add_explicit(&st->shadow_denials, 1, memory_order_relaxed);
             break;
         }
-        tally__table_help_kill(t, s);
+        tally__table_help_kill(t, c.s);
     }
     rcu_exit();
     return rc;
@@ -500,14 +618,20 @@ int tally_peek_at(tally_engine *e, uint32_t policy, const void *key, size_t key_
     rc = enter(e, policy, key, key_len, out, &p);
     if (rc)
         return rc;
-    tally__slot *s = tally__table_find(&p->table, tally__siphash128(e->opts.hash_key, key, key_len));
+    tally__table *t = &p->table;
+    tally__sync *sync = atomic_load_explicit(&e->syncing, memory_order_relaxed)
+        ? atomic_load_explicit(&t->sync, memory_order_acquire) : NULL;
+    hit_ctx c = { .p = p, .s = tally__table_find(t, tally__siphash128(e->opts.hash_key, key, key_len)) };
+    c.sync = c.s && sync ? sync + tally__slot_index(t, c.s) * p->n_limits : NULL;
     for (unsigned i = 0; i < p->n_limits; i++) {
         tally__state cur = { 0, 0 };
-        if (s)
-            cur = tally__state_load_atomic(&s->st[i]);
+        tally__remote rem;
+        load_remote(&c, i, &rem);
+        if (c.s)
+            cur = tally__state_load_atomic(&c.s->st[i]);
         if (tally__state_is_dead(cur))
             cur = (tally__state){ 0, 0 };         /* being reclaimed: it had expired */
-        tally__algo_step(&p->limits[i], cur, now_ns, 1, TALLY__ADD_NEVER | TALLY__NO_MARK, &r[i]);
+        algo_step(&p->limits[i], cur, now_ns, 1, TALLY__ADD_NEVER | TALLY__NO_MARK, &rem, &r[i]);
     }
     fill_result(p, r, out);
     rcu_exit();

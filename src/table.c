@@ -111,8 +111,23 @@ int tally__table_init(tally__table *t, size_t capacity, unsigned n_limits,
     return 0;
 }
 
+int tally__table_sync_alloc(tally__table *t)
+{
+    if (atomic_load(&t->sync))
+        return 0;
+    tally__sync *y;
+    if (posix_memalign((void **)&y, 64, t->n_slots * t->n_limits * sizeof(*y)) != 0)
+        return TALLY_ENOMEM;
+    memset(y, 0, t->n_slots * t->n_limits * sizeof(*y));
+    /* publish the zeroed array before hits may use it */
+    atomic_store_explicit(&t->sync, y, memory_order_release);
+    return 0;
+}
+
 void tally__table_destroy(tally__table *t)
 {
+    free(atomic_load(&t->sync));
+    t->sync = NULL;
     if (t->keys) {
         for (size_t i = 0; i < t->n_slots; i++)
             free(t->keys[i]);
@@ -342,11 +357,15 @@ static bool kill_expired(tally__table *t, tally__slot *s, uint64_t now)
 
     if (tally__state_is_dead(first))
         goto help;
+    tally__sync *y = atomic_load_explicit(&t->sync, memory_order_acquire);
     for (unsigned i = 0; i < t->n_limits; i++) {
         tally__state cur = i ? tally__state_load_atomic(&s->st[i]) : first;
         if (tally__state_is_dead(cur))
             goto help;
         if (!tally__algo_expired(&t->limits[i], cur, now))
+            return false;
+        /* a key with cost not yet pushed to the sinks stays */
+        if (y && __atomic_load_n(&y[tally__slot_index(t, s) * t->n_limits + i].delta, __ATOMIC_ACQUIRE))
             return false;
     }
     if (!tally__state_cas(&s->st[0], first, dead))
@@ -357,12 +376,14 @@ help:
 }
 
 /* Move a DEAD slot to ZOMBIE, owned by this reclaim. */
-static bool take_dead(tally__table *t, tally__slot *s)
+static bool take_dead(tally__table *t, tally__slot *s, tally__digest *d)
 {
     uint64_t lo, hi;
     digest_load(s, &lo, &hi);
     if (status_of(hi) != TALLY__DEAD || !digest_cas(s, lo, hi, TALLY__LO_ZOMBIE, 0))
         return false;
+    d->lo = lo;
+    d->hi = hi & TALLY__DIGEST_HI_MASK;
     atomic_fetch_add_explicit(&t->zombies, 1, memory_order_relaxed);
     return true;
 }
@@ -378,7 +399,7 @@ static void consider(tally__table *t, size_t idx, uint64_t now, tally__batch *b)
     if (status_of(hi) == TALLY__LIVE && !kill_expired(t, s, now))
         return;
     if (status_of(hi) == TALLY__LIVE || status_of(hi) == TALLY__DEAD) {
-        if (take_dead(t, s))
+        if (take_dead(t, s, &b->digest[b->n]))
             b->idx[b->n++] = idx;
     }
 }
@@ -398,11 +419,25 @@ size_t tally__table_reclaim_take(tally__table *t, tally__digest d, uint64_t now,
 
 void tally__table_reclaim_free(tally__table *t, const tally__batch *b)
 {
+    tally__sync *y = atomic_load_explicit(&t->sync, memory_order_acquire);
     for (size_t j = 0; j < b->n; j++) {
         tally__slot *s = slot_at(t, b->idx[j]);
         for (unsigned i = 0; i < t->n_limits; i++) {
             __atomic_store_n(&s->st[i].w0, 0, __ATOMIC_RELAXED);
             __atomic_store_n(&s->st[i].w1, 0, __ATOMIC_RELAXED);
+            if (!y)
+                continue;
+            tally__sync *e = &y[b->idx[j] * t->n_limits + i];
+            /* After the grace period no hit can still add here: a delta that
+               landed after the reclaim looked goes to the flusher, never lost. */
+            uint64_t delta = __atomic_load_n(&e->delta, __ATOMIC_ACQUIRE);
+            if (delta)
+                tally__spill(t->engine, t->policy, i, b->digest[j],
+                             __atomic_load_n(&e->win, __ATOMIC_RELAXED), delta);
+            __atomic_store_n(&e->win, 0, __ATOMIC_RELAXED);
+            __atomic_store_n(&e->delta, 0, __ATOMIC_RELAXED);
+            __atomic_store_n(&e->rwin, 0, __ATOMIC_RELAXED);
+            __atomic_store_n(&e->remote, 0, __ATOMIC_RELAXED);
         }
         if (t->keys) {
             free(__atomic_load_n(&t->keys[b->idx[j]], __ATOMIC_RELAXED));

@@ -40,6 +40,7 @@ static inline bool tally__state_is_empty(tally__state s) { return (s.w0 | s.w1) 
 /* A validated limit with the values its algorithm derives from the spec. */
 typedef struct tally__limit {
     tally_limit spec;
+    bool        aligned;       /* fixed window: windows start at multiples of period_ns */
     uint64_t    emission_ns;   /* GCRA: period_ns / max */
     uint64_t    tau_ns;        /* GCRA: emission_ns * max */
 } tally__limit;
@@ -61,14 +62,24 @@ typedef struct tally__step {
     uint64_t     remaining;    /* after the step */
     uint64_t     reset_after_ns;
     uint64_t     retry_after_ns; /* 0 when it fits; TALLY_NEVER if it never will */
+    uint64_t     added;        /* cost this step consumed */
+    uint64_t     win;          /* start of the window the state is in (GCRA: 0) */
+    uint64_t     used;         /* cost counted in that window after the step, others' included */
 } tally__step;
+
+/* Other engines' cost in one window, learnt from Redis by the flusher. */
+typedef struct tally__remote {
+    uint64_t win;              /* window start; meaningful only when count != 0 */
+    uint64_t count;
+} tally__remote;
 
 /* Validate @l and derive its algorithm constants into @out. Return 0 or TALLY_EINVAL. */
 int tally__limit_compile(const tally_limit *l, tally__limit *out);
 
-/* The pure function state x now x cost -> state, and what the caller reports. */
+/* The pure function state x now x cost -> state, and what the caller reports.
+   @rem: other engines' cost (NULL: none), counted in the decision. */
 void tally__algo_step(const tally__limit *l, tally__state cur, uint64_t now, uint64_t cost,
-                      unsigned how, tally__step *out);
+                      unsigned how, const tally__remote *rem, tally__step *out);
 
 /* Take back @cost added by a step that produced @added, from the state @cur
    (which may have moved on since). Returns the state to store. */
@@ -119,6 +130,19 @@ enum { TALLY__EMPTY = 0, TALLY__PENDING = 1, TALLY__LIVE = 2, TALLY__DEAD = 3 };
 #define TALLY__STATUS_SHIFT 62
 #define TALLY__DIGEST_HI_MASK ((UINT64_C(1) << TALLY__STATUS_SHIFT) - 1)
 
+/*
+ * Per slot and limit, when a flusher runs: the cost not yet acknowledged by
+ * the sinks ({win, delta}, one 16-byte CAS) and the other engines' count
+ * ({rwin, remote}, written by the flusher alone, read seqlock-style with
+ * rwin as the sequence: 0 while it is being written).
+ */
+typedef struct tally__sync {
+    _Alignas(16) uint64_t win;
+    uint64_t delta;
+    _Alignas(16) uint64_t rwin;    /* window start + 1; 0: none or being written */
+    uint64_t remote;
+} tally__sync;
+
 struct tally__table {
     size_t          capacity;     /* most LIVE + PENDING slots */
     size_t          n_slots;
@@ -132,7 +156,15 @@ struct tally__table {
     _Atomic uint64_t reclaimed;   /* slots reclaimed so far */
     _Atomic size_t  zombies;      /* slots taken by a reclaim, not yet FREE */
     void          **keys;         /* per slot copy of the key bytes (NULL: digest_only) */
+    tally__sync *_Atomic sync;     /* n_slots * n_limits, once a flusher started */
+    struct tally_engine *engine;  /* owner, for spilling deltas of reclaimed slots */
+    uint32_t        policy;       /* id of the owning policy */
 };
+
+static inline size_t tally__slot_index(const tally__table *t, const tally__slot *s)
+{
+    return (size_t)((const unsigned char *)s - t->mem) / t->stride;
+}
 
 int  tally__table_init(tally__table *t, size_t capacity, unsigned n_limits,
                        const tally__limit *limits, bool keep_keys);
@@ -151,6 +183,7 @@ tally__slot *tally__table_find(tally__table *t, tally__digest d);
 typedef struct tally__batch {
     size_t n;
     size_t idx[TALLY__WINDOW + TALLY__SWEEP];
+    tally__digest digest[TALLY__WINDOW + TALLY__SWEEP];
 } tally__batch;
 
 /*
@@ -171,6 +204,66 @@ void   tally__table_reclaim_free(tally__table *t, const tally__batch *b);
 
 /* A reader met a DEAD state in a LIVE slot: finish the reclaim it belongs to. */
 void tally__table_help_kill(tally__table *t, tally__slot *s);
+
+/* ---- Engine ------------------------------------------------------------- */
+
+typedef struct tally__policy {
+    char         name[TALLY_MAX_POLICY_NAME + 1];
+    unsigned     n_limits;
+    unsigned     flags;
+    tally__limit limits[TALLY_MAX_LIMITS];
+    tally__table table;
+    pthread_mutex_t reset_lock;   /* serialises tally_reset_if on this policy */
+} tally__policy;
+
+/* A delta or an event handed from the hot path to the flusher (MPSC stack). */
+typedef struct tally__note {
+    struct tally__note *next;
+    uint32_t policy;
+    unsigned limit;
+    bool     is_event;
+    tally__digest digest;
+    uint64_t win, delta;          /* delta: a spilled cost; events: used */
+    size_t   key_len;             /* events: the key (or digest) bytes follow */
+    unsigned char key[];
+} tally__note;
+
+#define TALLY__STAT_SHARDS 16
+typedef struct tally__stat_shard {
+    _Alignas(64) _Atomic uint64_t hits;
+    _Atomic uint64_t denials, shadow_denials, full_refusals;
+} tally__stat_shard;
+
+struct tally__flusher;
+
+struct tally_engine {
+    tally_options    opts;
+    _Atomic bool     closing;
+    _Atomic size_t   reclaimers;     /* calls waiting for a grace period outside RCU */
+    pthread_mutex_t  add_lock;       /* serialises tally_policy_add and flusher start/stop */
+    _Atomic uint32_t n_policies;
+    tally__policy *_Atomic policies[TALLY_MAX_POLICIES];
+    tally__note *_Atomic notes;      /* spilled deltas and events for the flusher */
+    _Atomic bool     syncing;        /* a flusher runs: hot path records deltas */
+    _Atomic bool     events_on;      /* ... and wants first_exceeded events */
+    _Atomic uint64_t fail_closed_ns; /* 0: fail open; else deny when the last flush is older */
+    _Atomic uint64_t last_flush_ok_ns;
+    struct tally__flusher *flusher;  /* under add_lock */
+    _Atomic uint64_t spill_lost;     /* cost that could not be handed over (out of memory) */
+    _Atomic uint64_t pending_deltas, pending_cost;   /* as of the last flush */
+    _Atomic uint64_t flush_batches, flush_failures, redis_reconnects, events_delivered;
+    tally__stat_shard stats[TALLY__STAT_SHARDS];
+};
+
+void tally__note_push(tally_engine *e, tally__note *n);
+/* Spill an unflushed delta that can no longer stay in its slot. */
+void tally__spill(tally_engine *e, uint32_t policy, unsigned limit, tally__digest d,
+                  uint64_t win, uint64_t delta);
+/* Allocate the sync array of a policy's table (flusher start, policy add). */
+int tally__table_sync_alloc(tally__table *t);
+/* Run @fn inside an RCU read-side section (for the flusher). */
+void tally__rcu_read(void (*fn)(void *), void *arg);
+void tally__rcu_wait(void);
 
 /* ---- State word access ------------------------------------------------- */
 

@@ -38,7 +38,7 @@ static tally__step step(const tally__limit *l, tally__state cur, uint64_t now, u
                         unsigned how)
 {
     tally__step o;
-    tally__algo_step(l, cur, now, cost, how, &o);
+    tally__algo_step(l, cur, now, cost, how, NULL, &o);
     /* Invariant of every step: an unchanged step hands back the very same state. */
     if (!o.changed)
         cr_assert(o.next.w0 == cur.w0 && o.next.w1 == cur.w1, "unchanged step altered the state");
@@ -968,7 +968,7 @@ Test(algo, gcra_mark_once_for_oversized_cost_at_full_bucket)
     tally__step r;
     int firsts = 0;
     for (int i = 0; i < 5; i++) {
-        tally__algo_step(&l, st, S + (uint64_t)i, 6, TALLY__ADD_IF_FITS, &r);
+        tally__algo_step(&l, st, S + (uint64_t)i, 6, TALLY__ADD_IF_FITS, NULL, &r);
         cr_assert_not(r.fits);
         firsts += r.first;
         if (r.changed)
@@ -976,9 +976,9 @@ Test(algo, gcra_mark_once_for_oversized_cost_at_full_bucket)
     }
     cr_assert_eq(firsts, 1);
     /* use the bucket, let it drain: a new episode may be marked again */
-    tally__algo_step(&l, st, S + 10, 1, TALLY__ADD_IF_FITS, &r);
+    tally__algo_step(&l, st, S + 10, 1, TALLY__ADD_IF_FITS, NULL, &r);
     cr_assert(r.fits);
     st = r.next;
-    tally__algo_step(&l, st, S + 10 * NS_PER_S, 6, TALLY__ADD_IF_FITS, &r);
+    tally__algo_step(&l, st, S + 10 * NS_PER_S, 6, TALLY__ADD_IF_FITS, NULL, &r);
     cr_assert(r.first);
 }

@@ -299,7 +299,7 @@ static tally__limit calendar_limit(tally_calendar_unit unit, int32_t off, uint64
 static tally__step step(const tally__limit *l, tally__state cur, uint64_t now, uint64_t cost)
 {
     tally__step o;
-    tally__algo_step(l, cur, now, cost, TALLY__ADD_IF_FITS, &o);
+    tally__algo_step(l, cur, now, cost, TALLY__ADD_IF_FITS, NULL, &o);
     return o;
 }
 

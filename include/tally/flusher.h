@@ -1,0 +1,135 @@
+/*
+ * tally/flusher.h - the flusher thread, its sinks (a callback and Redis),
+ * events, and engine statistics. Included by <tally.h>.
+ *
+ * The same contract sentences as tally.h are used: "Any thread may call it",
+ * "It never blocks", "On failure nothing changes".
+ */
+#ifndef TALLY_FLUSHER_H
+#define TALLY_FLUSHER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct tally_engine tally_engine;
+
+typedef struct tally_redis_options {
+    const char *host; int port;        /* or */ const char *unix_path;
+    const char *password; int db;
+    const char *key_prefix;            /* default "tally:" */
+    uint32_t connect_timeout_ms, command_timeout_ms;   /* defaults 1000, 1000 */
+} tally_redis_options;
+
+typedef struct tally_delta {           /* one flushed delta */
+    uint32_t policy; unsigned limit;
+    const void *key; size_t key_len;   /* the digest when digest_only */
+    uint64_t window_start_ns; uint64_t delta; uint64_t total;  /* total: global when Redis is on */
+} tally_delta;
+
+typedef struct tally_event {           /* first crossing of a limit in a window */
+    uint32_t policy; unsigned limit;
+    const void *key; size_t key_len;
+    uint64_t window_start_ns, used, max;
+} tally_event;
+
+typedef struct tally_flusher_options {
+    uint32_t interval_ms;              /* default 1000 */
+    int      cpu;                      /* pin the flusher to this CPU; -1: no pinning */
+    const tally_redis_options *redis;  /* NULL: no Redis */
+    void (*on_deltas)(void *ctx, const tally_delta *d, size_t n);
+    void (*on_event)(void *ctx, const tally_event *ev);
+    void *ctx;
+    /* Added fields (API.md allows fields at the end): */
+    uint32_t fail_closed_after_ms;     /* 0 (default): fail open. Else deny every hit of a
+                                          synced policy once the last successful flush is
+                                          older than this while Redis is configured. */
+} tally_flusher_options;
+
+/*
+ * tally_flusher_options_init - fill @o with defaults: interval 1000 ms, no
+ * pinning (cpu -1), no Redis, no callbacks, fail open.
+ * Any thread may call it. It never blocks.
+ */
+void tally_flusher_options_init(tally_flusher_options *o);
+
+/*
+ * tally_flusher_start - start the engine's flusher thread.
+ * @o: options, copied (the strings of o->redis too).
+ * Every interval the flusher takes each key's unflushed cost, hands it to
+ * on_deltas and to Redis (one pipeline of INCRBY per flush), learns the
+ * global totals from the replies, and delivers first_exceeded events to
+ * on_event. A delta leaves the engine only when every sink acknowledged it;
+ * on a failure it is kept and sent again with a later flush.
+ * Costs hit before the flusher started are not pushed.
+ * Return 0, TALLY_EINVAL (NULL argument, interval 0, cpu out of range, redis
+ * options with neither host nor unix_path, a port outside 1..65535, a db
+ * below 0, a key prefix longer than 256 bytes), TALLY_ESTATE (already
+ * running, or closing), TALLY_ENOMEM. Redis being unreachable is not an
+ * error: the flusher retries with capped backoff and the engine fails open.
+ * Any thread may call it. It may block (it allocates and starts a thread).
+ * On failure nothing changes.
+ */
+int tally_flusher_start(tally_engine *e, const tally_flusher_options *o);
+
+/*
+ * tally_flush - push every pending delta now and wait for the result.
+ * @timeout_ms: how long to wait for the flusher.
+ * Return 0 when every cost hit before the call has been acknowledged by every
+ * sink, TALLY_EIO when a sink failed (the deltas stay pending),
+ * TALLY_ETIMEDOUT, TALLY_ESTATE (no flusher running), TALLY_EINVAL.
+ * Any thread but the flusher's own callbacks may call it. It blocks.
+ */
+int tally_flush(tally_engine *e, uint32_t timeout_ms);
+
+/*
+ * tally_flusher_stop - do a final flush (bounded by the Redis command
+ * timeout) and stop the flusher thread. Idempotent: a second call, or a call
+ * with no flusher, returns 0. tally_close() calls it.
+ * Return 0, or TALLY_EIO when the final flush failed (the deltas it could not
+ * push are reported by tally_stats as pending; they are lost when the engine
+ * closes).
+ * Any thread but the flusher's own callbacks may call it. It blocks.
+ */
+int tally_flusher_stop(tally_engine *e);
+
+/* ---- Statistics -------------------------------------------------------- */
+
+typedef struct tally_stats {
+    uint64_t hits;               /* calls of tally_hit/tally_hit_at that returned 0 */
+    uint64_t denials;            /* of those, not allowed */
+    uint64_t shadow_denials;     /* allowed only because the policy is in shadow mode */
+    uint64_t evictions;          /* slots reclaimed from expired keys */
+    uint64_t full_refusals;      /* calls that returned TALLY_EFULL */
+    uint64_t pending_deltas;     /* (key, limit, window) deltas not yet acknowledged */
+    uint64_t pending_cost;       /* their total cost */
+    uint64_t flush_batches;      /* flushes that pushed at least one delta */
+    uint64_t flush_failures;     /* flushes a sink failed */
+    uint64_t redis_reconnects;   /* successful connects after the first */
+    uint64_t last_flush_ok_ns;   /* tally_now_ns() of the last fully acknowledged flush; 0: none */
+    uint64_t events;             /* events delivered to on_event */
+} tally_stats;
+
+/*
+ * tally_stats_read - the engine's counters.
+ * Return 0 or TALLY_EINVAL. Any thread may call it. It never blocks.
+ */
+int tally_stats_read(tally_engine *e, tally_stats *out);
+
+/*
+ * tally_stats_prometheus - write the counters in the Prometheus text
+ * exposition format into @buf (NUL-terminated, truncated to @len).
+ * Return the length the full text needs (excluding the NUL), as snprintf, or
+ * TALLY_EINVAL. Any thread may call it. It never blocks.
+ */
+int tally_stats_prometheus(tally_engine *e, char *buf, size_t len);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* TALLY_FLUSHER_H */
