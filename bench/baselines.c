@@ -1,13 +1,18 @@
 /*
- * The baselines a user would otherwise write, both on the same flat
- * open-addressing table (linear probing, inline slots of one cache line,
- * key bytes copied inline and compared, one hash for both, load factor at
- * most 2/3: n_slots = capacity * 3/2 + 1, a common choice for such maps):
- *   mutex map      one pthread mutex around find-or-insert and a fixed-window
- *                  counter {count, window_start} with tally's "max per period" check;
+ * The baselines a user would otherwise write on one flat open-addressing
+ * table (linear probing, inline slots of one cache line, key bytes copied
+ * inline and compared, load factor at most 2/3: n_slots = capacity * 3/2 + 1,
+ * a common choice for such maps), and the limit rule every baseline applies
+ * to one 64-bit word per key:
+ *   mutex map      one pthread mutex around find-or-insert and the rule;
+ *   rwlock map     a pthread rwlock: a known key is found under the read lock
+ *                  and its word changed by a CAS loop; a new key takes the
+ *                  write lock;
  *   flat lock-free keys inserted before the run, lookup without a lock, then a
- *                  64-bit CAS loop on the key's counter: no window, the bare
+ *                  CAS add on the key's counter: no window, no clock, the bare
  *                  "find the key's counter and add to it" (the practical limit).
+ * With reclaim on, an insert into a full table first rebuilds it without the
+ * keys whose state expired (what a user of such a map does: sweep when full).
  */
 #include <pthread.h>
 #include <stdatomic.h>
@@ -66,42 +71,106 @@ uint64_t bench_clock_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-/* ---- The table both baselines share ------------------------------------------ */
+/* ---- The rule on one word ------------------------------------------------------ */
 
-/* One cache line: tag, two counter words, the key bytes. */
+#define WIN_SHIFT 40
+#define WIN_MASK  UINT64_C(0xFFFFFF)
+#define CNT_MASK  ((UINT64_C(1) << WIN_SHIFT) - 1)
+
+bench_rule bench_rule_of(const bench_workload *w)
+{
+    bench_rule r = { .algo = w->algo, .max = w->max, .period_ns = w->period_ns };
+    r.interval_ns = w->algo == BENCH_GCRA ? w->period_ns / w->max : 0;
+    return r;
+}
+
+static inline uint64_t window_of(const bench_rule *r, uint64_t now)
+{
+    return (now / r->period_ns) & WIN_MASK;
+}
+
+int bench_rule_step(const bench_rule *r, uint64_t word, uint64_t now, uint64_t cost,
+                    uint64_t *next)
+{
+    if (r->algo == BENCH_GCRA) {
+        uint64_t tat = word > now ? word : now;
+        uint64_t new_tat = tat + cost * r->interval_ns;
+        if (new_tat - now > r->period_ns)       /* tau = interval * max = period */
+            return 0;
+        *next = new_tat;
+        return 1;
+    }
+    uint64_t win = window_of(r, now);
+    uint64_t count = (word >> WIN_SHIFT) == win ? word & CNT_MASK : 0;
+    if (count + cost > r->max)
+        return 0;
+    *next = win << WIN_SHIFT | (count + cost);
+    return 1;
+}
+
+int bench_rule_expired(const bench_rule *r, uint64_t word, uint64_t now)
+{
+    if (r->algo == BENCH_GCRA)
+        return word <= now;
+    return (word >> WIN_SHIFT) != window_of(r, now);
+}
+
+uint64_t bench_rule_count(uint64_t word)
+{
+    return word & CNT_MASK;
+}
+
+/* ---- The table ---------------------------------------------------------------------- */
+
+/* One cache line: tag, the rule's word, the key bytes. */
 typedef struct map_slot {
     _Alignas(64) uint64_t tag;     /* 0: empty; else (hash & ~0xff) | key length */
-    union {
-        uint64_t         count;    /* mutex map: hits in the window */
-        _Atomic uint64_t acount;   /* flat: the counter the CAS loop adds to */
-    };
-    uint64_t window_start;         /* mutex map */
+    _Atomic uint64_t word;
     char     key[BENCH_KEY_MAX];
 } map_slot;
 
 _Static_assert(sizeof(map_slot) == 64, "one cache line per slot");
 
 typedef struct map_table {
-    map_slot *slots;
-    size_t    n_slots;
-    size_t    capacity;
-    size_t    used;
+    map_slot  *slots;
+    size_t     n_slots;
+    size_t     capacity;
+    size_t     used;
+    bench_rule rule;
+    map_slot  *spare;              /* reclaim: where the live slots wait during a rebuild */
 } map_table;
 
-static int table_init(map_table *t, size_t capacity)
+static int table_init(map_table *t, size_t capacity, bench_rule rule, int reclaim)
 {
+    memset(t, 0, sizeof(*t));
     t->capacity = capacity;
     t->n_slots = capacity + capacity / 2 + 1;
-    t->used = 0;
-    if (posix_memalign((void **)&t->slots, 64, t->n_slots * sizeof(map_slot)) != 0)
+    t->rule = rule;
+    size_t bytes = t->n_slots * sizeof(map_slot);
+    if (posix_memalign((void **)&t->slots, 64, bytes) != 0)
         return -1;
-    memset(t->slots, 0, t->n_slots * sizeof(map_slot));
+    memset(t->slots, 0, bytes);
+    if (reclaim && !(t->spare = malloc(capacity * sizeof(map_slot)))) {
+        free(t->slots);
+        return -1;
+    }
     return 0;
+}
+
+static void table_destroy(map_table *t)
+{
+    free(t->slots);
+    free(t->spare);
 }
 
 static inline uint64_t tag_of(uint64_t h, size_t len)
 {
     return (h & ~UINT64_C(0xff)) | (uint64_t)len;      /* len in 1..40: never 0 */
+}
+
+static inline size_t home_of(const map_table *t, uint64_t h)
+{
+    return (size_t)(((unsigned __int128)h * t->n_slots) >> 64);
 }
 
 /* The slot holding @key, or the empty slot where it would go (*found false).
@@ -110,7 +179,7 @@ static inline map_slot *table_find(const map_table *t, uint64_t h, const void *k
                                    bool *found)
 {
     uint64_t tag = tag_of(h, len);
-    size_t i = (size_t)(((unsigned __int128)h * t->n_slots) >> 64);
+    size_t i = home_of(t, h);
 
     for (;;) {
         map_slot *s = &t->slots[i];
@@ -128,14 +197,45 @@ static inline map_slot *table_find(const map_table *t, uint64_t h, const void *k
     }
 }
 
-static inline map_slot *table_insert_at(map_table *t, map_slot *s, uint64_t h, const void *key,
-                                        size_t len)
+/* Rebuild @t without the keys whose state expired at @now (caller excludes all
+   other access). */
+static void table_sweep(map_table *t, uint64_t now)
 {
-    if (t->used >= t->capacity)
-        return NULL;
+    size_t live = 0;
+    for (size_t i = 0; i < t->n_slots; i++) {
+        map_slot *s = &t->slots[i];
+        if (s->tag && !bench_rule_expired(&t->rule, atomic_load_explicit(&s->word,
+                                                                         memory_order_relaxed), now))
+            memcpy(&t->spare[live++], s, sizeof(*s));
+    }
+    memset(t->slots, 0, t->n_slots * sizeof(map_slot));
+    for (size_t i = 0; i < live; i++) {
+        map_slot *from = &t->spare[i];
+        size_t j = home_of(t, bench_hash(from->key, from->tag & 0xff));
+        while (t->slots[j].tag)
+            if (++j == t->n_slots)
+                j = 0;
+        memcpy(&t->slots[j], from, sizeof(*from));
+    }
+    t->used = live;
+}
+
+/* Insert @key at @s (from table_find); NULL when full. With reclaim, a full
+   table is swept first and the key's empty slot found again. */
+static map_slot *table_insert_at(map_table *t, map_slot *s, uint64_t h, const void *key,
+                                 size_t len, uint64_t now)
+{
+    if (t->used >= t->capacity) {
+        if (!t->spare)
+            return NULL;
+        table_sweep(t, now);
+        if (t->used >= t->capacity)
+            return NULL;
+        bool found;
+        s = table_find(t, h, key, len, &found);
+    }
     memcpy(s->key, key, len);
-    s->count = 0;
-    s->window_start = 0;
+    atomic_store_explicit(&s->word, 0, memory_order_relaxed);
     s->tag = tag_of(h, len);
     t->used++;
     return s;
@@ -146,22 +246,18 @@ static inline map_slot *table_insert_at(map_table *t, map_slot *s, uint64_t h, c
 struct bench_mutex_map {
     pthread_mutex_t lock;
     map_table       t;
-    uint64_t        max;
-    uint64_t        period_ns;
 };
 
-bench_mutex_map *bench_mutex_map_new(size_t capacity, uint64_t max, uint64_t period_ns)
+bench_mutex_map *bench_mutex_map_new(size_t capacity, bench_rule rule, int reclaim)
 {
     bench_mutex_map *m = calloc(1, sizeof(*m));
     if (!m)
         return NULL;
-    if (table_init(&m->t, capacity) != 0) {
+    if (table_init(&m->t, capacity, rule, reclaim) != 0) {
         free(m);
         return NULL;
     }
     pthread_mutex_init(&m->lock, NULL);
-    m->max = max;
-    m->period_ns = period_ns;
     return m;
 }
 
@@ -170,7 +266,7 @@ void bench_mutex_map_free(bench_mutex_map *m)
     if (!m)
         return;
     pthread_mutex_destroy(&m->lock);
-    free(m->t.slots);
+    table_destroy(&m->t);
     free(m);
 }
 
@@ -179,37 +275,137 @@ size_t bench_mutex_map_bytes(const bench_mutex_map *m)
     return m->t.n_slots * sizeof(map_slot);
 }
 
-int bench_mutex_map_hit(bench_mutex_map *m, const void *key, size_t len, uint64_t now)
+int bench_mutex_map_hit(bench_mutex_map *m, const void *key, size_t len, uint64_t cost,
+                        uint64_t now, int peek)
 {
     if (len == 0 || len > BENCH_KEY_MAX)
         return -1;
     uint64_t h = bench_hash(key, len);         /* hash outside the lock */
+    uint64_t next;
     bool found;
-    int allowed;
 
     pthread_mutex_lock(&m->lock);
     map_slot *s = table_find(&m->t, h, key, len, &found);
-    if (!found && !table_insert_at(&m->t, s, h, key, len)) {
-        pthread_mutex_unlock(&m->lock);
-        return -1;
+    if (!found) {
+        if (peek) {
+            pthread_mutex_unlock(&m->lock);
+            return bench_rule_step(&m->t.rule, 0, now, 1, &next);
+        }
+        if (!(s = table_insert_at(&m->t, s, h, key, len, now))) {
+            pthread_mutex_unlock(&m->lock);
+            return -1;
+        }
     }
-    /* tally's fixed window: {0, 0} is empty; time never runs backwards in a key;
-       the window opens at the first hit after the last one expired */
-    uint64_t count = s->count, start = s->window_start;
-    bool empty = count == 0 && start == 0;
-    if (!empty && now < start)
-        now = start;
-    if (empty || now - start >= m->period_ns) {
-        start = now;
-        count = 0;
-    }
-    allowed = count < m->max;                 /* cost 1 fits: count + 1 <= max */
-    if (allowed)
-        count++;
-    s->count = count;
-    s->window_start = start;
+    /* under the lock: relaxed atomics are plain loads and stores */
+    uint64_t w = atomic_load_explicit(&s->word, memory_order_relaxed);
+    int allowed = bench_rule_step(&m->t.rule, w, now, peek ? 1 : cost, &next);
+    if (allowed && !peek)
+        atomic_store_explicit(&s->word, next, memory_order_relaxed);
     pthread_mutex_unlock(&m->lock);
     return allowed;
+}
+
+int bench_mutex_map_count(bench_mutex_map *m, const void *key, size_t len, uint64_t *count)
+{
+    bool found;
+    pthread_mutex_lock(&m->lock);
+    map_slot *s = table_find(&m->t, bench_hash(key, len), key, len, &found);
+    if (found)
+        *count = bench_rule_count(atomic_load(&s->word));
+    pthread_mutex_unlock(&m->lock);
+    return found ? 0 : -1;
+}
+
+/* ---- Rwlock map ------------------------------------------------------------------ */
+
+struct bench_rwlock_map {
+    pthread_rwlock_t lock;
+    map_table        t;
+};
+
+bench_rwlock_map *bench_rwlock_map_new(size_t capacity, bench_rule rule, int reclaim)
+{
+    bench_rwlock_map *m = calloc(1, sizeof(*m));
+    if (!m)
+        return NULL;
+    if (table_init(&m->t, capacity, rule, reclaim) != 0) {
+        free(m);
+        return NULL;
+    }
+    pthread_rwlock_init(&m->lock, NULL);
+    return m;
+}
+
+void bench_rwlock_map_free(bench_rwlock_map *m)
+{
+    if (!m)
+        return;
+    pthread_rwlock_destroy(&m->lock);
+    table_destroy(&m->t);
+    free(m);
+}
+
+size_t bench_rwlock_map_bytes(const bench_rwlock_map *m)
+{
+    return m->t.n_slots * sizeof(map_slot);
+}
+
+/* The rule as a CAS loop on the slot's word: readers change words concurrently. */
+static inline int word_cas_step(const bench_rule *r, _Atomic uint64_t *word, uint64_t now,
+                                uint64_t cost, int peek)
+{
+    uint64_t w = atomic_load_explicit(word, memory_order_relaxed), next;
+    for (;;) {
+        if (!bench_rule_step(r, w, now, peek ? 1 : cost, &next))
+            return 0;
+        if (peek)
+            return 1;
+        if (atomic_compare_exchange_weak_explicit(word, &w, next, memory_order_relaxed,
+                                                  memory_order_relaxed))
+            return 1;
+    }
+}
+
+int bench_rwlock_map_hit(bench_rwlock_map *m, const void *key, size_t len, uint64_t cost,
+                         uint64_t now, int peek)
+{
+    if (len == 0 || len > BENCH_KEY_MAX)
+        return -1;
+    uint64_t h = bench_hash(key, len), next;
+    bool found;
+    int allowed;
+
+    pthread_rwlock_rdlock(&m->lock);
+    map_slot *s = table_find(&m->t, h, key, len, &found);
+    if (found) {
+        allowed = word_cas_step(&m->t.rule, &s->word, now, cost, peek);
+        pthread_rwlock_unlock(&m->lock);
+        return allowed;
+    }
+    pthread_rwlock_unlock(&m->lock);
+    if (peek)
+        return bench_rule_step(&m->t.rule, 0, now, 1, &next);
+
+    pthread_rwlock_wrlock(&m->lock);
+    s = table_find(&m->t, h, key, len, &found);     /* another writer may have inserted it */
+    if (!found && !(s = table_insert_at(&m->t, s, h, key, len, now))) {
+        pthread_rwlock_unlock(&m->lock);
+        return -1;
+    }
+    allowed = word_cas_step(&m->t.rule, &s->word, now, cost, 0);
+    pthread_rwlock_unlock(&m->lock);
+    return allowed;
+}
+
+int bench_rwlock_map_count(bench_rwlock_map *m, const void *key, size_t len, uint64_t *count)
+{
+    bool found;
+    pthread_rwlock_rdlock(&m->lock);
+    map_slot *s = table_find(&m->t, bench_hash(key, len), key, len, &found);
+    if (found)
+        *count = bench_rule_count(atomic_load(&s->word));
+    pthread_rwlock_unlock(&m->lock);
+    return found ? 0 : -1;
 }
 
 /* ---- Flat lock-free ------------------------------------------------------------- */
@@ -223,7 +419,8 @@ bench_flat *bench_flat_new(size_t capacity)
     bench_flat *f = calloc(1, sizeof(*f));
     if (!f)
         return NULL;
-    if (table_init(&f->t, capacity) != 0) {
+    bench_rule none = { .algo = BENCH_FIXED, .max = UINT64_MAX, .period_ns = 1 };
+    if (table_init(&f->t, capacity, none, 0) != 0) {
         free(f);
         return NULL;
     }
@@ -234,7 +431,7 @@ void bench_flat_free(bench_flat *f)
 {
     if (!f)
         return;
-    free(f->t.slots);
+    table_destroy(&f->t);
     free(f);
 }
 
@@ -252,22 +449,33 @@ int bench_flat_insert(bench_flat *f, const void *key, size_t len)
     map_slot *s = table_find(&f->t, h, key, len, &found);
     if (found)
         return 0;
-    return table_insert_at(&f->t, s, h, key, len) ? 0 : -1;
+    return table_insert_at(&f->t, s, h, key, len, 0) ? 0 : -1;
 }
 
-int bench_flat_add(bench_flat *f, const void *key, size_t len)
+int bench_flat_add(bench_flat *f, const void *key, size_t len, uint64_t cost, int peek)
 {
     if (len == 0 || len > BENCH_KEY_MAX)
-        return 0;
+        return -1;
     uint64_t h = bench_hash(key, len);
     bool found;
     /* tags and keys were written before the run started: read without a lock */
     map_slot *s = table_find(&f->t, h, key, len, &found);
     if (!found)
-        return 0;
-    uint64_t v = atomic_load_explicit(&s->acount, memory_order_relaxed);
-    while (!atomic_compare_exchange_weak_explicit(&s->acount, &v, v + 1, memory_order_acq_rel,
+        return -1;
+    uint64_t v = atomic_load_explicit(&s->word, memory_order_relaxed);
+    if (peek)
+        return v != UINT64_MAX;
+    while (!atomic_compare_exchange_weak_explicit(&s->word, &v, v + cost, memory_order_relaxed,
                                                   memory_order_relaxed))
         ;
     return 1;
+}
+
+int bench_flat_count(bench_flat *f, const void *key, size_t len, uint64_t *count)
+{
+    bool found;
+    map_slot *s = table_find(&f->t, bench_hash(key, len), key, len, &found);
+    if (found)
+        *count = atomic_load(&s->word);
+    return found ? 0 : -1;
 }

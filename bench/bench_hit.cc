@@ -1,87 +1,70 @@
-// Steady-state hits on existing keys: tally against the baselines a user would
-// otherwise write, side by side in one binary and one run. Only registration
-// and the timing loop live here; every workload is a C function of shim.h.
+// Throughput rows: tally against the baselines a user would otherwise write
+// or pick, side by side in one binary and one run, on the same keys. Only
+// registration and the timing loop live here; every workload is a C function
+// of shim.h.
 //
-// Rows: hit/<design>/<keys>/real_time/threads:<T>, items_per_second = hits/s
-// summed over the threads; memory/... rows report bytes per tracked key.
+// Rows: <workload>/<design>/<keys>/real_time/threads:<T>, items_per_second =
+// operations per second summed over the threads; memory/... rows report bytes
+// per tracked key; latency/... rows come from bench_latency.cc.
 #include <benchmark/benchmark.h>
 
 #include <cstdio>
-#include <cstdlib>
-#include <map>
+#include <string>
+#include <vector>
 
+#include "fixture.h"
 #include "shim.h"
+
+void register_latency(const std::string &redis_why);
 
 namespace {
 
-constexpr size_t kBatch = 256;          // hits per benchmark iteration
-constexpr size_t kSeqLen = size_t(1) << 20;
-constexpr int kMaxThreads = 8;
-constexpr uint64_t kKeySeed = 0x7a11c0ffee;
-
-struct KeySet {
-    bench_keys *keys = nullptr;
-    bench_seq *seq[kMaxThreads] = {};
-};
-
-// Shared state. Written only by thread 0 before the loop starts: the
-// benchmark library's start barrier orders it before the other threads read it.
-std::map<size_t, KeySet> g_keysets;
-bench_target *g_target = nullptr;
-bench_design g_design = BENCH_N_DESIGNS;
-size_t g_nkeys = 0;
-KeySet *g_cur = nullptr;
-
-[[noreturn]] void die(const char *what)
-{
-    std::fprintf(stderr, "bench_hit: %s\n", what);
-    std::abort();
-}
-
-// Create (once per design and key count) the keys, the per-thread sequences
-// and the warm shared state. A later run of the same benchmark reuses them.
-void setup(bench_design d, size_t nkeys, int threads)
-{
-    if (threads > kMaxThreads)
-        die("too many threads");
-    KeySet &ks = g_keysets[nkeys];
-    if (!ks.keys && !(ks.keys = bench_keys_new(nkeys, kKeySeed)))
-        die("cannot make keys");
-    for (int i = 0; i < threads; i++)
-        if (!ks.seq[i] && !(ks.seq[i] = bench_seq_new(ks.keys, kSeqLen, kKeySeed + 1 + i)))
-            die("cannot make key sequence");
-    g_cur = &ks;
-    if (g_target && g_design == d && g_nkeys == nkeys)
-        return;
-    bench_target_free(g_target);
-    g_target = bench_target_new(d, ks.keys);
-    if (!g_target)
-        die("cannot create the target");
-    g_design = d;
-    g_nkeys = nkeys;
-}
-
-void BM_hit(benchmark::State &state, bench_design d, size_t nkeys)
+void BM_hit(benchmark::State &state, bench_design d, bench_workload w)
 {
     const int tid = state.thread_index();
-    if (tid == 0)
-        setup(d, nkeys, state.threads());
+    const size_t batch = bench_design_batch(d);
+    static fixture::Setup s;          // written by thread 0 before the start barrier
+    static uint64_t count_before, cost_before;
+    static int counted;
 
+    if (tid == 0) {
+        s = fixture::prepare(d, w, state.threads());
+        const bench_keys *k = s.keys;
+        counted = w.kind == BENCH_W_HOT
+                  && bench_target_count(s.target, k->arena + k->ref[0].off, k->ref[0].len,
+                                        &count_before) == 0;
+        cost_before = bench_target_allowed_cost(s.target);
+    }
     size_t pos = 0;
     uint64_t allowed = 0;
-    for (auto _ : state) {
-        // globals read after the start barrier
-        allowed += bench_target_run(g_target, g_cur->keys, g_cur->seq[tid], &pos, kBatch);
-    }
-    const uint64_t items = uint64_t(state.iterations()) * kBatch;
+    for (auto _ : state)
+        allowed += bench_target_run(s.target, tid, s.keys, s.seq[tid], &pos, batch);
+
+    const uint64_t items = uint64_t(state.iterations()) * batch;
     state.SetItemsProcessed(int64_t(items));
     // per-thread counters are summed over the threads; not_allowed = denied + errors
     state.counters["not_allowed"] = double(items - allowed);
     if (tid == 0) {
-        // after the end barrier: every thread's errors are in (counted since the
-        // target was created, warm-up included: tally EFULL shows up here)
-        state.counters["errors_total"] = double(bench_target_errors(g_target));
-        state.counters["bytes_per_key"] = bench_target_bytes_per_key(g_target);
+        // after the end barrier: every thread's hits are in
+        state.counters["errors_total"] = double(bench_target_errors(s.target));
+        state.counters["bytes_per_key"] = bench_target_bytes_per_key(s.target);
+        if (w.kind == BENCH_W_HOT) {
+            // the stored count grew by exactly the cost of the allowed hits
+            const bench_keys *k = s.keys;
+            uint64_t after;
+            const bool exact = counted
+                && bench_target_count(s.target, k->arena + k->ref[0].off, k->ref[0].len,
+                                      &after) == 0
+                && after - count_before == bench_target_allowed_cost(s.target) - cost_before;
+            state.counters["exact"] = exact ? 1 : 0;
+        }
+    }
+}
+
+void BM_skip(benchmark::State &state, std::string why)
+{
+    state.SkipWithError(why.c_str());
+    for (auto _ : state) {
     }
 }
 
@@ -95,27 +78,45 @@ void BM_memory(benchmark::State &state, size_t capacity, int digest_only)
     state.counters["bytes_per_key"] = b;
 }
 
-const char *keys_label(size_t n)
+constexpr size_t K1 = 1024, K64 = size_t(1) << 16, M1 = size_t(1) << 20;
+
+void register_rows(bench_kind kind, std::vector<size_t> key_counts, size_t redis_keys,
+                   const std::string &redis_why)
 {
-    return n == (size_t(1) << 16) ? "64K" : n == (size_t(1) << 20) ? "1M" : "n";
+    for (size_t nkeys : key_counts) {
+        const bench_workload w = bench_workload_of(kind, nkeys);
+        for (int di = 0; di < BENCH_N_DESIGNS; di++) {
+            const bench_design d = bench_design(di);
+            if (!bench_design_supports(d, &w))
+                continue;
+            const bool redis = bench_design_needs_redis(d);
+            if (redis && nkeys != redis_keys)
+                continue;
+            const std::string name = std::string(bench_kind_name(kind)) + "/"
+                + bench_design_name(d) + "/" + fixture::keys_label(w.n_keys);
+            benchmark::internal::Benchmark *b =
+                redis && !redis_why.empty()
+                    ? benchmark::RegisterBenchmark(name.c_str(), BM_skip, "skipped: " + redis_why)
+                    : benchmark::RegisterBenchmark(name.c_str(), BM_hit, d, w);
+            b->Threads(1)->Threads(2)->Threads(4)->Threads(8)->UseRealTime();
+        }
+    }
 }
 
 void register_all()
 {
-    static const size_t key_counts[] = { size_t(1) << 16, size_t(1) << 20 };
-    static const bench_design designs[] = { BENCH_TALLY, BENCH_TALLY_AT, BENCH_MUTEX_MAP,
-                                            BENCH_FLAT_LOCKFREE };
-    char name[128];
+    char why[256] = "";
+    const std::string redis_why = bench_redis_check(why, sizeof(why)) == 0 ? "" : why;
 
-    for (size_t nkeys : key_counts) {
-        for (bench_design d : designs) {
-            std::snprintf(name, sizeof(name), "hit/%s/%s", bench_design_name(d), keys_label(nkeys));
-            benchmark::RegisterBenchmark(name, BM_hit, d, nkeys)
-                ->Threads(1)
-                ->Threads(2)
-                ->UseRealTime();
-        }
-    }
+    register_rows(BENCH_W_UNIFORM, { K1, K64, M1 }, K64, redis_why);
+    register_rows(BENCH_W_ZIPF, { K64, M1 }, K64, redis_why);
+    register_rows(BENCH_W_HOT, { 1 }, 1, redis_why);
+    register_rows(BENCH_W_WEIGHTED, { K64 }, K64, redis_why);
+    register_rows(BENCH_W_GCRA, { K64 }, K64, redis_why);
+    register_rows(BENCH_W_PEEK, { K64 }, K64, redis_why);
+    register_rows(BENCH_W_INSERT, { M1 }, M1, redis_why);
+    register_latency(redis_why);
+
     benchmark::RegisterBenchmark("memory/tally_digest_only/1000000", BM_memory, size_t(1000000), 1)
         ->Iterations(1);
     // digest_only=false: the table plus its per-slot key pointers (key copies not counted)
@@ -133,12 +134,6 @@ int main(int argc, char **argv)
     register_all();
     benchmark::RunSpecifiedBenchmarks();
     benchmark::Shutdown();
-
-    bench_target_free(g_target);
-    for (auto &kv : g_keysets) {
-        for (bench_seq *s : kv.second.seq)
-            bench_seq_free(s);
-        bench_keys_free(kv.second.keys);
-    }
+    fixture::release_all();
     return 0;
 }

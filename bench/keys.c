@@ -1,8 +1,10 @@
 /*
  * Benchmark keys: N distinct strings of 16..40 bytes that look like user ids
- * and API tokens, all in one arena, and per-thread sequences of uniformly
- * drawn key references so that no key is generated inside a timed loop.
+ * and API tokens, all in one arena, and per-thread sequences of key references
+ * (uniform, Zipf or one hot key; with costs when weighted) drawn beforehand so
+ * that nothing is generated inside a timed loop.
  */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -89,7 +91,35 @@ void bench_keys_free(bench_keys *k)
     free(k);
 }
 
-bench_seq *bench_seq_new(const bench_keys *k, size_t len_pow2, uint64_t seed)
+/* Zipf(s) over ranks 1..n by inversion of the cumulative distribution. */
+static double *zipf_cdf(size_t n, double s)
+{
+    double *cdf = malloc(n * sizeof(*cdf));
+    if (!cdf)
+        return NULL;
+    double sum = 0;
+    for (size_t i = 0; i < n; i++)
+        cdf[i] = (sum += pow((double)(i + 1), -s));
+    for (size_t i = 0; i < n; i++)
+        cdf[i] /= sum;
+    return cdf;
+}
+
+static size_t zipf_draw(const double *cdf, size_t n, double u)
+{
+    size_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (cdf[mid] < u)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+bench_seq *bench_seq_new(const bench_keys *k, size_t len_pow2, uint64_t seed, bench_dist dist,
+                         int weighted)
 {
     if (!k || len_pow2 == 0 || (len_pow2 & (len_pow2 - 1)))
         return NULL;
@@ -98,17 +128,37 @@ bench_seq *bench_seq_new(const bench_keys *k, size_t len_pow2, uint64_t seed)
         return NULL;
     s->mask = len_pow2 - 1;
     s->ref = malloc(len_pow2 * sizeof(*s->ref));
-    if (!s->ref) {
-        free(s);
+    if (weighted)
+        s->cost = malloc(len_pow2 * sizeof(*s->cost));
+    double *cdf = dist == BENCH_ZIPF ? zipf_cdf(k->n, BENCH_ZIPF_S) : NULL;
+    if (!s->ref || (weighted && !s->cost) || (dist == BENCH_ZIPF && !cdf)) {
+        free(cdf);
+        bench_seq_free(s);
         return NULL;
     }
     uint64_t rng = seed;
     for (size_t i = 0; i < len_pow2; i++) {
-        /* uniform over [0, n) by multiply-shift (bias < n / 2^64) */
         uint64_t r = splitmix64(&rng);
-        size_t idx = (size_t)(((unsigned __int128)r * k->n) >> 64);
+        size_t idx;
+        switch (dist) {
+        case BENCH_ZIPF:
+            /* rank i is key i: keys are unrelated strings, so hot keys land
+               anywhere in a table */
+            idx = zipf_draw(cdf, k->n, (double)(r >> 11) * 0x1.0p-53);
+            break;
+        case BENCH_HOT:
+            idx = 0;
+            break;
+        default:
+            /* uniform over [0, n) by multiply-shift (bias < n / 2^64) */
+            idx = (size_t)(((unsigned __int128)r * k->n) >> 64);
+            break;
+        }
         s->ref[i] = k->ref[idx];
+        if (weighted)   /* tokens per request: 1..BENCH_COST_MAX, uniform */
+            s->cost[i] = (uint8_t)(1 + splitmix64(&rng) % BENCH_COST_MAX);
     }
+    free(cdf);
     return s;
 }
 
@@ -117,5 +167,6 @@ void bench_seq_free(bench_seq *s)
     if (!s)
         return;
     free(s->ref);
+    free(s->cost);
     free(s);
 }

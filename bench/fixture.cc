@@ -1,0 +1,88 @@
+#include "fixture.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <string>
+#include <tuple>
+
+namespace fixture {
+namespace {
+
+constexpr uint64_t kKeySeed = 0x7a11c0ffee;
+
+std::map<size_t, bench_keys *> g_keys;
+std::map<std::tuple<size_t, int, int, int>, bench_seq *> g_seqs;  // (n, dist, weighted, tid)
+bench_target *g_target = nullptr;
+bench_design g_design = BENCH_N_DESIGNS;
+bench_kind g_kind = BENCH_N_KINDS;
+size_t g_nkeys = 0;
+
+[[noreturn]] void die(const char *what)
+{
+    std::fprintf(stderr, "bench: %s\n", what);
+    std::abort();
+}
+
+} // namespace
+
+Setup prepare(bench_design d, const bench_workload &w, int threads)
+{
+    if (threads > BENCH_MAX_THREADS)
+        die("too many threads");
+    bench_keys *&k = g_keys[w.n_keys];
+    if (!k && !(k = bench_keys_new(w.n_keys, kKeySeed)))
+        die("cannot make keys");
+    Setup s{};
+    s.keys = k;
+    for (int i = 0; i < threads; i++) {
+        bench_seq *&q = g_seqs[{ w.n_keys, int(w.dist), w.weighted, i }];
+        if (!q && !(q = bench_seq_new(k, kSeqLen, kKeySeed + 1 + i, w.dist, w.weighted)))
+            die("cannot make key sequence");
+        s.seq[i] = q;
+    }
+    if (!g_target || g_design != d || g_kind != w.kind || g_nkeys != w.n_keys) {
+        bench_target_free(g_target);
+        g_target = nullptr;
+        if (!(g_target = bench_target_new(d, &w, k)))
+            die("cannot create the target");
+        g_design = d;
+        g_kind = w.kind;
+        g_nkeys = w.n_keys;
+    }
+    s.target = g_target;
+    return s;
+}
+
+bench_target *current()
+{
+    return g_target;
+}
+
+const char *keys_label(size_t n)
+{
+    static std::map<size_t, std::string> other;
+    if (n == 1024)
+        return "1K";
+    if (n == (size_t(1) << 16))
+        return "64K";
+    if (n == (size_t(1) << 20))
+        return "1M";
+    std::string &s = other[n];
+    s = std::to_string(n);
+    return s.c_str();
+}
+
+void release_all()
+{
+    bench_target_free(g_target);
+    g_target = nullptr;
+    for (auto &kv : g_seqs)
+        bench_seq_free(kv.second);
+    g_seqs.clear();
+    for (auto &kv : g_keys)
+        bench_keys_free(kv.second);
+    g_keys.clear();
+}
+
+} // namespace fixture

@@ -1,0 +1,32 @@
+// Shared set-up of the benchmark rows: keys, per-thread key sequences and the
+// target under test, made once and reused by the rows that follow (rows are
+// registered so that one target serves its thread counts in a row). Called by
+// thread 0 only, before the start barrier of google-benchmark's timing loop:
+// the barrier orders these writes before the other threads read them.
+#pragma once
+
+#include <cstddef>
+
+#include "shim.h"
+
+namespace fixture {
+
+constexpr size_t kSeqLen = size_t(1) << 20;   // references per thread, read cyclically
+
+struct Setup {
+    const bench_keys *keys;
+    const bench_seq *seq[BENCH_MAX_THREADS];
+    bench_target *target;
+};
+
+// The keys, @threads sequences and the target of design @d for workload @w;
+// aborts with a message when something cannot be made.
+Setup prepare(bench_design d, const bench_workload &w, int threads);
+// The target in use, for counters read after the loop.
+bench_target *current();
+// "1K", "64K", "1M", or the number.
+const char *keys_label(size_t n);
+// Free everything (end of main).
+void release_all();
+
+} // namespace fixture
