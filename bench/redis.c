@@ -18,7 +18,7 @@ struct bench_redis {
     uint64_t      max;
 };
 
-static int server_addr(char *host, size_t host_len, int *port)
+int bench_redis_addr(char *host, size_t host_len, int *port)
 {
     const char *env = getenv("TALLY_BENCH_REDIS");
     const char *colon = env ? strrchr(env, ':') : NULL;
@@ -34,7 +34,7 @@ static redisContext *connect_to_server(char *why, size_t why_len)
 {
     char host[256];
     int port;
-    if (server_addr(host, sizeof(host), &port) != 0) {
+    if (bench_redis_addr(host, sizeof(host), &port) != 0) {
         snprintf(why, why_len, "no redis-server: TALLY_BENCH_REDIS (host:port) is not set; "
                                "run under tools/bench-redis");
         return NULL;

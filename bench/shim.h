@@ -120,6 +120,8 @@ int         bench_design_supports(bench_design d, const bench_workload *w);
 size_t      bench_design_batch(bench_design d);
 /* 1 if @d needs the redis-server named by $TALLY_BENCH_REDIS ("host:port"). */
 int         bench_design_needs_redis(bench_design d);
+/* The host and port of $TALLY_BENCH_REDIS: 0, or -1 when it is not set. */
+int         bench_redis_addr(char *host, size_t host_len, int *port);
 /* 0 if that server answers PING; else -1 with the reason in @why. */
 int         bench_redis_check(char *why, size_t why_len);
 
@@ -173,10 +175,14 @@ double   bench_hist_quantile_ns(const bench_hist *h, double q);
 /* What runs beside the hitting threads in a latency row. */
 typedef enum bench_lat_env {
     BENCH_LAT_ALONE,          /* nothing: the engine only */
-    BENCH_LAT_FLUSHER,        /* the engine's flusher syncing to a live redis-server */
-    BENCH_LAT_REDIS_STOPPED,  /* the flusher with its redis-server stopped */
+    BENCH_LAT_FLUSHER,        /* the engine's flusher, every BENCH_FLUSH_INTERVAL_MS, syncing
+                                 to the live redis-server of $TALLY_BENCH_REDIS */
+    BENCH_LAT_REDIS_STOPPED,  /* the same flusher with no server at its address: every
+                                 connect is refused and the flusher backs off and retries */
     BENCH_N_LAT_ENVS
 } bench_lat_env;
+
+#define BENCH_FLUSH_INTERVAL_MS 100
 
 const char *bench_lat_env_name(bench_lat_env env);
 /* Set up @env on @t: 0, or -1 with the reason in @why (row skipped). */

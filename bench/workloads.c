@@ -14,6 +14,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #if defined(__x86_64__)
 #include <x86intrin.h>
 #endif
@@ -508,29 +512,55 @@ const char *bench_lat_env_name(bench_lat_env env)
     return (unsigned)env < BENCH_N_LAT_ENVS ? names[env] : "?";
 }
 
+/* A loopback port where nothing listens: bound once to learn it, then closed. */
+static int dead_port(void)
+{
+    struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    socklen_t len = sizeof(a);
+    int fd = socket(AF_INET, SOCK_STREAM, 0), port = -1;
+    if (fd < 0)
+        return -1;
+    if (bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0
+        && getsockname(fd, (struct sockaddr *)&a, &len) == 0)
+        port = ntohs(a.sin_port);
+    close(fd);
+    return port;
+}
+
 int bench_lat_env_start(bench_target *t, bench_lat_env env, char *why, size_t why_len)
 {
     pthread_once(&calibrated, calibrate);
-    switch (env) {
-    case BENCH_LAT_ALONE:
+    if (env == BENCH_LAT_ALONE)
         return 0;
-    case BENCH_LAT_FLUSHER:
-    case BENCH_LAT_REDIS_STOPPED:
-        /* These rows start the engine's flusher on t->engine, syncing to the
-           redis-server of $TALLY_BENCH_REDIS (or, for redis_stopped, to a
-           loopback port where no server listens). tally.h does not declare the
-           flusher (tally_flusher_start/stop, shared/docs/API.md) yet. */
-        (void)t;
-        snprintf(why, why_len, "the flusher is not in tally.h yet");
-        return -1;
-    default:
-        snprintf(why, why_len, "unknown environment");
+    if (!t->engine) {
+        snprintf(why, why_len, "the flusher is tally's");
         return -1;
     }
+    char host[256] = "127.0.0.1";
+    int port;
+    if (env == BENCH_LAT_FLUSHER) {
+        if (bench_redis_check(why, why_len) != 0 || bench_redis_addr(host, sizeof(host), &port))
+            return -1;
+    } else if ((port = dead_port()) < 0) {
+        snprintf(why, why_len, "no free loopback port");
+        return -1;
+    }
+    tally_redis_options ro = { .host = host, .port = port, .key_prefix = "bench:",
+                               .connect_timeout_ms = 100, .command_timeout_ms = 1000 };
+    tally_flusher_options fo;
+    tally_flusher_options_init(&fo);
+    fo.interval_ms = BENCH_FLUSH_INTERVAL_MS;
+    fo.redis = &ro;
+    int rc = tally_flusher_start(t->engine, &fo);
+    if (rc) {
+        snprintf(why, why_len, "tally_flusher_start: %s", tally_strerror(rc));
+        return -1;
+    }
+    return 0;
 }
 
 void bench_lat_env_stop(bench_target *t, bench_lat_env env)
 {
-    (void)t;
-    (void)env;
+    if (env != BENCH_LAT_ALONE && t->engine)
+        tally_flusher_stop(t->engine);
 }
