@@ -31,7 +31,10 @@ extern "C" {
     X(TALLY_ECONFLICT, -5, "state changed since it was observed")                   \
     X(TALLY_ETIMEDOUT, -6, "timed out")                                             \
     X(TALLY_EIO,       -7, "a sink failed")                                         \
-    X(TALLY_ESTATE,    -8, "call not valid in the engine's current state")
+    X(TALLY_ESTATE,    -8, "call not valid in the engine's current state")          \
+    X(TALLY_EBUSY,     -9, "too many operations running")                           \
+    X(TALLY_ECOOLDOWN, -10, "key cooling down after too many attempts")             \
+    X(TALLY_EOPEN,     -11, "circuit breaker open")
 
 enum {
 #define TALLY_ERR_ENUM_(name, value, msg) name = value,
@@ -250,5 +253,6 @@ int tally_reset_if(tally_engine *e, uint32_t policy, const void *key, size_t key
 #endif
 
 #include "tally/flusher.h"
+#include "tally/coalesce.h"
 
 #endif /* TALLY_H */
