@@ -6,7 +6,10 @@
  * stripe b mod STRIPES; a stripe's mutex guards its buckets' chains, every
  * field of the entries linked there, the `done` flag of their running
  * results, and the stripe's counters. Unused entries sit on a lock-free
- * free list (a Treiber stack of indices with a tag against ABA).
+ * free list (a Treiber stack of indices with a tag against ABA), except one
+ * spare per stripe, kept under the stripe's lock so that a call on a key of
+ * its own does not touch the shared list head twice (the spares go back to
+ * the list when a new key finds it empty).
  *
  * Ordering and progress guarantees:
  *  1. At most one execution runs per key: a leader installs its result as
@@ -17,10 +20,10 @@
  *  3. A result is freed by the holder that drops its last reference (an
  *     acq_rel decrement): the leader holds one until it returns, so a waiter
  *     that gives up never frees it, and nobody frees it while another reads.
- *  4. An entry returns to the free list only when it has no flight, no
- *     waiter (a waiter sleeps on the entry's condvar) and no unexpired attempt
- *     state. The push is a release CAS and the pop an acquire CAS, which order
- *     the entry's fields between the stripes it moves through.
+ *  4. An entry is unlinked only when it has no flight, no waiter (a waiter
+ *     sleeps on the entry's condvar) and no unexpired attempt state. It moves
+ *     between stripes only through the free list, whose push is a release CAS
+ *     and pop an acquire CAS: they order the entry's fields between stripes.
  *  5. The breaker word changes only by CAS from the exact word a pure step
  *     was computed from (tally__breaker_enter_step/leave_step), so exactly
  *     one caller moves it from open to half-open and becomes the probe.
@@ -49,6 +52,8 @@
 #define SWEEP_BUCKETS    1024u      /* buckets one reclaim sweep examines */
 #define NIL              UINT32_MAX
 #define NS_PER_MS        UINT64_C(1000000)
+
+_Static_assert(SWEEP_BUCKETS >= STRIPES && MIN_BUCKETS >= STRIPES, "a sweep visits every stripe");
 
 /* ---- Circuit breaker: pure steps ---------------------------------------- */
 
@@ -278,6 +283,7 @@ typedef struct entry {
 typedef struct stripe {
     _Alignas(64) pthread_mutex_t lock;
     pthread_cond_t drained;          /* shutdown waits here for active == 0 */
+    uint32_t spare;                  /* a free entry kept for this stripe, or NIL */
     uint32_t active;                 /* leaders running and waiters waiting */
     uint32_t leaders;                /* leaders running */
     uint32_t keys;                   /* entries linked */
@@ -429,6 +435,7 @@ int tally_coalesce_open(const tally_coalesce_options *opts, tally_coalesce **out
     }
     memset(c->stripes, 0, STRIPES * sizeof(stripe));
     for (s = 0; s < STRIPES; s++) {
+        c->stripes[s].spare = NIL;
         if (pthread_mutex_init(&c->stripes[s].lock, NULL))
             break;
         if (monotonic_cond_init(&c->stripes[s].drained)) {
@@ -499,6 +506,23 @@ static stripe *stripe_of(tally_coalesce *c, size_t bucket)
     return &c->stripes[bucket & (STRIPES - 1)];
 }
 
+static uint32_t entry_take(tally_coalesce *c, stripe *s)
+{
+    uint32_t i = s->spare;
+    if (i == NIL)
+        return pool_pop(c);
+    s->spare = NIL;
+    return i;
+}
+
+static void entry_give(tally_coalesce *c, stripe *s, uint32_t i)
+{
+    if (s->spare == NIL)
+        s->spare = i;
+    else
+        pool_push(c, i);
+}
+
 /* True when @e holds nothing that must outlive this moment. */
 static bool entry_idle(const tally_coalesce *c, const entry *e, uint64_t now)
 {
@@ -525,7 +549,7 @@ static entry *bucket_scan(tally_coalesce *c, size_t bucket, const tally__digest 
         } else if (entry_idle(c, e, now)) {
             *link = e->next;
             s->keys--;
-            pool_push(c, i);
+            entry_give(c, s, i);
             continue;
         }
         link = &e->next;
@@ -542,9 +566,10 @@ static void entry_recycle(tally_coalesce *c, entry *e, uint64_t now)
     uint32_t i = (uint32_t)(e - c->entries);
     for (uint32_t *link = &c->buckets[bucket]; *link != NIL; link = &c->entries[*link].next) {
         if (*link == i) {
+            stripe *s = stripe_of(c, bucket);
             *link = e->next;
-            stripe_of(c, bucket)->keys--;
-            pool_push(c, i);
+            s->keys--;
+            entry_give(c, s, i);
             return;
         }
     }
@@ -552,7 +577,8 @@ static void entry_recycle(tally_coalesce *c, entry *e, uint64_t now)
 
 static entry *entry_link(tally_coalesce *c, size_t bucket, const tally__digest *d)
 {
-    uint32_t i = pool_pop(c);
+    stripe *s = stripe_of(c, bucket);
+    uint32_t i = entry_take(c, s);
     if (i == NIL)
         return NULL;
     entry *e = &c->entries[i];
@@ -565,11 +591,12 @@ static entry *entry_link(tally_coalesce *c, size_t bucket, const tally__digest *
     e->cooldown_until = 0;
     e->next = c->buckets[bucket];
     c->buckets[bucket] = i;
-    stripe_of(c, bucket)->keys++;
+    s->keys++;
     return e;
 }
 
-/* Reclaim idle entries from SWEEP_BUCKETS buckets after a rotating cursor.
+/* Reclaim idle entries from SWEEP_BUCKETS buckets after a rotating cursor,
+   and the spares of their stripes (every stripe: SWEEP_BUCKETS >= STRIPES).
    Called with no lock held; takes one stripe lock at a time. */
 static void sweep(tally_coalesce *c, uint64_t now)
 {
@@ -580,6 +607,10 @@ static void sweep(tally_coalesce *c, uint64_t now)
         stripe *s = stripe_of(c, b);
         pthread_mutex_lock(&s->lock);
         bucket_scan(c, b, NULL, now);
+        if (s->spare != NIL) {
+            pool_push(c, s->spare);
+            s->spare = NIL;
+        }
         pthread_mutex_unlock(&s->lock);
     }
 }
@@ -750,8 +781,8 @@ static int coalesce_do(tally_coalesce *c, const void *key, size_t key_len,
     }
     s->calls++;
     e = bucket_scan(c, bucket, &d, now);
-    if (!e && !(e = entry_link(c, bucket, &d)) && c->opts.max_attempts) {
-        /* idle entries may wait in other buckets: reclaim some and look again */
+    if (!e && !(e = entry_link(c, bucket, &d))) {
+        /* idle entries and spares wait in other stripes: reclaim and look again */
         pthread_mutex_unlock(&s->lock);
         sweep(c, now);
         pthread_mutex_lock(&s->lock);
@@ -824,7 +855,9 @@ int tally_coalesce_do(tally_coalesce *c, const void *key, size_t key_len,
                       const tally_coalesce_op *op, uint64_t timeout_ns,
                       tally_coalesce_result **out)
 {
-    return coalesce_do(c, key, key_len, op, tally_now_ns(), true, timeout_ns, out);
+    /* the clock is read only when a limit needs it (it costs a third of a call) */
+    uint64_t now = c && (c->opts.max_attempts || c->has_breaker) ? tally_now_ns() : 0;
+    return coalesce_do(c, key, key_len, op, now, true, timeout_ns, out);
 }
 
 /* ---- Counters ------------------------------------------------------------- */
