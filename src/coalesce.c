@@ -787,6 +787,7 @@ static int coalesce_do(tally_coalesce *c, const void *key, size_t key_len,
         sweep(c, now);
         pthread_mutex_lock(&s->lock);
         if (atomic_load_explicit(&c->closing, memory_order_relaxed)) {
+            s->calls--;            /* as if shutdown had come first */
             pthread_mutex_unlock(&s->lock);
             return TALLY_ESTATE;
         }
@@ -855,7 +856,7 @@ int tally_coalesce_do(tally_coalesce *c, const void *key, size_t key_len,
                       const tally_coalesce_op *op, uint64_t timeout_ns,
                       tally_coalesce_result **out)
 {
-    /* the clock is read only when a limit needs it (it costs a third of a call) */
+    /* read the clock only when a limit needs it: it costs as much as a quick call */
     uint64_t now = c && (c->opts.max_attempts || c->has_breaker) ? tally_now_ns() : 0;
     return coalesce_do(c, key, key_len, op, now, true, timeout_ns, out);
 }

@@ -141,7 +141,8 @@ int tally_breaker_read(const tally_breaker *b, tally_breaker_view *out);
 typedef struct tally_coalesce_result tally_coalesce_result;
 
 /*
- * tally_coalesce_value - the value the operation produced (NULL if it set none).
+ * tally_coalesce_value - the value the operation produced (NULL if it set
+ * none, or for NULL @r).
  * It stays valid until the caller releases its reference; every holder sees
  * the same pointer, so treat what it points to as read-only.
  * Any thread may call it. It never blocks.
@@ -150,7 +151,8 @@ void *tally_coalesce_value(const tally_coalesce_result *r);
 
 /*
  * tally_coalesce_status - what the operation's run function returned:
- * 0 for success, any other value is the operation's own failure code.
+ * 0 for success, any other value is the operation's own failure code
+ * (TALLY_EINVAL for NULL @r).
  * Any thread may call it. It never blocks.
  */
 int tally_coalesce_status(const tally_coalesce_result *r);
