@@ -224,6 +224,7 @@ int tally_breaker_read(const tally_breaker *b, tally_breaker_view *out)
 {
     if (!b || !out)
         return TALLY_EINVAL;
+    /* acquire: pairs with the release of the CAS that wrote the word */
     breaker_view(atomic_load_explicit(&((tally_breaker *)b)->word, memory_order_acquire), out);
     return 0;
 }
@@ -679,6 +680,7 @@ static struct timespec deadline_after(uint64_t timeout_ns)
 /* Leave the stripe: the last one out while closing wakes shutdown. */
 static void stripe_leave(tally_coalesce *c, stripe *s)
 {
+    /* relaxed: under the stripe lock, which shutdown takes after setting it */
     if (--s->active == 0 && atomic_load_explicit(&c->closing, memory_order_relaxed))
         pthread_cond_broadcast(&s->drained);
 }
@@ -696,6 +698,7 @@ static int join(tally_coalesce *c, stripe *s, entry *e, uint64_t now, uint64_t t
     s->coalesced++;
     if (timeout_ns != 0 && timeout_ns != TALLY_COALESCE_FOREVER)
         dl = deadline_after(timeout_ns);
+    /* relaxed loads of closing: under the stripe lock (guarantee 6) */
     while (!r->done && !atomic_load_explicit(&c->closing, memory_order_relaxed)) {
         if (timeout_ns == 0)
             break;
@@ -973,7 +976,8 @@ int tally_coalesce_shutdown(tally_coalesce *c, uint64_t timeout_ns)
         return TALLY_EINVAL;
     if (timeout_ns != 0 && timeout_ns != TALLY_COALESCE_FOREVER)
         dl = deadline_after(timeout_ns);
-    atomic_store(&c->closing, true);
+    /* relaxed: releasing each stripe lock below publishes it to later lockers */
+    atomic_store_explicit(&c->closing, true, memory_order_relaxed);
     for (unsigned i = 0; i < STRIPES; i++) {
         stripe *s = &c->stripes[i];
         pthread_mutex_lock(&s->lock);
