@@ -242,7 +242,8 @@ typedef struct tally_coalesce_op {
  * execution already running for @key.
  * @key, @key_len: the key; only a keyed 128-bit digest of it is kept.
  * @op:         the operation, used only if this call becomes the leader.
- * @now_ns:     the time for the attempt window, the cooldown and the breaker.
+ * @now_ns:     the time for the attempt window, the cooldown and the breaker
+ *              (also the time of the breaker report after the run).
  * @timeout_ns: how long to wait for a running execution (real time, from the
  *              call); 0: do not wait; TALLY_COALESCE_FOREVER: no bound.
  * @out:        receives a reference to the result, to release with
@@ -275,7 +276,8 @@ int tally_coalesce_do_at(tally_coalesce *c, const void *key, size_t key_len,
                          const tally_coalesce_op *op, uint64_t now_ns, uint64_t timeout_ns,
                          tally_coalesce_result **out);
 
-/* tally_coalesce_do - tally_coalesce_do_at() at tally_now_ns(). Same contract. */
+/* tally_coalesce_do - tally_coalesce_do_at() at tally_now_ns(), read at the
+   call and, for the breaker report, again when run() returns. Same contract. */
 int tally_coalesce_do(tally_coalesce *c, const void *key, size_t key_len,
                       const tally_coalesce_op *op, uint64_t timeout_ns,
                       tally_coalesce_result **out);
