@@ -399,7 +399,7 @@ static int count_key(struct tally__flusher *f, const entry *x, char *buf, size_t
 
 static int append_batch(struct tally__flusher *f, batch *b)
 {
-    size_t argc = 3 + b->n + 1 + 2 * b->n;
+    size_t argc = 5 + 3 * b->n;       /* EVAL script numkeys token keys... ttl (delta ttl)... */
     const char **argv = malloc(argc * sizeof(*argv));
     size_t *argl = malloc(argc * sizeof(*argl));
     char *text = malloc((b->n + 1) * 640 + 2 * b->n * 24 + 64);
@@ -612,8 +612,22 @@ static int push_redis(struct tally__flusher *f)
     int sent = rc ? 0 : push_events_redis(f);
     if (sent < 0)
         rc = sent;
+    /* with nothing to send, a PING: a flush counts as good only if Redis answered */
+    bool ping = !rc && nb == 0 && sent == 0;
+    if (ping && redisAppendCommand(f->rc, "PING") != REDIS_OK)
+        rc = TALLY_EIO;
     if (rc) {
         redis_drop(f);
+        return rc;
+    }
+    if (ping) {
+        redisReply *r = NULL;
+        rc = redisGetReply(f->rc, (void **)&r) == REDIS_OK && r && r->type != REDIS_REPLY_ERROR
+            ? 0 : TALLY_EIO;
+        if (r)
+            freeReplyObject(r);
+        if (rc)
+            redis_drop(f);
         return rc;
     }
     while (nb-- > 0) {

@@ -1,0 +1,574 @@
+/*
+ * The flusher against a real redis-server: exact totals key by key, faults
+ * (paused, killed and restarted, refusing writes), two engines sharing one
+ * limit, events once per window across engines, and bad options.
+ */
+#include "../test.h"
+
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdatomic.h>
+
+#include "redis_server.h"
+#include "tally-internal.h"
+
+#define SEC  UINT64_C(1000000000)
+#define HOUR (3600 * SEC)
+
+static const uint8_t HASH_KEY[16] = "tally-test-key!!";
+
+static tally_engine *open_engine(size_t capacity)
+{
+    tally_options o;
+    tally_engine *e;
+    tally_options_init(&o);
+    o.capacity = capacity;
+    memcpy(o.hash_key, HASH_KEY, 16);
+    cr_assert_eq(tally_open(&o, &e), 0);
+    return e;
+}
+
+static uint32_t add_fixed(tally_engine *e, const char *name, uint64_t max)
+{
+    tally_policy p = { .name = name, .n_limits = 2, .flags = TALLY_ALIGNED,
+                       .limits = { { .algo = TALLY_FIXED_WINDOW, .max = max, .period_ns = HOUR },
+                                   { .algo = TALLY_CALENDAR_WINDOW, .max = UINT64_C(1) << 60,
+                                     .unit = TALLY_DAY } } };
+    uint32_t id;
+    cr_assert_eq(tally_policy_add(e, &p, &id), 0);
+    return id;
+}
+
+static int start_flusher(tally_engine *e, const test_redis *r, const char *prefix,
+                         const char *password, uint32_t interval_ms)
+{
+    tally_redis_options ro = { .host = "127.0.0.1", .port = r->port, .key_prefix = prefix,
+                               .password = password, .command_timeout_ms = 500,
+                               .connect_timeout_ms = 500 };
+    tally_flusher_options fo;
+    tally_flusher_options_init(&fo);
+    fo.interval_ms = interval_ms;
+    fo.redis = &ro;
+    return tally_flusher_start(e, &fo);
+}
+
+/* The Redis key of (policy, limit, key, window), as the flusher names it. */
+static int key_name(char *buf, size_t len, const char *prefix, const char *policy, unsigned limit,
+                    const char *key, uint64_t win)
+{
+    tally__digest d = tally__siphash128(HASH_KEY, key, strlen(key));
+    return snprintf(buf, len, "%s%s:%u:%016" PRIx64 "%016" PRIx64 ":%" PRIu64, prefix, policy,
+                    limit, d.hi & TALLY__DIGEST_HI_MASK, d.lo, win);
+}
+
+static int flush_until_ok(tally_engine *e, int tries)
+{
+    int rc = -1;
+    for (int i = 0; i < tries && rc != 0; i++) {
+        rc = tally_flush(e, 3000);
+        if (rc)
+            sleep_ms(100);
+    }
+    return rc;
+}
+
+/* ---- Exact totals under load --------------------------------------------- */
+
+#define KEYS    300
+#define THREADS 4
+#define HITS    30000
+
+struct load {
+    tally_engine      *e;
+    uint32_t           policy;
+    int                t;
+    _Atomic uint64_t  *cost;        /* per key: cost consumed (allowed hits) */
+    _Atomic uint64_t   worst_ns;
+};
+
+static _Atomic bool load_stop;     /* set by a fault scenario when it is over */
+static _Atomic bool load_forever;  /* run until load_stop rather than HITS */
+
+static void *load_worker(void *arg)
+{
+    struct load *l = arg;
+    char key[32];
+    for (int i = 0; (i < HITS || atomic_load(&load_forever)) && !atomic_load(&load_stop); i++) {
+        int k = (i * 7 + l->t * 13) % KEYS;
+        uint64_t costs[2] = { 1 + (uint64_t)(i % 4), 10 };
+        tally_result r;
+        snprintf(key, sizeof(key), "user-%d", k);
+        uint64_t t0 = tally_now_ns();
+        int rc = tally_hit(l->e, l->policy, key, strlen(key), costs, &r);
+        uint64_t dt = tally_now_ns() - t0;
+        uint64_t w = atomic_load(&l->worst_ns);
+        while (dt > w && !atomic_compare_exchange_weak(&l->worst_ns, &w, dt))
+            ;
+        if (rc == 0 && r.allowed)
+            atomic_fetch_add(&l->cost[k], costs[0]);
+        if (atomic_load(&load_forever))
+            sleep_ms(1);                      /* a steady load across the fault */
+    }
+    return NULL;
+}
+
+static uint64_t run_load(struct load *base, void (*during)(void *), void *arg)
+{
+    pthread_t th[THREADS];
+    struct load ls[THREADS];
+    atomic_store(&load_stop, false);
+    atomic_store(&load_forever, during != NULL);
+    for (int t = 0; t < THREADS; t++) {
+        ls[t] = *base;
+        ls[t].t = t;
+        atomic_init(&ls[t].worst_ns, 0);
+        pthread_create(&th[t], NULL, load_worker, &ls[t]);
+    }
+    if (during) {
+        during(arg);
+        sleep_ms(300);                        /* and some load after it */
+        atomic_store(&load_stop, true);
+    }
+    uint64_t worst = 0;
+    for (int t = 0; t < THREADS; t++) {
+        pthread_join(th[t], NULL);
+        if (atomic_load(&ls[t].worst_ns) > worst)
+            worst = atomic_load(&ls[t].worst_ns);
+    }
+    return worst;
+}
+
+/* Every key's Redis total equals the cost its allowed hits consumed. */
+static void assert_totals(const test_redis *r, const char *prefix, const char *policy,
+                          _Atomic uint64_t *cost)
+{
+    uint64_t now = tally_now_ns(), win = now - now % HOUR;
+    for (int k = 0; k < KEYS; k++) {
+        char key[32], name[256];
+        snprintf(key, sizeof(key), "user-%d", k);
+        int len = key_name(name, sizeof(name), prefix, policy, 0, key, win);
+        long long got = test_redis_get(r, name, (size_t)len);
+        uint64_t want = atomic_load(&cost[k]);
+        cr_assert_eq((uint64_t)(got < 0 ? 0 : got), want, "key %s: redis %lld, hit %" PRIu64, key, got, want);
+    }
+}
+
+Test(redis, exact_totals_key_by_key_under_load, .timeout = 120)
+{
+    test_redis r = { 0 };
+    cr_assert(test_redis_start(&r), "redis-server did not start");
+    tally_engine *e = open_engine(4096);
+    uint32_t pol = add_fixed(e, "exact", UINT64_C(1) << 40);
+    cr_assert_eq(start_flusher(e, &r, "t1:", NULL, 20), 0);
+    static _Atomic uint64_t cost[KEYS];
+    memset(cost, 0, sizeof(cost));
+    struct load l = { .e = e, .policy = pol, .cost = cost };
+    run_load(&l, NULL, NULL);
+    cr_assert_eq(tally_flush(e, 5000), 0);
+    assert_totals(&r, "t1:", "exact", cost);
+    tally_stats s;
+    cr_assert_eq(tally_stats_read(e, &s), 0);
+    cr_assert_eq(s.hits, (uint64_t)THREADS * HITS);
+    cr_assert_eq(s.pending_deltas, 0);
+    cr_assert_gt(s.flush_batches, 0);
+    tally_close(e);
+    test_redis_stop(&r);
+}
+
+/* ---- Faults -------------------------------------------------------------- */
+
+static void pause_redis(void *arg)
+{
+    test_redis *r = arg;
+    sleep_ms(200);
+    test_redis_kill(r, SIGSTOP);
+    sleep_ms(3000);
+    test_redis_kill(r, SIGCONT);
+}
+
+Test(redis, paused_redis_loses_and_doubles_nothing, .timeout = 120)
+{
+    test_redis r = { 0 };
+    cr_assert(test_redis_start(&r));
+    tally_engine *e = open_engine(4096);
+    uint32_t pol = add_fixed(e, "pause", UINT64_C(1) << 40);
+    cr_assert_eq(start_flusher(e, &r, "t2:", NULL, 20), 0);
+    static _Atomic uint64_t cost[KEYS];
+    memset(cost, 0, sizeof(cost));
+    struct load l = { .e = e, .policy = pol, .cost = cost };
+    uint64_t worst = run_load(&l, pause_redis, &r);
+    fprintf(stderr, "paused redis: worst tally_hit latency %.1f us\n", (double)worst / 1e3);
+    cr_assert_eq(flush_until_ok(e, 30), 0);
+    assert_totals(&r, "t2:", "pause", cost);
+    tally_stats s;
+    tally_stats_read(e, &s);
+    cr_assert_gt(s.flush_failures, 0, "the pause must have made flushes fail");
+    tally_close(e);
+    test_redis_stop(&r);
+}
+
+static void restart_redis(void *arg)
+{
+    test_redis *r = arg;
+    sleep_ms(200);
+    test_redis_kill(r, SIGKILL);
+    sleep_ms(1500);
+    test_redis_start(r);
+}
+
+Test(redis, killed_and_restarted_redis_loses_and_doubles_nothing, .timeout = 120)
+{
+    /* append-only with fsync always: what Redis acknowledged survives the kill */
+    test_redis r = { .extra = { "--appendonly", "yes", "--appendfsync", "always", NULL } };
+    cr_assert(test_redis_start(&r));
+    tally_engine *e = open_engine(4096);
+    uint32_t pol = add_fixed(e, "restart", UINT64_C(1) << 40);
+    cr_assert_eq(start_flusher(e, &r, "t3:", NULL, 20), 0);
+    static _Atomic uint64_t cost[KEYS];
+    memset(cost, 0, sizeof(cost));
+    struct load l = { .e = e, .policy = pol, .cost = cost };
+    uint64_t worst = run_load(&l, restart_redis, &r);
+    fprintf(stderr, "restarted redis: worst tally_hit latency %.1f us\n", (double)worst / 1e3);
+    cr_assert_eq(flush_until_ok(e, 50), 0);
+    assert_totals(&r, "t3:", "restart", cost);
+    tally_stats s;
+    tally_stats_read(e, &s);
+    cr_assert_gt(s.redis_reconnects, 0);
+    tally_close(e);
+    test_redis_stop(&r);
+}
+
+Test(redis, refused_writes_then_recovery, .timeout = 120)
+{
+    test_redis r = { .extra = { "--requirepass", "right", NULL } };
+    cr_assert(test_redis_start(&r));
+    tally_engine *e = open_engine(4096);
+    uint32_t pol = add_fixed(e, "refused", UINT64_C(1) << 40);
+    cr_assert_eq(start_flusher(e, &r, "t4:", "wrong", 20), 0, "a wrong password is not a start error");
+    static _Atomic uint64_t cost[KEYS];
+    memset(cost, 0, sizeof(cost));
+    struct load l = { .e = e, .policy = pol, .cost = cost };
+    run_load(&l, NULL, NULL);
+    cr_assert_eq(tally_flush(e, 3000), TALLY_EIO, "nothing can be written with a wrong password");
+    tally_stats s;
+    tally_stats_read(e, &s);
+    cr_assert_gt(s.pending_cost, 0, "the refused deltas stay pending");
+
+    /* the server now accepts our password, then runs out of memory for writes */
+    redisContext *c = test_redis_connect(&r);
+    redisReply *rep = redisCommand(c, "AUTH right");
+    freeReplyObject(rep);
+    rep = redisCommand(c, "CONFIG SET requirepass wrong");
+    freeReplyObject(rep);
+    rep = redisCommand(c, "CONFIG SET maxmemory-policy noeviction");
+    freeReplyObject(rep);
+    rep = redisCommand(c, "CONFIG SET maxmemory 1");
+    freeReplyObject(rep);
+    cr_assert_eq(tally_flush(e, 3000), TALLY_EIO, "maxmemory with noeviction refuses the writes");
+    rep = redisCommand(c, "CONFIG SET maxmemory 0");
+    freeReplyObject(rep);
+    redisFree(c);
+    cr_assert_eq(flush_until_ok(e, 30), 0);
+
+    /* read back with the password */
+    r.extra[0] = NULL;
+    uint64_t now = tally_now_ns(), win = now - now % HOUR;
+    c = test_redis_connect(&r);
+    rep = redisCommand(c, "AUTH wrong");
+    freeReplyObject(rep);
+    for (int k = 0; k < KEYS; k++) {
+        char key[32], name[256];
+        snprintf(key, sizeof(key), "user-%d", k);
+        int len = key_name(name, sizeof(name), "t4:", "refused", 0, key, win);
+        rep = redisCommand(c, "GET %b", name, (size_t)len);
+        uint64_t got = rep && rep->type == REDIS_REPLY_STRING ? strtoull(rep->str, NULL, 10) : 0;
+        freeReplyObject(rep);
+        cr_assert_eq(got, atomic_load(&cost[k]), "key %s", key);
+    }
+    redisFree(c);
+    tally_close(e);
+    test_redis_stop(&r);
+}
+
+/* ---- Two engines, one limit ---------------------------------------------- */
+
+#define SHARED_MAX   1000
+#define SHARED_HITS  1500
+
+struct paced {
+    tally_engine *e;
+    uint32_t      policy;
+    int           allowed;
+};
+
+static void *paced_worker(void *arg)
+{
+    struct paced *p = arg;
+    for (int i = 0; i < SHARED_HITS; i++) {
+        tally_result r;
+        if (tally_hit(p->e, p->policy, "shared", 6, NULL, &r) == 0 && r.allowed)
+            p->allowed++;
+        sleep_ms(1);
+    }
+    return NULL;
+}
+
+Test(redis, two_engines_enforce_one_limit_within_the_bound, .timeout = 120)
+{
+    test_redis r = { 0 };
+    cr_assert(test_redis_start(&r));
+    tally_engine *a = open_engine(64), *b = open_engine(64);
+    tally_policy p = { .name = "shared", .n_limits = 1, .flags = TALLY_ALIGNED,
+                       .limits = { { .algo = TALLY_FIXED_WINDOW, .max = SHARED_MAX, .period_ns = HOUR } } };
+    uint32_t pa, pb;
+    cr_assert_eq(tally_policy_add(a, &p, &pa), 0);
+    cr_assert_eq(tally_policy_add(b, &p, &pb), 0);
+    cr_assert_eq(start_flusher(a, &r, "t5:", NULL, 20), 0);
+    cr_assert_eq(start_flusher(b, &r, "t5:", NULL, 20), 0);
+    struct paced wa = { a, pa, 0 }, wb = { b, pb, 0 };
+    pthread_t ta, tb;
+    pthread_create(&ta, NULL, paced_worker, &wa);
+    pthread_create(&tb, NULL, paced_worker, &wb);
+    pthread_join(ta, NULL);
+    pthread_join(tb, NULL);
+    int total = wa.allowed + wb.allowed;
+    /* Bound (README): each other engine can admit what it hits between two of
+       its flushes, here about 1 hit/ms x (20 ms interval + round trip) = ~25-50. */
+    fprintf(stderr, "two engines admitted %d + %d = %d of max %d\n", wa.allowed, wb.allowed, total, SHARED_MAX);
+    cr_assert_geq(total, SHARED_MAX, "the limit is not stricter than max");
+    cr_assert_leq(total, SHARED_MAX + 100, "overshoot above the documented bound");
+    cr_assert_gt(wa.allowed, 100);
+    cr_assert_gt(wb.allowed, 100);
+    tally_close(a);
+    tally_close(b);
+    test_redis_stop(&r);
+}
+
+/* ---- Events -------------------------------------------------------------- */
+
+struct events {
+    pthread_mutex_t lock;
+    int             n;
+    uint64_t        win;
+    char            key[64];
+};
+
+static void on_event(void *ctx, const tally_event *ev)
+{
+    struct events *x = ctx;
+    pthread_mutex_lock(&x->lock);
+    x->n++;
+    x->win = ev->window_start_ns;
+    memcpy(x->key, ev->key, ev->key_len < 63 ? ev->key_len : 63);
+    pthread_mutex_unlock(&x->lock);
+}
+
+static tally_engine *event_engine(const test_redis *r, struct events *x, uint32_t *pol)
+{
+    tally_engine *e = open_engine(64);
+    tally_policy p = { .name = "ev", .n_limits = 1, .flags = TALLY_ALIGNED,
+                       .limits = { { .algo = TALLY_FIXED_WINDOW, .max = 3, .period_ns = HOUR } } };
+    cr_assert_eq(tally_policy_add(e, &p, pol), 0);
+    tally_redis_options ro = { .host = "127.0.0.1", .port = r->port, .key_prefix = "t6:" };
+    tally_flusher_options fo;
+    tally_flusher_options_init(&fo);
+    fo.interval_ms = 20;
+    fo.redis = &ro;
+    fo.on_event = on_event;
+    fo.ctx = x;
+    cr_assert_eq(tally_flusher_start(e, &fo), 0);
+    return e;
+}
+
+Test(redis, one_event_per_key_limit_and_window_across_restarts, .timeout = 120)
+{
+    test_redis r = { 0 };
+    cr_assert(test_redis_start(&r));
+    static struct events x = { .lock = PTHREAD_MUTEX_INITIALIZER };
+    uint32_t pol;
+    uint64_t now = tally_now_ns();
+    tally_engine *e = event_engine(&r, &x, &pol);
+    tally_result res;
+    for (int i = 0; i < 10; i++)
+        cr_assert_eq(tally_hit_at(e, pol, "k", 1, NULL, now, &res), 0);
+    cr_assert_eq(tally_flush(e, 3000), 0);
+    cr_assert_eq(x.n, 1);
+    cr_assert_str_eq(x.key, "k");
+    cr_assert_eq(x.win, now - now % HOUR);
+    tally_close(e);
+
+    /* a restarted process crosses the same window again: Redis remembers */
+    e = event_engine(&r, &x, &pol);
+    for (int i = 0; i < 10; i++)
+        cr_assert_eq(tally_hit_at(e, pol, "k", 1, NULL, now, &res), 0);
+    cr_assert_eq(tally_flush(e, 3000), 0);
+    cr_assert_eq(x.n, 1, "no second notification in the same window");
+
+    /* the next window is a new one */
+    for (int i = 0; i < 10; i++)
+        cr_assert_eq(tally_hit_at(e, pol, "k", 1, NULL, now + HOUR, &res), 0);
+    cr_assert_eq(tally_flush(e, 3000), 0);
+    cr_assert_eq(x.n, 2);
+    cr_assert_eq(x.win, now - now % HOUR + HOUR);
+    tally_close(e);
+    test_redis_stop(&r);
+}
+
+/* ---- Without Redis: the callback sink ------------------------------------ */
+
+struct sums {
+    pthread_mutex_t lock;
+    uint64_t        delta, calls;
+};
+
+static void on_deltas(void *ctx, const tally_delta *d, size_t n)
+{
+    struct sums *s = ctx;
+    pthread_mutex_lock(&s->lock);
+    for (size_t i = 0; i < n; i++)
+        if (d[i].limit == 0)
+            s->delta += d[i].delta;
+    s->calls++;
+    pthread_mutex_unlock(&s->lock);
+}
+
+Test(redis, callback_sink_gets_every_cost_once, .timeout = 120)
+{
+    tally_engine *e = open_engine(4096);
+    uint32_t pol = add_fixed(e, "cb", UINT64_C(1) << 40);
+    static struct sums sums = { .lock = PTHREAD_MUTEX_INITIALIZER };
+    tally_flusher_options fo;
+    tally_flusher_options_init(&fo);
+    fo.interval_ms = 5;
+    fo.on_deltas = on_deltas;
+    fo.ctx = &sums;
+    cr_assert_eq(tally_flusher_start(e, &fo), 0);
+    static _Atomic uint64_t cost[KEYS];
+    memset(cost, 0, sizeof(cost));
+    struct load l = { .e = e, .policy = pol, .cost = cost };
+    run_load(&l, NULL, NULL);
+    cr_assert_eq(tally_flush(e, 3000), 0);
+    uint64_t want = 0;
+    for (int k = 0; k < KEYS; k++)
+        want += atomic_load(&cost[k]);
+    cr_assert_eq(sums.delta, want);
+    cr_assert_eq(tally_flusher_stop(e), 0);
+    cr_assert_eq(tally_flusher_stop(e), 0, "stop is idempotent");
+    cr_assert_eq(tally_flush(e, 10), TALLY_ESTATE, "no flusher");
+    char text[4096];
+    int n = tally_stats_prometheus(e, text, sizeof(text));
+    cr_assert_gt(n, 0);
+    cr_assert_lt((size_t)n, sizeof(text));
+    char line[64];
+    snprintf(line, sizeof(line), "\ntally_hits %d\n", THREADS * HITS);
+    cr_assert_not_null(strstr(text, line), "prometheus text has the hit count");
+    cr_assert_not_null(strstr(text, "# TYPE tally_pending_cost gauge"));
+    tally_close(e);
+}
+
+/* ---- Bad input ----------------------------------------------------------- */
+
+Test(redis, bad_options_are_refused_and_unreachable_redis_is_not_fatal, .timeout = 120)
+{
+    tally_engine *e = open_engine(64);
+    uint32_t pol = add_fixed(e, "bad", 10);
+    tally_flusher_options fo;
+    tally_redis_options ro = { .host = "127.0.0.1", .port = 0 };
+    tally_flusher_options_init(&fo);
+    cr_assert_eq(tally_flusher_start(NULL, &fo), TALLY_EINVAL);
+    cr_assert_eq(tally_flusher_start(e, NULL), TALLY_EINVAL);
+    fo.interval_ms = 0;
+    cr_assert_eq(tally_flusher_start(e, &fo), TALLY_EINVAL);
+    fo.interval_ms = 10;
+    fo.cpu = -2;
+    cr_assert_eq(tally_flusher_start(e, &fo), TALLY_EINVAL);
+    fo.cpu = -1;
+    fo.redis = &ro;
+    cr_assert_eq(tally_flusher_start(e, &fo), TALLY_EINVAL, "port 0");
+    ro.port = 70000;
+    cr_assert_eq(tally_flusher_start(e, &fo), TALLY_EINVAL);
+    ro.port = 6379;
+    ro.host = NULL;
+    cr_assert_eq(tally_flusher_start(e, &fo), TALLY_EINVAL, "neither host nor unix_path");
+    ro.unix_path = "";
+    cr_assert_eq(tally_flusher_start(e, &fo), TALLY_EINVAL);
+    char long_prefix[300];
+    memset(long_prefix, 'p', sizeof(long_prefix) - 1);
+    long_prefix[sizeof(long_prefix) - 1] = 0;
+    ro.unix_path = NULL;
+    ro.host = "127.0.0.1";
+    ro.key_prefix = long_prefix;
+    cr_assert_eq(tally_flusher_start(e, &fo), TALLY_EINVAL);
+    ro.db = -1;
+    ro.key_prefix = NULL;
+    cr_assert_eq(tally_flusher_start(e, &fo), TALLY_EINVAL);
+
+    /* a port nobody listens on: start works, flushes fail, hits go on */
+    ro.db = 0;
+    ro.port = free_port();
+    ro.connect_timeout_ms = 200;
+    cr_assert_eq(tally_flusher_start(e, &fo), 0);
+    cr_assert_eq(tally_flusher_start(e, &fo), TALLY_ESTATE, "started twice");
+    tally_result r;
+    cr_assert_eq(tally_hit(e, pol, "k", 1, NULL, &r), 0);
+    cr_assert(r.allowed, "fail open");
+    cr_assert_eq(tally_flush(e, 3000), TALLY_EIO);
+    cr_assert_eq(tally_flusher_stop(e), TALLY_EIO, "the final flush could not push");
+    cr_assert_eq(tally_flusher_stop(e), 0);
+
+    /* an unknown host */
+    ro.host = "no-such-host.invalid";
+    cr_assert_eq(tally_flusher_start(e, &fo), 0);
+    cr_assert_eq(tally_flush(e, 3000), TALLY_EIO);
+    tally_close(e);
+}
+
+Test(redis, prefix_with_spaces_and_newlines_is_safe, .timeout = 120)
+{
+    test_redis r = { 0 };
+    cr_assert(test_redis_start(&r));
+    tally_engine *e = open_engine(64);
+    uint32_t pol = add_fixed(e, "odd policy", 100);
+    const char *prefix = "we ird\r\nSET x 1\r\n:";
+    cr_assert_eq(start_flusher(e, &r, prefix, NULL, 20), 0);
+    tally_result res;
+    uint64_t c[2] = { 7, 1 };
+    cr_assert_eq(tally_hit(e, pol, "k", 1, c, &res), 0);
+    cr_assert_eq(tally_flush(e, 3000), 0);
+    uint64_t now = tally_now_ns();
+    char name[256];
+    int len = key_name(name, sizeof(name), prefix, "odd policy", 0, "k", now - now % HOUR);
+    cr_assert_eq(test_redis_get(&r, name, (size_t)len), 7);
+    cr_assert_eq(test_redis_get(&r, "x", 1), -1, "nothing was injected");
+    tally_close(e);
+    test_redis_stop(&r);
+}
+
+Test(redis, fail_closed_denies_once_the_global_view_is_stale, .timeout = 120)
+{
+    test_redis r = { 0 };
+    cr_assert(test_redis_start(&r));
+    tally_engine *e = open_engine(64);
+    uint32_t pol = add_fixed(e, "closed", 100);
+    tally_redis_options ro = { .host = "127.0.0.1", .port = r.port, .key_prefix = "t7:",
+                               .command_timeout_ms = 200, .connect_timeout_ms = 200 };
+    tally_flusher_options fo;
+    tally_flusher_options_init(&fo);
+    fo.interval_ms = 20;
+    fo.redis = &ro;
+    fo.fail_closed_after_ms = 300;
+    cr_assert_eq(tally_flusher_start(e, &fo), 0);
+    tally_result res;
+    cr_assert_eq(tally_hit(e, pol, "k", 1, NULL, &res), 0);
+    cr_assert(res.allowed);
+    cr_assert_eq(tally_flush(e, 3000), 0);
+    test_redis_kill(&r, SIGKILL);
+    sleep_ms(800);
+    cr_assert_eq(tally_hit(e, pol, "k", 1, NULL, &res), 0);
+    cr_assert_not(res.allowed, "no flush for longer than the bound: deny");
+    tally_snapshot s;
+    cr_assert_eq(tally_read(e, pol, "k", 1, &s), 0);
+    cr_assert_eq(s.c[0].used, 1, "the denied hit consumed nothing");
+    tally_close(e);
+    test_redis_stop(&r);
+}
