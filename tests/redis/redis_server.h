@@ -137,7 +137,7 @@ static void test_redis_stop(test_redis *r)
 }
 
 /* GET a key as an integer; -1 when missing. */
-static long long test_redis_get(const test_redis *r, const char *key, size_t len)
+__attribute__((unused)) static long long test_redis_get(const test_redis *r, const char *key, size_t len)
 {
     redisContext *c = test_redis_connect(r);
     if (!c)

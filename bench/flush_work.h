@@ -1,0 +1,29 @@
+/* C side of bench_flush: flush throughput against a raw pipelined INCRBY. */
+#ifndef TALLY_BENCH_FLUSH_WORK_H
+#define TALLY_BENCH_FLUSH_WORK_H
+
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Start a redis-server on a free loopback port; 0 when none could start. */
+int  flush_bench_redis_start(void);
+void flush_bench_redis_stop(void);
+
+/* An engine with a flusher on that Redis, and n distinct keys. */
+int  flush_bench_setup(size_t n_keys);
+void flush_bench_teardown(void);
+/* Make every key dirty (one hit each): not timed. */
+void flush_bench_dirty(void);
+/* tally_flush: every dirty key pushed and acknowledged. 0 on success. */
+int  flush_bench_flush(void);
+/* The same keys, one INCRBY each, in one pipeline from this binary. 0 on success. */
+int  flush_bench_raw_incrby(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
