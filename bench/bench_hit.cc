@@ -30,15 +30,23 @@ void BM_hit(benchmark::State &state, bench_design d, bench_workload w)
     if (tid == 0) {
         s = fixture::prepare(d, w, state.threads());
         const bench_keys *k = s.keys;
-        counted = w.kind == BENCH_W_HOT
+        counted = s.target && w.kind == BENCH_W_HOT
                   && bench_target_count(s.target, k->arena + k->ref[0].off, k->ref[0].len,
                                         &count_before) == 0;
-        cost_before = bench_target_allowed_cost(s.target);
+        cost_before = s.target ? bench_target_allowed_cost(s.target) : 0;
     }
+    // s is read only after the start barrier, inside the loop
     size_t pos = 0;
     uint64_t allowed = 0;
-    for (auto _ : state)
+    for (auto _ : state) {
+        if (!s.target) {
+            state.SkipWithError("skipped: the redis-server went away (see stderr)");
+            break;
+        }
         allowed += bench_target_run(s.target, tid, s.keys, s.seq[tid], &pos, batch);
+    }
+    if (!s.target)
+        return;
 
     const uint64_t items = uint64_t(state.iterations()) * batch;
     state.SetItemsProcessed(int64_t(items));

@@ -44,8 +44,12 @@ Setup prepare(bench_design d, const bench_workload &w, int threads)
     if (!g_target || g_design != d || g_kind != w.kind || g_nkeys != w.n_keys) {
         bench_target_free(g_target);
         g_target = nullptr;
-        if (!(g_target = bench_target_new(d, &w, k)))
-            die("cannot create the target");
+        if (!(g_target = bench_target_new(d, &w, k))) {
+            if (!bench_design_needs_redis(d))
+                die("cannot create the target");
+            g_design = BENCH_N_DESIGNS;
+            return s;
+        }
         g_design = d;
         g_kind = w.kind;
         g_nkeys = w.n_keys;

@@ -20,7 +20,8 @@ struct Setup {
 };
 
 // The keys, @threads sequences and the target of design @d for workload @w;
-// aborts with a message when something cannot be made.
+// aborts with a message when something cannot be made, except that a design
+// that needs a redis-server (which may have gone away) gets target nullptr.
 Setup prepare(bench_design d, const bench_workload &w, int threads);
 // The target in use, for counters read after the loop.
 bench_target *current();
