@@ -317,14 +317,6 @@ void tally_coalesce_options_init(tally_coalesce_options *opts)
     opts->capacity = DEFAULT_CAPACITY;
 }
 
-static bool all_zero(const uint8_t *p, size_t n)
-{
-    uint8_t acc = 0;
-    for (size_t i = 0; i < n; i++)
-        acc |= p[i];
-    return acc == 0;
-}
-
 static int check_options(const tally_coalesce_options *o)
 {
     if (o->capacity == 0 || o->capacity > TALLY_COALESCE_MAX_CAPACITY)
@@ -412,7 +404,7 @@ int tally_coalesce_open(const tally_coalesce_options *opts, tally_coalesce **out
         tally_coalesce_options_init(&o);
     if (check_options(&o))
         return TALLY_EINVAL;
-    if (all_zero(o.hash_key, sizeof(o.hash_key))) {
+    if (tally__all_zero(o.hash_key, sizeof(o.hash_key))) {
         size_t got = 0;
         while (got < sizeof(o.hash_key)) {
             ssize_t n = getrandom(o.hash_key + got, sizeof(o.hash_key) - got, 0);

@@ -146,14 +146,6 @@ void tally_options_init(tally_options *opts)
     opts->max_key_len = DEFAULT_MAX_KEY_LEN;
 }
 
-static bool all_zero(const uint8_t *p, size_t n)
-{
-    uint8_t acc = 0;
-    for (size_t i = 0; i < n; i++)
-        acc |= p[i];
-    return acc == 0;
-}
-
 int tally_open(const tally_options *opts, tally_engine **out)
 {
     tally_options o;
@@ -169,7 +161,7 @@ int tally_open(const tally_options *opts, tally_engine **out)
         return TALLY_EINVAL;
     if (o.max_key_len == 0 || o.max_key_len > TALLY_MAX_KEY_LEN)
         return TALLY_EINVAL;
-    if (all_zero(o.hash_key, sizeof(o.hash_key))) {
+    if (tally__all_zero(o.hash_key, sizeof(o.hash_key))) {
         size_t got = 0;
         while (got < sizeof(o.hash_key)) {
             ssize_t n = getrandom(o.hash_key + got, sizeof(o.hash_key) - got, 0);

@@ -96,6 +96,15 @@ void tally__algo_counter(const tally__limit *l, tally__state s, uint64_t now, ta
 uint64_t tally__calendar_start(tally_calendar_unit unit, int32_t utc_offset_s, uint64_t now);
 uint64_t tally__calendar_next(tally_calendar_unit unit, int32_t utc_offset_s, uint64_t start);
 
+/* True when @n bytes at @p are all zero (an unset hash key). */
+static inline bool tally__all_zero(const uint8_t *p, size_t n)
+{
+    uint8_t acc = 0;
+    for (size_t i = 0; i < n; i++)
+        acc |= p[i];
+    return acc == 0;
+}
+
 /* ---- Keyed hash -------------------------------------------------------- */
 
 typedef struct tally__digest {

@@ -186,25 +186,33 @@ static void pause_redis(void *arg)
     test_redis_kill(r, SIGCONT);
 }
 
-Test(redis, paused_redis_loses_and_doubles_nothing, .timeout = 120)
+/* Load across a fault, then: every cost in Redis exactly once. Returns the stats. */
+static tally_stats survive(test_redis *r, const char *name, const char *prefix,
+                           void (*fault)(void *))
 {
-    test_redis r = { 0 };
-    cr_assert(test_redis_start(&r));
+    cr_assert(test_redis_start(r));
     tally_engine *e = open_engine(4096);
-    uint32_t pol = add_fixed(e, "pause", UINT64_C(1) << 40);
-    cr_assert_eq(start_flusher(e, &r, "t2:", NULL, 20), 0);
+    uint32_t pol = add_fixed(e, name, UINT64_C(1) << 40);
+    cr_assert_eq(start_flusher(e, r, prefix, NULL, 20), 0);
     static _Atomic uint64_t cost[KEYS];
     memset(cost, 0, sizeof(cost));
     struct load l = { .e = e, .policy = pol, .cost = cost };
-    uint64_t worst = run_load(&l, pause_redis, &r);
-    fprintf(stderr, "paused redis: worst tally_hit latency %.1f us\n", (double)worst / 1e3);
-    cr_assert_eq(flush_until_ok(e, 30), 0);
-    assert_totals(&r, "t2:", "pause", cost);
+    uint64_t worst = run_load(&l, fault, r);
+    fprintf(stderr, "%s: worst tally_hit latency during the fault %.1f us\n", name, (double)worst / 1e3);
+    cr_assert_eq(flush_until_ok(e, 50), 0);
+    assert_totals(r, prefix, name, cost);
     tally_stats s;
     tally_stats_read(e, &s);
-    cr_assert_gt(s.flush_failures, 0, "the pause must have made flushes fail");
     tally_close(e);
-    test_redis_stop(&r);
+    test_redis_stop(r);
+    return s;
+}
+
+Test(redis, paused_redis_loses_and_doubles_nothing, .timeout = 120)
+{
+    test_redis r = { 0 };
+    tally_stats s = survive(&r, "pause", "t2:", pause_redis);
+    cr_assert_gt(s.flush_failures, 0, "the pause must have made flushes fail");
 }
 
 static void restart_redis(void *arg)
@@ -220,22 +228,8 @@ Test(redis, killed_and_restarted_redis_loses_and_doubles_nothing, .timeout = 120
 {
     /* append-only with fsync always: what Redis acknowledged survives the kill */
     test_redis r = { .extra = { "--appendonly", "yes", "--appendfsync", "always", NULL } };
-    cr_assert(test_redis_start(&r));
-    tally_engine *e = open_engine(4096);
-    uint32_t pol = add_fixed(e, "restart", UINT64_C(1) << 40);
-    cr_assert_eq(start_flusher(e, &r, "t3:", NULL, 20), 0);
-    static _Atomic uint64_t cost[KEYS];
-    memset(cost, 0, sizeof(cost));
-    struct load l = { .e = e, .policy = pol, .cost = cost };
-    uint64_t worst = run_load(&l, restart_redis, &r);
-    fprintf(stderr, "restarted redis: worst tally_hit latency %.1f us\n", (double)worst / 1e3);
-    cr_assert_eq(flush_until_ok(e, 50), 0);
-    assert_totals(&r, "t3:", "restart", cost);
-    tally_stats s;
-    tally_stats_read(e, &s);
+    tally_stats s = survive(&r, "restart", "t3:", restart_redis);
     cr_assert_gt(s.redis_reconnects, 0);
-    tally_close(e);
-    test_redis_stop(&r);
 }
 
 Test(redis, refused_writes_then_recovery, .timeout = 120)
