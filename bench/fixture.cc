@@ -13,10 +13,10 @@ constexpr uint64_t kKeySeed = 0x7a11c0ffee;
 
 std::map<size_t, bench_keys *> g_keys;
 std::map<std::tuple<size_t, int, int, int>, bench_seq *> g_seqs;  // (n, dist, weighted, tid)
+// Every target made stays until the end, so that rows may run in any order
+// (--benchmark_enable_random_interleaving) without being rebuilt and warmed.
+std::map<std::tuple<int, int, size_t>, bench_target *> g_targets;  // (design, kind, keys)
 bench_target *g_target = nullptr;
-bench_design g_design = BENCH_N_DESIGNS;
-bench_kind g_kind = BENCH_N_KINDS;
-size_t g_nkeys = 0;
 
 [[noreturn]] void die(const char *what)
 {
@@ -41,20 +41,10 @@ Setup prepare(bench_design d, const bench_workload &w, int threads)
             die("cannot make key sequence");
         s.seq[i] = q;
     }
-    if (!g_target || g_design != d || g_kind != w.kind || g_nkeys != w.n_keys) {
-        bench_target_free(g_target);
-        g_target = nullptr;
-        if (!(g_target = bench_target_new(d, &w, k))) {
-            if (!bench_design_needs_redis(d))
-                die("cannot create the target");
-            g_design = BENCH_N_DESIGNS;
-            return s;
-        }
-        g_design = d;
-        g_kind = w.kind;
-        g_nkeys = w.n_keys;
-    }
-    s.target = g_target;
+    bench_target *&t = g_targets[{ int(d), int(w.kind), w.n_keys }];
+    if (!t && !(t = bench_target_new(d, &w, k)) && !bench_design_needs_redis(d))
+        die("cannot create the target");
+    s.target = g_target = t;
     return s;
 }
 
@@ -79,7 +69,9 @@ const char *keys_label(size_t n)
 
 void release_all()
 {
-    bench_target_free(g_target);
+    for (auto &kv : g_targets)
+        bench_target_free(kv.second);
+    g_targets.clear();
     g_target = nullptr;
     for (auto &kv : g_seqs)
         bench_seq_free(kv.second);

@@ -1,6 +1,7 @@
 // Shared set-up of the benchmark rows: keys, per-thread key sequences and the
-// target under test, made once and reused by the rows that follow (rows are
-// registered so that one target serves its thread counts in a row). Called by
+// target under test, each made once and kept to the end, so that every row of
+// a design and workload (thread counts, repetitions) meets the same warm
+// target whatever order the rows run in. Called by
 // thread 0 only, before the start barrier of google-benchmark's timing loop:
 // the barrier orders these writes before the other threads read them.
 #pragma once
