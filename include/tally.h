@@ -253,6 +253,8 @@ int tally_reset_if(tally_engine *e, uint32_t policy, const void *key, size_t key
 #endif
 
 #include "tally/flusher.h"
+#include "tally/spec.h"
+#include "tally/ops.h"
 #include "tally/coalesce.h"
 
 #endif /* TALLY_H */

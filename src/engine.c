@@ -175,6 +175,7 @@ int tally_open(const tally_options *opts, tally_engine **out)
         return TALLY_ENOMEM;
     e->opts = o;
     pthread_mutex_init(&e->add_lock, NULL);
+    pthread_mutex_init(&e->ops_lock, NULL);
     *out = e;
     return 0;
 }
@@ -190,6 +191,7 @@ void tally_close(tally_engine *e)
     /* and calls parked outside RCU to wait for a grace period are done */
     while (atomic_load(&e->reclaimers) != 0)
         sched_yield();
+    tally__ops_free(e);
     uint32_t n = atomic_load(&e->n_policies);
     for (uint32_t i = 0; i < n; i++) {
         tally__policy *p = atomic_load(&e->policies[i]);
@@ -201,6 +203,7 @@ void tally_close(tally_engine *e)
         next = n->next;
         free(n);
     }
+    pthread_mutex_destroy(&e->ops_lock);
     pthread_mutex_destroy(&e->add_lock);
     free(e);
 }
@@ -491,22 +494,12 @@ static void delta_add(tally_engine *e, const hit_ctx *c, unsigned i, tally__dige
 static void push_event(tally_engine *e, const hit_ctx *c, unsigned i, tally__digest d,
                        const void *key, size_t key_len, const tally__step *r)
 {
-    if (e->opts.digest_only) {
-        key = &d;
-        key_len = sizeof(d);
-    }
-    tally__note *n = malloc(sizeof(*n) + key_len);
+    tally__note *n = tally__note_new(TALLY__NOTE_EVENT, c->p->table.policy, i, d,
+                                     e->opts.digest_only ? NULL : key, key_len);
     if (!n)
         return;                                   /* the event is lost, never a count */
-    memset(n, 0, sizeof(*n));
-    n->policy = c->p->table.policy;
-    n->limit = i;
-    n->is_event = true;
-    n->digest = d;
     n->win = r->win;
     n->delta = r->used;
-    n->key_len = key_len;
-    memcpy(n->key, key, key_len);
     tally__note_push(e, n);
 }
 
@@ -580,10 +573,17 @@ int tally_hit_at(tally_engine *e, uint32_t policy, const void *key, size_t key_l
                 }
             }
             atomic_fetch_add_explicit(&st->hits, 1, memory_order_relaxed);
-            if (!out->allowed)
-                atomic_fetch_add_explicit(&st->denials, 1, memory_order_relaxed);
-            else if (out->exceeded)
-                atomic_fetch_add_explicit(&st->shadow_denials, 1, memory_order_relaxed);
+            if (TALLY__UNLIKELY(out->exceeded)) {
+                atomic_fetch_add_explicit(out->allowed ? &st->shadow_denials : &st->denials, 1,
+                                          memory_order_relaxed);
+                if (atomic_load_explicit(&t->watch, memory_order_relaxed)) {
+                    uint64_t cost = 0;
+                    for (unsigned i = 0; i < p->n_limits; i++)
+                        if ((costs ? costs[i] : 1) > cost)
+                            cost = costs ? costs[i] : 1;
+                    tally__watch_feed(e, p, tally__slot_index(t, c.s), d, key, key_len, cost, now_ns);
+                }
+            }
             break;
         }
         tally__table_help_kill(t, c.s);

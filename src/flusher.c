@@ -23,6 +23,7 @@
 #include <errno.h>
 #include <stddef.h>
 #include <inttypes.h>
+#include <stdio.h>
 #include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -50,6 +51,26 @@ void tally__note_push(tally_engine *e, tally__note *n)
         /* release: the note's contents before it is reachable */
     } while (!atomic_compare_exchange_weak_explicit(&e->notes, &head, n, memory_order_release,
                                                     memory_order_relaxed));
+}
+
+tally__note *tally__note_new(uint8_t kind, uint32_t policy, unsigned limit, tally__digest d,
+                             const void *key, size_t key_len)
+{
+    if (!key) {
+        key = &d;
+        key_len = sizeof(d);
+    }
+    tally__note *n = malloc(sizeof(*n) + key_len);
+    if (!n)
+        return NULL;
+    memset(n, 0, sizeof(*n));
+    n->kind = kind;
+    n->policy = policy;
+    n->limit = limit;
+    n->digest = d;
+    n->key_len = key_len;
+    memcpy(n->key, key, key_len);
+    return n;
 }
 
 void tally__spill(tally_engine *e, uint32_t policy, unsigned limit, tally__digest d,
@@ -124,13 +145,14 @@ struct tally__flusher {
     entry               **map;
     size_t                map_size, map_count;
     batch                *inflight_head, **inflight_tail;
-    event                *events;
+    event                *events, **events_tail;
     uint64_t              next_token, instance;
     redisContext         *rc;
     bool                  ever_connected;
     uint64_t              next_connect_ns;
     uint32_t              backoff_ms;
     tally_delta          *cb;          /* on_deltas scratch */
+    uint64_t              last_flush_ns;
     size_t                cb_cap;
 };
 
@@ -222,6 +244,8 @@ static void keep(struct tally__flusher *f, uint32_t policy, unsigned limit, tall
         tally__spill(f->e, policy, limit, d, win, delta);
         return;
     }
+    tally__policy *pu = policy_of(f->e, policy);
+    tally__ops_usage_add(pu, limit, delta);
     x->fresh += delta;
     if (local_total > x->local_total)
         x->local_total = local_total;
@@ -287,12 +311,14 @@ static void collect(struct tally__flusher *f)
     for (tally__note *n = atomic_exchange_explicit(&e->notes, NULL, memory_order_acquire), *next; n;
          n = next) {
         next = n->next;
-        if (n->is_event) {
+        if (n->kind != TALLY__NOTE_DELTA) {
+            /* events, flags and flag clearings, delivered or stored in order */
             event *ev = malloc(sizeof(*ev));
             if (ev) {
                 ev->note = n;
-                ev->next = f->events;
-                f->events = ev;
+                ev->next = NULL;
+                *f->events_tail = ev;
+                f->events_tail = &ev->next;
             } else {
                 free(n);
             }
@@ -540,36 +566,65 @@ static int form_batches(struct tally__flusher *f)
     return 0;
 }
 
-/* Events: with Redis, "<count key>:notified" SET NX with the window's TTL. */
-static void deliver_event(struct tally__flusher *f, const tally__note *n)
+static void deliver_note(struct tally__flusher *f, const tally__note *n)
 {
     tally__policy *p = policy_of(f->e, n->policy);
-    if (!f->o.on_event || !p)
+    if (!p)
         return;
-    tally_event ev = { .policy = n->policy, .limit = n->limit, .key = n->key, .key_len = n->key_len,
-                       .window_start_ns = n->win, .used = n->delta,
-                       .max = p->limits[n->limit].spec.max };
-    f->o.on_event(f->o.ctx, &ev);
-    atomic_fetch_add_explicit(&f->e->events_delivered, 1, memory_order_relaxed);
+    if (n->kind == TALLY__NOTE_FLAG && f->o.on_flag) {
+        tally_flag fl = { .key = n->key, .key_len = n->key_len, .flagged_at_ns = n->win,
+                          .denied = n->delta };
+        f->o.on_flag(f->o.ctx, n->policy, &fl);
+    } else if (n->kind == TALLY__NOTE_EVENT && f->o.on_event) {
+        tally_event ev = { .policy = n->policy, .limit = n->limit, .key = n->key,
+                           .key_len = n->key_len, .window_start_ns = n->win, .used = n->delta,
+                           .max = p->limits[n->limit].spec.max };
+        f->o.on_event(f->o.ctx, &ev);
+        atomic_fetch_add_explicit(&f->e->events_delivered, 1, memory_order_relaxed);
+    }
 }
 
+/* "<prefix><policy>:flag:<32 hex digest>": a flag shared by every engine */
+static int flag_key(struct tally__flusher *f, uint32_t policy, tally__digest d, char *buf, size_t len)
+{
+    tally__policy *p = policy_of(f->e, policy);
+    return snprintf(buf, len, "%s%s:flag:%016" PRIx64 "%016" PRIx64, f->prefix, p->name, d.hi, d.lo);
+}
+
+/* Events: "<count key>:notified" SET NX with the window's TTL. Flags: SET NX
+   without TTL (an operator clears them); clearings: DEL. */
 static int push_events_redis(struct tally__flusher *f)
 {
     size_t sent = 0;
     for (event *ev = f->events; ev; ev = ev->next) {
         const tally__note *n = ev->note;
         tally__policy *p = policy_of(f->e, n->policy);
-        entry tmp = { .policy = n->policy, .limit = n->limit, .digest = n->digest, .win = n->win };
-        char key[700], ttl[24];
-        int len = count_key(f, &tmp, key, sizeof(key) - 16);
-        len += snprintf(key + len, sizeof(key) - (size_t)len, ":notified");
-        uint64_t end = window_end(&p->limits[n->limit], n->win), now = tally_now_ns();
-        if (p->limits[n->limit].spec.algo == TALLY_GCRA)
-            end = now + p->limits[n->limit].spec.period_ns;
-        snprintf(ttl, sizeof(ttl), "%" PRIu64, (end > now ? (end - now) / 1000000u : 0) + 1);
-        const char *argv[] = { "SET", key, "1", "NX", "PX", ttl };
-        size_t argl[] = { 3, (size_t)len, 1, 2, 2, strlen(ttl) };
-        if (redisAppendCommandArgv(f->rc, 6, argv, argl) != REDIS_OK)
+        char key[700], val[48], ttl[24];
+        int len, rc;
+        if (n->kind == TALLY__NOTE_EVENT) {
+            entry tmp = { .policy = n->policy, .limit = n->limit, .digest = n->digest, .win = n->win };
+            len = count_key(f, &tmp, key, sizeof(key) - 16);
+            len += snprintf(key + len, sizeof(key) - (size_t)len, ":notified");
+            uint64_t end = window_end(&p->limits[n->limit], n->win), now = tally_now_ns();
+            if (p->limits[n->limit].spec.algo == TALLY_GCRA)
+                end = now + p->limits[n->limit].spec.period_ns;
+            snprintf(ttl, sizeof(ttl), "%" PRIu64, (end > now ? (end - now) / 1000000u : 0) + 1);
+            const char *argv[] = { "SET", key, "1", "NX", "PX", ttl };
+            size_t argl[] = { 3, (size_t)len, 1, 2, 2, strlen(ttl) };
+            rc = redisAppendCommandArgv(f->rc, 6, argv, argl);
+        } else if (n->kind == TALLY__NOTE_FLAG) {
+            len = flag_key(f, n->policy, n->digest, key, sizeof(key));
+            int vl = snprintf(val, sizeof(val), "%" PRIu64 ":%" PRIu64, n->win, n->delta);
+            const char *argv[] = { "SET", key, val, "NX" };
+            size_t argl[] = { 3, (size_t)len, (size_t)vl, 2 };
+            rc = redisAppendCommandArgv(f->rc, 4, argv, argl);
+        } else {
+            len = flag_key(f, n->policy, n->digest, key, sizeof(key));
+            const char *argv[] = { "DEL", key };
+            size_t argl[] = { 3, (size_t)len };
+            rc = redisAppendCommandArgv(f->rc, 2, argv, argl);
+        }
+        if (rc != REDIS_OK)
             return TALLY_EIO;
         sent++;
     }
@@ -590,14 +645,54 @@ static int read_events_redis(struct tally__flusher *f, size_t sent)
             pp = &ev->next;
         } else {
             if (r->type == REDIS_REPLY_STATUS)
-                deliver_event(f, ev->note);   /* OK: this process is the first to notify */
+                deliver_note(f, ev->note);    /* OK: this process is the first to tell */
             *pp = ev->next;
             free(ev->note);
             free(ev);
         }
         freeReplyObject(r);
     }
+    f->events_tail = pp;
+    while (*f->events_tail)
+        f->events_tail = &(*f->events_tail)->next;
     return rc;
+}
+
+/* Flags other engines stored: GET the flag of every watched key pushed now. */
+static void import_flags(struct tally__flusher *f, const batch *first)
+{
+    size_t asked = 0;
+    for (const batch *b = first; b; b = b->next)
+        for (size_t i = 0; i < b->n; i++) {
+            const entry *x = b->items[i].e;
+            tally__policy *p = policy_of(f->e, x->policy);
+            if (x->limit != 0 || !atomic_load_explicit(&p->table.watch, memory_order_acquire))
+                continue;
+            char key[700];
+            int len = flag_key(f, x->policy, x->digest, key, sizeof(key));
+            const char *argv[] = { "GET", key };
+            size_t argl[] = { 3, (size_t)len };
+            if (redisAppendCommandArgv(f->rc, 2, argv, argl) != REDIS_OK)
+                return;
+            asked++;
+        }
+    for (const batch *b = first; b && asked; b = b->next)
+        for (size_t i = 0; i < b->n && asked; i++) {
+            const entry *x = b->items[i].e;
+            tally__policy *p = policy_of(f->e, x->policy);
+            if (x->limit != 0 || !atomic_load_explicit(&p->table.watch, memory_order_acquire))
+                continue;
+            redisReply *r = NULL;
+            asked--;
+            if (redisGetReply(f->rc, (void **)&r) != REDIS_OK || !r) {
+                redis_drop(f);
+                return;
+            }
+            uint64_t at, amount;
+            if (r->type == REDIS_REPLY_STRING && sscanf(r->str, "%" SCNu64 ":%" SCNu64, &at, &amount) == 2)
+                tally__watch_import(f->e, x->policy, x->digest, at, amount);
+            freeReplyObject(r);
+        }
 }
 
 /* Push everything in flight to Redis in one pipeline. */
@@ -605,7 +700,13 @@ static int push_redis(struct tally__flusher *f)
 {
     if (!redis_ready(f))
         return TALLY_EIO;
+    batch **fresh = f->inflight_tail;          /* batches formed now start here */
     int rc = form_batches(f);
+    if (!rc && *fresh) {
+        import_flags(f, *fresh);
+        if (!f->rc)
+            return TALLY_EIO;
+    }
     size_t nb = 0;
     for (batch *b = f->inflight_head; b && !rc; b = b->next, nb++)
         rc = append_batch(f, b);
@@ -688,11 +789,12 @@ out:
     free(totals);
     for (event *ev = f->events, *next; ev; ev = next) {
         next = ev->next;
-        deliver_event(f, ev->note);
+        deliver_note(f, ev->note);
         free(ev->note);
         free(ev);
     }
     f->events = NULL;
+    f->events_tail = &f->events;
 }
 
 /* Forget entries whose window ended and that hold nothing. */
@@ -735,7 +837,12 @@ static void count_pending(struct tally__flusher *f)
 /* One flush. Return 0 when nothing taken is left unacknowledged. */
 static int flush_once(struct tally__flusher *f)
 {
+    uint64_t start = f->last_flush_ns ? f->last_flush_ns : tally_now_ns();
     collect(f);
+    uint64_t now = tally_now_ns();
+    tally__ops_flush(f->e, now);
+    tally__ops_usage_emit(f->e, start, now, f->o.on_usage, f->o.ctx);
+    f->last_flush_ns = now;
     int rc = 0;
     bool had = f->inflight_head != NULL || f->events != NULL;
     for (size_t i = 0; i < f->map_size && !had; i++)
@@ -870,6 +977,7 @@ int tally_flusher_start(tally_engine *e, const tally_flusher_options *o)
     f->e = e;
     f->o = *o;
     f->inflight_tail = &f->inflight_head;
+    f->events_tail = &f->events;
     pthread_mutex_init(&f->lock, NULL);
     pthread_cond_init(&f->cond, NULL);
     if (o->redis) {
@@ -1034,5 +1142,5 @@ int tally_stats_prometheus(tally_engine *e, char *buf, size_t len)
                  "# TYPE tally_last_flush_ok_seconds gauge\n"
                  "tally_last_flush_ok_seconds %.3f\n", (double)s.last_flush_ok_ns / 1e9);
     w += (size_t)n;
-    return (int)w;
+    return tally__ops_prometheus(e, buf, len, w);
 }

@@ -128,6 +128,8 @@ void tally__table_destroy(tally__table *t)
 {
     free(atomic_load(&t->sync));
     t->sync = NULL;
+    free(atomic_load(&t->watch));
+    t->watch = NULL;
     if (t->keys) {
         for (size_t i = 0; i < t->n_slots; i++)
             free(t->keys[i]);
@@ -358,6 +360,9 @@ static bool kill_expired(tally__table *t, tally__slot *s, uint64_t now)
     if (tally__state_is_dead(first))
         goto help;
     tally__sync *y = atomic_load_explicit(&t->sync, memory_order_acquire);
+    tally__watch_slot *w = atomic_load_explicit(&t->watch, memory_order_acquire);
+    if (w && __atomic_load_n(&w[tally__slot_index(t, s)].flag_at, __ATOMIC_ACQUIRE))
+        return false;                         /* a flag stays until an operator clears it */
     for (unsigned i = 0; i < t->n_limits; i++) {
         tally__state cur = i ? tally__state_load_atomic(&s->st[i]) : first;
         if (tally__state_is_dead(cur))
@@ -420,8 +425,17 @@ size_t tally__table_reclaim_take(tally__table *t, tally__digest d, uint64_t now,
 void tally__table_reclaim_free(tally__table *t, const tally__batch *b)
 {
     tally__sync *y = atomic_load_explicit(&t->sync, memory_order_acquire);
+    tally__watch_slot *w = atomic_load_explicit(&t->watch, memory_order_acquire);
     for (size_t j = 0; j < b->n; j++) {
         tally__slot *s = slot_at(t, b->idx[j]);
+        if (w) {
+            tally__watch_slot *ws = &w[b->idx[j]];
+            __atomic_store_n(&ws->denied.w0, 0, __ATOMIC_RELAXED);
+            __atomic_store_n(&ws->denied.w1, 0, __ATOMIC_RELAXED);
+            __atomic_store_n(&ws->flag_at, 0, __ATOMIC_RELAXED);
+            __atomic_store_n(&ws->flag_amount, 0, __ATOMIC_RELAXED);
+            __atomic_store_n(&ws->acc, 0, __ATOMIC_RELAXED);
+        }
         for (unsigned i = 0; i < t->n_limits; i++) {
             __atomic_store_n(&s->st[i].w0, 0, __ATOMIC_RELAXED);
             __atomic_store_n(&s->st[i].w1, 0, __ATOMIC_RELAXED);

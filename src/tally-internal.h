@@ -152,6 +152,15 @@ typedef struct tally__sync {
     uint64_t remote;
 } tally__sync;
 
+/* Per slot, when the policy has a rejection watch. */
+typedef struct tally__watch_slot {
+    tally__state  denied;          /* sliding window of denied cost */
+    uint64_t      flag_at;         /* 0: not flagged; else when (set once by CAS) */
+    uint64_t      flag_amount;     /* denied cost in the window when flagged */
+    uint64_t      acc;             /* denied cost since the flusher last looked */
+    uint64_t      pad;
+} tally__watch_slot;
+
 struct tally__table {
     size_t          capacity;     /* most LIVE + PENDING slots */
     size_t          n_slots;
@@ -166,6 +175,7 @@ struct tally__table {
     _Atomic size_t  zombies;      /* slots taken by a reclaim, not yet FREE */
     void          **keys;         /* per slot copy of the key bytes (NULL: digest_only) */
     tally__sync *_Atomic sync;     /* n_slots * n_limits, once a flusher started */
+    tally__watch_slot *_Atomic watch; /* n_slots, once the policy has a watch */
     struct tally_engine *engine;  /* owner, for spilling deltas of reclaimed slots */
     uint32_t        policy;       /* id of the owning policy */
 };
@@ -223,6 +233,12 @@ typedef struct tally__policy {
     tally__limit limits[TALLY_MAX_LIMITS];
     tally__table table;
     pthread_mutex_t reset_lock;   /* serialises tally_reset_if on this policy */
+    tally__limit watch_rule;      /* sliding window of denied cost, max = threshold */
+    size_t       episodes_cap;
+    struct tally__episodes *episodes;   /* under the engine's ops_lock */
+    /* usage of the current flush interval, per limit (flusher thread only) */
+    uint64_t     usage_keys[TALLY_MAX_LIMITS], usage_sum[TALLY_MAX_LIMITS];
+    uint64_t     usage_buckets[TALLY_MAX_LIMITS][65];
 } tally__policy;
 
 /* A delta or an event handed from the hot path to the flusher (MPSC stack). */
@@ -230,12 +246,14 @@ typedef struct tally__note {
     struct tally__note *next;
     uint32_t policy;
     unsigned limit;
-    bool     is_event;
+    uint8_t  kind;                /* TALLY__NOTE_* */
     tally__digest digest;
-    uint64_t win, delta;          /* delta: a spilled cost; events: used */
-    size_t   key_len;             /* events: the key (or digest) bytes follow */
+    uint64_t win, delta;          /* delta: a spilled cost; events: used; flags: when, denied */
+    size_t   key_len;             /* events and flags: the key (or digest) bytes follow */
     unsigned char key[];
 } tally__note;
+
+enum { TALLY__NOTE_DELTA, TALLY__NOTE_EVENT, TALLY__NOTE_FLAG, TALLY__NOTE_UNFLAG };
 
 #define TALLY__STAT_SHARDS 16
 typedef struct tally__stat_shard {
@@ -261,6 +279,10 @@ struct tally_engine {
     _Atomic uint64_t spill_lost;     /* cost that could not be handed over (out of memory) */
     _Atomic uint64_t pending_deltas, pending_cost;   /* as of the last flush */
     _Atomic uint64_t flush_batches, flush_failures, redis_reconnects, events_delivered;
+    pthread_mutex_t  ops_lock;       /* episodes and the last usage reports */
+    _Atomic uint64_t flags_set;
+    struct tally__usage_last *usage_last;  /* under ops_lock */
+    size_t           usage_last_n;
     tally__stat_shard stats[TALLY__STAT_SHARDS];
 };
 
@@ -268,6 +290,22 @@ void tally__note_push(tally_engine *e, tally__note *n);
 /* Spill an unflushed delta that can no longer stay in its slot. */
 void tally__spill(tally_engine *e, uint32_t policy, unsigned limit, tally__digest d,
                   uint64_t win, uint64_t delta);
+/* Make a note for the flusher carrying @key (or the digest). NULL when out of memory. */
+tally__note *tally__note_new(uint8_t kind, uint32_t policy, unsigned limit, tally__digest d,
+                             const void *key, size_t key_len);
+/* The rejection watch, on the hot path: feed a denial of @cost to slot @idx. */
+void tally__watch_feed(tally_engine *e, tally__policy *p, size_t idx, tally__digest d,
+                       const void *key, size_t key_len, uint64_t cost, uint64_t now);
+/* Set a flag learnt from Redis (no event: another engine delivered it). */
+void tally__watch_import(tally_engine *e, uint32_t policy, tally__digest d, uint64_t at,
+                         uint64_t amount);
+/* The flusher's part of the operator views (ops.c). */
+void tally__ops_flush(tally_engine *e, uint64_t now);
+void tally__ops_usage_add(tally__policy *p, unsigned limit, uint64_t delta);
+void tally__ops_usage_emit(tally_engine *e, uint64_t start, uint64_t end,
+                           void (*cb)(void *, const tally_usage_report *), void *ctx);
+int  tally__ops_prometheus(tally_engine *e, char *buf, size_t len, size_t w);
+void tally__ops_free(tally_engine *e);
 /* Allocate the sync array of a policy's table (flusher start, policy add). */
 int tally__table_sync_alloc(tally__table *t);
 /* Run @fn inside an RCU read-side section (for the flusher). */

@@ -17,6 +17,8 @@ extern "C" {
 #endif
 
 typedef struct tally_engine tally_engine;
+typedef struct tally_usage_report tally_usage_report;   /* tally/ops.h */
+typedef struct tally_flag tally_flag;                   /* tally/ops.h */
 
 typedef struct tally_redis_options {
     const char *host; int port;        /* or */ const char *unix_path;
@@ -48,6 +50,10 @@ typedef struct tally_flusher_options {
     uint32_t fail_closed_after_ms;     /* 0 (default): fail open. Else deny every hit of a
                                           synced policy once the last successful flush is
                                           older than this while Redis is configured. */
+    /* Each flush interval, per policy and limit: the distribution of per-key usage. */
+    void (*on_usage)(void *ctx, const tally_usage_report *r);
+    /* A key the rejection watch flagged (tally/ops.h); with Redis, once across engines. */
+    void (*on_flag)(void *ctx, uint32_t policy, const tally_flag *f);
 } tally_flusher_options;
 
 /*
