@@ -541,7 +541,7 @@ int tally_hit_at(tally_engine *e, uint32_t policy, const void *key, size_t key_l
         return 0;
     }
 
-    tally__digest d = tally__siphash128(e->opts.hash_key, key, key_len);
+    tally__digest d = tally__key_digest(e->opts.hash_key, key, key_len);
     tally__table *t = &p->table;
     unsigned how = (p->flags & (TALLY_SHADOW | TALLY_COUNT_REJECTED)) ? TALLY__ADD_ALWAYS
                                                                      : TALLY__ADD_IF_FITS;
@@ -613,7 +613,7 @@ int tally_peek_at(tally_engine *e, uint32_t policy, const void *key, size_t key_
     tally__table *t = &p->table;
     tally__sync *sync = atomic_load_explicit(&e->syncing, memory_order_relaxed)
         ? atomic_load_explicit(&t->sync, memory_order_acquire) : NULL;
-    hit_ctx c = { .p = p, .s = tally__table_find(t, tally__siphash128(e->opts.hash_key, key, key_len)) };
+    hit_ctx c = { .p = p, .s = tally__table_find(t, tally__key_digest(e->opts.hash_key, key, key_len)) };
     c.sync = c.s && sync ? sync + tally__slot_index(t, c.s) * p->n_limits : NULL;
     for (unsigned i = 0; i < p->n_limits; i++) {
         tally__state cur = { 0, 0 };
@@ -641,7 +641,7 @@ int tally_read(tally_engine *e, uint32_t policy, const void *key, size_t key_len
         return rc;
 
     tally_snapshot snap = { .policy = policy, .n_limits = p->n_limits };
-    tally__slot *s = tally__table_find(&p->table, tally__siphash128(e->opts.hash_key, key, key_len));
+    tally__slot *s = tally__table_find(&p->table, tally__key_digest(e->opts.hash_key, key, key_len));
     uint64_t now = tally_now_ns();
     rc = s ? 0 : TALLY_ENOENT;
     for (unsigned i = 0; i < p->n_limits && !rc; i++) {
@@ -673,7 +673,7 @@ int tally_reset_if(tally_engine *e, uint32_t policy, const void *key, size_t key
         rcu_exit();
         return TALLY_EINVAL;
     }
-    tally__slot *s = tally__table_find(&p->table, tally__siphash128(e->opts.hash_key, key, key_len));
+    tally__slot *s = tally__table_find(&p->table, tally__key_digest(e->opts.hash_key, key, key_len));
     if (!s) {
         rcu_exit();
         return TALLY_ENOENT;

@@ -167,7 +167,7 @@ int tally_watch_clear(tally_engine *e, uint32_t policy, const void *key, size_t 
     tally__policy *p = policy_get(e, policy);
     if (!p || !atomic_load_explicit(&p->table.watch, memory_order_acquire))
         return TALLY_EINVAL;
-    clear_arg a = { e, p, tally__siphash128(e->opts.hash_key, key, key_len), 0 };
+    clear_arg a = { e, p, tally__key_digest(e->opts.hash_key, key, key_len), 0 };
     tally__rcu_read(clear_in_rcu, &a);
     /* with Redis, the flusher deletes the shared flag too (whether or not this
        engine held the key: a restarted process may not have it yet) */

@@ -118,6 +118,16 @@ tally__digest tally__siphash24_128(const uint8_t key[16], const void *data, size
 
 /* ---- The key table ----------------------------------------------------- */
 
+/* A key's identity: its keyed digest without the two bits a slot uses for status.
+   Every place that names a key (slots, notes, Redis keys) uses this form. */
+#define TALLY__DIGEST_BITS_HI 62
+static inline tally__digest tally__key_digest(const uint8_t hash_key[16], const void *key, size_t len)
+{
+    tally__digest d = tally__siphash128(hash_key, key, len);
+    d.hi &= (UINT64_C(1) << TALLY__DIGEST_BITS_HI) - 1;
+    return d;
+}
+
 typedef struct tally__table tally__table;
 
 /*

@@ -56,7 +56,7 @@ static int start_flusher(tally_engine *e, const test_redis *r, const char *prefi
 static int key_name(char *buf, size_t len, const char *prefix, const char *policy, unsigned limit,
                     const char *key, uint64_t win)
 {
-    tally__digest d = tally__siphash128(HASH_KEY, key, strlen(key));
+    tally__digest d = tally__key_digest(HASH_KEY, key, strlen(key));
     return snprintf(buf, len, "%s%s:%u:%016" PRIx64 "%016" PRIx64 ":%" PRIu64, prefix, policy,
                     limit, d.hi & TALLY__DIGEST_HI_MASK, d.lo, win);
 }
@@ -563,6 +563,86 @@ Test(redis, fail_closed_denies_once_the_global_view_is_stale, .timeout = 120)
     tally_snapshot s;
     cr_assert_eq(tally_read(e, pol, "k", 1, &s), 0);
     cr_assert_eq(s.c[0].used, 1, "the denied hit consumed nothing");
+    tally_close(e);
+    test_redis_stop(&r);
+}
+
+/* ---- The rejection watch's flag through Redis ----------------------------- */
+
+static void count_flags(void *ctx, uint32_t policy, const tally_flag *f)
+{
+    (void)policy;
+    (void)f;
+    atomic_fetch_add((_Atomic int *)ctx, 1);
+}
+
+static int count_listed(void *ctx, const tally_flag *f)
+{
+    (void)f;
+    (*(int *)ctx)++;
+    return 0;
+}
+
+static tally_engine *watch_engine(const test_redis *r, _Atomic int *flags, uint32_t *pol)
+{
+    tally_engine *e = open_engine(64);
+    tally_policy p = { .name = "watch", .n_limits = 1, .flags = TALLY_ALIGNED,
+                       .limits = { { .algo = TALLY_FIXED_WINDOW, .max = 1, .period_ns = HOUR } } };
+    cr_assert_eq(tally_policy_add(e, &p, pol), 0);
+    tally_watch w = { .threshold = 10, .window_ns = 600 * SEC };
+    cr_assert_eq(tally_watch_set(e, *pol, &w), 0);
+    tally_redis_options ro = { .host = "127.0.0.1", .port = r->port, .key_prefix = "t8:" };
+    tally_flusher_options fo;
+    tally_flusher_options_init(&fo);
+    fo.interval_ms = 20;
+    fo.redis = &ro;
+    fo.on_flag = count_flags;
+    fo.ctx = flags;
+    cr_assert_eq(tally_flusher_start(e, &fo), 0);
+    return e;
+}
+
+Test(redis, flag_survives_a_restart_and_is_told_once, .timeout = 120)
+{
+    test_redis r = { 0 };
+    cr_assert(test_redis_start(&r));
+    static _Atomic int flags;
+    atomic_store(&flags, 0);
+    uint32_t pol;
+    tally_result res;
+    tally_engine *e = watch_engine(&r, &flags, &pol);
+    for (int i = 0; i < 20; i++)
+        cr_assert_eq(tally_hit(e, pol, "bad", 3, NULL, &res), 0);
+    cr_assert_eq(tally_flush(e, 3000), 0);
+    cr_assert_eq(atomic_load(&flags), 1);
+    tally__digest d = tally__key_digest(HASH_KEY, "bad", 3);
+    char name[256];
+    int len = snprintf(name, sizeof(name), "t8:watch:flag:%016" PRIx64 "%016" PRIx64,
+                       d.hi & TALLY__DIGEST_HI_MASK, d.lo);
+    redisContext *c = test_redis_connect(&r);
+    redisReply *rep = redisCommand(c, "EXISTS %b", name, (size_t)len);
+    cr_assert_eq(rep->integer, 1, "the flag is stored in Redis");
+    freeReplyObject(rep);
+    tally_close(e);
+
+    /* a restarted process learns the flag as soon as the key is active */
+    e = watch_engine(&r, &flags, &pol);
+    cr_assert_eq(tally_hit(e, pol, "bad", 3, NULL, &res), 0);
+    cr_assert_eq(tally_flush(e, 3000), 0);
+    int listed = 0;
+    cr_assert_eq(tally_watch_flagged(e, pol, 0, count_listed, &listed), 1);
+    for (int i = 0; i < 20; i++)
+        cr_assert_eq(tally_hit(e, pol, "bad", 3, NULL, &res), 0);
+    cr_assert_eq(tally_flush(e, 3000), 0);
+    cr_assert_eq(atomic_load(&flags), 1, "told once across engines");
+
+    /* an operator clears it: locally and in Redis */
+    cr_assert_eq(tally_watch_clear(e, pol, "bad", 3), 0);
+    cr_assert_eq(tally_flush(e, 3000), 0);
+    rep = redisCommand(c, "EXISTS %b", name, (size_t)len);
+    cr_assert_eq(rep->integer, 0, "the flag is gone from Redis");
+    freeReplyObject(rep);
+    redisFree(c);
     tally_close(e);
     test_redis_stop(&r);
 }
