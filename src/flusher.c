@@ -39,7 +39,7 @@
 #define TOKEN_TTL_MS    "86400000"     /* a batch token outlives any retry */
 #define BACKOFF_MIN_MS  50
 #define BACKOFF_MAX_MS  5000
-#define TTL_SLACK_MS    1000
+#define TTL_SLACK_MS    60000          /* late deltas (retries) still find their key */
 
 /* ---- The hand-off stack -------------------------------------------------- */
 

@@ -646,3 +646,47 @@ Test(redis, flag_survives_a_restart_and_is_told_once, .timeout = 120)
     tally_close(e);
     test_redis_stop(&r);
 }
+
+/* ---- Windows rolling between flushes -------------------------------------- */
+
+Test(redis, deltas_of_rolled_windows_reach_their_own_keys, .timeout = 120)
+{
+    test_redis r = { 0 };
+    cr_assert(test_redis_start(&r));
+    tally_engine *e = open_engine(4096);
+    /* 50 ms windows, flushed every 120 ms: most deltas leave after their window rolled */
+    tally_policy p = { .name = "roll", .n_limits = 1, .flags = TALLY_ALIGNED,
+                       .limits = { { .algo = TALLY_FIXED_WINDOW, .max = UINT64_C(1) << 40,
+                                     .period_ns = 50 * 1000000 } } };
+    uint32_t pol;
+    cr_assert_eq(tally_policy_add(e, &p, &pol), 0);
+    cr_assert_eq(start_flusher(e, &r, "t9:", NULL, 120), 0);
+    uint64_t total = 0;
+    char key[32];
+    for (int i = 0; i < 20000; i++) {
+        tally_result res;
+        uint64_t cost = 1 + (uint64_t)(i % 3);
+        snprintf(key, sizeof(key), "k%d", i % 50);
+        cr_assert_eq(tally_hit(e, pol, key, strlen(key), &cost, &res), 0);
+        total += cost;
+        if (i % 100 == 0)
+            sleep_ms(1);
+    }
+    cr_assert_eq(tally_flush(e, 5000), 0);
+    redisContext *c = test_redis_connect(&r);
+    redisReply *keys = redisCommand(c, "KEYS t9:roll:0:*");
+    cr_assert_eq(keys->type, REDIS_REPLY_ARRAY);
+    uint64_t sum = 0;
+    for (size_t i = 0; i < keys->elements; i++) {
+        redisReply *v = redisCommand(c, "GET %b", keys->element[i]->str, (size_t)keys->element[i]->len);
+        if (v->type == REDIS_REPLY_STRING)
+            sum += strtoull(v->str, NULL, 10);
+        freeReplyObject(v);
+    }
+    cr_assert_gt(keys->elements, 50, "many windows: %zu keys", keys->elements);
+    freeReplyObject(keys);
+    redisFree(c);
+    cr_assert_eq(sum, total, "every cost in Redis once, in its own window's key");
+    tally_close(e);
+    test_redis_stop(&r);
+}
