@@ -1,0 +1,796 @@
+/*
+ * tally-gate: a small HTTP/1.1 gateway that embeds the engine the way a proxy
+ * would. Worker threads each run their own epoll loop on their own listening
+ * socket, all bound to one port with SO_REUSEPORT, so the kernel spreads the
+ * connections and the workers share nothing but the engine. Each request is
+ * one tally_hit; the answer is 200 (or the upstream's answer) or 429, with
+ * the RateLimit-* headers. Usage and exit codes: --help, README.md "Tools".
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include "tally.h"
+
+enum { EXIT_FAIL = 1, EXIT_USAGE = 2 };
+
+#define MAX_REQUEST   (64 * 1024)    /* headers and body of one request */
+#define MAX_UPSTREAM  (16 << 20)     /* one upstream response */
+#define SEC           UINT64_C(1000000000)
+
+static const char usage_text[] =
+"usage: tally-gate -p SPEC [options]\n"
+"An HTTP gateway that rate-limits every request with the policy SPEC and\n"
+"answers 200 (or forwards to an upstream) or 429, with RateLimit-Limit,\n"
+"RateLimit-Remaining, RateLimit-Reset and, on 429, Retry-After headers.\n"
+"GET /metrics answers the counters in the Prometheus format (not limited).\n"
+"\n"
+"  -p, --policy SPEC       the policy, e.g. 'api: 10/s burst 20 gcra' (README.md)\n"
+"  -l, --listen ADDR:PORT  where to listen (default 127.0.0.1:8080; port 0 picks\n"
+"                          a free one)\n"
+"  -t, --threads N         worker threads, each with its own event loop (default 2)\n"
+"  -H, --key-header NAME   take the key from this request header (default: the\n"
+"                          client address; also when the header is missing)\n"
+"  -u, --upstream H:PORT   forward allowed requests to this HTTP server\n"
+"  -r, --redis H:PORT      share the counters through Redis (the flusher)\n"
+"      --redis-prefix P    Redis key prefix (default tally:)\n"
+"      --flush-ms N        flush interval in ms (default 1000)\n"
+"      --capacity N        most keys tracked at once (default 1048576)\n"
+"      --port-file FILE    write the port listened on to FILE once ready\n"
+"  -h, --help              this text\n"
+"\n"
+"SIGTERM or SIGINT stops it cleanly: the workers close their connections, the\n"
+"flusher pushes what is pending, and it exits 0.\n"
+"Exit status: 0 stopped by a signal; 1 it could not start (address in use,\n"
+"engine or flusher error) or a final flush failed; 2 bad arguments or spec.\n";
+
+struct counters {                   /* one per worker; summed by /metrics */
+    _Atomic uint64_t allowed, denied, errors, upstream_errors, connections;
+    char pad[64];
+};
+
+struct gate {
+    tally_engine *engine;
+    uint32_t policy;
+    tally_policy pol;
+    const char *key_header;
+    size_t key_header_len;
+    struct sockaddr_storage upstream;
+    socklen_t upstream_len;
+    bool has_upstream;
+    int stop_fd;                    /* eventfd, readable once shutdown begins */
+    unsigned n_workers;
+    struct counters *counters;
+};
+
+struct conn {
+    int fd;
+    char peer[INET6_ADDRSTRLEN];
+    char *in;
+    size_t in_len;
+    char *out;
+    size_t out_len, out_off, out_cap;
+    bool close_after;               /* close once out is written */
+    struct conn *prev, *next;       /* the worker's connections, freed at shutdown */
+};
+
+struct worker {
+    struct gate *g;
+    unsigned id;
+    int listen_fd, ep;
+    struct conn *conns;
+    pthread_t thread;
+};
+
+static void die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+static void die(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("tally-gate: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    exit(EXIT_FAIL);
+}
+
+/* ---- output buffer ----------------------------------------------------- */
+
+static bool out_put(struct conn *c, const char *s, size_t n)
+{
+    if (c->out_len + n > c->out_cap) {
+        size_t cap = c->out_cap ? c->out_cap : 4096;
+        while (cap < c->out_len + n)
+            cap *= 2;
+        char *p = realloc(c->out, cap);
+        if (!p)
+            return false;
+        c->out = p;
+        c->out_cap = cap;
+    }
+    memcpy(c->out + c->out_len, s, n);
+    c->out_len += n;
+    return true;
+}
+
+static bool out_printf(struct conn *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static bool out_printf(struct conn *c, const char *fmt, ...)
+{
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    return n >= 0 && (size_t)n < sizeof buf && out_put(c, buf, (size_t)n);
+}
+
+static void simple_response(struct conn *c, int status, const char *reason, const char *extra,
+                            const char *body)
+{
+    out_printf(c, "HTTP/1.1 %d %s\r\n%sContent-Type: text/plain\r\nContent-Length: %zu\r\n%s\r\n",
+               status, reason, extra, strlen(body), c->close_after ? "Connection: close\r\n" : "");
+    out_put(c, body, strlen(body));
+}
+
+/* ---- request parsing --------------------------------------------------- */
+
+struct request {
+    const char *method, *target;
+    size_t method_len, target_len;
+    const char *headers;            /* first header line */
+    size_t head_len;                /* request line and headers, with the blank line */
+    size_t body_len;
+    const char *key;                /* value of the key header, if present */
+    size_t key_len;
+    bool keep_alive, chunked;
+};
+
+/* Case-insensitive header match at the start of a line: "Name:". */
+static const char *header_value(const char *line, const char *end, const char *name, size_t len,
+                                size_t *vlen)
+{
+    if ((size_t)(end - line) <= len || line[len] != ':' || strncasecmp(line, name, len) != 0)
+        return NULL;
+    const char *v = line + len + 1;
+    while (v < end && (*v == ' ' || *v == '\t'))
+        v++;
+    const char *e = end;
+    while (e > v && (e[-1] == ' ' || e[-1] == '\t'))
+        e--;
+    *vlen = (size_t)(e - v);
+    return v;
+}
+
+/* 1: a whole request is in the buffer; 0: need more; -1: malformed. */
+static int parse_request(const struct gate *g, const char *buf, size_t len, struct request *r)
+{
+    const char *end = memmem(buf, len, "\r\n\r\n", 4);
+    if (!end)
+        return len >= MAX_REQUEST ? -1 : 0;
+    *r = (struct request){ .head_len = (size_t)(end - buf) + 4 };
+    const char *eol = memmem(buf, (size_t)(end - buf) + 2, "\r\n", 2);
+    const char *sp1 = memchr(buf, ' ', (size_t)(eol - buf));
+    const char *sp2 = sp1 ? memchr(sp1 + 1, ' ', (size_t)(eol - sp1 - 1)) : NULL;
+    if (!sp2 || sp1 == buf || sp2 == sp1 + 1 || eol - sp2 < 9 || memcmp(sp2 + 1, "HTTP/1.", 7) != 0)
+        return -1;
+    r->method = buf;
+    r->method_len = (size_t)(sp1 - buf);
+    r->target = sp1 + 1;
+    r->target_len = (size_t)(sp2 - sp1 - 1);
+    r->keep_alive = sp2[8] == '1';
+    r->headers = eol + 2;
+    for (const char *line = eol + 2; line < end + 2;) {
+        const char *le = memmem(line, (size_t)(end + 2 - line), "\r\n", 2);
+        size_t vl;
+        const char *v;
+        if (g->key_header && (v = header_value(line, le, g->key_header, g->key_header_len, &vl))) {
+            r->key = v;
+            r->key_len = vl;
+        } else if ((v = header_value(line, le, "Connection", 10, &vl))) {
+            if (vl == 5 && strncasecmp(v, "close", 5) == 0)
+                r->keep_alive = false;
+            else if (vl == 10 && strncasecmp(v, "keep-alive", 10) == 0)
+                r->keep_alive = true;
+        } else if ((v = header_value(line, le, "Content-Length", 14, &vl))) {
+            size_t n = 0;
+            for (size_t i = 0; i < vl; i++) {
+                if (v[i] < '0' || v[i] > '9' || n > MAX_REQUEST)
+                    return -1;
+                n = n * 10 + (size_t)(v[i] - '0');
+            }
+            r->body_len = n;
+        } else if ((v = header_value(line, le, "Transfer-Encoding", 17, &vl))) {
+            r->chunked = true;
+        }
+        line = le + 2;
+    }
+    if (r->head_len + r->body_len > MAX_REQUEST)
+        return -1;
+    return len >= r->head_len + r->body_len ? 1 : 0;
+}
+
+/* ---- upstream: one blocking exchange per request (see README.md) -------- */
+
+static bool has_header(const char *head, size_t len, const char *name)
+{
+    size_t n = strlen(name);
+    for (const char *p = head; p && p < head + len;) {
+        const char *le = memmem(p, (size_t)(head + len - p), "\r\n", 2);
+        if (!le)
+            break;
+        if ((size_t)(le - p) > n && p[n] == ':' && strncasecmp(p, name, n) == 0)
+            return true;
+        p = le + 2;
+    }
+    return false;
+}
+
+static bool forward(struct gate *g, struct conn *c, const char *req, const struct request *r,
+                    const char *rl_headers)
+{
+    int fd = socket(g->upstream.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return false;
+    struct timeval tv = { .tv_sec = 5 };
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    char *resp = NULL;
+    size_t len = 0, cap = 0;
+    bool ok = connect(fd, (struct sockaddr *)&g->upstream, g->upstream_len) == 0;
+    /* The request line and headers minus Connection, then our own. */
+    struct conn tmp = { .fd = -1 };
+    ok = ok && out_put(&tmp, req, (size_t)(r->headers - req));
+    for (const char *line = r->headers; ok && line < req + r->head_len - 2;) {
+        const char *le = memmem(line, (size_t)(req + r->head_len - line), "\r\n", 2);
+        size_t vl;
+        if (!header_value(line, le, "Connection", 10, &vl))
+            ok = out_put(&tmp, line, (size_t)(le + 2 - line));
+        line = le + 2;
+    }
+    ok = ok && out_put(&tmp, "Connection: close\r\n\r\n", 21) &&
+         out_put(&tmp, req + r->head_len, r->body_len);
+    for (size_t off = 0; ok && off < tmp.out_len;) {
+        ssize_t n = send(fd, tmp.out + off, tmp.out_len - off, MSG_NOSIGNAL);
+        ok = n > 0;
+        off += ok ? (size_t)n : 0;
+    }
+    free(tmp.out);
+    while (ok) {
+        if (cap - len < 16384) {
+            cap = cap ? 2 * cap : 65536;
+            char *p = cap <= MAX_UPSTREAM ? realloc(resp, cap) : NULL;
+            if (!p) {
+                ok = false;
+                break;
+            }
+            resp = p;
+        }
+        ssize_t n = recv(fd, resp + len, cap - len, 0);
+        if (n == 0)
+            break;
+        ok = n > 0;
+        len += ok ? (size_t)n : 0;
+    }
+    close(fd);
+    const char *eol = ok ? memmem(resp, len, "\r\n", 2) : NULL;
+    const char *hend = eol ? memmem(resp, len, "\r\n\r\n", 4) : NULL;
+    if (!hend || len < 12 || memcmp(resp, "HTTP/1.", 7) != 0) {
+        free(resp);
+        return false;
+    }
+    /* Without a length the body ends when the connection does. */
+    if (!has_header(eol + 2, (size_t)(hend + 4 - eol - 2), "Content-Length") &&
+        !has_header(eol + 2, (size_t)(hend + 4 - eol - 2), "Transfer-Encoding"))
+        c->close_after = true;
+    out_put(c, resp, (size_t)(eol + 2 - resp));
+    out_put(c, rl_headers, strlen(rl_headers));
+    if (c->close_after && r->keep_alive)
+        out_put(c, "Connection: close\r\n", 19);
+    out_put(c, eol + 2, len - (size_t)(eol + 2 - resp));
+    free(resp);
+    return true;
+}
+
+/* ---- one request ------------------------------------------------------- */
+
+static void metrics(struct gate *g, struct conn *c)
+{
+    uint64_t allowed = 0, denied = 0, errors = 0, uerr = 0, conns = 0;
+    for (unsigned i = 0; i < g->n_workers; i++) {
+        allowed += atomic_load_explicit(&g->counters[i].allowed, memory_order_relaxed);
+        denied += atomic_load_explicit(&g->counters[i].denied, memory_order_relaxed);
+        errors += atomic_load_explicit(&g->counters[i].errors, memory_order_relaxed);
+        uerr += atomic_load_explicit(&g->counters[i].upstream_errors, memory_order_relaxed);
+        conns += atomic_load_explicit(&g->counters[i].connections, memory_order_relaxed);
+    }
+    char head[1024];
+    int hn = snprintf(head, sizeof head,
+        "# HELP tally_gate_requests_total Rate-limited requests answered, by decision.\n"
+        "# TYPE tally_gate_requests_total counter\n"
+        "tally_gate_requests_total{decision=\"allowed\"} %" PRIu64 "\n"
+        "tally_gate_requests_total{decision=\"denied\"} %" PRIu64 "\n"
+        "# HELP tally_gate_engine_errors_total Requests the engine refused (answered 503).\n"
+        "# TYPE tally_gate_engine_errors_total counter\n"
+        "tally_gate_engine_errors_total %" PRIu64 "\n"
+        "# HELP tally_gate_upstream_errors_total Allowed requests the upstream failed (502).\n"
+        "# TYPE tally_gate_upstream_errors_total counter\n"
+        "tally_gate_upstream_errors_total %" PRIu64 "\n"
+        "# HELP tally_gate_connections_total Connections accepted.\n"
+        "# TYPE tally_gate_connections_total counter\n"
+        "tally_gate_connections_total %" PRIu64 "\n",
+        allowed, denied, errors, uerr, conns);
+    /* Room to spare: the counters may have grown a digit since the first call. */
+    int need = tally_stats_prometheus(g->engine, NULL, 0);
+    size_t room = need >= 0 ? (size_t)need + 256 : 0;
+    char *body = need >= 0 ? malloc((size_t)hn + room) : NULL;
+    if (!body) {
+        simple_response(c, 500, "Internal Server Error", "", "no memory\n");
+        return;
+    }
+    memcpy(body, head, (size_t)hn);
+    need = tally_stats_prometheus(g->engine, body + hn, room);
+    if (need < 0 || (size_t)need >= room)
+        need = (int)room - 1;
+    out_printf(c, "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                  "Content-Length: %d\r\n%s\r\n", hn + need,
+               c->close_after ? "Connection: close\r\n" : "");
+    out_put(c, body, (size_t)(hn + need));
+    free(body);
+}
+
+static uint64_t ceil_s(uint64_t ns)
+{
+    return ns / SEC + (ns % SEC != 0);
+}
+
+static void handle(struct gate *g, struct counters *k, struct conn *c, const char *req,
+                   const struct request *r)
+{
+    c->close_after = !r->keep_alive;
+    if (r->chunked) {
+        c->close_after = true;
+        simple_response(c, 501, "Not Implemented", "", "chunked request bodies are not supported\n");
+        return;
+    }
+    if (r->method_len == 3 && memcmp(r->method, "GET", 3) == 0 && r->target_len == 8 &&
+        memcmp(r->target, "/metrics", 8) == 0) {
+        metrics(g, c);
+        return;
+    }
+    const char *key = r->key ? r->key : c->peer;
+    size_t key_len = r->key ? r->key_len : strlen(c->peer);
+    tally_result res;
+    int rc = key_len ? tally_hit(g->engine, g->policy, key, key_len, NULL, &res) : TALLY_EINVAL;
+    if (rc != 0) {
+        atomic_fetch_add_explicit(&k->errors, 1, memory_order_relaxed);
+        char body[128];
+        snprintf(body, sizeof body, "%s\n", tally_strerror(rc));
+        simple_response(c, 503, "Service Unavailable", "", body);
+        return;
+    }
+    /* The limit that binds: the first one over when denied, else the first. */
+    unsigned bind = res.exceeded ? (unsigned)__builtin_ctz(res.exceeded) : 0;
+    char rl[256];
+    int n = snprintf(rl, sizeof rl, "RateLimit-Limit: %" PRIu64 "\r\nRateLimit-Remaining: %" PRIu64
+                     "\r\nRateLimit-Reset: %" PRIu64 "\r\n", g->pol.limits[bind].max, res.remaining,
+                     ceil_s(res.reset_after_ns));
+    if (!res.allowed) {
+        atomic_fetch_add_explicit(&k->denied, 1, memory_order_relaxed);
+        if (res.retry_after_ns != TALLY_NEVER)
+            snprintf(rl + n, sizeof rl - (size_t)n, "Retry-After: %" PRIu64 "\r\n",
+                     ceil_s(res.retry_after_ns) ? ceil_s(res.retry_after_ns) : 1);
+        simple_response(c, 429, "Too Many Requests", rl, "rate limited\n");
+        return;
+    }
+    atomic_fetch_add_explicit(&k->allowed, 1, memory_order_relaxed);
+    if (!g->has_upstream) {
+        simple_response(c, 200, "OK", rl, "ok\n");
+        return;
+    }
+    if (!forward(g, c, req, r, rl)) {
+        atomic_fetch_add_explicit(&k->upstream_errors, 1, memory_order_relaxed);
+        simple_response(c, 502, "Bad Gateway", rl, "upstream failed\n");
+    }
+}
+
+/* ---- the event loop ---------------------------------------------------- */
+
+static void conn_free(struct worker *w, struct conn *c)
+{
+    epoll_ctl(w->ep, EPOLL_CTL_DEL, c->fd, NULL);
+    close(c->fd);
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        w->conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    free(c->in);
+    free(c->out);
+    free(c);
+}
+
+/* Writes what it can. false: the connection is finished (error or closed). */
+static bool conn_flush(struct worker *w, struct conn *c)
+{
+    while (c->out_off < c->out_len) {
+        ssize_t n = send(c->fd, c->out + c->out_off, c->out_len - c->out_off, MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN) {
+            struct epoll_event ev = { .events = EPOLLOUT, .data.ptr = c };
+            epoll_ctl(w->ep, EPOLL_CTL_MOD, c->fd, &ev);
+            return true;
+        }
+        if (n <= 0)
+            return false;
+        c->out_off += (size_t)n;
+    }
+    c->out_off = c->out_len = 0;
+    if (c->close_after)
+        return false;
+    struct epoll_event ev = { .events = EPOLLIN, .data.ptr = c };
+    epoll_ctl(w->ep, EPOLL_CTL_MOD, c->fd, &ev);
+    return true;
+}
+
+/* Reads, answers every whole request in the buffer, writes. */
+static bool conn_read(struct worker *w, struct conn *c)
+{
+    struct counters *k = &w->g->counters[w->id];
+    for (;;) {
+        ssize_t n = recv(c->fd, c->in + c->in_len, MAX_REQUEST - c->in_len, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN)
+            break;
+        if (n <= 0)
+            return false;
+        c->in_len += (size_t)n;
+        if (c->in_len == MAX_REQUEST)
+            break;
+    }
+    size_t off = 0;
+    while (!c->close_after) {
+        struct request r;
+        int p = parse_request(w->g, c->in + off, c->in_len - off, &r);
+        if (p == 0)
+            break;
+        if (p < 0) {
+            c->close_after = true;
+            simple_response(c, 400, "Bad Request", "", "malformed or too large request\n");
+            break;
+        }
+        handle(w->g, k, c, c->in + off, &r);
+        off += r.head_len + r.body_len;
+    }
+    memmove(c->in, c->in + off, c->in_len - off);
+    c->in_len -= off;
+    return conn_flush(w, c);
+}
+
+static void accept_all(struct worker *w)
+{
+    for (;;) {
+        struct sockaddr_storage sa;
+        socklen_t sl = sizeof sa;
+        int fd = accept4(w->listen_fd, (struct sockaddr *)&sa, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0)
+            return;            /* EAGAIN, or out of fds: retried on the next event */
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        struct conn *c = calloc(1, sizeof *c);
+        char *in = malloc(MAX_REQUEST);
+        if (!c || !in) {
+            free(c);
+            free(in);
+            close(fd);
+            continue;
+        }
+        c->fd = fd;
+        c->in = in;
+        if (sa.ss_family == AF_INET)
+            inet_ntop(AF_INET, &((struct sockaddr_in *)&sa)->sin_addr, c->peer, sizeof c->peer);
+        else
+            inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&sa)->sin6_addr, c->peer, sizeof c->peer);
+        struct epoll_event ev = { .events = EPOLLIN, .data.ptr = c };
+        if (epoll_ctl(w->ep, EPOLL_CTL_ADD, fd, &ev) != 0) {
+            free(c->in);
+            free(c);
+            close(fd);
+            continue;
+        }
+        c->next = w->conns;
+        if (w->conns)
+            w->conns->prev = c;
+        w->conns = c;
+        atomic_fetch_add_explicit(&w->g->counters[w->id].connections, 1, memory_order_relaxed);
+    }
+}
+
+static void *worker_main(void *arg)
+{
+    struct worker *w = arg;
+    struct epoll_event ev = { .events = EPOLLIN, .data.ptr = &w->listen_fd };
+    epoll_ctl(w->ep, EPOLL_CTL_ADD, w->listen_fd, &ev);
+    ev = (struct epoll_event){ .events = EPOLLIN, .data.ptr = &w->g->stop_fd };
+    epoll_ctl(w->ep, EPOLL_CTL_ADD, w->g->stop_fd, &ev);
+    bool running = true;
+    while (running) {
+        struct epoll_event evs[64];
+        int n = epoll_wait(w->ep, evs, 64, -1);
+        for (int i = 0; i < n; i++) {
+            void *p = evs[i].data.ptr;
+            if (p == &w->g->stop_fd) {
+                running = false;
+            } else if (p == &w->listen_fd) {
+                accept_all(w);
+            } else {
+                struct conn *c = p;
+                bool alive = (evs[i].events & EPOLLOUT) ? conn_flush(w, c)
+                                                        : conn_read(w, c);
+                if (!alive || (evs[i].events & (EPOLLERR | EPOLLHUP) && !(evs[i].events & EPOLLIN)))
+                    conn_free(w, c);
+            }
+        }
+    }
+    while (w->conns)
+        conn_free(w, w->conns);
+    return NULL;
+}
+
+/* ---- start-up ---------------------------------------------------------- */
+
+static bool resolve(const char *hostport, int socktype, bool passive, struct sockaddr_storage *ss,
+                    socklen_t *len)
+{
+    const char *colon = strrchr(hostport, ':');
+    if (!colon || colon == hostport || colon[1] == '\0')
+        return false;
+    char host[256];
+    size_t hl = (size_t)(colon - hostport);
+    if (hl >= sizeof host)
+        return false;
+    memcpy(host, hostport, hl);
+    host[hl] = '\0';
+    if (host[0] == '[' && hl > 2 && host[hl - 1] == ']') {
+        memmove(host, host + 1, hl - 2);
+        host[hl - 2] = '\0';
+    }
+    struct addrinfo hints = { .ai_socktype = socktype, .ai_flags = passive ? AI_PASSIVE : 0 };
+    struct addrinfo *ai;
+    if (getaddrinfo(host, colon + 1, &hints, &ai) != 0)
+        return false;
+    memcpy(ss, ai->ai_addr, ai->ai_addrlen);
+    *len = ai->ai_addrlen;
+    freeaddrinfo(ai);
+    return true;
+}
+
+static int listen_on(const struct sockaddr_storage *ss, socklen_t len)
+{
+    int fd = socket(ss->ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    int one = 1;
+    if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0 ||
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
+        bind(fd, (const struct sockaddr *)ss, len) != 0 || listen(fd, 1024) != 0) {
+        int e = errno;
+        if (fd >= 0)
+            close(fd);
+        errno = e;
+        return -1;
+    }
+    return fd;
+}
+
+static bool parse_num(const char *s, uint64_t lo, uint64_t hi, uint64_t *out)
+{
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno || end == s || *end || s[0] == '-' || v < lo || v > hi)
+        return false;
+    *out = v;
+    return true;
+}
+
+int main(int argc, char **argv)
+{
+    const char *spec = NULL, *listen_addr = "127.0.0.1:8080", *upstream = NULL, *redis = NULL;
+    const char *redis_prefix = NULL, *port_file = NULL;
+    uint64_t threads = 2, flush_ms = 1000, capacity = 1 << 20;
+    struct gate g = { .stop_fd = -1 };
+    static const struct option longopts[] = {
+        { "policy", required_argument, 0, 'p' },   { "listen", required_argument, 0, 'l' },
+        { "threads", required_argument, 0, 't' },  { "key-header", required_argument, 0, 'H' },
+        { "upstream", required_argument, 0, 'u' }, { "redis", required_argument, 0, 'r' },
+        { "redis-prefix", required_argument, 0, 'P' }, { "flush-ms", required_argument, 0, 'F' },
+        { "capacity", required_argument, 0, 'C' }, { "port-file", required_argument, 0, 'W' },
+        { "help", no_argument, 0, 'h' },           { 0, 0, 0, 0 },
+    };
+    int c;
+    while ((c = getopt_long(argc, argv, "p:l:t:H:u:r:h", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'p': spec = optarg; break;
+        case 'l': listen_addr = optarg; break;
+        case 'H':
+            g.key_header = optarg;
+            g.key_header_len = strlen(optarg);
+            if (g.key_header_len == 0 || strpbrk(optarg, ": \t\r\n")) {
+                fprintf(stderr, "tally-gate: bad header name '%s'\n", optarg);
+                return EXIT_USAGE;
+            }
+            break;
+        case 'u': upstream = optarg; break;
+        case 'r': redis = optarg; break;
+        case 'P': redis_prefix = optarg; break;
+        case 'W': port_file = optarg; break;
+        case 't':
+        case 'F':
+        case 'C': {
+            uint64_t *dst = c == 't' ? &threads : c == 'F' ? &flush_ms : &capacity;
+            uint64_t hi = c == 't' ? 256 : c == 'F' ? 3600000 : TALLY_MAX_CAPACITY;
+            if (!parse_num(optarg, 1, hi, dst)) {
+                fprintf(stderr, "tally-gate: bad value '%s' for --%s (1..%" PRIu64 ")\n", optarg,
+                        c == 't' ? "threads" : c == 'F' ? "flush-ms" : "capacity", hi);
+                return EXIT_USAGE;
+            }
+            break;
+        }
+        case 'h': fputs(usage_text, stdout); return 0;
+        default:
+            fputs("Try 'tally-gate --help'.\n", stderr);
+            return EXIT_USAGE;
+        }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "tally-gate: unexpected argument '%s'\nTry 'tally-gate --help'.\n", argv[optind]);
+        return EXIT_USAGE;
+    }
+    if (!spec) {
+        fputs("tally-gate: missing --policy SPEC\nTry 'tally-gate --help'.\n", stderr);
+        return EXIT_USAGE;
+    }
+    char name[TALLY_MAX_POLICY_NAME + 1];
+    tally_spec_error err;
+    if (tally_policy_parse(spec, &g.pol, name, sizeof name, &err) != 0) {
+        fprintf(stderr, "tally-gate: bad policy spec at offset %zu: %s\n  %s\n  %*s^\n",
+                err.offset, err.message, spec, (int)err.offset, "");
+        return EXIT_USAGE;
+    }
+    struct sockaddr_storage laddr;
+    socklen_t llen;
+    if (!resolve(listen_addr, SOCK_STREAM, true, &laddr, &llen)) {
+        fprintf(stderr, "tally-gate: bad --listen address '%s' (want HOST:PORT)\n", listen_addr);
+        return EXIT_USAGE;
+    }
+    if (upstream) {
+        if (!resolve(upstream, SOCK_STREAM, false, &g.upstream, &g.upstream_len)) {
+            fprintf(stderr, "tally-gate: bad --upstream address '%s' (want HOST:PORT)\n", upstream);
+            return EXIT_USAGE;
+        }
+        g.has_upstream = true;
+    }
+    tally_redis_options ro = { 0 };
+    char redis_host[256];
+    if (redis) {
+        const char *colon = strrchr(redis, ':');
+        uint64_t port;
+        if (!colon || colon == redis || (size_t)(colon - redis) >= sizeof redis_host ||
+            !parse_num(colon + 1, 1, 65535, &port)) {
+            fprintf(stderr, "tally-gate: bad --redis address '%s' (want HOST:PORT)\n", redis);
+            return EXIT_USAGE;
+        }
+        memcpy(redis_host, redis, (size_t)(colon - redis));
+        redis_host[colon - redis] = '\0';
+        ro.host = redis_host;
+        ro.port = (int)port;
+        ro.key_prefix = redis_prefix;
+    }
+
+    /* Signals are taken by sigwait in this thread only. */
+    sigset_t sigs;
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGTERM);
+    sigaddset(&sigs, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+
+    tally_options o;
+    tally_options_init(&o);
+    o.capacity = capacity;
+    int rc = tally_open(&o, &g.engine);
+    if (rc != 0)
+        die("cannot open the engine: %s", tally_strerror(rc));
+    if ((rc = tally_policy_add(g.engine, &g.pol, &g.policy)) != 0)
+        die("cannot add the policy: %s", tally_strerror(rc));
+    if (redis) {
+        tally_flusher_options fo;
+        tally_flusher_options_init(&fo);
+        fo.interval_ms = (uint32_t)flush_ms;
+        fo.redis = &ro;
+        if ((rc = tally_flusher_start(g.engine, &fo)) != 0)
+            die("cannot start the flusher: %s", tally_strerror(rc));
+    }
+
+    g.n_workers = (unsigned)threads;
+    g.counters = calloc(threads, sizeof *g.counters);
+    struct worker *w = calloc(threads, sizeof *w);
+    g.stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (!g.counters || !w || g.stop_fd < 0)
+        die("cannot allocate: %s", strerror(errno));
+    for (unsigned i = 0; i < threads; i++) {
+        w[i] = (struct worker){ .g = &g, .id = i };
+        w[i].listen_fd = listen_on(&laddr, llen);
+        if (w[i].listen_fd < 0)
+            die("cannot listen on %s: %s", listen_addr, strerror(errno));
+        if (i == 0) {   /* port 0: the others bind the port the first one got */
+            llen = sizeof laddr;
+            getsockname(w[0].listen_fd, (struct sockaddr *)&laddr, &llen);
+        }
+        w[i].ep = epoll_create1(EPOLL_CLOEXEC);
+        if (w[i].ep < 0)
+            die("epoll_create1: %s", strerror(errno));
+    }
+    unsigned port = ntohs(laddr.ss_family == AF_INET ? ((struct sockaddr_in *)&laddr)->sin_port
+                                                     : ((struct sockaddr_in6 *)&laddr)->sin6_port);
+    for (unsigned i = 0; i < threads; i++)
+        if ((errno = pthread_create(&w[i].thread, NULL, worker_main, &w[i])) != 0)
+            die("cannot start a worker: %s", strerror(errno));
+    if (port_file) {
+        char tmp[4096];
+        snprintf(tmp, sizeof tmp, "%s.tmp", port_file);
+        FILE *f = fopen(tmp, "w");
+        if (!f || fprintf(f, "%u\n", port) < 0 || fclose(f) != 0 || rename(tmp, port_file) != 0)
+            die("cannot write --port-file %s: %s", port_file, strerror(errno));
+    }
+    fprintf(stderr, "tally-gate: listening on port %u with %u workers, policy %s\n", port,
+            (unsigned)threads, spec);
+
+    int sig;
+    sigwait(&sigs, &sig);
+    uint64_t one = 1;
+    if (write(g.stop_fd, &one, sizeof one) != sizeof one)
+        die("cannot signal the workers: %s", strerror(errno));
+    for (unsigned i = 0; i < threads; i++) {
+        pthread_join(w[i].thread, NULL);
+        close(w[i].listen_fd);
+        close(w[i].ep);
+    }
+    int status = 0;
+    if (redis && (rc = tally_flusher_stop(g.engine)) != 0) {
+        fprintf(stderr, "tally-gate: final flush failed: %s\n", tally_strerror(rc));
+        status = EXIT_FAIL;
+    }
+    uint64_t allowed = 0, denied = 0;
+    for (unsigned i = 0; i < threads; i++) {
+        allowed += atomic_load(&g.counters[i].allowed);
+        denied += atomic_load(&g.counters[i].denied);
+    }
+    fprintf(stderr, "tally-gate: stopped by signal %d: %" PRIu64 " allowed, %" PRIu64 " denied\n",
+            sig, allowed, denied);
+    tally_close(g.engine);
+    close(g.stop_fd);
+    free(g.counters);
+    free(w);
+    return status;
+}
