@@ -1,0 +1,230 @@
+#!/usr/bin/env bash
+# The tools as a user runs them: tally-replay on generated traces with known
+# answers, tally-gate on a free loopback port driven by curl and wrk.
+#   tests/tools/test_tools.sh PATH/TO/tally-replay PATH/TO/tally-gate
+# Prints "ok"/"FAIL" per check and "N passed, N failed"; exits 1 on a failure.
+set -uo pipefail
+REPLAY=$(realpath "$1")
+GATE=$(realpath "$2")
+T=$(mktemp -d)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null; done
+    wait 2>/dev/null
+    rm -rf "$T"
+}
+trap cleanup EXIT
+
+passed=0
+failed=0
+check() {   # check NAME EXPECTED ACTUAL
+    if [ "$2" == "$3" ]; then
+        passed=$((passed + 1))
+        echo "ok    $1"
+    else
+        failed=$((failed + 1))
+        echo "FAIL  $1: expected '$2', got '$3'"
+    fi
+}
+field() {   # field NAME JSON: an integer field of tally-replay's JSON report
+    grep -o "\"$1\":[0-9]*" <<<"$2" | head -1 | cut -d: -f2
+}
+
+# ---- tally-replay ----------------------------------------------------------
+T0=1700000000
+# key a: 10 hits in each of 10 seconds; key b: 3 per second; a comment, a blank line.
+awk -v t0=$T0 'BEGIN { print "# ts key cost"; print "";
+    for (s = 0; s < 10; s++) { for (i = 0; i < 10; i++) printf "%d.%d\ta\n", t0 + s, i;
+                               for (i = 0; i < 3; i++) printf "%d.%d5\tb\n", t0 + s, i } }' >"$T/fixed.tsv"
+out=$("$REPLAY" -j -p 'r: 5 per 1s fixed' "$T/fixed.tsv")
+check "replay: exit 0" 0 $?
+check "replay fixed: hits" 130 "$(field hits "$out")"
+check "replay fixed: allowed" 80 "$(field allowed "$out")"
+check "replay fixed: denied" 50 "$(field denied "$out")"
+check "replay fixed: first exceeded once per second" 10 "$(field first_exceeded "$out")"
+check "replay fixed: top key" '"key":"a","hits":100,"denied":50' \
+      "$(grep -o '"key":"a","hits":[0-9]*,"denied":[0-9]*' <<<"$out")"
+check "replay: stdin and text report" "denied   50" \
+      "$("$REPLAY" -p 'r: 5 per 1s fixed' <"$T/fixed.tsv" | grep '^denied')"
+check "replay: one decision per line" "50" \
+      "$("$REPLAY" -d -p 'r: 5 per 1s fixed' "$T/fixed.tsv" | awk -F'\t' '$4 == "deny"' | wc -l)"
+
+# Weighted costs: 10 lines of cost 30 against 100 per minute: 3 fit, 7 do not.
+awk -v t0=$T0 'BEGIN { for (i = 0; i < 10; i++) printf "%d\tk\t30\n", t0 + i }' >"$T/cost.tsv"
+out=$("$REPLAY" -j -p 'c: 100 per 1m fixed' "$T/cost.tsv")
+check "replay cost: allowed" 3 "$(field allowed "$out")"
+
+# Calendar day at utc+02:00: 5 hits at 23:59 local, 5 at 00:00 local the next day.
+# 2023-11-14 21:59:00 UTC = 1699999140 (23:59 at +02:00); +60 s is local midnight.
+awk 'BEGIN { for (i = 0; i < 5; i++) printf "1699999140\tk\n"; for (i = 0; i < 5; i++) printf "1699999200\tk\n" }' \
+    >"$T/cal.tsv"
+out=$("$REPLAY" -j -p 'd: 3 per day calendar utc+02:00' "$T/cal.tsv")
+check "replay calendar utc+02:00: allowed in two days" 6 "$(field allowed "$out")"
+out=$("$REPLAY" -j -p 'd: 3 per day calendar utc' "$T/cal.tsv")
+check "replay calendar utc: one day" 3 "$(field allowed "$out")"
+
+# Two limits; and shadow mode allows everything but reports.
+out=$("$REPLAY" -j -p 'two: 5 per 1s fixed, 40 per 1m fixed' "$T/fixed.tsv")
+check "replay two limits: allowed" 70 "$(field allowed "$out")"
+out=$("$REPLAY" -j -p 's: 5 per 1s fixed; shadow' "$T/fixed.tsv")
+check "replay shadow: allowed" 130 "$(field allowed "$out")"
+check "replay shadow: would deny" 50 "$(field shadow_denied "$out")"
+
+# GCRA 10/s burst 20, one key at 20 hits per second for 10 s (every 50 ms):
+# the burst of 20, then one per 100 ms: 20 + 99 = 119 (the last hit at 9.95 s).
+awk -v t0=$T0 'BEGIN { for (i = 0; i < 200; i++) printf "%d.%03d\tg\n", t0 + int(i / 20), (i % 20) * 50 }' \
+    >"$T/gcra.tsv"
+out=$("$REPLAY" -j -p 'g: 10/s burst 20 gcra' "$T/gcra.tsv")
+check "replay gcra: allowed" 119 "$(field allowed "$out")"
+
+# Combined log, key = client address; cost = bytes.
+cat >"$T/access.log" <<'EOF'
+10.0.0.1 - frank [14/Nov/2023:22:13:20 +0000] "GET /a HTTP/1.1" 200 100 "-" "curl/8"
+10.0.0.1 - frank [14/Nov/2023:22:13:21 +0000] "GET /b HTTP/1.1" 200 100 "-" "curl/8"
+10.0.0.2 - - [14/Nov/2023:23:13:21 +0100] "GET /b HTTP/1.1" 200 100 "-" "curl/8"
+10.0.0.1 - frank [14/Nov/2023:22:13:22 +0000] "GET /c HTTP/1.1" 404 - "-" "curl/8"
+EOF
+out=$("$REPLAY" -j -f combined -k host -p 'h: 2 per 1m fixed' "$T/access.log")
+check "replay combined by host: denied" 1 "$(field denied "$out")"
+out=$("$REPLAY" -j -f common -k path -p 'h: 1 per 1m fixed' "$T/access.log")
+check "replay common by path: denied" 1 "$(field denied "$out")"
+out=$("$REPLAY" -j -f combined -c bytes -p 'h: 150 per 1m fixed' "$T/access.log")
+check "replay bytes as cost: denied" 1 "$(field denied "$out")"
+
+# Exit codes.
+"$REPLAY" -p 'r: 5 per 1s fixd' "$T/fixed.tsv" >/dev/null 2>"$T/err"
+check "replay bad spec: exit 2" 2 $?
+check "replay bad spec: message" 1 "$(grep -c 'offset 12: expected an algorithm' "$T/err")"
+"$REPLAY" -p 'r: 5 per 1s fixed' "$T/missing" >/dev/null 2>&1
+check "replay unreadable trace: exit 3" 3 $?
+printf '1700000000\ta\nnot a line\n' | "$REPLAY" -p 'r: 5 per 1s fixed' >/dev/null 2>&1
+check "replay malformed line: exit 1" 1 $?
+"$REPLAY" --bogus >/dev/null 2>&1
+check "replay bad option: exit 2" 2 $?
+"$REPLAY" --help | grep -q '^usage: tally-replay'
+check "replay --help" 0 $?
+
+# ---- tally-gate ------------------------------------------------------------
+start_gate() {   # start_gate NAME ARGS...: sets PORT, GATE_PID
+    local name=$1
+    shift
+    rm -f "$T/$name.port"
+    "$GATE" -l 127.0.0.1:0 --port-file "$T/$name.port" "$@" 2>"$T/$name.err" &
+    GATE_PID=$!
+    pids+=("$GATE_PID")
+    for _ in $(seq 100); do [ -s "$T/$name.port" ] && break; sleep 0.1; done
+    PORT=$(cat "$T/$name.port" 2>/dev/null)
+}
+stop_gate() {    # stop_gate NAME: SIGTERM, check a clean exit
+    kill -TERM "$GATE_PID"
+    wait "$GATE_PID"
+    check "gate $1: exit 0 on SIGTERM" 0 $?
+}
+code() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
+
+start_gate h -p 'api: 3 per 1m fixed' -t 2 -H X-Key
+U=http://127.0.0.1:$PORT/
+check "gate: three allowed" "200 200 200" "$(code -H 'X-Key: alice' $U) $(code -H 'X-Key: alice' $U) $(code -H 'X-Key: alice' $U)"
+curl -s -D "$T/h429" -o /dev/null -H 'X-Key: alice' $U
+check "gate: 429 after the limit" 1 "$(grep -c '^HTTP/1.1 429' "$T/h429")"
+check "gate: Retry-After" "Retry-After: 60" "$(grep -o '^Retry-After: [0-9]*' "$T/h429")"
+check "gate: RateLimit-Remaining 0" "RateLimit-Remaining: 0" "$(grep -o '^RateLimit-Remaining: [0-9]*' "$T/h429")"
+curl -s -D "$T/h200" -o "$T/body" -H 'X-Key: bob' $U
+check "gate: another header key is its own" 1 "$(grep -c '^HTTP/1.1 200' "$T/h200")"
+check "gate: RateLimit-Limit" "RateLimit-Limit: 3" "$(grep -o '^RateLimit-Limit: [0-9]*' "$T/h200")"
+check "gate: RateLimit-Remaining" "RateLimit-Remaining: 2" "$(grep -o '^RateLimit-Remaining: [0-9]*' "$T/h200")"
+check "gate: RateLimit-Reset" "RateLimit-Reset: 60" "$(grep -o '^RateLimit-Reset: [0-9]*' "$T/h200")"
+check "gate: no Retry-After when allowed" 0 "$(grep -c '^Retry-After' "$T/h200")"
+check "gate: without the header the address is the key" "200 200 200 429" \
+      "$(code $U) $(code $U) $(code $U) $(code $U)"
+m=$(curl -s http://127.0.0.1:$PORT/metrics)
+check "gate /metrics: allowed" 'tally_gate_requests_total{decision="allowed"} 7' "$(grep 'decision="allowed"' <<<"$m")"
+check "gate /metrics: denied" 'tally_gate_requests_total{decision="denied"} 2' "$(grep 'decision="denied"' <<<"$m")"
+check "gate /metrics: engine counters" "tally_hits 9" "$(grep '^tally_hits ' <<<"$m")"
+stop_gate h
+
+# Address keys: a 127.0.0.2 client is not limited by 127.0.0.1's use.
+start_gate a -p 'api: 1 per 1m fixed' -t 2 -l 127.0.0.1:0
+U=http://127.0.0.1:$PORT/
+check "gate by address: second hit denied" "200 429" "$(code $U) $(code $U)"
+check "gate by address: another address" 200 "$(code --interface 127.0.0.2 $U 2>/dev/null || true)"
+stop_gate a
+
+# Forwarding: an upstream gate with a large limit behind a limiting one.
+start_gate up -p 'up: 1000 per 1m fixed' -t 1
+UP=$PORT
+UP_PID=$GATE_PID
+start_gate fw -p 'fw: 2 per 1m fixed' -t 2 -u 127.0.0.1:$UP
+U=http://127.0.0.1:$PORT/
+curl -s -D "$T/hf" -o "$T/bf" $U
+check "gate upstream: body from upstream" "ok" "$(cat "$T/bf")"
+check "gate upstream: our RateLimit-Limit first" "RateLimit-Limit: 2" "$(grep -o '^RateLimit-Limit: [0-9]*' "$T/hf" | head -1)"
+check "gate upstream: its own headers too" "RateLimit-Limit: 1000" "$(grep -o '^RateLimit-Limit: [0-9]*' "$T/hf" | tail -1)"
+check "gate upstream: denied not forwarded" "200 429" "$(code $U) $(code $U)"
+FW_PID=$GATE_PID
+GATE_PID=$UP_PID
+stop_gate up
+GATE_PID=$FW_PID
+stop_gate fw
+start_gate down -p 'd: 5 per 1m fixed' -u 127.0.0.1:$UP
+check "gate upstream down: 502" 502 "$(code http://127.0.0.1:$PORT/)"
+stop_gate down
+
+# Load: wrk on one header key against a limit of 1000 per hour. Exactly 1000
+# 2xx, no socket errors, and the gate's own counts add up to what wrk sent.
+if command -v wrk >/dev/null; then
+    start_gate w -p 'w: 1000 per 1h fixed' -t 2 -H X-Key
+    wrk -t2 -c8 -d2s -H 'X-Key: load' http://127.0.0.1:$PORT/ >"$T/wrk" 2>&1
+    check "wrk: exit 0" 0 $?
+    reqs=$(sed -n 's/^ *\([0-9]*\) requests in.*/\1/p' "$T/wrk")
+    non2xx=$(sed -n 's/^ *Non-2xx or 3xx responses: \([0-9]*\)/\1/p' "$T/wrk")
+    check "wrk: no socket errors" 0 "$(grep -c 'Socket errors' "$T/wrk")"
+    check "wrk: exactly 1000 allowed" 1000 "$((reqs - ${non2xx:-0}))"
+    m=$(curl -s http://127.0.0.1:$PORT/metrics)
+    allowed=$(sed -n 's/^tally_gate_requests_total{decision="allowed"} //p' <<<"$m")
+    denied=$(sed -n 's/^tally_gate_requests_total{decision="denied"} //p' <<<"$m")
+    check "wrk: gate allowed exactly 1000" 1000 "$allowed"
+    # wrk does not count the replies still in flight when its time is up.
+    inflight=$((allowed + denied - reqs))
+    check "wrk: the gate answered what wrk counted (+ at most 8 in flight)" yes \
+          "$([ "$inflight" -ge 0 ] && [ "$inflight" -le 8 ] && echo yes || echo "no ($inflight)")"
+    stop_gate w
+else
+    echo "skip  wrk not installed"
+fi
+
+# Redis: the flusher pushes every hit before the gate exits.
+if command -v redis-server >/dev/null && command -v redis-cli >/dev/null; then
+    RPORT=$(( (RANDOM % 20000) + 30000 ))
+    redis-server --port $RPORT --bind 127.0.0.1 --save '' --appendonly no --dir "$T" \
+        --daemonize no >"$T/redis.log" 2>&1 &
+    RPID=$!
+    pids+=("$RPID")
+    for _ in $(seq 50); do redis-cli -p $RPORT ping >/dev/null 2>&1 && break; sleep 0.1; done
+    start_gate r -p 'sync: 100 per 1h fixed; aligned' -H X-Key -r 127.0.0.1:$RPORT --redis-prefix gt: --flush-ms 100
+    for i in 1 2 3 4 5; do code -H 'X-Key: rk' http://127.0.0.1:$PORT/ >/dev/null; done
+    stop_gate r
+    total=0
+    for k in $(redis-cli -p $RPORT --scan --pattern 'gt:sync:*' | sort -u); do
+        total=$((total + $(redis-cli -p $RPORT get "$k")))
+    done
+    check "gate redis: every hit is in Redis after SIGTERM" 5 "$total"
+    [ "$total" == 5 ] || redis-cli -p $RPORT --scan | while read -r k; do echo "  $k = $(redis-cli -p $RPORT get "$k")"; done
+    kill "$RPID"
+fi
+
+# Bad arguments.
+"$GATE" >/dev/null 2>&1
+check "gate without a policy: exit 2" 2 $?
+"$GATE" -p 'x: 1 per' >/dev/null 2>"$T/err"
+check "gate bad spec: exit 2" 2 $?
+check "gate bad spec: message" 1 "$(grep -c 'offset 8: expected a time unit' "$T/err")"
+"$GATE" -p 'x: 1/s gcra' -t 0 >/dev/null 2>&1
+check "gate bad --threads: exit 2" 2 $?
+"$GATE" -p 'x: 1/s gcra' -l 256.0.0.1:80 >/dev/null 2>&1
+check "gate bad address: exit 2" 2 $?
+"$GATE" --help | grep -q '^usage: tally-gate'
+check "gate --help" 0 $?
+
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
