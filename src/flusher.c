@@ -1102,6 +1102,7 @@ int tally_stats_read(tally_engine *e, tally_stats *out)
     out->redis_reconnects = atomic_load_explicit(&e->redis_reconnects, memory_order_relaxed);
     out->last_flush_ok_ns = atomic_load_explicit(&e->last_flush_ok_ns, memory_order_relaxed);
     out->events = atomic_load_explicit(&e->events_delivered, memory_order_relaxed);
+    out->lost_cost = atomic_load_explicit(&e->spill_lost, memory_order_relaxed);
     return 0;
 }
 
@@ -1125,6 +1126,7 @@ int tally_stats_prometheus(tally_engine *e, char *buf, size_t len)
         M(flush_failures, "counter", "Flushes in which a sink failed."),
         M(redis_reconnects, "counter", "Reconnections to Redis."),
         M(events, "counter", "first_exceeded events delivered."),
+        M(lost_cost, "counter", "Cost that could not be kept for the sinks (out of memory)."),
 #undef M
     };
     size_t w = 0;

@@ -118,6 +118,7 @@ typedef struct tally_stats {
     uint64_t redis_reconnects;   /* successful connects after the first */
     uint64_t last_flush_ok_ns;   /* tally_now_ns() of the last fully acknowledged flush; 0: none */
     uint64_t events;             /* events delivered to on_event */
+    uint64_t lost_cost;          /* cost that could not be kept for the sinks: out of memory */
 } tally_stats;
 
 /*
