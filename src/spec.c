@@ -208,7 +208,7 @@ static bool parse_utc_offset(struct parser *p, int32_t *out)
     return true;
 }
 
-/* (R * P) / B without overflow: the GCRA refill time of a burst B at R per P. */
+/* B * P / R without overflow: the time a rate of R per P takes to refill a burst B. */
 static bool gcra_period(uint64_t rate, uint64_t per_ns, uint64_t burst, uint64_t *out)
 {
     unsigned __int128 t = (unsigned __int128)burst * per_ns / rate;
