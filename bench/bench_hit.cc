@@ -15,7 +15,7 @@
 #include "fixture.h"
 #include "shim.h"
 
-void register_latency(const std::string &redis_why);
+void register_latency();
 
 namespace {
 
@@ -123,7 +123,7 @@ void register_all()
     register_rows(BENCH_W_GCRA, { K64 }, K64, redis_why);
     register_rows(BENCH_W_PEEK, { K64 }, K64, redis_why);
     register_rows(BENCH_W_INSERT, { M1 }, M1, redis_why);
-    register_latency(redis_why);
+    register_latency();
 
     benchmark::RegisterBenchmark("memory/tally_digest_only/1000000", BM_memory, size_t(1000000), 1)
         ->Iterations(1);

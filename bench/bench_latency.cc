@@ -55,7 +55,7 @@ void BM_latency(benchmark::State &state, bench_design d, bench_lat_env env)
 
 } // namespace
 
-void register_latency(const std::string &redis_why)
+void register_latency()
 {
     static const bench_design designs[] = { BENCH_TALLY, BENCH_MUTEX_MAP };
     for (int e = 0; e < BENCH_N_LAT_ENVS; e++) {
@@ -63,7 +63,6 @@ void register_latency(const std::string &redis_why)
         for (bench_design d : designs) {
             if (env != BENCH_LAT_ALONE && d != BENCH_TALLY)
                 continue;                 // the flusher is tally's
-            (void)redis_why;
             const std::string name = std::string("latency/") + bench_lat_env_name(env) + "/"
                 + bench_design_name(d) + "/64K";
             benchmark::RegisterBenchmark(name.c_str(), BM_latency, d, env)
