@@ -508,6 +508,18 @@ static inline tally__stat_shard *my_shard(tally_engine *e)
     return &e->stats[stat_shard % TALLY__STAT_SHARDS];
 }
 
+/* One more on a counter of this thread's shard. A thread that owns its shard
+   (the first TALLY__STAT_SHARDS threads) is its only writer: a plain atomic
+   store, no locked read-modify-write on the hot path. */
+static inline void stat_inc(_Atomic uint64_t *c)
+{
+    if (TALLY__LIKELY(stat_shard < TALLY__STAT_SHARDS))
+        atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + 1,
+                              memory_order_relaxed);
+    else
+        atomic_fetch_add_explicit(c, 1, memory_order_relaxed);
+}
+
 /* Fail closed: deny without consuming once the global view is too old. */
 static bool too_stale(tally_engine *e, uint64_t now)
 {
@@ -536,8 +548,8 @@ int tally_hit_at(tally_engine *e, uint32_t policy, const void *key, size_t key_l
         rcu_exit();
         memset(out, 0, sizeof(*out));
         out->retry_after_ns = atomic_load_explicit(&e->fail_closed_ns, memory_order_relaxed);
-        atomic_fetch_add_explicit(&st->hits, 1, memory_order_relaxed);
-        atomic_fetch_add_explicit(&st->denials, 1, memory_order_relaxed);
+        stat_inc(&st->hits);
+        stat_inc(&st->denials);
         return 0;
     }
 
@@ -554,7 +566,7 @@ int tally_hit_at(tally_engine *e, uint32_t policy, const void *key, size_t key_l
             rc = acquire_slot(e, t, d, key, key_len, now_ns, &c.s);
             if (rc) {
                 if (rc == TALLY_EFULL)
-                    atomic_fetch_add_explicit(&st->full_refusals, 1, memory_order_relaxed);
+                    stat_inc(&st->full_refusals);
                 break;
             }
         }
@@ -572,10 +584,9 @@ int tally_hit_at(tally_engine *e, uint32_t policy, const void *key, size_t key_l
                         push_event(e, &c, i, d, key, key_len, &r[i]);
                 }
             }
-            atomic_fetch_add_explicit(&st->hits, 1, memory_order_relaxed);
+            stat_inc(&st->hits);
             if (TALLY__UNLIKELY(out->exceeded)) {
-                atomic_fetch_add_explicit(out->allowed ? &st->shadow_denials : &st->denials, 1,
-                                          memory_order_relaxed);
+                stat_inc(out->allowed ? &st->shadow_denials : &st->denials);
                 if (atomic_load_explicit(&t->watch, memory_order_relaxed)) {
                     uint64_t cost = 0;
                     for (unsigned i = 0; i < p->n_limits; i++)

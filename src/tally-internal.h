@@ -265,7 +265,7 @@ typedef struct tally__note {
 
 enum { TALLY__NOTE_DELTA, TALLY__NOTE_EVENT, TALLY__NOTE_FLAG, TALLY__NOTE_UNFLAG };
 
-#define TALLY__STAT_SHARDS 16
+#define TALLY__STAT_SHARDS 64     /* the first 64 threads each own one; later ones share */
 typedef struct tally__stat_shard {
     _Alignas(64) _Atomic uint64_t hits;
     _Atomic uint64_t denials, shadow_denials, full_refusals;
