@@ -404,15 +404,8 @@ int tally_coalesce_open(const tally_coalesce_options *opts, tally_coalesce **out
         tally_coalesce_options_init(&o);
     if (check_options(&o))
         return TALLY_EINVAL;
-    if (tally__all_zero(o.hash_key, sizeof(o.hash_key))) {
-        size_t got = 0;
-        while (got < sizeof(o.hash_key)) {
-            ssize_t n = getrandom(o.hash_key + got, sizeof(o.hash_key) - got, 0);
-            if (n < 0 && errno != EINTR)
-                return TALLY_ENOMEM;
-            got += n > 0 ? (size_t)n : 0;
-        }
-    }
+    if (tally__hash_key_fill(o.hash_key))
+        return TALLY_ENOMEM;
     while (n_buckets < o.capacity)
         n_buckets <<= 1;
 

@@ -146,6 +146,20 @@ void tally_options_init(tally_options *opts)
     opts->max_key_len = DEFAULT_MAX_KEY_LEN;
 }
 
+int tally__hash_key_fill(uint8_t key[16])
+{
+    size_t got = 0;
+    if (!tally__all_zero(key, 16))
+        return 0;
+    while (got < 16) {
+        ssize_t n = getrandom(key + got, 16 - got, 0);
+        if (n < 0 && errno != EINTR)
+            return TALLY_ENOMEM;
+        got += n > 0 ? (size_t)n : 0;
+    }
+    return 0;
+}
+
 int tally_open(const tally_options *opts, tally_engine **out)
 {
     tally_options o;
@@ -161,15 +175,8 @@ int tally_open(const tally_options *opts, tally_engine **out)
         return TALLY_EINVAL;
     if (o.max_key_len == 0 || o.max_key_len > TALLY_MAX_KEY_LEN)
         return TALLY_EINVAL;
-    if (tally__all_zero(o.hash_key, sizeof(o.hash_key))) {
-        size_t got = 0;
-        while (got < sizeof(o.hash_key)) {
-            ssize_t n = getrandom(o.hash_key + got, sizeof(o.hash_key) - got, 0);
-            if (n < 0 && errno != EINTR)
-                return TALLY_ENOMEM;
-            got += n > 0 ? (size_t)n : 0;
-        }
-    }
+    if (tally__hash_key_fill(o.hash_key))
+        return TALLY_ENOMEM;
     e = calloc(1, sizeof(*e));
     if (!e)
         return TALLY_ENOMEM;

@@ -131,6 +131,15 @@ void tally__watch_feed(tally_engine *e, tally__policy *p, size_t idx, tally__dig
     }
 }
 
+/* The watch slot of key @d, or NULL when the key is not in the table. */
+static tally__watch_slot *watch_slot_of(tally__policy *p, tally__digest d)
+{
+    tally__table *t = &p->table;
+    tally__slot *s = tally__table_find(t, d);
+    tally__watch_slot *w = atomic_load_explicit(&t->watch, memory_order_acquire);
+    return s && w ? &w[tally__slot_index(t, s)] : NULL;
+}
+
 typedef struct clear_arg {
     tally_engine *e;
     tally__policy *p;
@@ -141,13 +150,10 @@ typedef struct clear_arg {
 static void clear_in_rcu(void *arg)
 {
     clear_arg *a = arg;
-    tally__table *t = &a->p->table;
-    tally__slot *s = tally__table_find(t, a->d);
-    tally__watch_slot *w = atomic_load_explicit(&t->watch, memory_order_acquire);
+    tally__watch_slot *ws = watch_slot_of(a->p, a->d);
     a->rc = TALLY_ENOENT;
-    if (!s)
+    if (!ws)
         return;
-    tally__watch_slot *ws = &w[tally__slot_index(t, s)];
     uint64_t at = __atomic_load_n(&ws->flag_at, __ATOMIC_ACQUIRE);
     if (at && __atomic_compare_exchange_n(&ws->flag_at, &at, 0, false, __ATOMIC_ACQ_REL,
                                           __ATOMIC_RELAXED)) {
@@ -186,12 +192,9 @@ typedef struct import_arg {
 static void import_in_rcu(void *arg)
 {
     import_arg *a = arg;
-    tally__table *t = &a->p->table;
-    tally__slot *s = tally__table_find(t, a->d);
-    tally__watch_slot *w = atomic_load_explicit(&t->watch, memory_order_acquire);
-    if (!s || !w)
+    tally__watch_slot *ws = watch_slot_of(a->p, a->d);
+    if (!ws)
         return;
-    tally__watch_slot *ws = &w[tally__slot_index(t, s)];
     uint64_t expect = 0;
     if (__atomic_compare_exchange_n(&ws->flag_at, &expect, a->at, false, __ATOMIC_ACQ_REL,
                                     __ATOMIC_RELAXED))

@@ -105,6 +105,9 @@ static inline bool tally__all_zero(const uint8_t *p, size_t n)
     return acc == 0;
 }
 
+/* An all-zero hash key becomes a random one. Return 0 or TALLY_ENOMEM. */
+int tally__hash_key_fill(uint8_t key[16]);
+
 /* ---- Keyed hash -------------------------------------------------------- */
 
 typedef struct tally__digest {
