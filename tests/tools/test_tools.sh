@@ -195,12 +195,22 @@ fi
 
 # Redis: the flusher pushes every hit before the gate exits.
 if command -v redis-server >/dev/null && command -v redis-cli >/dev/null; then
-    RPORT=$(( (RANDOM % 20000) + 30000 ))
-    redis-server --port $RPORT --bind 127.0.0.1 --save '' --appendonly no --dir "$T" \
-        --daemonize no >"$T/redis.log" 2>&1 &
-    RPID=$!
-    pids+=("$RPID")
-    for _ in $(seq 50); do redis-cli -p $RPORT ping >/dev/null 2>&1 && break; sleep 0.1; done
+    # a random port may be taken (other suites start servers too): try a few
+    for _ in 1 2 3 4 5; do
+        RPORT=$(( (RANDOM % 20000) + 30000 ))
+        redis-server --port $RPORT --bind 127.0.0.1 --save '' --appendonly no --dir "$T" \
+            --daemonize no >"$T/redis.log" 2>&1 &
+        RPID=$!
+        pids+=("$RPID")
+        up=no
+        for _ in $(seq 50); do
+            redis-cli -p $RPORT ping >/dev/null 2>&1 && { up=yes; break; }
+            kill -0 "$RPID" 2>/dev/null || break
+            sleep 0.1
+        done
+        [ "$up" == yes ] && break
+        kill "$RPID" 2>/dev/null
+    done
     start_gate r -p 'sync: 100 per 1h fixed; aligned' -H X-Key -r 127.0.0.1:$RPORT --redis-prefix gt: --flush-ms 100
     for i in 1 2 3 4 5; do code -H 'X-Key: rk' http://127.0.0.1:$PORT/ >/dev/null; done
     stop_gate r
