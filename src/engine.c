@@ -289,12 +289,11 @@ static int enter(tally_engine *e, uint32_t policy, const void *key, size_t key_l
         rcu_exit();
         return TALLY_ESTATE;
     }
-    /* acquire: the policy's table is initialised before its id is valid */
-    if (TALLY__UNLIKELY(policy >= atomic_load_explicit(&e->n_policies, memory_order_acquire))) {
+    *pp = tally__policy_get(e, policy);
+    if (TALLY__UNLIKELY(!*pp)) {
         rcu_exit();
         return TALLY_EINVAL;
     }
-    *pp = atomic_load_explicit(&e->policies[policy], memory_order_acquire);
     return 0;
 }
 
@@ -719,7 +718,6 @@ int tally_reset_if(tally_engine *e, uint32_t policy, const void *key, size_t key
 /* For tests and benchmarks: bytes of the table behind @policy. */
 size_t tally__policy_bytes(tally_engine *e, uint32_t policy)
 {
-    if (!e || policy >= atomic_load(&e->n_policies))
-        return 0;
-    return tally__table_bytes(&atomic_load(&e->policies[policy])->table);
+    tally__policy *p = e ? tally__policy_get(e, policy) : NULL;
+    return p ? tally__table_bytes(&p->table) : 0;
 }

@@ -229,12 +229,6 @@ static uint64_t window_end(const tally__limit *l, uint64_t win)
     }
 }
 
-static tally__policy *policy_of(tally_engine *e, uint32_t id)
-{
-    return id < atomic_load_explicit(&e->n_policies, memory_order_acquire)
-        ? atomic_load_explicit(&e->policies[id], memory_order_acquire) : NULL;
-}
-
 /* Keep a taken delta; on failure put it back on the stack (never drop it). */
 static void keep(struct tally__flusher *f, uint32_t policy, unsigned limit, tally__digest d,
                  uint64_t win, uint64_t delta, uint64_t local_total, const void *key, size_t key_len)
@@ -244,12 +238,11 @@ static void keep(struct tally__flusher *f, uint32_t policy, unsigned limit, tall
         tally__spill(f->e, policy, limit, d, win, delta);
         return;
     }
-    tally__policy *pu = policy_of(f->e, policy);
-    tally__ops_usage_add(pu, limit, delta);
+    tally__policy *p = tally__policy_get(f->e, policy);
+    tally__ops_usage_add(p, limit, delta);
     x->fresh += delta;
     if (local_total > x->local_total)
         x->local_total = local_total;
-    tally__policy *p = policy_of(f->e, policy);
     x->end_ns = window_end(&p->limits[limit], win);
 }
 
@@ -329,7 +322,7 @@ static void collect(struct tally__flusher *f)
     }
     uint32_t np = atomic_load_explicit(&e->n_policies, memory_order_acquire);
     for (uint32_t id = 0; id < np; id++) {
-        collect_arg a = { .f = f, .p = policy_of(e, id) };
+        collect_arg a = { .f = f, .p = tally__policy_get(e, id) };
         /* short read-side sections: a reclaim waiting for a grace period is not held up long */
         for (a.from = 0; a.from < a.p->table.n_slots; a.from = a.to) {
             a.to = a.from + 4096 < a.p->table.n_slots ? a.from + 4096 : a.p->table.n_slots;
@@ -418,7 +411,7 @@ static bool redis_ready(struct tally__flusher *f)
 /* "<prefix><policy>:<limit>:<32 hex digest>:<window start ns>" */
 static int count_key(struct tally__flusher *f, const entry *x, char *buf, size_t len)
 {
-    tally__policy *p = policy_of(f->e, x->policy);
+    tally__policy *p = tally__policy_get(f->e, x->policy);
     return snprintf(buf, len, "%s%s:%u:%016" PRIx64 "%016" PRIx64 ":%" PRIu64, f->prefix, p->name,
                     x->limit, x->digest.hi, x->digest.lo, x->win);
 }
@@ -473,7 +466,7 @@ typedef struct remote_arg {
 static void store_remote(void *arg)
 {
     remote_arg *a = arg;
-    tally__policy *p = policy_of(a->f->e, a->x->policy);
+    tally__policy *p = tally__policy_get(a->f->e, a->x->policy);
     tally__table *t = &p->table;
     tally__sync *y = atomic_load_explicit(&t->sync, memory_order_acquire);
     tally__slot *s = y ? tally__table_find(t, a->x->digest) : NULL;
@@ -568,7 +561,7 @@ static int form_batches(struct tally__flusher *f)
 
 static void deliver_note(struct tally__flusher *f, const tally__note *n)
 {
-    tally__policy *p = policy_of(f->e, n->policy);
+    tally__policy *p = tally__policy_get(f->e, n->policy);
     if (!p)
         return;
     if (n->kind == TALLY__NOTE_FLAG && f->o.on_flag) {
@@ -587,7 +580,7 @@ static void deliver_note(struct tally__flusher *f, const tally__note *n)
 /* "<prefix><policy>:flag:<32 hex digest>": a flag shared by every engine */
 static int flag_key(struct tally__flusher *f, uint32_t policy, tally__digest d, char *buf, size_t len)
 {
-    tally__policy *p = policy_of(f->e, policy);
+    tally__policy *p = tally__policy_get(f->e, policy);
     return snprintf(buf, len, "%s%s:flag:%016" PRIx64 "%016" PRIx64, f->prefix, p->name, d.hi, d.lo);
 }
 
@@ -598,7 +591,7 @@ static int push_events_redis(struct tally__flusher *f)
     size_t sent = 0;
     for (event *ev = f->events; ev; ev = ev->next) {
         const tally__note *n = ev->note;
-        tally__policy *p = policy_of(f->e, n->policy);
+        tally__policy *p = tally__policy_get(f->e, n->policy);
         char key[700], val[48], ttl[24];
         int len, rc;
         if (n->kind == TALLY__NOTE_EVENT) {
@@ -665,7 +658,7 @@ static void import_flags(struct tally__flusher *f, const batch *first)
     for (const batch *b = first; b; b = b->next)
         for (size_t i = 0; i < b->n; i++) {
             const entry *x = b->items[i].e;
-            tally__policy *p = policy_of(f->e, x->policy);
+            tally__policy *p = tally__policy_get(f->e, x->policy);
             if (x->limit != 0 || !atomic_load_explicit(&p->table.watch, memory_order_acquire))
                 continue;
             char key[700];
@@ -679,7 +672,7 @@ static void import_flags(struct tally__flusher *f, const batch *first)
     for (const batch *b = first; b && asked; b = b->next)
         for (size_t i = 0; i < b->n && asked; i++) {
             const entry *x = b->items[i].e;
-            tally__policy *p = policy_of(f->e, x->policy);
+            tally__policy *p = tally__policy_get(f->e, x->policy);
             if (x->limit != 0 || !atomic_load_explicit(&p->table.watch, memory_order_acquire))
                 continue;
             redisReply *r = NULL;
@@ -1094,7 +1087,7 @@ int tally_stats_read(tally_engine *e, tally_stats *out)
     }
     uint32_t np = atomic_load_explicit(&e->n_policies, memory_order_acquire);
     for (uint32_t i = 0; i < np; i++)
-        out->evictions += atomic_load_explicit(&policy_of(e, i)->table.reclaimed, memory_order_relaxed);
+        out->evictions += atomic_load_explicit(&tally__policy_get(e, i)->table.reclaimed, memory_order_relaxed);
     out->pending_deltas = atomic_load_explicit(&e->pending_deltas, memory_order_relaxed);
     out->pending_cost = atomic_load_explicit(&e->pending_cost, memory_order_relaxed);
     out->flush_batches = atomic_load_explicit(&e->flush_batches, memory_order_relaxed);

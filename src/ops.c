@@ -25,12 +25,6 @@
 #define DEFAULT_EPISODES 200
 #define SCAN_CHUNK       1024
 
-static tally__policy *policy_get(tally_engine *e, uint32_t id)
-{
-    return id < atomic_load_explicit(&e->n_policies, memory_order_acquire)
-        ? atomic_load_explicit(&e->policies[id], memory_order_acquire) : NULL;
-}
-
 /* ---- The rejection watch -------------------------------------------------- */
 
 typedef struct episode {
@@ -54,7 +48,7 @@ int tally_watch_set(tally_engine *e, uint32_t policy, const tally_watch *w)
         return TALLY_EINVAL;
     if (w->window_ns > TALLY_MAX_PERIOD_NS || w->threshold > TALLY_SLIDING_MAX_COUNT)
         return TALLY_EINVAL;
-    tally__policy *p = policy_get(e, policy);
+    tally__policy *p = tally__policy_get(e, policy);
     if (!p)
         return TALLY_EINVAL;
     tally_limit rule = { .algo = TALLY_SLIDING_WINDOW, .max = w->threshold, .period_ns = w->window_ns };
@@ -170,7 +164,7 @@ int tally_watch_clear(tally_engine *e, uint32_t policy, const void *key, size_t 
         return TALLY_EINVAL;
     if (atomic_load(&e->closing))
         return TALLY_ESTATE;
-    tally__policy *p = policy_get(e, policy);
+    tally__policy *p = tally__policy_get(e, policy);
     if (!p || !atomic_load_explicit(&p->table.watch, memory_order_acquire))
         return TALLY_EINVAL;
     clear_arg a = { e, p, tally__key_digest(e->opts.hash_key, key, key_len), 0 };
@@ -204,7 +198,7 @@ static void import_in_rcu(void *arg)
 void tally__watch_import(tally_engine *e, uint32_t policy, tally__digest d, uint64_t at,
                          uint64_t amount)
 {
-    tally__policy *p = policy_get(e, policy);
+    tally__policy *p = tally__policy_get(e, policy);
     if (!p)
         return;
     import_arg a = { p, d, at ? at : 1, amount };
@@ -293,7 +287,7 @@ int tally_scan(tally_engine *e, uint32_t policy, const tally_scan_filter *filter
         return TALLY_EINVAL;
     if (atomic_load(&e->closing))
         return TALLY_ESTATE;
-    tally__policy *p = policy_get(e, policy);
+    tally__policy *p = tally__policy_get(e, policy);
     if (!p)
         return TALLY_EINVAL;
     scan_chunk c = { .p = p, .e = e, .f = filter ? filter : &all };
@@ -340,7 +334,7 @@ int tally_watch_flagged(tally_engine *e, uint32_t policy, size_t limit,
 {
     if (!e || !cb)
         return TALLY_EINVAL;
-    tally__policy *p = policy_get(e, policy);
+    tally__policy *p = tally__policy_get(e, policy);
     if (!p || !atomic_load_explicit(&p->table.watch, memory_order_acquire))
         return TALLY_EINVAL;
     tally_scan_filter f = { .flagged_only = true, .limit = limit };
@@ -467,7 +461,7 @@ void tally__ops_flush(tally_engine *e, uint64_t now)
     if (!c)
         return;
     for (uint32_t id = 0; id < np; id++) {
-        tally__policy *p = policy_get(e, id);
+        tally__policy *p = tally__policy_get(e, id);
         if (!atomic_load_explicit(&p->table.watch, memory_order_acquire))
             continue;
         c->p = p;
@@ -493,7 +487,7 @@ int tally_watch_episodes(tally_engine *e, uint32_t policy, size_t limit,
         return TALLY_EINVAL;
     if (atomic_load(&e->closing))
         return TALLY_ESTATE;
-    tally__policy *p = policy_get(e, policy);
+    tally__policy *p = tally__policy_get(e, policy);
     if (!p || !atomic_load_explicit(&p->table.watch, memory_order_acquire))
         return TALLY_EINVAL;
     /* copy under the lock, call back outside it */
@@ -549,11 +543,11 @@ void tally__ops_usage_emit(tally_engine *e, uint64_t start, uint64_t end,
     uint32_t np = atomic_load_explicit(&e->n_policies, memory_order_acquire);
     size_t n = 0;
     for (uint32_t id = 0; id < np; id++)
-        n += policy_get(e, id)->n_limits;
+        n += tally__policy_get(e, id)->n_limits;
     struct tally__usage_last *last = calloc(n ? n : 1, sizeof(*last));
     size_t k = 0;
     for (uint32_t id = 0; id < np; id++) {
-        tally__policy *p = policy_get(e, id);
+        tally__policy *p = tally__policy_get(e, id);
         for (unsigned l = 0; l < p->n_limits; l++) {
             tally_usage_report r = { .policy = id, .limit = l, .interval_start_ns = start,
                                      .interval_end_ns = end, .keys = p->usage_keys[l],

@@ -94,7 +94,6 @@ int tally__table_init(tally__table *t, size_t capacity, unsigned n_limits,
     t->n_slots = 2 * capacity;
     if (t->n_slots < TALLY__WINDOW)
         t->n_slots = TALLY__WINDOW;
-    t->window = TALLY__WINDOW;
     if (t->n_slots > SIZE_MAX / t->stride)
         return TALLY_ENOMEM;
     if (posix_memalign((void **)&t->mem, 64, t->n_slots * t->stride) != 0)
@@ -149,7 +148,7 @@ tally__slot *tally__table_find_fast(tally__table *t, tally__digest d)
 {
     size_t i = home_of(t, d);
 
-    for (size_t k = 0; k < t->window; k++, i = wrap(t, i + 1)) {
+    for (size_t k = 0; k < TALLY__WINDOW; k++, i = wrap(t, i + 1)) {
         tally__slot *s = slot_at(t, i);
         uint64_t hi = __atomic_load_n(&s->d_hi, __ATOMIC_ACQUIRE);
         if (hi == 0) {
@@ -169,7 +168,7 @@ tally__slot *tally__table_find(tally__table *t, tally__digest d)
 {
     size_t i = home_of(t, d);
 
-    for (size_t k = 0; k < t->window; k++, i = wrap(t, i + 1)) {
+    for (size_t k = 0; k < TALLY__WINDOW; k++, i = wrap(t, i + 1)) {
         tally__slot *s = slot_at(t, i);
         uint64_t lo, hi;
         digest_load(s, &lo, &hi);
@@ -209,7 +208,7 @@ static tally__slot *resolve(tally__table *t, tally__digest d, size_t home, size_
 {
 again:;
     tally__slot *mine = slot_at(t, wrap(t, home + me));
-    for (size_t k = 0; k < t->window; k++) {
+    for (size_t k = 0; k < TALLY__WINDOW; k++) {
         if (k == me)
             continue;
         tally__slot *s = slot_at(t, wrap(t, home + k));
@@ -273,7 +272,7 @@ int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size
         tally__slot *found = NULL;
         bool rescan = false;
 
-        for (size_t k = 0; k < t->window && !found && !rescan; k++) {
+        for (size_t k = 0; k < TALLY__WINDOW && !found && !rescan; k++) {
             tally__slot *s = slot_at(t, wrap(t, home + k));
             uint64_t lo, hi;
             digest_load(s, &lo, &hi);
@@ -415,7 +414,7 @@ size_t tally__table_reclaim_take(tally__table *t, tally__digest d, uint64_t now,
     size_t sweep = atomic_fetch_add_explicit(&t->sweep, TALLY__SWEEP, memory_order_relaxed);
 
     b->n = 0;
-    for (size_t k = 0; k < t->window; k++)
+    for (size_t k = 0; k < TALLY__WINDOW; k++)
         consider(t, wrap(t, home + k), now, b);
     for (size_t k = 0; k < TALLY__SWEEP; k++)
         consider(t, (sweep + k) % t->n_slots, now, b);

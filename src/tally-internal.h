@@ -121,15 +121,6 @@ tally__digest tally__siphash24_128(const uint8_t key[16], const void *data, size
 
 /* ---- The key table ----------------------------------------------------- */
 
-/* A key's identity: its keyed digest without the two bits a slot uses for status.
-   Every place that names a key (slots, notes, Redis keys) uses this form. */
-#define TALLY__DIGEST_BITS_HI 62
-static inline tally__digest tally__key_digest(const uint8_t hash_key[16], const void *key, size_t len)
-{
-    tally__digest d = tally__siphash128(hash_key, key, len);
-    d.hi &= (UINT64_C(1) << TALLY__DIGEST_BITS_HI) - 1;
-    return d;
-}
 
 typedef struct tally__table tally__table;
 
@@ -151,6 +142,15 @@ enum { TALLY__EMPTY = 0, TALLY__PENDING = 1, TALLY__LIVE = 2, TALLY__DEAD = 3 };
 #define TALLY__LO_ZOMBIE UINT64_C(2)
 #define TALLY__STATUS_SHIFT 62
 #define TALLY__DIGEST_HI_MASK ((UINT64_C(1) << TALLY__STATUS_SHIFT) - 1)
+
+/* A key's identity: its keyed digest without the two bits a slot uses for status.
+   Every place that names a key (slots, notes, Redis keys) uses this form. */
+static inline tally__digest tally__key_digest(const uint8_t hash_key[16], const void *key, size_t len)
+{
+    tally__digest d = tally__siphash128(hash_key, key, len);
+    d.hi &= TALLY__DIGEST_HI_MASK;
+    return d;
+}
 
 /*
  * Per slot and limit, when a flusher runs: the cost not yet acknowledged by
@@ -178,7 +178,6 @@ struct tally__table {
     size_t          capacity;     /* most LIVE + PENDING slots */
     size_t          n_slots;
     size_t          stride;       /* bytes per slot */
-    size_t          window;       /* probe window length */
     unsigned        n_limits;
     const tally__limit *limits;
     unsigned char  *mem;
@@ -298,6 +297,14 @@ struct tally_engine {
     size_t           usage_last_n;
     tally__stat_shard stats[TALLY__STAT_SHARDS];
 };
+
+/* The policy behind @id, or NULL for an unknown id. Any thread. */
+static inline tally__policy *tally__policy_get(tally_engine *e, uint32_t id)
+{
+    /* acquire: a policy is initialised before the count that makes its id valid */
+    return id < atomic_load_explicit(&e->n_policies, memory_order_acquire)
+        ? atomic_load_explicit(&e->policies[id], memory_order_acquire) : NULL;
+}
 
 void tally__note_push(tally_engine *e, tally__note *n);
 /* Spill an unflushed delta that can no longer stay in its slot. */
