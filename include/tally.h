@@ -5,8 +5,10 @@
  *   "Any thread may call it."   No registration is needed; the engine registers
  *                               the calling thread with RCU on first use and
  *                               unregisters it when the thread exits.
- *   "It never blocks."          No lock, no I/O, no allocation on this path
- *                               (except where noted), no wait on another thread.
+ *   "It never blocks."          No lock, no I/O, no wait on another thread
+ *                               (except where noted). It may allocate: a hit
+ *                               that hands a delta or an event to the flusher
+ *                               allocates a small note.
  *   "On failure nothing changes." An error return leaves every counter as it was.
  */
 #ifndef TALLY_H
@@ -85,11 +87,20 @@ void tally_options_init(tally_options *opts);
 int tally_open(const tally_options *opts, tally_engine **out);
 
 /*
- * tally_close - destroy an engine and free all its memory. NULL is a no-op.
- * Calls that overlap close either complete or return TALLY_ESTATE; no call may
- * start after close has returned (the handle is gone). Calling it twice on the
- * same handle is a use after free, as with free().
- * Any thread may call it. It blocks for an RCU grace period.
+ * tally_close - stop the flusher, then destroy an engine and free all its
+ * memory. NULL is a no-op.
+ * What the caller must ensure: once close is called, no thread starts a call
+ * on @e, and every call on @e that runs at that moment has already begun.
+ * Stop or join the threads that use @e first, as with free(); a call that
+ * races with the start of close may read freed memory.
+ * What close guarantees: the hot-path calls (hit, peek, read, reset_if) that
+ * are running when close is called either complete or return TALLY_ESTATE;
+ * each enters its RCU read-side section before it reads anything of @e, and
+ * close frees @e only after a grace period that began after it marked @e
+ * closing. Calls parked outside RCU while a full table is reclaimed are
+ * waited for. Calling close twice on the same handle is a use after free.
+ * Any thread but the flusher's own callbacks may call it. It blocks: for the
+ * final flush (bounded by the Redis command timeout) and an RCU grace period.
  */
 void tally_close(tally_engine *e);
 
@@ -221,13 +232,19 @@ typedef struct tally_snapshot {
     uint32_t      policy;
     unsigned      n_limits;
     tally_counter c[TALLY_MAX_LIMITS];
+    uint64_t      generation;  /* the key's state instance: every reset, and every new slot
+                                  for the key, gives it a new one (see tally_reset_if) */
 } tally_snapshot;
 
 /*
  * tally_read - the stored state of @key under @policy.
  * The state is reported as stored: a window is not rolled by reading, so
  * window_start_ns tells which window `used` belongs to. For GCRA, `used` is
- * the burst in use as of the key's last hit.
+ * the burst in use as of the key's last hit. out->generation names the state
+ * instance read: it changes with every successful reset of the key and when
+ * the key moves to a new slot, never with a hit. A snapshot read while a
+ * reset of the same key was running carries an odd generation: resetting
+ * from it returns TALLY_ECONFLICT.
  * Return 0, TALLY_EINVAL, TALLY_ENOENT (key not tracked), TALLY_ESTATE.
  * Any thread may call it. It never blocks. It changes nothing.
  */
@@ -235,15 +252,19 @@ int tally_read(tally_engine *e, uint32_t policy, const void *key, size_t key_len
                tally_snapshot *out);
 
 /*
- * tally_reset_if - reset to empty each limit whose state still equals
- * observed->c[i].raw bit for bit.
+ * tally_reset_if - reset to empty each limit whose state is still the very
+ * state @observed saw: the same instance (observed->generation: no reset of
+ * the key since, and the key still in the same slot) and the same state words
+ * (observed->c[i].raw, bit for bit). Hits that rebuild the same words after a
+ * reset do not make an old snapshot match again.
  * @observed:   a snapshot from tally_read() of the same policy and key.
  * @reset_mask: receives bit i for each limit really reset (may be NULL).
- * Concurrent resetters of the same observed state collapse into one winner.
+ * Concurrent resetters of the same observed instance collapse into one winner.
  * Return 0 (at least one limit reset), TALLY_ECONFLICT (none was: the state
  * changed since it was observed), TALLY_EINVAL (NULL argument, or @observed is
  * of another policy or limit count), TALLY_ENOENT, TALLY_ESTATE.
- * Any thread may call it. It never blocks.
+ * Any thread may call it. It may block briefly: resets of one policy take
+ * turns under a lock (hits never take it).
  */
 int tally_reset_if(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
                    const tally_snapshot *observed, uint32_t *reset_mask);

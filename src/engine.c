@@ -276,13 +276,17 @@ int tally_policy_add(tally_engine *e, const tally_policy *p, uint32_t *id_out)
 
 /* ---- The hot path -------------------------------------------------------- */
 
-/* Common argument checks; on success the caller is inside a read-side section. */
+/*
+ * Common argument checks; on success the caller is inside a read-side
+ * section. Nothing of @e is read before the section is entered and the
+ * closing flag is checked: tally_close() frees the engine only after a grace
+ * period that began after it set the flag, so a call whose section began
+ * before that grace period reads live memory and sees the flag if it is set.
+ */
 static int enter(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
                  const void *out, tally__policy **pp)
 {
     if (TALLY__UNLIKELY(!e || !key || !out || key_len == 0))
-        return TALLY_EINVAL;
-    if (TALLY__UNLIKELY(key_len > e->opts.max_key_len))
         return TALLY_EINVAL;
     rcu_enter();
     if (TALLY__UNLIKELY(atomic_load_explicit(&e->closing, memory_order_relaxed))) {
@@ -290,7 +294,7 @@ static int enter(tally_engine *e, uint32_t policy, const void *key, size_t key_l
         return TALLY_ESTATE;
     }
     *pp = tally__policy_get(e, policy);
-    if (TALLY__UNLIKELY(!*pp)) {
+    if (TALLY__UNLIKELY(!*pp || key_len > e->opts.max_key_len)) {
         rcu_exit();
         return TALLY_EINVAL;
     }
@@ -649,6 +653,36 @@ int tally_peek_at(tally_engine *e, uint32_t policy, const void *key, size_t key_
 
 /* ---- Reading and resetting ----------------------------------------------- */
 
+#define READ_TRIES 16          /* seqlock retries before a snapshot is marked in flux */
+
+/*
+ * The snapshot of slot @s: its instance number and states, read as a seqlock
+ * (table.c guarantee 6). A reset running all the while leaves the instance
+ * odd: resetting from that snapshot conflicts, and reading never waits.
+ */
+static int read_instance(tally__table *t, tally__slot *s, uint64_t now, tally_snapshot *snap)
+{
+    _Atomic uint64_t *gen = &t->gen[tally__slot_index(t, s)];
+    for (unsigned tries = 0;; tries++) {
+        /* acquire: paired with the store release that ends a reset in tally_reset_if() */
+        uint64_t g1 = atomic_load_explicit(gen, memory_order_acquire);
+        for (unsigned i = 0; i < t->n_limits; i++) {
+            tally__state cur = tally__state_load_atomic(&s->st[i]);
+            if (tally__state_is_dead(cur))
+                return TALLY_ENOENT;
+            tally__algo_counter(&t->limits[i], cur, now, &snap->c[i]);
+        }
+        /* the states are read before the instance is checked again; paired
+           with the full barrier of the reset's CAS after it made gen odd */
+        atomic_thread_fence(memory_order_acquire);
+        uint64_t g2 = atomic_load_explicit(gen, memory_order_relaxed);
+        if ((g1 == g2 && !(g1 & 1)) || tries == READ_TRIES) {
+            snap->generation = g1 == g2 ? g1 : g2 | 1;
+            return 0;
+        }
+    }
+}
+
 int tally_read(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
                tally_snapshot *out)
 {
@@ -658,16 +692,12 @@ int tally_read(tally_engine *e, uint32_t policy, const void *key, size_t key_len
         return rc;
 
     tally_snapshot snap = { .policy = policy, .n_limits = p->n_limits };
-    tally__slot *s = tally__table_find(&p->table, tally__key_digest(e->opts.hash_key, key, key_len));
+    tally__table *t = &p->table;
+    tally__slot *s = tally__table_find(t, tally__key_digest(e->opts.hash_key, key, key_len));
     uint64_t now = tally_now_ns();
     rc = s ? 0 : TALLY_ENOENT;
-    for (unsigned i = 0; i < p->n_limits && !rc; i++) {
-        tally__state cur = tally__state_load_atomic(&s->st[i]);
-        if (tally__state_is_dead(cur))
-            rc = TALLY_ENOENT;
-        else
-            tally__algo_counter(&p->limits[i], cur, now, &snap.c[i]);
-    }
+    if (s)
+        rc = read_instance(t, s, now, &snap);
     rcu_exit();
     if (!rc)
         *out = snap;
@@ -696,17 +726,28 @@ int tally_reset_if(tally_engine *e, uint32_t policy, const void *key, size_t key
         return TALLY_ENOENT;
     }
     /* Resetters of one policy take turns, so that of several resetters of
-       the same observed state exactly one resets anything: the others then
-       find the state changed. Hits do not take the lock. */
+       the same observed instance exactly one resets anything: the others then
+       find a new instance. Hits do not take the lock and never change gen. */
+    tally__table *t = &p->table;
+    _Atomic uint64_t *gen = &t->gen[tally__slot_index(t, s)];
     pthread_mutex_lock(&p->reset_lock);
-    for (unsigned i = 0; i < p->n_limits; i++) {
-        tally__state seen = { observed->c[i].raw[0], observed->c[i].raw[1] };
-        static const tally__state empty = { 0, 0 };
-        /* an empty state has nothing to reset; a DEAD one must not come back */
-        if (tally__state_is_empty(seen) || tally__state_is_dead(seen))
-            continue;
-        if (tally__state_cas(&s->st[i], seen, empty))
-            mask |= 1u << i;
+    uint64_t g = atomic_load_explicit(gen, memory_order_relaxed);
+    if (g == observed->generation) {
+        /* odd: readers that see any state this reset writes retry or report
+           the instance in flux; the CAS below is a full barrier after it */
+        atomic_store_explicit(gen, g | 1, memory_order_relaxed);
+        for (unsigned i = 0; i < p->n_limits; i++) {
+            tally__state seen = { observed->c[i].raw[0], observed->c[i].raw[1] };
+            static const tally__state empty = { 0, 0 };
+            /* an empty state has nothing to reset; a DEAD one must not come back */
+            if (tally__state_is_empty(seen) || tally__state_is_dead(seen))
+                continue;
+            if (tally__state_cas(&s->st[i], seen, empty))
+                mask |= 1u << i;
+        }
+        /* release: paired with the acquire in read_instance(); the states
+           are reset before the new instance is seen */
+        atomic_store_explicit(gen, mask ? tally__table_gen_fresh(t) : g, memory_order_release);
     }
     pthread_mutex_unlock(&p->reset_lock);
     rcu_exit();

@@ -29,6 +29,13 @@
  *  5. A slot is reused only after an RCU grace period that began after it
  *     died, so a reader holding a pointer to it never sees it hold another
  *     key (no ABA on state words or digests).
+ *  6. Each slot has an instance number, gen[i], even and unique in the table:
+ *     every slot starts with its own, a slot made FREE gets a fresh one, and
+ *     every reset gives a fresh one (engine.c). A snapshot of (gen, state)
+ *     therefore names one instance of one key's state: hits that rebuild the
+ *     same state words after a reset, or in a new slot, carry another gen.
+ *     gen is written by one writer at a time: the reclaim that owns a ZOMBIE
+ *     slot, or a resetter holding the policy's reset lock.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -99,14 +106,19 @@ int tally__table_init(tally__table *t, size_t capacity, unsigned n_limits,
     if (posix_memalign((void **)&t->mem, 64, t->n_slots * t->stride) != 0)
         return TALLY_ENOMEM;
     memset(t->mem, 0, t->n_slots * t->stride);
-    if (keep_keys) {
+    t->gen = malloc(t->n_slots * sizeof(*t->gen));
+    if (keep_keys)
         t->keys = calloc(t->n_slots, sizeof(void *));
-        if (!t->keys) {
-            free(t->mem);
-            t->mem = NULL;
-            return TALLY_ENOMEM;
-        }
+    if (!t->gen || (keep_keys && !t->keys)) {
+        free(t->gen);
+        free(t->mem);
+        t->gen = NULL;
+        t->mem = NULL;
+        return TALLY_ENOMEM;
     }
+    for (size_t i = 0; i < t->n_slots; i++)
+        atomic_init(&t->gen[i], 2 * (uint64_t)(i + 1));
+    atomic_init(&t->gen_next, 2 * (uint64_t)(t->n_slots + 1));
     return 0;
 }
 
@@ -134,14 +146,16 @@ void tally__table_destroy(tally__table *t)
             free(t->keys[i]);
         free(t->keys);
     }
+    free(t->gen);
     free(t->mem);
+    t->gen = NULL;
     t->mem = NULL;
     t->keys = NULL;
 }
 
 size_t tally__table_bytes(const tally__table *t)
 {
-    return t->n_slots * t->stride + (t->keys ? t->n_slots * sizeof(void *) : 0);
+    return t->n_slots * (t->stride + sizeof(*t->gen)) + (t->keys ? t->n_slots * sizeof(void *) : 0);
 }
 
 tally__slot *tally__table_find_fast(tally__table *t, tally__digest d)
@@ -456,7 +470,9 @@ void tally__table_reclaim_free(tally__table *t, const tally__batch *b)
             free(__atomic_load_n(&t->keys[b->idx[j]], __ATOMIC_RELAXED));
             __atomic_store_n(&t->keys[b->idx[j]], NULL, __ATOMIC_RELAXED);
         }
-        /* publish the zeroed state before the slot can be claimed */
+        /* the next key here is a new instance (guarantee 6) */
+        atomic_store_explicit(&t->gen[b->idx[j]], tally__table_gen_fresh(t), memory_order_relaxed);
+        /* publish the zeroed state and the fresh instance before the slot can be claimed */
         __atomic_store_n(&s->d_lo, TALLY__LO_FREE, __ATOMIC_RELEASE);
         atomic_fetch_add_explicit(&t->reclaimed, 1, memory_order_relaxed);
         atomic_fetch_sub_explicit(&t->zombies, 1, memory_order_relaxed);

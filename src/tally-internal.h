@@ -188,6 +188,8 @@ struct tally__table {
     void          **keys;         /* per slot copy of the key bytes (NULL: digest_only) */
     tally__sync *_Atomic sync;     /* n_slots * n_limits, once a flusher started */
     tally__watch_slot *_Atomic watch; /* n_slots, once the policy has a watch */
+    _Atomic uint64_t *gen;        /* n_slots: the state instance of each slot (table.c) */
+    _Atomic uint64_t gen_next;    /* next unused instance number (even, never reused) */
     struct tally_engine *engine;  /* owner, for spilling deltas of reclaimed slots */
     uint32_t        policy;       /* id of the owning policy */
 };
@@ -235,6 +237,12 @@ void   tally__table_reclaim_free(tally__table *t, const tally__batch *b);
 
 /* A reader met a DEAD state in a LIVE slot: finish the reclaim it belongs to. */
 void tally__table_help_kill(tally__table *t, tally__slot *s);
+
+/* A fresh instance number, never handed out before in this table (even). */
+static inline uint64_t tally__table_gen_fresh(tally__table *t)
+{
+    return atomic_fetch_add_explicit(&t->gen_next, 2, memory_order_relaxed);
+}
 
 /* ---- Engine ------------------------------------------------------------- */
 

@@ -356,3 +356,86 @@ Test(engine, digest_only_decides_like_key_mode)
     tally_close(a);
     tally_close(b);
 }
+
+/* Read (used 3), reset, 3 more hits (used 3 again: the very same state words),
+   then a reset from the first snapshot: the hits after the reset must stay. */
+static void stale_snapshot_after_reset_conflicts(uint32_t pol, tally_engine *e, uint64_t t)
+{
+    tally_snapshot first, again;
+    uint32_t mask = 0xff;
+    for (int i = 0; i < 3; i++)
+        hit(e, pol, "aba", NULL, t);
+    cr_assert_eq(tally_read(e, pol, "aba", 3, &first), 0);
+    cr_assert_eq(first.c[0].used, 3);
+    cr_assert_eq(tally_reset_if(e, pol, "aba", 3, &first, &mask), 0);
+    cr_assert_eq(mask, 1);
+    for (int i = 0; i < 3; i++)
+        hit(e, pol, "aba", NULL, t);
+    cr_assert_eq(tally_read(e, pol, "aba", 3, &again), 0);
+    cr_assert_eq(again.c[0].raw[0], first.c[0].raw[0], "the hits rebuilt the same words");
+    cr_assert_eq(again.c[0].raw[1], first.c[0].raw[1]);
+    cr_assert_neq(again.generation, first.generation, "but it is another instance");
+    mask = 0xff;
+    cr_assert_eq(tally_reset_if(e, pol, "aba", 3, &first, &mask), TALLY_ECONFLICT,
+                 "a stale snapshot must not reset the hits that came after the reset");
+    cr_assert_eq(mask, 0);
+    cr_assert_eq(tally_read(e, pol, "aba", 3, &again), 0);
+    cr_assert_eq(again.c[0].used, 3);
+    cr_assert_eq(tally_reset_if(e, pol, "aba", 3, &again, &mask), 0, "the fresh snapshot resets");
+    cr_assert_eq(tally_reset_if(e, pol, "aba", 3, &again, &mask), TALLY_ECONFLICT,
+                 "and only once");
+}
+
+Test(engine, reset_if_from_a_stale_snapshot_conflicts_calendar)
+{
+    tally_engine *e = open_engine(64, false);
+    tally_limit l = { .algo = TALLY_CALENDAR_WINDOW, .max = 100, .unit = TALLY_DAY };
+    /* calendar windows stamp the boundary: hits at different times rebuild the same words */
+    uint32_t pol = add(e, "cal", 0, 1, &l);
+    stale_snapshot_after_reset_conflicts(pol, e, T0 + 5 * SEC);
+    tally_close(e);
+}
+
+Test(engine, reset_if_from_a_stale_snapshot_conflicts_aligned_fixed)
+{
+    tally_engine *e = open_engine(64, true);
+    tally_limit l = { .algo = TALLY_FIXED_WINDOW, .max = 100, .period_ns = 60 * SEC };
+    uint32_t pol = add(e, "fix", TALLY_ALIGNED, 1, &l);
+    stale_snapshot_after_reset_conflicts(pol, e, T0 + 7 * SEC);
+    tally_close(e);
+}
+
+Test(engine, reset_if_from_a_stale_snapshot_conflicts_repeated_time)
+{
+    tally_engine *e = open_engine(64, false);
+    tally_limit l = { .algo = TALLY_FIXED_WINDOW, .max = 100, .period_ns = 60 * SEC };
+    uint32_t pol = add(e, "rep", 0, 1, &l);
+    stale_snapshot_after_reset_conflicts(pol, e, T0);
+    tally_close(e);
+}
+
+/* The key leaves its slot (reclaimed) and comes back, rebuilt with an old
+   time into the same words: a snapshot of the first instance still conflicts. */
+Test(engine, reset_if_from_a_snapshot_of_a_reclaimed_slot_conflicts)
+{
+    tally_engine *e = open_engine(1, false);
+    tally_limit l = { .algo = TALLY_FIXED_WINDOW, .max = 100, .period_ns = SEC };
+    uint32_t pol = add(e, "gone", 0, 1, &l);
+    tally_snapshot old, now;
+    hit(e, pol, "k1", NULL, T0);
+    cr_assert_eq(tally_read(e, pol, "k1", 2, &old), 0);
+    hit(e, pol, "k2", NULL, T0 + 10 * SEC);       /* full: k1 expired and is reclaimed */
+    cr_assert_eq(tally_read(e, pol, "k1", 2, &now), TALLY_ENOENT);
+    hit(e, pol, "k1", NULL, T0 + 20 * SEC);       /* k2 is reclaimed in turn */
+    tally_snapshot mid;
+    cr_assert_eq(tally_read(e, pol, "k1", 2, &mid), 0);
+    cr_assert_eq(tally_reset_if(e, pol, "k1", 2, &mid, NULL), 0);
+    hit(e, pol, "k1", NULL, T0);                  /* an old time: rebuilt {1, T0} */
+    cr_assert_eq(tally_read(e, pol, "k1", 2, &now), 0);
+    cr_assert_eq(now.c[0].raw[0], old.c[0].raw[0]);
+    cr_assert_eq(now.c[0].raw[1], old.c[0].raw[1]);
+    cr_assert_eq(tally_reset_if(e, pol, "k1", 2, &old, NULL), TALLY_ECONFLICT);
+    cr_assert_eq(tally_read(e, pol, "k1", 2, &now), 0);
+    cr_assert_eq(now.c[0].used, 1);
+    tally_close(e);
+}
