@@ -19,6 +19,18 @@
  *  4. The other engines' count of a key is written by the flusher alone into
  *     the slot's {rwin, remote} pair, with rwin as a seqlock sequence.
  *  5. No RCU read-side section is held across I/O.
+ *  6. Every reply is paired with the command it answers, in pipeline order.
+ *     An error reply by which Redis refused a batch before running it (BUSY,
+ *     OOM, LOADING, READONLY, MOVED, CROSSSLOT, ...: see refused_unapplied)
+ *     puts its deltas back into their entries, merged per key and window,
+ *     to be sent in a later batch under a new token. A batch whose outcome is
+ *     unknown (its reply was lost, or an error that may have come from inside
+ *     the script) is kept with its token and resent as it was; while
+ *     MAX_KEPT_BATCHES such batches wait, no new batch is formed, so what is
+ *     in flight is bounded whatever Redis answers.
+ *  7. Every flush also reads the global count of each live key in its current
+ *     window (MGET), whether or not this engine pushed anything for it, so an
+ *     idle engine's view of the others is at most one flush old.
  */
 #include <errno.h>
 #include <stddef.h>
@@ -34,18 +46,22 @@
 #include <hiredis/hiredis.h>
 
 #include "tally-internal.h"
+#include "tsan-internal.h"
 
 #define CHUNK_KEYS      500            /* keys per Lua batch */
 #define TOKEN_TTL_MS    "86400000"     /* a batch token outlives any retry */
 #define BACKOFF_MIN_MS  50
 #define BACKOFF_MAX_MS  5000
 #define TTL_SLACK_MS    60000          /* late deltas (retries) still find their key */
+#define MAX_KEPT_BATCHES 8             /* batches of unknown outcome before forming stops */
+#define ERRSTR_LEN      256
 
 /* ---- The hand-off stack -------------------------------------------------- */
 
 void tally__note_push(tally_engine *e, tally__note *n)
 {
     tally__note *head = atomic_load_explicit(&e->notes, memory_order_relaxed);
+    tally__tsan_release(n);
     do {
         n->next = head;
         /* release: the note's contents before it is reachable */
@@ -104,6 +120,7 @@ typedef struct entry {
     uint64_t      acked;           /* cost of this engine that Redis acknowledged */
     uint64_t      local_total;     /* the key's local count in the window when last taken */
     uint64_t      end_ns;          /* when the window stops counting */
+    uint64_t      acked_seq;       /* the flush that last learnt the total from a reply */
     unsigned      inflight;        /* batch items not yet acknowledged */
     size_t        key_len;
     unsigned char *key;            /* key bytes, or the digest when digest_only */
@@ -127,6 +144,14 @@ typedef struct event {
     tally__note  *note;
 } event;
 
+/* A live key in its current window, whose global count the flush reads. */
+typedef struct refresh {
+    uint32_t      policy;
+    unsigned      limit;
+    tally__digest digest;
+    uint64_t      win;
+} refresh;
+
 struct tally__flusher {
     tally_engine         *e;
     tally_flusher_options o;
@@ -145,6 +170,10 @@ struct tally__flusher {
     entry               **map;
     size_t                map_size, map_count;
     batch                *inflight_head, **inflight_tail;
+    size_t                kept;        /* batches of the list sent at least once */
+    refresh              *refresh;     /* this flush's keys to read back */
+    size_t                refresh_n, refresh_cap;
+    uint64_t              seq;         /* flushes so far */
     event                *events, **events_tail;
     uint64_t              next_token, instance;
     redisContext         *rc;
@@ -154,6 +183,10 @@ struct tally__flusher {
     tally_delta          *cb;          /* on_deltas scratch */
     uint64_t              last_flush_ns;
     size_t                cb_cap;
+
+    pthread_mutex_t       err_lock;    /* guards errstr: tally_flusher_last_error() */
+    char                  errstr[ERRSTR_LEN];
+    size_t                errlen;
 };
 
 static uint64_t hash_entry(uint32_t policy, unsigned limit, tally__digest d, uint64_t win)
@@ -183,17 +216,29 @@ static int map_grow(struct tally__flusher *f)
     return 0;
 }
 
-static entry *map_get(struct tally__flusher *f, uint32_t policy, unsigned limit, tally__digest d,
-                      uint64_t win, const void *key, size_t key_len)
+static entry *map_find(struct tally__flusher *f, uint32_t policy, unsigned limit, tally__digest d,
+                       uint64_t win)
 {
-    if (f->map_count >= f->map_size && map_grow(f))
+    if (!f->map_size)
         return NULL;
     size_t b = hash_entry(policy, limit, d, win) & (f->map_size - 1);
     for (entry *x = f->map[b]; x; x = x->next)
         if (x->policy == policy && x->limit == limit && x->win == win
             && x->digest.lo == d.lo && x->digest.hi == d.hi)
             return x;
-    entry *x = calloc(1, sizeof(*x));
+    return NULL;
+}
+
+static entry *map_get(struct tally__flusher *f, uint32_t policy, unsigned limit, tally__digest d,
+                      uint64_t win, const void *key, size_t key_len)
+{
+    if (f->map_count >= f->map_size && map_grow(f))
+        return NULL;
+    entry *x = map_find(f, policy, limit, d, win);
+    if (x)
+        return x;
+    size_t b = hash_entry(policy, limit, d, win) & (f->map_size - 1);
+    x = calloc(1, sizeof(*x));
     if (!x)
         return NULL;
     if (!key) {
@@ -252,7 +297,61 @@ typedef struct collect_arg {
     struct tally__flusher *f;
     tally__policy         *p;
     size_t                 from, to;
+    uint64_t               now;
+    bool                   refresh;   /* Redis is on: note live keys to read back */
 } collect_arg;
+
+/* The window every engine agrees on at @now, or false when the limit's
+   windows are this engine's own (GCRA, fixed windows not TALLY_ALIGNED). */
+static bool shared_window(const tally__limit *l, uint64_t now, uint64_t *win)
+{
+    const tally_limit *s = &l->spec;
+    switch (s->algo) {
+    case TALLY_CALENDAR_WINDOW:
+        *win = tally__calendar_start(s->unit, s->utc_offset_s, now);
+        return true;
+    case TALLY_SLIDING_WINDOW:
+        *win = now - now % s->period_ns;
+        return true;
+    case TALLY_FIXED_WINDOW:
+        *win = now - now % s->period_ns;
+        return l->aligned;
+    default:
+        return false;
+    }
+}
+
+static void note_refresh(struct tally__flusher *f, uint32_t policy, unsigned limit,
+                         tally__digest d, uint64_t win)
+{
+    if (f->refresh_n == f->refresh_cap) {
+        size_t cap = f->refresh_cap ? 2 * f->refresh_cap : 1024;
+        refresh *r = realloc(f->refresh, cap * sizeof(*r));
+        if (!r)
+            return;                           /* the key's view stays one flush older */
+        f->refresh = r;
+        f->refresh_cap = cap;
+    }
+    f->refresh[f->refresh_n++] = (refresh){ policy, limit, d, win };
+}
+
+/* Keys of slot @s whose state is in the current shared window (guarantee 7). */
+static void collect_refresh(collect_arg *a, tally__slot *s, tally__digest d)
+{
+    tally__table *t = &a->p->table;
+    for (unsigned l = 0; l < t->n_limits; l++) {
+        uint64_t win;
+        if (!shared_window(&t->limits[l], a->now, &win))
+            continue;
+        tally__state st = tally__state_load_atomic(&s->st[l]);
+        if (tally__state_is_empty(st) || tally__state_is_dead(st))
+            continue;
+        tally_counter c;
+        tally__algo_counter(&t->limits[l], st, a->now, &c);
+        if (c.window_start_ns == win)
+            note_refresh(a->f, t->policy, l, d, win);
+    }
+}
 
 /* Take the deltas of slots [from, to) of one table (inside a read-side section). */
 static void collect_range(void *arg)
@@ -267,14 +366,19 @@ static void collect_range(void *arg)
         bool any = false;
         for (unsigned l = 0; l < t->n_limits; l++)
             any |= __atomic_load_n(&ys[l].delta, __ATOMIC_RELAXED) != 0;
-        if (!any)
+        if (!any && !a->refresh)
             continue;
         tally__slot *s = (tally__slot *)(t->mem + i * t->stride);
         uint64_t hi = __atomic_load_n(&s->d_hi, __ATOMIC_ACQUIRE);
         if ((hi >> TALLY__STATUS_SHIFT) != TALLY__LIVE)
             continue;                         /* being reclaimed: the reclaim spills it */
         tally__digest d = { __atomic_load_n(&s->d_lo, __ATOMIC_ACQUIRE), hi & TALLY__DIGEST_HI_MASK };
+        if (a->refresh)
+            collect_refresh(a, s, d);
+        if (!any)
+            continue;
         const size_t *kp = t->keys ? __atomic_load_n(&t->keys[i], __ATOMIC_ACQUIRE) : NULL;
+        tally__tsan_acquire(kp);
         for (unsigned l = 0; l < t->n_limits; l++) {
             tally__state *pair = (tally__state *)&ys[l].win;
             tally__state cur = tally__state_load(pair);
@@ -293,6 +397,7 @@ static void collect_range(void *arg)
                      c.window_start_ns == cur.w0 ? c.used : 0,
                      kp ? (const void *)(kp + 1) : NULL, kp ? *kp : 0);
         }
+        tally__tsan_release(kp);
     }
 }
 
@@ -303,6 +408,7 @@ static void collect(struct tally__flusher *f)
     /* spilled deltas and events first */
     for (tally__note *n = atomic_exchange_explicit(&e->notes, NULL, memory_order_acquire), *next; n;
          n = next) {
+        tally__tsan_acquire(n);
         next = n->next;
         if (n->kind != TALLY__NOTE_DELTA) {
             /* events, flags and flag clearings, delivered or stored in order */
@@ -321,8 +427,10 @@ static void collect(struct tally__flusher *f)
         free(n);
     }
     uint32_t np = atomic_load_explicit(&e->n_policies, memory_order_acquire);
+    uint64_t now = tally_now_ns();
+    f->refresh_n = 0;
     for (uint32_t id = 0; id < np; id++) {
-        collect_arg a = { .f = f, .p = tally__policy_get(e, id) };
+        collect_arg a = { .f = f, .p = tally__policy_get(e, id), .now = now, .refresh = f->redis_on };
         /* short read-side sections: a reclaim waiting for a grace period is not held up long */
         for (a.from = 0; a.from < a.p->table.n_slots; a.from = a.to) {
             a.to = a.from + 4096 < a.p->table.n_slots ? a.from + 4096 : a.p->table.n_slots;
@@ -353,6 +461,56 @@ static struct timeval ms_tv(uint32_t ms)
     return tv;
 }
 
+/* Keep @text as the sink's last error (tally_flusher_last_error()). */
+static void set_error(struct tally__flusher *f, const char *text, size_t len)
+{
+    if (len >= ERRSTR_LEN)
+        len = ERRSTR_LEN - 1;
+    pthread_mutex_lock(&f->err_lock);
+    memcpy(f->errstr, text, len);
+    f->errstr[len] = 0;
+    f->errlen = len;
+    pthread_mutex_unlock(&f->err_lock);
+}
+
+enum { REPLY_OK, REPLY_REFUSED, REPLY_UNKNOWN };
+
+static bool code_is(const char *str, size_t len, const char *code)
+{
+    size_t n = strlen(code);
+    return len >= n && memcmp(str, code, n) == 0 && (len == n || str[n] == ' ');
+}
+
+/*
+ * An error reply: count it, keep its text, and tell whether Redis refused the
+ * command before it changed anything. These codes are raised before a command
+ * runs or, in a script, by its first write (Redis denies OOM and READONLY at
+ * the first write only, so a script never stops half-way for them). Any other
+ * error may come from inside the script after it wrote: its outcome is unknown.
+ */
+static int refused_unapplied(struct tally__flusher *f, const redisReply *r)
+{
+    static const char *const transient[] = {
+        "BUSY", "LOADING", "OOM", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN", "READONLY",
+        "NOREPLICAS", "MISCONF",
+    };
+    static const char *const permanent[] = {
+        "MOVED", "ASK", "CROSSSLOT", "NOAUTH", "WRONGPASS", "NOPERM", "NOSCRIPT", "EXECABORT",
+    };
+    const char *str = r->str ? r->str : "";
+    size_t len = r->str ? r->len : 0;
+    set_error(f, str, len);
+    atomic_fetch_add_explicit(&f->e->redis_errors, 1, memory_order_relaxed);
+    for (size_t i = 0; i < sizeof(transient) / sizeof(transient[0]); i++)
+        if (code_is(str, len, transient[i]))
+            return REPLY_REFUSED;
+    atomic_fetch_add_explicit(&f->e->redis_permanent_errors, 1, memory_order_relaxed);
+    for (size_t i = 0; i < sizeof(permanent) / sizeof(permanent[0]); i++)
+        if (code_is(str, len, permanent[i]))
+            return REPLY_REFUSED;
+    return REPLY_UNKNOWN;
+}
+
 static void redis_drop(struct tally__flusher *f)
 {
     if (f->rc)
@@ -361,10 +519,14 @@ static void redis_drop(struct tally__flusher *f)
 }
 
 /* One command, for AUTH and SELECT: true when the reply is not an error. */
-static bool redis_simple(redisContext *c, int argc, const char **argv)
+static bool redis_simple(struct tally__flusher *f, redisContext *c, int argc, const char **argv)
 {
     redisReply *r = redisCommandArgv(c, argc, argv, NULL);
     bool ok = r && r->type != REDIS_REPLY_ERROR;
+    if (r && !ok)
+        refused_unapplied(f, r);
+    else if (!r)
+        set_error(f, c->errstr, strlen(c->errstr));
     if (r)
         freeReplyObject(r);
     return ok;
@@ -381,15 +543,19 @@ static bool redis_ready(struct tally__flusher *f)
     redisContext *c = f->unix_path ? redisConnectUnixWithTimeout(f->unix_path, ct)
                                    : redisConnectWithTimeout(f->host, f->ro.port, ct);
     bool ok = c && !c->err && redisSetTimeout(c, ms_tv(f->ro.command_timeout_ms)) == REDIS_OK;
+    if (!ok) {
+        const char *why = c ? c->errstr : "cannot allocate a Redis context";
+        set_error(f, why, strlen(why));
+    }
     if (ok && f->password) {
         const char *argv[] = { "AUTH", f->password };
-        ok = redis_simple(c, 2, argv);
+        ok = redis_simple(f, c, 2, argv);
     }
     if (ok && f->ro.db) {
         char db[16];
         snprintf(db, sizeof(db), "%d", f->ro.db);
         const char *argv[] = { "SELECT", db };
-        ok = redis_simple(c, 2, argv);
+        ok = redis_simple(f, c, 2, argv);
     }
     if (!ok) {
         if (c)
@@ -504,39 +670,65 @@ static void deliver_deltas(struct tally__flusher *f, const item *items, const ui
     f->o.on_deltas(f->o.ctx, f->cb, n);
 }
 
-/* Read a batch's reply. Return 0 when Redis applied it (now or before). */
+/* Read a batch's reply: REPLY_OK when Redis applied it (now or before),
+   REPLY_REFUSED when it refused it unapplied, REPLY_UNKNOWN otherwise, or
+   TALLY_EIO when the connection failed (no reply to read). */
 static int read_batch(struct tally__flusher *f, batch *b)
 {
     redisReply *r = NULL;
-    if (redisGetReply(f->rc, (void **)&r) != REDIS_OK || !r)
+    if (redisGetReply(f->rc, (void **)&r) != REDIS_OK || !r) {
+        set_error(f, f->rc->errstr, strlen(f->rc->errstr));
         return TALLY_EIO;
-    int rc = r->type == REDIS_REPLY_ARRAY && r->elements == b->n ? 0 : TALLY_EIO;
+    }
+    if (r->type == REDIS_REPLY_ERROR) {
+        int kind = refused_unapplied(f, r);
+        freeReplyObject(r);
+        return kind;
+    }
+    int rc = r->type == REDIS_REPLY_ARRAY && r->elements == b->n ? REPLY_OK : REPLY_UNKNOWN;
     uint64_t totals[CHUNK_KEYS];
-    for (size_t i = 0; i < b->n && !rc; i++) {
+    for (size_t i = 0; i < b->n && rc == REPLY_OK; i++) {
         redisReply *v = r->element[i];
         if (v->type != REDIS_REPLY_INTEGER || v->integer < 0)
-            rc = TALLY_EIO;
+            rc = REPLY_UNKNOWN;
         else
             totals[i] = (uint64_t)v->integer;
     }
     freeReplyObject(r);
-    if (rc)
+    if (rc != REPLY_OK) {
+        static const char shape[] = "unexpected reply to a batch script";
+        set_error(f, shape, sizeof(shape) - 1);
         return rc;
+    }
     for (size_t i = 0; i < b->n; i++) {
         entry *x = b->items[i].e;
         x->acked += b->items[i].delta;
         x->inflight--;
+        x->acked_seq = f->seq;
         remote_arg a = { f, x, totals[i] > x->acked ? totals[i] - x->acked : 0 };
         tally__rcu_read(store_remote, &a);
     }
     deliver_deltas(f, b->items, totals, b->n);
-    return 0;
+    return REPLY_OK;
 }
 
-/* Form batches from the fresh cost of every entry. */
+/* A batch Redis refused unapplied: its deltas go back to their entries, to
+   be merged with what comes next and sent under a new token. */
+static void dissolve(batch *b)
+{
+    for (size_t i = 0; i < b->n; i++) {
+        b->items[i].e->fresh += b->items[i].delta;
+        b->items[i].e->inflight--;
+    }
+}
+
+/* Form batches from the fresh cost of every entry, unless too many batches
+   of unknown outcome wait (guarantee 6): the cost then stays merged. */
 static int form_batches(struct tally__flusher *f)
 {
     batch *b = NULL;
+    if (f->kept >= MAX_KEPT_BATCHES)
+        return 0;
     for (size_t i = 0; i < f->map_size; i++) {
         for (entry *x = f->map[i]; x; x = x->next) {
             if (!x->fresh)
@@ -630,10 +822,13 @@ static int read_events_redis(struct tally__flusher *f, size_t sent)
     int rc = 0;
     for (size_t i = 0; i < sent && *pp; i++) {
         redisReply *r = NULL;
-        if (redisGetReply(f->rc, (void **)&r) != REDIS_OK || !r)
+        if (redisGetReply(f->rc, (void **)&r) != REDIS_OK || !r) {
+            set_error(f, f->rc->errstr, strlen(f->rc->errstr));
             return TALLY_EIO;
+        }
         event *ev = *pp;
         if (r->type == REDIS_REPLY_ERROR) {
+            refused_unapplied(f, r);
             rc = TALLY_EIO;                   /* keep it for the next flush */
             pp = &ev->next;
         } else {
@@ -688,7 +883,79 @@ static void import_flags(struct tally__flusher *f, const batch *first)
         }
 }
 
-/* Push everything in flight to Redis in one pipeline. */
+/* Read the global count of each noted live key (guarantee 7): one MGET per
+   CHUNK_KEYS keys, pipelined. Appends only; read_refresh() reads. */
+static int send_refresh(struct tally__flusher *f)
+{
+    size_t chunks = 0;
+    for (size_t from = 0; from < f->refresh_n; from += CHUNK_KEYS, chunks++) {
+        size_t n = f->refresh_n - from < CHUNK_KEYS ? f->refresh_n - from : CHUNK_KEYS;
+        const char **argv = malloc((n + 1) * sizeof(*argv));
+        size_t *argl = malloc((n + 1) * sizeof(*argl));
+        char *text = malloc(n * 640);
+        int rc = argv && argl && text ? REDIS_OK : REDIS_ERR;
+        if (rc == REDIS_OK) {
+            argv[0] = "MGET";
+            argl[0] = 4;
+            for (size_t i = 0; i < n; i++) {
+                const refresh *q = &f->refresh[from + i];
+                entry tmp = { .policy = q->policy, .limit = q->limit, .digest = q->digest, .win = q->win };
+                argv[i + 1] = text + i * 640;
+                argl[i + 1] = (size_t)count_key(f, &tmp, text + i * 640, 640);
+            }
+            rc = redisAppendCommandArgv(f->rc, (int)n + 1, argv, argl);
+        }
+        free(argv);
+        free(argl);
+        free(text);
+        if (rc != REDIS_OK)
+            return -1;
+    }
+    return (int)chunks;
+}
+
+static int read_refresh(struct tally__flusher *f, size_t chunks)
+{
+    int rc = 0;
+    for (size_t c = 0; c < chunks; c++) {
+        redisReply *r = NULL;
+        if (redisGetReply(f->rc, (void **)&r) != REDIS_OK || !r) {
+            set_error(f, f->rc->errstr, strlen(f->rc->errstr));
+            return TALLY_EIO;
+        }
+        size_t from = c * CHUNK_KEYS;
+        size_t n = f->refresh_n - from < CHUNK_KEYS ? f->refresh_n - from : CHUNK_KEYS;
+        if (r->type == REDIS_REPLY_ERROR) {
+            refused_unapplied(f, r);
+            rc = TALLY_EIO;
+        } else if (r->type == REDIS_REPLY_ARRAY && r->elements == n) {
+            for (size_t i = 0; i < n; i++) {
+                const refresh *q = &f->refresh[from + i];
+                redisReply *v = r->element[i];
+                if (v->type != REDIS_REPLY_STRING)
+                    continue;                 /* nil: nobody counted in this window yet */
+                uint64_t total = strtoull(v->str, NULL, 10);
+                entry *x = map_find(f, q->policy, q->limit, q->digest, q->win);
+                /* a batch of unknown outcome may be in the total or not: wait
+                   for its reply; a reply of this flush already told the total */
+                if (x && (x->inflight || x->acked_seq == f->seq))
+                    continue;
+                uint64_t mine = x ? x->acked : 0;
+                entry tmp = { .policy = q->policy, .limit = q->limit, .digest = q->digest, .win = q->win };
+                remote_arg a = { f, &tmp, total > mine ? total - mine : 0 };
+                if (a.others)
+                    tally__rcu_read(store_remote, &a);
+            }
+        } else {
+            rc = TALLY_EIO;
+        }
+        freeReplyObject(r);
+    }
+    return rc;
+}
+
+/* Push everything in flight to Redis in one pipeline, then read the global
+   counts of the live keys back. */
 static int push_redis(struct tally__flusher *f)
 {
     if (!redis_ready(f))
@@ -703,11 +970,15 @@ static int push_redis(struct tally__flusher *f)
     size_t nb = 0;
     for (batch *b = f->inflight_head; b && !rc; b = b->next, nb++)
         rc = append_batch(f, b);
+    f->kept = nb;                              /* every batch in the list is now sent */
     int sent = rc ? 0 : push_events_redis(f);
     if (sent < 0)
         rc = sent;
+    int chunks = rc ? 0 : send_refresh(f);
+    if (chunks < 0)
+        rc = TALLY_EIO;
     /* with nothing to send, a PING: a flush counts as good only if Redis answered */
-    bool ping = !rc && nb == 0 && sent == 0;
+    bool ping = !rc && nb == 0 && sent == 0 && chunks == 0;
     if (ping && redisAppendCommand(f->rc, "PING") != REDIS_OK)
         rc = TALLY_EIO;
     if (rc) {
@@ -718,35 +989,52 @@ static int push_redis(struct tally__flusher *f)
         redisReply *r = NULL;
         rc = redisGetReply(f->rc, (void **)&r) == REDIS_OK && r && r->type != REDIS_REPLY_ERROR
             ? 0 : TALLY_EIO;
+        if (r && r->type == REDIS_REPLY_ERROR)
+            refused_unapplied(f, r);
+        else if (!r)
+            set_error(f, f->rc->errstr, strlen(f->rc->errstr));
         if (r)
             freeReplyObject(r);
         if (rc)
             redis_drop(f);
         return rc;
     }
+    /* each reply answers the batch at its place in the pipeline (guarantee 6) */
+    batch **pp = &f->inflight_head;
     while (nb-- > 0) {
-        batch *b = f->inflight_head;
+        batch *b = *pp;
         int r = read_batch(f, b);
-        if (r == 0) {
-            f->inflight_head = b->next;
-            if (!f->inflight_head)
-                f->inflight_tail = &f->inflight_head;
-            free(b);
+        if (r == TALLY_EIO) {                  /* the connection is gone: resend the rest */
+            redis_drop(f);
+            return TALLY_EIO;
+        }
+        if (r == REPLY_UNKNOWN) {
+            rc = TALLY_EIO;                    /* kept as it is, token and all */
+            pp = &b->next;
             continue;
         }
-        rc = r;
-        if (f->rc->err) {                     /* the connection is gone: resend all later */
-            redis_drop(f);
-            return rc;
+        if (r == REPLY_REFUSED) {
+            rc = TALLY_EIO;
+            dissolve(b);
         }
+        *pp = b->next;
+        f->kept--;
+        free(b);
     }
+    f->inflight_tail = pp;
+    while (*f->inflight_tail)
+        f->inflight_tail = &(*f->inflight_tail)->next;
     int er = read_events_redis(f, (size_t)sent);
-    if (er) {
-        rc = er;
-        if (f->rc->err)
-            redis_drop(f);
+    if (er == TALLY_EIO && f->rc->err) {
+        redis_drop(f);
+        return TALLY_EIO;
     }
-    return rc;
+    int fr = read_refresh(f, (size_t)chunks);
+    if (fr && f->rc->err) {
+        redis_drop(f);
+        return TALLY_EIO;
+    }
+    return rc ? rc : er ? er : fr;
 }
 
 /* Without Redis the callback is the only sink: hand it the fresh cost. */
@@ -831,6 +1119,7 @@ static void count_pending(struct tally__flusher *f)
 static int flush_once(struct tally__flusher *f)
 {
     uint64_t start = f->last_flush_ns ? f->last_flush_ns : tally_now_ns();
+    f->seq++;
     collect(f);
     uint64_t now = tally_now_ns();
     tally__ops_flush(f->e, now);
@@ -932,12 +1221,14 @@ static void flusher_free(struct tally__flusher *f)
         free(ev);
     }
     free(f->cb);
+    free(f->refresh);
     free(f->host);
     free(f->unix_path);
     free(f->password);
     free(f->prefix);
     pthread_mutex_destroy(&f->lock);
     pthread_cond_destroy(&f->cond);
+    pthread_mutex_destroy(&f->err_lock);
     free(f);
 }
 
@@ -973,6 +1264,7 @@ int tally_flusher_start(tally_engine *e, const tally_flusher_options *o)
     f->events_tail = &f->events;
     pthread_mutex_init(&f->lock, NULL);
     pthread_cond_init(&f->cond, NULL);
+    pthread_mutex_init(&f->err_lock, NULL);
     if (o->redis) {
         f->ro = *o->redis;
         f->redis_on = true;
@@ -1096,7 +1388,33 @@ int tally_stats_read(tally_engine *e, tally_stats *out)
     out->last_flush_ok_ns = atomic_load_explicit(&e->last_flush_ok_ns, memory_order_relaxed);
     out->events = atomic_load_explicit(&e->events_delivered, memory_order_relaxed);
     out->lost_cost = atomic_load_explicit(&e->spill_lost, memory_order_relaxed);
+    out->redis_errors = atomic_load_explicit(&e->redis_errors, memory_order_relaxed);
+    out->redis_permanent_errors = atomic_load_explicit(&e->redis_permanent_errors, memory_order_relaxed);
     return 0;
+}
+
+int tally_flusher_last_error(tally_engine *e, char *buf, size_t len)
+{
+    if (!e || (!buf && len))
+        return TALLY_EINVAL;
+    size_t n = 0;
+    /* under add_lock the flusher cannot be freed (tally_flusher_stop) */
+    pthread_mutex_lock(&e->add_lock);
+    struct tally__flusher *f = e->flusher;
+    if (f) {
+        pthread_mutex_lock(&f->err_lock);
+        n = f->errlen;
+        if (len) {
+            size_t k = n < len - 1 ? n : len - 1;
+            memcpy(buf, f->errstr, k);
+            buf[k] = 0;
+        }
+        pthread_mutex_unlock(&f->err_lock);
+    } else if (len) {
+        buf[0] = 0;
+    }
+    pthread_mutex_unlock(&e->add_lock);
+    return (int)n;
 }
 
 int tally_stats_prometheus(tally_engine *e, char *buf, size_t len)
@@ -1120,6 +1438,8 @@ int tally_stats_prometheus(tally_engine *e, char *buf, size_t len)
         M(redis_reconnects, "counter", "Reconnections to Redis."),
         M(events, "counter", "first_exceeded events delivered."),
         M(lost_cost, "counter", "Cost that could not be kept for the sinks (out of memory)."),
+        M(redis_errors, "counter", "Error replies from Redis."),
+        M(redis_permanent_errors, "counter", "Error replies from Redis that a retry cannot cure by itself."),
 #undef M
     };
     size_t w = 0;

@@ -41,6 +41,7 @@
 #include <string.h>
 
 #include "tally-internal.h"
+#include "tsan-internal.h"
 
 static inline tally__slot *slot_at(const tally__table *t, size_t i)
 {
@@ -333,6 +334,7 @@ int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size
                 return TALLY_ENOMEM;
             }
             /* the claim CAS made us the only writer of this slot's key */
+            tally__tsan_release(copy);
             __atomic_store_n(&t->keys[idx], copy, __ATOMIC_RELEASE);
         }
         found = resolve(t, d, home, free_k, &full);
@@ -467,6 +469,7 @@ void tally__table_reclaim_free(tally__table *t, const tally__batch *b)
             __atomic_store_n(&e->remote, 0, __ATOMIC_RELAXED);
         }
         if (t->keys) {
+            tally__tsan_acquire(__atomic_load_n(&t->keys[b->idx[j]], __ATOMIC_RELAXED));
             free(__atomic_load_n(&t->keys[b->idx[j]], __ATOMIC_RELAXED));
             __atomic_store_n(&t->keys[b->idx[j]], NULL, __ATOMIC_RELAXED);
         }

@@ -299,6 +299,7 @@ struct tally_engine {
     _Atomic uint64_t spill_lost;     /* cost that could not be handed over (out of memory) */
     _Atomic uint64_t pending_deltas, pending_cost;   /* as of the last flush */
     _Atomic uint64_t flush_batches, flush_failures, redis_reconnects, events_delivered;
+    _Atomic uint64_t redis_errors, redis_permanent_errors;
     pthread_mutex_t  ops_lock;       /* episodes and the last usage reports */
     _Atomic uint64_t flags_set;
     struct tally__usage_last *usage_last;  /* under ops_lock */

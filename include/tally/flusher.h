@@ -67,10 +67,17 @@ void tally_flusher_options_init(tally_flusher_options *o);
  * tally_flusher_start - start the engine's flusher thread.
  * @o: options, copied (the strings of o->redis too).
  * Every interval the flusher takes each key's unflushed cost, hands it to
- * on_deltas and to Redis (one pipeline of INCRBY per flush), learns the
- * global totals from the replies, and delivers first_exceeded events to
- * on_event. A delta leaves the engine only when every sink acknowledged it;
- * on a failure it is kept and sent again with a later flush.
+ * on_deltas and to Redis (one pipeline per flush of Lua scripts, each
+ * applying up to 500 INCRBYs once under a one-time token), learns the global
+ * totals from the replies and, for every live key in its current window, from
+ * an MGET, and delivers first_exceeded events to on_event. A delta leaves the
+ * engine only when every sink acknowledged it; on a failure it is kept and
+ * sent again with a later flush: merged with later cost of the same key and
+ * window when Redis refused it unapplied (an error reply such as BUSY, OOM,
+ * LOADING, READONLY, MOVED or CROSSSLOT), as it was, under its token, when
+ * its outcome is unknown (a lost reply, any other error). At most 8 batches of
+ * unknown outcome wait at a time; while they do, new cost stays merged in the
+ * flusher, so what is sent per flush is bounded by the number of keys.
  * Costs hit before the flusher started are not pushed.
  * Return 0, TALLY_EINVAL (NULL argument, interval 0, cpu out of range, redis
  * options with neither host nor unix_path, a port outside 1..65535, a db
@@ -96,9 +103,9 @@ int tally_flush(tally_engine *e, uint32_t timeout_ms);
  * tally_flusher_stop - do a final flush (bounded by the Redis command
  * timeout) and stop the flusher thread. Idempotent: a second call, or a call
  * with no flusher, returns 0. tally_close() calls it.
- * Return 0, or TALLY_EIO when the final flush failed (the deltas it could not
+ * Return 0, TALLY_EIO when the final flush failed (the deltas it could not
  * push are reported by tally_stats as pending; they are lost when the engine
- * closes).
+ * closes), or TALLY_EINVAL for a NULL @e.
  * Any thread but the flusher's own callbacks may call it. It blocks.
  */
 int tally_flusher_stop(tally_engine *e);
@@ -119,6 +126,10 @@ typedef struct tally_stats {
     uint64_t last_flush_ok_ns;   /* tally_now_ns() of the last fully acknowledged flush; 0: none */
     uint64_t events;             /* events delivered to on_event */
     uint64_t lost_cost;          /* cost that could not be kept for the sinks: out of memory */
+    uint64_t redis_errors;       /* error replies from Redis (a batch, event or PING refused) */
+    uint64_t redis_permanent_errors; /* of those, errors a retry cannot cure by itself:
+                                    MOVED, ASK, CROSSSLOT, WRONGTYPE, NOSCRIPT, NOAUTH,
+                                    NOPERM, WRONGPASS and unknown ERR replies */
 } tally_stats;
 
 /*
@@ -131,9 +142,24 @@ int tally_stats_read(tally_engine *e, tally_stats *out);
  * tally_stats_prometheus - write the counters in the Prometheus text
  * exposition format into @buf (NUL-terminated, truncated to @len).
  * Return the length the full text needs (excluding the NUL), as snprintf, or
- * TALLY_EINVAL. Any thread may call it. It never blocks.
+ * TALLY_EINVAL. Any thread may call it. It may block briefly: it takes the
+ * engine's operator-view lock to read the throttle episodes and usage.
  */
 int tally_stats_prometheus(tally_engine *e, char *buf, size_t len);
+
+/*
+ * tally_flusher_last_error - the text of the last error the Redis sink met:
+ * the server's error reply as Redis wrote it ("BUSY Redis is busy running a
+ * script..."), or hiredis's connection error, as hiredis keeps errstr.
+ * @buf: receives the text, NUL-terminated, truncated to @len (may be NULL
+ *       when @len is 0).
+ * Return the length of the full text (excluding the NUL), as snprintf; 0 when
+ * the sink has met no error since the flusher started, or no flusher runs;
+ * TALLY_EINVAL (NULL @e, or NULL @buf with @len > 0).
+ * Any thread may call it. It never blocks for I/O (it takes the flusher's
+ * error lock for the copy).
+ */
+int tally_flusher_last_error(tally_engine *e, char *buf, size_t len);
 
 #ifdef __cplusplus
 }

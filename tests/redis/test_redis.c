@@ -338,6 +338,66 @@ Test(redis, two_engines_enforce_one_limit_within_the_bound, .timeout = 120)
     test_redis_stop(&r);
 }
 
+/* An engine that pushes nothing still learns, every flush, what the others
+   counted for its live keys: A hits once and idles, B admits the rest, then A
+   bursts and must admit nothing more. One case per shared window kind. */
+static void idle_engine_learns(const tally_limit *l, unsigned flags, const char *prefix)
+{
+    test_redis r = { 0 };
+    cr_assert(test_redis_start(&r));
+    tally_engine *a = open_engine(64), *b = open_engine(64);
+    tally_policy p = { .name = "idle", .n_limits = 1, .flags = flags, .limits = { *l } };
+    uint32_t pa, pb;
+    tally_result res;
+    cr_assert_eq(tally_policy_add(a, &p, &pa), 0);
+    cr_assert_eq(tally_policy_add(b, &p, &pb), 0);
+    cr_assert_eq(start_flusher(a, &r, prefix, NULL, 10), 0);
+    cr_assert_eq(start_flusher(b, &r, prefix, NULL, 10), 0);
+    cr_assert_eq(tally_hit(a, pa, "idle-key", 8, NULL, &res), 0);
+    cr_assert(res.allowed);
+    cr_assert_eq(flush_until_ok(a, 20), 0);
+    sleep_ms(300);                                /* about 30 of A's flush intervals */
+    uint64_t admitted_b = 0;
+    for (uint64_t i = 0; i < l->max; i++) {
+        cr_assert_eq(tally_hit(b, pb, "idle-key", 8, NULL, &res), 0);
+        admitted_b += res.allowed;
+    }
+    cr_assert_eq(flush_until_ok(b, 20), 0);
+    cr_assert_eq(flush_until_ok(a, 20), 0);       /* one flush of A after B's push */
+    uint64_t admitted_a = 0;
+    for (uint64_t i = 0; i < l->max; i++) {
+        cr_assert_eq(tally_hit(a, pa, "idle-key", 8, NULL, &res), 0);
+        admitted_a += res.allowed;
+    }
+    fprintf(stderr, "idle engine (%s): A admitted 1 + %" PRIu64 ", B %" PRIu64 " of max %" PRIu64 "\n",
+            prefix, admitted_a, admitted_b, l->max);
+    /* B had never seen the key, so it decided its burst locally (README: a key
+       seen for the first time); A had, and must know B's count by now */
+    cr_assert_geq(admitted_b, l->max - 1);
+    cr_assert_eq(admitted_a, 0, "the idle engine decided without the others' count");
+    tally_close(a);
+    tally_close(b);
+    test_redis_stop(&r);
+}
+
+Test(redis, idle_engine_learns_the_others_count_aligned_fixed, .timeout = 120)
+{
+    tally_limit l = { .algo = TALLY_FIXED_WINDOW, .max = 1000, .period_ns = HOUR };
+    idle_engine_learns(&l, TALLY_ALIGNED, "idle1:");
+}
+
+Test(redis, idle_engine_learns_the_others_count_calendar, .timeout = 120)
+{
+    tally_limit l = { .algo = TALLY_CALENDAR_WINDOW, .max = 1000, .unit = TALLY_DAY };
+    idle_engine_learns(&l, 0, "idle2:");
+}
+
+Test(redis, idle_engine_learns_the_others_count_sliding, .timeout = 120)
+{
+    tally_limit l = { .algo = TALLY_SLIDING_WINDOW, .max = 1000, .period_ns = 24 * HOUR };
+    idle_engine_learns(&l, 0, "idle3:");
+}
+
 /* ---- Events -------------------------------------------------------------- */
 
 struct events {
