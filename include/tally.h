@@ -89,16 +89,17 @@ int tally_open(const tally_options *opts, tally_engine **out);
 /*
  * tally_close - stop the flusher, then destroy an engine and free all its
  * memory. NULL is a no-op.
- * What the caller must ensure: once close is called, no thread starts a call
- * on @e, and every call on @e that runs at that moment has already begun.
- * Stop or join the threads that use @e first, as with free(); a call that
- * races with the start of close may read freed memory.
- * What close guarantees: the hot-path calls (hit, peek, read, reset_if) that
- * are running when close is called either complete or return TALLY_ESTATE;
- * each enters its RCU read-side section before it reads anything of @e, and
- * close frees @e only after a grace period that began after it marked @e
- * closing. Calls parked outside RCU while a full table is reclaimed are
- * waited for. Calling close twice on the same handle is a use after free.
+ * What the caller must ensure, as with free(): when close is called, no other
+ * call on @e is running and none will start. Join (or otherwise stop) the
+ * threads that use @e first. The engine cannot make a racing call safe: a
+ * call that has been entered but has not yet reached its RCU read-side
+ * section (for a thread's first call, registering with RCU waits for a grace
+ * period in progress) may resume after @e was freed. Such a call is often
+ * told TALLY_ESTATE, but that is a diagnostic, not a guarantee.
+ * What close guarantees: the engine's own threads are done before anything
+ * is freed: the flusher is stopped (with a final flush), and hits parked
+ * outside RCU while a full table is reclaimed are waited for.
+ * Calling close twice on the same handle is a use after free.
  * Any thread but the flusher's own callbacks may call it. It blocks: for the
  * final flush (bounded by the Redis command timeout) and an RCU grace period.
  */

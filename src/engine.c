@@ -282,6 +282,8 @@ int tally_policy_add(tally_engine *e, const tally_policy *p, uint32_t *id_out)
  * closing flag is checked: tally_close() frees the engine only after a grace
  * period that began after it set the flag, so a call whose section began
  * before that grace period reads live memory and sees the flag if it is set.
+ * That is what lets close detect most calls that race with it (the contract
+ * forbids them; see tally_close() in tally.h for why it cannot catch all).
  */
 static int enter(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
                  const void *out, tally__policy **pp)

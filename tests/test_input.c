@@ -162,3 +162,18 @@ Test(input, peek_read_reset_reject_bad_arguments)
     assert_untouched();
     cr_assert_eq(tally_reset_if(e, pol, "k", 1, &s, NULL), 0, "reset_mask may be NULL");
 }
+
+Test(input, flusher_calls_without_an_engine_or_a_flusher)
+{
+    char buf[8] = "x";
+    cr_assert_eq(tally_flusher_stop(NULL), TALLY_EINVAL, "a NULL engine is bad input");
+    cr_assert_eq(tally_flusher_last_error(NULL, buf, sizeof(buf)), TALLY_EINVAL);
+    tally_engine *e;
+    cr_assert_eq(tally_open(NULL, &e), 0);
+    cr_assert_eq(tally_flusher_last_error(e, NULL, 1), TALLY_EINVAL);
+    cr_assert_eq(tally_flusher_last_error(e, buf, sizeof(buf)), 0, "no flusher, no error");
+    cr_assert_eq(buf[0], 0);
+    cr_assert_eq(tally_flusher_last_error(e, NULL, 0), 0);
+    cr_assert_eq(tally_flusher_stop(e), 0, "no flusher: stop is a no-op");
+    tally_close(e);
+}

@@ -5,8 +5,8 @@
  *
  * The first caller for a key runs the caller's operation; callers for the
  * same key that arrive while it runs wait and share its result, a refcounted
- * object freed by its last holder. This is the token-refresh coordinator of
- * MISSION.md: 100 concurrent requests for one expired token cause one refresh.
+ * object freed by its last holder. The use it was made for: 100 concurrent
+ * requests for one expired access token cause one refresh, not 100.
  *
  * The same contract sentences as tally.h are used: "Any thread may call it",
  * "It never blocks", "It may block (...)", "On failure nothing changes".

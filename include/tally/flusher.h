@@ -46,7 +46,7 @@ typedef struct tally_flusher_options {
     void (*on_deltas)(void *ctx, const tally_delta *d, size_t n);
     void (*on_event)(void *ctx, const tally_event *ev);
     void *ctx;
-    /* Added fields (API.md allows fields at the end): */
+    /* Fields added since the first version, at the end: */
     uint32_t fail_closed_after_ms;     /* 0 (default): fail open. Else deny every hit of a
                                           synced policy once the last successful flush is
                                           older than this while Redis is configured. */
