@@ -44,6 +44,7 @@
 
 #include "coalesce-internal.h"
 #include "tally-internal.h"
+#include "tsan-internal.h"
 
 #define DEFAULT_CAPACITY 4096
 #define STRIPES          64u        /* lock stripes; a power of two */
@@ -258,9 +259,12 @@ tally_coalesce_result *tally_coalesce_retain(tally_coalesce_result *r)
 
 void tally_coalesce_release(tally_coalesce_result *r)
 {
+    /* the decrement's ordering, told to the sanitizer (tsan-internal.h) */
+    tally__tsan_release(r);
     /* acq_rel: every holder's reads happen before the last one frees */
     if (!r || atomic_fetch_sub_explicit(&r->refs, 1, memory_order_acq_rel) != 1)
         return;
+    tally__tsan_acquire(r);
     if (r->free_value && r->value)
         r->free_value(r->value);
     free(r);

@@ -21,6 +21,7 @@
 #include <string.h>
 
 #include "algo-step.h"
+#include "tsan-internal.h"
 
 #define DEFAULT_EPISODES 200
 #define SCAN_CHUNK       1024
@@ -259,6 +260,8 @@ static void scan_in_rcu(void *arg)
         if (dead || !big || (c->f->flagged_only && !it->entry.flagged))
             continue;
         const size_t *kp = t->keys ? __atomic_load_n(&t->keys[i], __ATOMIC_ACQUIRE) : NULL;
+        /* the key copy the hit published (tsan-internal.h) */
+        tally__tsan_acquire(kp);
         const void *key = kp ? (const void *)(kp + 1) : &d;
         size_t key_len = kp ? *kp : sizeof(d);
         if (c->keys_len + key_len > c->keys_cap) {
@@ -272,6 +275,8 @@ static void scan_in_rcu(void *arg)
             c->keys_cap = cap;
         }
         memcpy(c->keys + c->keys_len, key, key_len);
+        /* read before the reclaim that frees the copy after a grace period */
+        tally__tsan_release(kp);
         it->key_off = c->keys_len;
         it->entry.key_len = key_len;
         c->keys_len += key_len;
@@ -443,9 +448,11 @@ static void acc_in_rcu(void *arg)
         it->d = (tally__digest){ __atomic_load_n(&s->d_lo, __ATOMIC_ACQUIRE), hi & TALLY__DIGEST_HI_MASK };
         it->denied = __atomic_exchange_n(&w[i].acc, 0, __ATOMIC_RELAXED);
         const size_t *kp = t->keys ? __atomic_load_n(&t->keys[i], __ATOMIC_ACQUIRE) : NULL;
+        tally__tsan_acquire(kp);
         if (kp && *kp <= sizeof(it->key)) {
             it->key_len = *kp;
             memcpy(it->key, kp + 1, *kp);
+            tally__tsan_release(kp);
         } else {
             /* digest_only, or a key too long to copy here: the digest names it */
             it->key_len = sizeof(it->d);
