@@ -8,6 +8,9 @@
  *  2. A limit's state changes only by a 16-byte CAS from the exact state the
  *     step was computed from, so every increment is applied exactly once and
  *     the exceeded mark, kept in the same word, is set by exactly one call.
+ *     A step that changes nothing is validated the same way (a CAS to the
+ *     same words), so every decision comes from a state that really existed:
+ *     each single-limit hit is linearizable at its CAS.
  *  3. A single-limit hit is one CAS loop: lock-free, it retries only when
  *     another call changed the same key in between.
  *  4. A multi-limit hit first checks every limit without writing. If all fit,
@@ -416,7 +419,10 @@ static int apply(const hit_ctx *c, unsigned i, uint64_t now, uint64_t cost, unsi
         if (TALLY__UNLIKELY(tally__state_is_dead(cur)))
             return STEP_DEAD;
         algo_step(&c->p->limits[i], cur, now, cost, how, &rem, r);
-        if (!r->changed || tally__state_cas(&c->s->st[i], cur, r->next))
+        /* The two words were loaded one by one: a step that changes nothing
+           is validated by a CAS to the same words, so that no decision comes
+           from a pair another hit's CAS tore apart (guarantee 2). */
+        if (tally__state_cas(&c->s->st[i], cur, r->changed ? r->next : cur))
             return STEP_OK;
     }
 }
@@ -428,7 +434,8 @@ static void take_back(const hit_ctx *c, unsigned i, tally__state added, uint64_t
         if (tally__state_is_dead(cur))
             return;                               /* the slot died with what we added */
         tally__state next = tally__algo_undo(&c->p->limits[i], cur, added, now, cost);
-        if ((next.w0 == cur.w0 && next.w1 == cur.w1) || tally__state_cas(&c->s->st[i], cur, next))
+        /* also when nothing is taken back: only an untorn pair may say so */
+        if (tally__state_cas(&c->s->st[i], cur, next))
             return;
     }
 }
