@@ -214,12 +214,12 @@ static bool reserve(tally__table *t)
 
 /*
  * Resolve the PENDING claim at window position @me (guarantee 3). Return the
- * LIVE slot of @d, or NULL if the claim lost and the caller must look again,
- * or NULL with *full set if the table already holds capacity LIVE keys.
- * Promotion takes the capacity reservation, so that racing duplicate claims
- * of one key never count against the capacity.
+ * LIVE slot of @d, or NULL if the claim lost, or found no capacity left, and
+ * the caller must look again (its scan finds a twin that went LIVE, or finds
+ * the table full). Promotion takes the capacity reservation, so that racing
+ * duplicate claims of one key never count against the capacity.
  */
-static tally__slot *resolve(tally__table *t, tally__digest d, size_t home, size_t me, bool *full)
+static tally__slot *resolve(tally__table *t, tally__digest d, size_t home, size_t me)
 {
 again:;
     tally__slot *mine = slot_at(t, wrap(t, home + me));
@@ -256,7 +256,8 @@ again:;
     if (reserved)
         atomic_fetch_sub_explicit(&t->live, 1, memory_order_relaxed);
     else if (kill_pending(mine, d)) {
-        *full = true;
+        /* Full, or a twin took the last reservation and went LIVE after our
+           scan passed it: the caller's next scan tells which. */
         return NULL;
     }
     /* another thread promoted or killed the claim meanwhile */
@@ -279,7 +280,6 @@ int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size
                          tally__slot **out)
 {
     size_t home = home_of(t, d);
-    bool full = false;
 
     for (;;) {
         size_t free_k = SIZE_MAX;
@@ -307,9 +307,7 @@ int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size
             if (status_of(hi) == TALLY__LIVE) {
                 found = s;
             } else if (status_of(hi) == TALLY__PENDING) {
-                found = resolve(t, d, home, k, &full);
-                if (full)
-                    return TALLY_EFULL;
+                found = resolve(t, d, home, k);
                 rescan = !found;              /* lost a race: scan again */
             }
         }
@@ -320,8 +318,11 @@ int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size
         if (rescan)
             continue;
         if (free_k == SIZE_MAX
-            || atomic_load_explicit(&t->live, memory_order_relaxed) >= t->capacity)
-            return TALLY_EFULL;
+            || atomic_load_explicit(&t->live, memory_order_relaxed) >= t->capacity) {
+            /* a twin may have taken the last reservation since our scan passed */
+            *out = tally__table_find(t, d);
+            return *out ? 0 : TALLY_EFULL;
+        }
 
         size_t idx = wrap(t, home + free_k);
         tally__slot *mine = slot_at(t, idx);
@@ -337,13 +338,11 @@ int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size
             tally__tsan_release(copy);
             __atomic_store_n(&t->keys[idx], copy, __ATOMIC_RELEASE);
         }
-        found = resolve(t, d, home, free_k, &full);
+        found = resolve(t, d, home, free_k);
         if (found) {
             *out = found;
             return 0;
         }
-        if (full)
-            return TALLY_EFULL;
     }
 }
 
