@@ -37,6 +37,7 @@
 #include <inttypes.h>
 #include <stdio.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -883,6 +884,15 @@ static void import_flags(struct tally__flusher *f, const batch *first)
         }
 }
 
+static bool has_fresh(const struct tally__flusher *f)
+{
+    for (size_t i = 0; i < f->map_size; i++)
+        for (const entry *x = f->map[i]; x; x = x->next)
+            if (x->fresh)
+                return true;
+    return false;
+}
+
 /* Read the global count of each noted live key (guarantee 7): one MGET per
    CHUNK_KEYS keys, pipelined. Appends only; read_refresh() reads. */
 static int send_refresh(struct tally__flusher *f)
@@ -1034,6 +1044,9 @@ static int push_redis(struct tally__flusher *f)
         redis_drop(f);
         return TALLY_EIO;
     }
+    /* cost held back while batches of unknown outcome waited is not in Redis yet */
+    if (!rc && has_fresh(f))
+        rc = TALLY_EIO;
     return rc ? rc : er ? er : fr;
 }
 
@@ -1153,6 +1166,13 @@ static void *flusher_main(void *arg)
 {
     struct tally__flusher *f = arg;
 
+    /* A write to a connection Redis closed must fail with EPIPE here, not
+       kill the process: block SIGPIPE in this thread (hiredis 0.14 writes
+       with write(2), which cannot be told MSG_NOSIGNAL). */
+    sigset_t pipe_set;
+    sigemptyset(&pipe_set);
+    sigaddset(&pipe_set, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &pipe_set, NULL);
     if (f->o.cpu >= 0) {
         cpu_set_t set;
         CPU_ZERO(&set);
