@@ -216,25 +216,35 @@ static inline void step_sliding(const tally__limit *l, tally__state cur, uint64_
     }
 }
 
-/* ---- GCRA: {mark | last hit, theoretical arrival time} --------------------- */
+/* ---- GCRA: {mark | last hit, time in use as of the last hit} ---------------- */
 
+/*
+ * The theoretical arrival time is kept relative to the last hit: w1 =
+ * max(tat - last, 0), the part of the tolerance in use then. A hit at now <= INT64_MAX that fits
+ * leaves at most tau <= 2^62 in use, which a TAT stored as a time could not
+ * hold near the top of the range (now + tau > INT64_MAX); and every quantity
+ * the decision compares is a span, so nothing wraps. Only ADD_ALWAYS can push
+ * the span past tau; it saturates at TALLY__TIME_MAX, which is above tau and
+ * keeps denying for at least TALLY__TIME_MAX - tau >= 2^62 - 1 ns.
+ */
 static inline void step_gcra(const tally__limit *l, tally__state cur, uint64_t now, uint64_t cost,
                              unsigned how, tally__step *out)
 {
     const uint64_t T = l->emission_ns, tau = l->tau_ns;
-    uint64_t mark = cur.w0 & TALLY__MARK, last = cur.w0 & ~TALLY__MARK, tat = cur.w1;
+    uint64_t mark = cur.w0 & TALLY__MARK, last = cur.w0 & ~TALLY__MARK, held = cur.w1;
 
     if (now < last)
         now = last;
-    if (tat <= now && tat > last)
+    uint64_t elapsed = now - last;
+    if (held && held <= elapsed)
         mark = 0;                             /* drained since the last write: a new episode */
-    uint64_t tat_eff = tat > now ? tat : now;
+    uint64_t ttl = sub0(held, elapsed);       /* in use at now: max(tat - now, 0) */
     uint64_t inc = sat_mul(cost, T, TALLY__TIME_MAX);
-    uint64_t new_tat = sat_add(tat_eff, inc, TALLY__TIME_MAX);
-    bool fits = new_tat - now <= tau;
+    uint64_t new_ttl = sat_add(ttl, inc, TALLY__TIME_MAX);
+    bool fits = new_ttl <= tau;
     unsigned add = how & 3;
     bool consume = inc && (add == TALLY__ADD_ALWAYS || (add == TALLY__ADD_IF_FITS && fits));
-    uint64_t after = consume ? new_tat : tat_eff;
+    uint64_t after = consume ? new_ttl : ttl;
 
     out->added = 0;                           /* GCRA stays local to this engine */
     out->win = 0;
@@ -243,21 +253,20 @@ static inline void step_gcra(const tally__limit *l, tally__state cur, uint64_t n
     out->changed = consume || out->first;
     if (out->changed) {
         out->next.w0 = mark | (out->first ? TALLY__MARK : 0) | now;
-        out->next.w1 = consume ? new_tat : tat;
+        out->next.w1 = after;                 /* the same TAT, now counted from now */
     } else {
         out->next = cur;
     }
 
-    uint64_t ttl = after - now;
-    out->used = ttl / T + (ttl % T != 0);
-    out->remaining = ttl <= tau ? (tau - ttl) / T : 0;
-    out->reset_after_ns = ttl;
+    out->used = after / T + (after % T != 0);
+    out->remaining = after <= tau ? (tau - after) / T : 0;
+    out->reset_after_ns = after;
     if (fits)
         out->retry_after_ns = 0;
     else if (inc > tau)
         out->retry_after_ns = TALLY_NEVER;
     else
-        out->retry_after_ns = sub0(sat_add(after, inc, TALLY__TIME_MAX) - tau, now);
+        out->retry_after_ns = sub0(after, tau - inc);   /* after + inc - tau, without a wrap */
 }
 
 /* ---- Dispatch ------------------------------------------------------------- */

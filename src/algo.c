@@ -160,8 +160,29 @@ tally__state tally__algo_undo(const tally__limit *l, tally__state cur, tally__st
         return sliding_encode(v);
     }
     case TALLY_GCRA: {
+        /*
+         * Hit X, whose step stored @added (at: the time that step used), takes
+         * back inc = cost * T from the stored TAT, tat = last + w1. The
+         * bucket's true TAT is the replay of the hits it holds, in the order
+         * of their steps, each at its own time: the largest, over the hits j,
+         * of at_j plus the cost of j and of every later hit. Split these terms
+         * into A (hits up to X) and B (later hits): max(A, B) <= tat, and
+         * without X the bucket is max(A - inc, B). A - inc <= tat - inc. A
+         * later hit's time is at most last (last never goes back), so
+         * B <= last + S, S the later hits' cost; X's own term at + inc + S is
+         * in A, so S <= tat - at - inc and B <= tat - inc + (last - at). Hence
+         *     new tat = tat - inc + min(inc, last - at)
+         * is at least the bucket without X: no other hit loses any of its
+         * cost, whatever clocks and take-backs came in between. At most
+         * min(inc, last - at) of X's cost stays (a TAT above its replay, which
+         * only loosens the bounds of later take-backs): the part a later hit
+         * with a later clock may have counted from its own clock (a TAT jump),
+         * which these two states cannot tell from X's. None stays when the
+         * clock did not move since X.
+         */
         uint64_t inc = sat_mul(cost, l->emission_ns, TALLY__TIME_MAX);
-        cur.w1 = cur.w1 > inc ? cur.w1 - inc : 0;
+        uint64_t last = cur.w0 & ~TALLY__MARK, at = added.w0 & ~TALLY__MARK;
+        cur.w1 = sub0(cur.w1, sub0(inc, sub0(last, at)));
         return cur;
     }
     default: {
@@ -190,8 +211,8 @@ bool tally__algo_expired(const tally__limit *l, tally__state s, uint64_t now)
         uint64_t full = sliding_full_idx(sliding_decode(s).idx, idx);
         return full < idx && idx - full >= 2;
     }
-    default:
-        return s.w1 <= now;
+    default:                                  /* GCRA: nothing in use at now */
+        return s.w1 <= sub0(now, s.w0 & ~TALLY__MARK);
     }
 }
 
@@ -208,9 +229,7 @@ void tally__algo_counter(const tally__limit *l, tally__state s, uint64_t now, ta
         break;
     }
     case TALLY_GCRA: {
-        uint64_t last = s.w0 & ~TALLY__MARK;
-        uint64_t in_use = s.w1 > last ? s.w1 - last : 0;
-        out->used = in_use / l->emission_ns + (in_use % l->emission_ns != 0);
+        out->used = s.w1 / l->emission_ns + (s.w1 % l->emission_ns != 0);
         out->window_start_ns = 0;
         break;
     }

@@ -21,7 +21,8 @@ _Static_assert(sizeof(struct { _Alignas(16) uint64_t a; uint64_t b; }) == 16, "1
  *   fixed, calendar: w0 = mark | used (63 bits)     w1 = window start ns
  *   sliding:         w0 = mark | cur (44) | idx_hi (19)
  *                    w1 = 0 | prev (44) | idx_lo (19)    idx = window number mod 2^38
- *   GCRA:            w0 = mark | last hit ns (63)   w1 = theoretical arrival time ns
+ *   GCRA:            w0 = mark | last hit ns (63)   w1 = ns in use as of the last hit
+ *                    = max(theoretical arrival time - last hit, 0), at most INT64_MAX
  * {0, 0} is the empty state for every algorithm. Every encoding keeps w1 at
  * most INT64_MAX, so w1 == UINT64_MAX is free to mean "slot being reclaimed".
  */

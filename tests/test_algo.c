@@ -642,6 +642,22 @@ Test(algo, sliding_time_backwards)
 /* GCRA                                                                     */
 /* ======================================================================== */
 
+/* The last hit of a GCRA state, and its theoretical arrival time read through
+   the step itself (a cost-0 peek at the last hit reports tat - last). */
+static uint64_t gcra_last(tally__state st)
+{
+    return st.w0 & ~TALLY__MARK;
+}
+
+static unsigned __int128 gcra_tat(const tally__limit *l, tally__state st)
+{
+    return (unsigned __int128)gcra_last(st) + step(l, st, gcra_last(st), 0, PEEK).reset_after_ns;
+}
+
+#define TOP    ((uint64_t)INT64_MAX)
+#define YEAR   (UINT64_C(31556952) * NS_PER_S)       /* mean Gregorian year */
+#define TODAY  (UINT64_C(1800000000) * NS_PER_S)     /* 2027-01-15 */
+
 /* redis-cell's max_burst 4 at 1/s: limit 5, emission interval 1 s. */
 static tally__limit gcra_5_per_5s(void)
 {
@@ -705,7 +721,7 @@ Test(algo, gcra_mark_once_per_episode)
     tally__step d1 = step(&l, st, S, 1, IF_FITS);
     cr_assert(!d1.fits && d1.first && d1.changed);
     cr_assert(d1.next.w0 & TALLY__MARK);
-    EQ(d1.next.w1, S + 5 * NS_PER_S);               /* nothing consumed */
+    EQ(d1.next.w1, 5 * NS_PER_S);                   /* nothing consumed: 5 s in use at S */
 
     tally__step d2 = step(&l, d1.next, S + 500 * NS_PER_MS, 1, IF_FITS);
     cr_assert(!d2.fits && !d2.first && !d2.changed);
@@ -737,12 +753,13 @@ Test(algo, gcra_time_backwards)
     tally__step o = step(&l, st, S + 1 * NS_PER_S, 1, IF_FITS);
     cr_assert(o.fits);
     EQ(o.next.w0 & ~TALLY__MARK, S + 2 * NS_PER_S); /* last hit does not go back */
-    EQ(o.next.w1, S + 4 * NS_PER_S);
+    EQ(o.next.w1, 2 * NS_PER_S);                    /* tat S + 4 s, in use as of S + 2 s */
     EQ(o.reset_after_ns, 2 * NS_PER_S);             /* from S+2 s, not 3 s from S+1 s */
     EQ(o.remaining, 3);
 }
 
-/* Huge costs: NEVER, and with ADD_ALWAYS the TAT saturates below INT64_MAX. */
+/* Huge costs: NEVER, and with ADD_ALWAYS the time in use saturates at INT64_MAX,
+   never reaching the DEAD value, and still denies a century later. */
 Test(algo, gcra_huge_cost)
 {
     tally__limit l = gcra_5_per_5s();
@@ -753,6 +770,228 @@ Test(algo, gcra_huge_cost)
     EQ(o.remaining, 0);
     o = step(&l, o.next, S, UINT64_MAX, ALWAYS | TALLY__NO_MARK);
     EQ(o.next.w1, (uint64_t)INT64_MAX);
+    tally__step d = step(&l, o.next, S + 100 * YEAR, 1, IF_FITS);
+    cr_assert(!d.fits);
+    cr_assert(d.retry_after_ns > 100 * YEAR);
+}
+
+/*
+ * Near the top of the accepted time range a full bucket's TAT lies beyond
+ * INT64_MAX: it must still deny. 1000 hits within 1 us (no refill: T = 1 s)
+ * admit exactly max, whether the burst starts tau/2 below the top, at it, or
+ * (as a control) far below it, and the denial's retry_after and reset_after
+ * are exact.
+ */
+Test(algo, gcra_limits_near_the_top_of_time)
+{
+    tally__limit l = limit_of(TALLY_GCRA, 10, 10 * NS_PER_S);
+    const uint64_t starts[] = { TOP - 5 * NS_PER_S, TOP - 999, TOP - 1000 * NS_PER_S };
+
+    for (size_t k = 0; k < sizeof starts / sizeof *starts; k++) {
+        tally__state st = EMPTY;
+        uint64_t admitted = 0, t = 0;
+        for (uint64_t i = 0; i < 1000; i++) {
+            t = starts[k] + i < TOP ? starts[k] + i : TOP;
+            tally__step o = step(&l, st, t, 1, IF_FITS);
+            admitted += o.fits;
+            if (o.changed)
+                st = o.next;
+            if (i == 9) {
+                EQ(o.reset_after_ns, 10 * NS_PER_S - 9);
+                EQ(o.remaining, 0);
+            }
+        }
+        cr_assert_eq(admitted, 10, "start TOP - %" PRIu64 ": %" PRIu64 " of 1000 admitted",
+                     TOP - starts[k], admitted);
+        tally__step d = step(&l, st, t, 1, IF_FITS);
+        cr_assert(!d.fits);
+        /* the first hit was at starts[k], so the bucket frees one T after it */
+        EQ(d.retry_after_ns, starts[k] + NS_PER_S - t);
+        EQ(d.reset_after_ns, starts[k] + 10 * NS_PER_S - t);
+        EQ(counter(&l, st, t).used, 10);
+    }
+
+    /* every hit at INT64_MAX itself: the clock cannot move, max hits and no more */
+    tally__state st = EMPTY;
+    uint64_t admitted = 0;
+    for (int i = 0; i < 1000; i++) {
+        tally__step o = step(&l, st, TOP, 1, IF_FITS);
+        admitted += o.fits;
+        if (o.changed)
+            st = o.next;
+    }
+    EQ(admitted, 10);
+    cr_assert(!tally__algo_expired(&l, st, TOP));
+    cr_assert(st.w1 <= TOP, "state word 1 above INT64_MAX");
+}
+
+/*
+ * Periods up to TALLY_MAX_PERIOD_NS (146 years) at today's clock: the TAT of a
+ * full bucket plus one more cost goes past INT64_MAX. The burst is admitted,
+ * then denied with retry_after exact to the nanosecond (a saturated TAT made
+ * it decades short), for several bursts and for a cost of a whole burst.
+ */
+Test(algo, gcra_huge_period_at_todays_clock)
+{
+    const struct { uint64_t max, period; } cases[] = {
+        { 1, 140 * YEAR }, { 2, 140 * YEAR }, { 10, 140 * YEAR }, { 3, TALLY_MAX_PERIOD_NS },
+        { 1, 120 * YEAR },
+    };
+    for (size_t k = 0; k < sizeof cases / sizeof *cases; k++) {
+        tally__limit l = limit_of(TALLY_GCRA, cases[k].max, cases[k].period);
+        const uint64_t T = l.emission_ns, tau = l.tau_ns;
+        tally__state st = EMPTY;
+        uint64_t admitted = 0;
+        for (int i = 0; i < 1000; i++) {
+            tally__step o = step(&l, st, TODAY + (uint64_t)i, 1, IF_FITS);
+            admitted += o.fits;
+            if (o.changed)
+                st = o.next;
+        }
+        cr_assert_eq(admitted, cases[k].max, "case %zu: %" PRIu64 " admitted", k, admitted);
+        uint64_t now = TODAY + 1000;
+        tally__step d = step(&l, st, now, 1, PEEK);
+        cr_assert(!d.fits);
+        cr_assert_eq(d.retry_after_ns, TODAY + T - now, "case %zu: retry_after %" PRIu64
+                     ", expected %" PRIu64, k, d.retry_after_ns, TODAY + T - now);
+        EQ(d.reset_after_ns, TODAY + tau - now);
+        /* retry_after is the first ns at which it fits */
+        cr_assert(step(&l, st, now + d.retry_after_ns, 1, PEEK).fits);
+        cr_assert(!step(&l, st, now + d.retry_after_ns - 1, 1, PEEK).fits);
+        /* a whole burst fits again only once the bucket is empty */
+        tally__step w = step(&l, st, now, cases[k].max, PEEK);
+        cr_assert(!w.fits);
+        EQ(w.retry_after_ns, TODAY + tau - now);
+    }
+}
+
+/*
+ * The reference GCRA in 128-bit arithmetic: an absolute TAT that never
+ * saturates, the last hit, the mark. It is the definition the step implements
+ * (README.md "GCRA", plus the mark and time-backwards rules of algo-step.h).
+ */
+typedef struct gmodel {
+    __int128 tat;
+    uint64_t last;
+    bool mark;
+} gmodel;
+
+typedef struct gout {
+    bool fits, first, changed;
+    uint64_t remaining, reset_after, retry_after, used;
+} gout;
+
+static gout gmodel_step(gmodel *m, uint64_t T, uint64_t tau, uint64_t now, uint64_t cost,
+                        unsigned how)
+{
+    gout r;
+    bool mark = m->mark;
+    if (now < m->last)
+        now = m->last;
+    if (m->tat <= (__int128)now && m->tat > (__int128)m->last)
+        mark = false;
+    __int128 eff = m->tat > (__int128)now ? m->tat : (__int128)now;
+    __int128 inc = (__int128)cost * T;
+    __int128 next = eff + inc;
+    r.fits = next - now <= (__int128)tau;
+    unsigned add = how & 3;
+    bool consume = inc && (add == TALLY__ADD_ALWAYS || (add == TALLY__ADD_IF_FITS && r.fits));
+    __int128 after = consume ? next : eff;
+    r.first = !r.fits && !mark && !(how & TALLY__NO_MARK);
+    r.changed = consume || r.first;
+    if (r.changed) {
+        m->last = now;
+        m->mark = mark || r.first;
+        if (consume)
+            m->tat = next;
+    }
+    uint64_t ttl = (uint64_t)(after - now);
+    r.used = ttl / T + (ttl % T != 0);
+    r.remaining = ttl <= tau ? (tau - ttl) / T : 0;
+    r.reset_after = ttl;
+    r.retry_after = r.fits ? 0 : inc > (__int128)tau ? TALLY_NEVER : (uint64_t)(ttl + inc - tau);
+    return r;
+}
+
+static uint64_t rng_next(uint64_t *s)
+{
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    return *s;
+}
+
+/*
+ * Brute force against the reference: small emission intervals and bursts,
+ * random costs (0 to max + 2), every kind of step, clocks that move forward,
+ * stand still or go back a little, from bases at 0, today and within a few
+ * tau of INT64_MAX. Every output of every step, the counter, expiry and the
+ * TAT must be the reference's.
+ */
+Test(algo, gcra_matches_128_bit_reference)
+{
+    static const unsigned hows[] = { IF_FITS, IF_FITS, ALWAYS, TALLY__ADD_NEVER, PEEK,
+                                     IF_FITS | TALLY__NO_MARK };
+    uint64_t seed = UINT64_C(0x9e3779b97f4a7c15);
+    uint64_t steps = 0;
+
+    for (uint64_t T = 1; T <= 4; T++) {
+        for (uint64_t max = 1; max <= 5; max++) {
+            tally__limit l = limit_of(TALLY_GCRA, max, T * max);
+            const uint64_t tau = l.tau_ns;
+            const uint64_t bases[] = { 0, S, TOP - 3 * tau, TOP - tau, TOP - 2 };
+            for (size_t b = 0; b < sizeof bases / sizeof *bases; b++) {
+                for (int run = 0; run < 200; run++) {
+                    gmodel m = { 0, 0, false };
+                    tally__state st = EMPTY;
+                    uint64_t now = bases[b];
+                    for (int i = 0; i < 24; i++, steps++) {
+                        uint64_t r = rng_next(&seed);
+                        uint64_t dt = r % (2 * tau + 2);
+                        if (r >> 61 == 0)                  /* one in eight: back a little */
+                            now = now > dt % 4 ? now - dt % 4 : 0;
+                        else if (!(r >> 58 & 1))           /* else one in two: forward */
+                            now = TOP - now < dt ? TOP : now + dt;
+                        uint64_t cost = (r >> 20) % (max + 3);
+                        unsigned how = hows[(r >> 30) % (sizeof hows / sizeof *hows)];
+                        gout want = gmodel_step(&m, T, tau, now, cost, how);
+                        tally__step got = step(&l, st, now, cost, how);
+                        cr_assert(got.fits == want.fits && got.first == want.first &&
+                                  got.changed == want.changed,
+                                  "T %" PRIu64 " max %" PRIu64 " base %zu run %d step %d: fits %d/%d "
+                                  "first %d/%d changed %d/%d", T, max, b, run, i, got.fits,
+                                  want.fits, got.first, want.first, got.changed, want.changed);
+                        cr_assert(got.remaining == want.remaining &&
+                                  got.reset_after_ns == want.reset_after &&
+                                  got.retry_after_ns == want.retry_after && got.used == want.used,
+                                  "T %" PRIu64 " max %" PRIu64 " base %zu run %d step %d: remaining "
+                                  "%" PRIu64 "/%" PRIu64 " reset %" PRIu64 "/%" PRIu64 " retry %"
+                                  PRIu64 "/%" PRIu64 " used %" PRIu64 "/%" PRIu64, T, max, b, run, i,
+                                  got.remaining, want.remaining, got.reset_after_ns,
+                                  want.reset_after, got.retry_after_ns, want.retry_after,
+                                  got.used, want.used);
+                        if (got.changed)
+                            st = got.next;
+                        cr_assert(st.w1 <= TOP && !tally__state_is_dead(st));
+                        EQ(gcra_last(st), m.last);
+                        cr_assert_eq(!!(st.w0 & TALLY__MARK), m.mark, "mark");
+                        /* a TAT at or below the last hit reads as the last hit */
+                        __int128 tat = m.tat > (__int128)m.last ? m.tat : (__int128)m.last;
+                        cr_assert(gcra_tat(&l, st) == (unsigned __int128)tat,
+                                  "T %" PRIu64 " max %" PRIu64 " base %zu run %d step %d: TAT",
+                                  T, max, b, run, i);
+                        uint64_t in_use = (uint64_t)(tat - m.last);
+                        EQ(counter(&l, st, now).used, in_use / T + (in_use % T != 0));
+                        uint64_t later = TOP - now < tau ? TOP : now + tau;
+                        cr_assert_eq(tally__algo_expired(&l, st, later),
+                                     m.tat <= (__int128)(later > m.last ? later : m.last),
+                                     "expired at now + tau");
+                    }
+                }
+            }
+        }
+    }
+    cr_assert(steps > 100000);
 }
 
 /* ======================================================================== */
@@ -820,15 +1059,148 @@ Test(algo, undo_gcra)
     tally__limit l = gcra_5_per_5s();
     tally__state st = apply(&l, EMPTY, S, 1, IF_FITS);
     tally__state added = apply(&l, st, S, 3, IF_FITS);
-    EQ(added.w1, S + 4 * NS_PER_S);
+    EQ(added.w1, 4 * NS_PER_S);                     /* tat S + 4 s, in use as of S */
     tally__state u = tally__algo_undo(&l, added, added, S, 3);
-    EQ(u.w1, S + 1 * NS_PER_S);
+    EQ(u.w1, 1 * NS_PER_S);
     EQ(u.w0, added.w0);
     /* the undone state behaves like one that never had the 3: 4 left at S */
     EQ(step(&l, u, S, 0, PEEK).remaining, 4);
     /* an undo larger than the TAT floors at 0, never wraps */
     tally__state small = { S, 2 * NS_PER_S };
     EQ(tally__algo_undo(&l, small, small, S, 3).w1, 0);
+}
+
+/*
+ * A take-back must not erase another hit. X (at t) consumes from an empty
+ * bucket; Y, with a clock 2 s later, finds the bucket drained and starts its
+ * own cost from its own clock; then X takes its cost back. The bucket must
+ * still hold Y's cost: of a burst of max right after, max - 1 are admitted.
+ */
+Test(algo, undo_gcra_keeps_a_later_clock_hit)
+{
+    tally__limit l = gcra_5_per_5s();
+    const uint64_t tx = S + 100, ty = S + 2 * NS_PER_S;
+    tally__state added = apply(&l, EMPTY, tx, 1, IF_FITS);       /* tat = tx + 1 s */
+    tally__state cur = apply(&l, added, ty, 1, IF_FITS);          /* tat = ty + 1 s */
+    cr_assert(gcra_tat(&l, cur) == ty + NS_PER_S);
+
+    tally__state u = tally__algo_undo(&l, cur, added, tx, 1);
+    cr_assert(gcra_tat(&l, u) == ty + NS_PER_S, "Y's cost was taken back with X's");
+    EQ(step(&l, u, ty, 0, PEEK).remaining, 4);
+    uint64_t admitted = 0;
+    for (int i = 0; i < 5; i++) {
+        tally__step o = step(&l, u, ty, 1, IF_FITS);
+        admitted += o.fits;
+        if (o.changed)
+            u = o.next;
+    }
+    EQ(admitted, 4);
+
+    /* X's cost larger than the clock advance: X 3 at tx, Y 1 at tx + 1 s. Alone,
+       Y reads tx + 2 s, which is what the take-back must leave (X began at its own
+       clock, so nothing of the bucket before X is in doubt) */
+    added = apply(&l, EMPTY, tx, 3, IF_FITS);                      /* tat = tx + 3 s */
+    cur = apply(&l, added, tx + NS_PER_S, 1, IF_FITS);             /* tat = tx + 4 s */
+    u = tally__algo_undo(&l, cur, added, tx, 3);
+    cr_assert(gcra_tat(&l, u) == tx + 2 * NS_PER_S);
+    EQ(step(&l, u, tx + NS_PER_S, 0, PEEK).remaining, 4);
+}
+
+/* With the same clock for every hit the take-back is exact, also after later hits. */
+Test(algo, undo_gcra_exact_on_one_clock)
+{
+    tally__limit l = gcra_5_per_5s();
+    tally__state st = apply(&l, EMPTY, S, 1, IF_FITS);
+    tally__state added = apply(&l, st, S, 2, IF_FITS);
+    tally__state cur = apply(&l, apply(&l, added, S, 1, IF_FITS), S, 1, IF_FITS);
+    tally__state u = tally__algo_undo(&l, cur, added, S, 2);
+    cr_assert(gcra_tat(&l, u) == S + 3 * NS_PER_S);
+    EQ(step(&l, u, S, 0, PEEK).remaining, 2);
+}
+
+/*
+ * Property: random hits on clocks that skew back and forth, each consumed hit
+ * taken back later at a random point, in any order. The reference TAT is the
+ * bucket recomputed from the hits that survive (each at the time its step
+ * used). The TAT kept may be above the reference, never below it: a take-back
+ * knows only the state it undoes and the one it finds, and when the clock
+ * moved on since its hit, part of its cost may be in a later hit's cost that
+ * started from a later clock (which the take-back cannot tell). So each
+ * take-back may leave at most its own cost, and exactly nothing when the
+ * clock did not move since its hit; steps never add to that excess.
+ */
+Test(algo, undo_gcra_never_below_the_surviving_hits)
+{
+    enum { HITS = 48 };
+    static const unsigned hows[] = { IF_FITS, IF_FITS, IF_FITS, ALWAYS, TALLY__ADD_NEVER };
+    uint64_t seed = UINT64_C(0x2545f4914f6cdd1d);
+    struct hit { tally__state added; uint64_t at, inc, cost; bool alive; } h[HITS];
+    uint64_t undos = 0, slack_seen = 0;
+
+    for (int run = 0; run < 3000; run++) {
+        uint64_t T = 1 + run % 5, max = 1 + (run / 5) % 6;
+        tally__limit l = limit_of(TALLY_GCRA, max, T * max);
+        uint64_t base = run % 3 == 0 ? S : run % 3 == 1 ? TOP - 40 * l.tau_ns : 1000;
+        tally__state st = EMPTY;
+        uint64_t clock = base, excess = 0;
+        int n = 0;
+        for (int op = 0; op < 80 && n < HITS; op++) {
+            uint64_t r = rng_next(&seed);
+            int alive = 0;
+            for (int i = 0; i < n; i++)
+                alive += h[i].alive;
+            uint64_t last = gcra_last(st), inc = 0;
+            bool same_clock = false;
+            if (alive && (r & 3) == 0) {
+                int k = (int)((r >> 8) % (uint64_t)alive), i = 0;
+                for (;; i++)
+                    if (h[i].alive && k-- == 0)
+                        break;
+                same_clock = h[i].at == last;
+                inc = h[i].inc;
+                st = tally__algo_undo(&l, st, h[i].added, clock, h[i].cost);
+                h[i].alive = false;
+                undos++;
+            } else {
+                /* skewed clocks: mostly forward, one in four behind the latest */
+                uint64_t dt = (r >> 8) % (3 * l.tau_ns + 1);
+                bool behind = (r >> 40) % 4 == 0;
+                uint64_t now = behind ? (clock > dt ? clock - dt : 0)
+                                      : (TOP - clock < dt ? TOP : clock + dt);
+                if (!behind)
+                    clock = now;
+                uint64_t cost = 1 + (r >> 24) % max;
+                unsigned how = hows[(r >> 32) % (sizeof hows / sizeof *hows)];
+                tally__step o = step(&l, st, now, cost, how);
+                if (!o.changed)
+                    continue;
+                st = o.next;
+                if ((how & 3) == ALWAYS || ((how & 3) == IF_FITS && o.fits))
+                    h[n++] = (struct hit){ st, gcra_last(st), cost * T, cost, true };
+            }
+            cr_assert(st.w1 <= TOP && !tally__state_is_dead(st));
+            /* the reference: the surviving hits replayed, each at the time its step used */
+            __int128 ref = 0;
+            for (int j = 0; j < n; j++)
+                if (h[j].alive)
+                    ref = (ref > (__int128)h[j].at ? ref : (__int128)h[j].at) + h[j].inc;
+            __int128 tat = (__int128)gcra_tat(&l, st);
+            cr_assert(tat >= ref, "run %d op %d: TAT %" PRIu64 " below the surviving hits'",
+                      run, op, (uint64_t)(ref - tat));
+            /* excess over the reference, as the next hit (at or after the last) sees it */
+            __int128 low = ref > (__int128)gcra_last(st) ? ref : (__int128)gcra_last(st);
+            uint64_t e = (uint64_t)(tat - low);
+            cr_assert(e <= excess + inc, "run %d op %d: excess %" PRIu64 " -> %" PRIu64
+                      " for a cost of %" PRIu64, run, op, excess, e, inc);
+            if (!inc || same_clock)
+                cr_assert(e <= excess, "run %d op %d: excess %" PRIu64 " -> %" PRIu64 " (%s)",
+                          run, op, excess, e, inc ? "take-back on an unmoved clock" : "step");
+            slack_seen += e > excess;
+            excess = e;
+        }
+    }
+    cr_assert(undos > 10000 && slack_seen > 0, "%" PRIu64 " undos, %" PRIu64 " with slack",
+              undos, slack_seen);
 }
 
 /* ======================================================================== */
