@@ -36,6 +36,7 @@ enum { EXIT_FAIL = 1, EXIT_USAGE = 2 };
 
 #define MAX_REQUEST   (64 * 1024)    /* headers and body of one request */
 #define MAX_UPSTREAM  (16 << 20)     /* one upstream response */
+#define MAX_DRAIN     (1 << 20)      /* read and dropped after a closing answer */
 #define SEC           UINT64_C(1000000000)
 
 static const char usage_text[] =
@@ -50,7 +51,9 @@ static const char usage_text[] =
 "                          a free one)\n"
 "  -t, --threads N         worker threads, each with its own event loop (default 2)\n"
 "  -H, --key-header NAME   take the key from this request header (default: the\n"
-"                          client address; also when the header is missing)\n"
+"                          client address; also when the header is missing);\n"
+"                          a request whose header is empty or longer than 256\n"
+"                          bytes (the engine's max_key_len) is answered 400\n"
 "  -u, --upstream H:PORT   forward allowed requests to this HTTP server\n"
 "  -r, --redis H:PORT      share the counters through Redis (the flusher)\n"
 "      --redis-prefix P    Redis key prefix (default tally:)\n"
@@ -58,6 +61,12 @@ static const char usage_text[] =
 "      --capacity N        most keys tracked at once (default 1048576)\n"
 "      --port-file FILE    write the port listened on to FILE once ready\n"
 "  -h, --help              this text\n"
+"\n"
+"A request is answered 400 without being counted when it is malformed, over\n"
+"64 KiB, or framed ambiguously (RFC 9112 section 6.3): more than one\n"
+"Content-Length, one that is not a number, or Content-Length together with\n"
+"Transfer-Encoding; the connection is then closed. Transfer-Encoding alone\n"
+"(chunked bodies) is answered 501. The body of a 400 names the problem.\n"
 "\n"
 "SIGTERM or SIGINT stops it cleanly: the workers close their connections, the\n"
 "flusher pushes what is pending, and it exits 0.\n"
@@ -75,6 +84,7 @@ struct gate {
     tally_policy pol;
     const char *key_header;
     size_t key_header_len;
+    size_t max_key_len;             /* the engine's: a longer key header is refused */
     struct sockaddr_storage upstream;
     socklen_t upstream_len;
     bool has_upstream;
@@ -91,6 +101,8 @@ struct conn {
     char *out;
     size_t out_len, out_off, out_cap;
     bool close_after;               /* close once out is written */
+    bool draining;                  /* answered and shut for writing: reading to EOF */
+    size_t drained;                 /* bytes dropped while draining */
     struct conn *prev, *next;       /* the worker's connections, freed at shutdown */
 };
 
@@ -162,7 +174,8 @@ struct request {
     size_t body_len;
     const char *key;                /* value of the key header, if present */
     size_t key_len;
-    bool keep_alive, chunked;
+    bool keep_alive, chunked, has_length;
+    const char *bad;                /* why the request is refused (parse_request -1) */
 };
 
 /* Case-insensitive header match at the start of a line: "Name:". */
@@ -181,13 +194,18 @@ static const char *header_value(const char *line, const char *end, const char *n
     return v;
 }
 
-/* 1: a whole request is in the buffer; 0: need more; -1: malformed. */
+/* 1: a whole request is in the buffer; 0: need more; -1: refused, r->bad says why.
+   A refused request's framing is unknown: the connection cannot go on. */
 static int parse_request(const struct gate *g, const char *buf, size_t len, struct request *r)
 {
     const char *end = memmem(buf, len, "\r\n\r\n", 4);
-    if (!end)
-        return len >= MAX_REQUEST ? -1 : 0;
-    *r = (struct request){ .head_len = (size_t)(end - buf) + 4 };
+    if (!end) {
+        if (len < MAX_REQUEST)
+            return 0;
+        r->bad = "request too large";
+        return -1;
+    }
+    *r = (struct request){ .head_len = (size_t)(end - buf) + 4, .bad = "malformed request line" };
     const char *eol = memmem(buf, (size_t)(end - buf) + 2, "\r\n", 2);
     const char *sp1 = memchr(buf, ' ', (size_t)(eol - buf));
     const char *sp2 = sp1 ? memchr(sp1 + 1, ' ', (size_t)(eol - sp1 - 1)) : NULL;
@@ -212,11 +230,23 @@ static int parse_request(const struct gate *g, const char *buf, size_t len, stru
             else if (vl == 10 && strncasecmp(v, "keep-alive", 10) == 0)
                 r->keep_alive = true;
         } else if ((v = header_value(line, le, "Content-Length", 14, &vl))) {
+            /* RFC 9112 6.3: a second length, even an equal one, makes the body's end
+               a guess that a proxy behind us may guess otherwise (smuggling) */
+            if (r->has_length) {
+                r->bad = "more than one Content-Length";
+                return -1;
+            }
+            r->has_length = true;
+            bool digits = vl > 0;
             size_t n = 0;
             for (size_t i = 0; i < vl; i++) {
-                if (v[i] < '0' || v[i] > '9' || n > MAX_REQUEST)
-                    return -1;
-                n = n * 10 + (size_t)(v[i] - '0');
+                digits &= v[i] >= '0' && v[i] <= '9';
+                if (n <= MAX_REQUEST)         /* beyond, refused as too large: no wrap */
+                    n = n * 10 + (size_t)(v[i] - '0');
+            }
+            if (!digits) {
+                r->bad = "invalid Content-Length";
+                return -1;
             }
             r->body_len = n;
         } else if ((v = header_value(line, le, "Transfer-Encoding", 17, &vl))) {
@@ -224,8 +254,15 @@ static int parse_request(const struct gate *g, const char *buf, size_t len, stru
         }
         line = le + 2;
     }
-    if (r->head_len + r->body_len > MAX_REQUEST)
+    /* Without chunked support the body's end would be Content-Length's guess. */
+    if (r->chunked && r->has_length) {
+        r->bad = "Content-Length with Transfer-Encoding";
         return -1;
+    }
+    if (r->head_len + r->body_len > MAX_REQUEST) {
+        r->bad = "request too large";
+        return -1;
+    }
     return len >= r->head_len + r->body_len ? 1 : 0;
 }
 
@@ -377,6 +414,17 @@ static void handle(struct gate *g, struct counters *k, struct conn *c, const cha
         metrics(g, c);
         return;
     }
+    /* A key the engine would refuse is the client's error, not ours (503). */
+    if (r->key && (r->key_len == 0 || r->key_len > g->max_key_len)) {
+        char body[300];
+        if (r->key_len == 0)
+            snprintf(body, sizeof body, "empty %s header\n", g->key_header);
+        else
+            snprintf(body, sizeof body, "%s header longer than %zu bytes\n", g->key_header,
+                     g->max_key_len);
+        simple_response(c, 400, "Bad Request", "", body);
+        return;
+    }
     const char *key = r->key ? r->key : c->peer;
     size_t key_len = r->key ? r->key_len : strlen(c->peer);
     tally_result res;
@@ -447,17 +495,43 @@ static bool conn_flush(struct worker *w, struct conn *c)
         c->out_off += (size_t)n;
     }
     c->out_off = c->out_len = 0;
-    if (c->close_after)
-        return false;
+    /* Close only once the client stops sending: a close with its bytes unread
+       (or still coming) resets the connection, and the reset destroys the
+       answer the client has not read yet. */
+    if (c->close_after && !c->draining) {
+        if (shutdown(c->fd, SHUT_WR) != 0)
+            return false;
+        c->draining = true;
+    }
     struct epoll_event ev = { .events = EPOLLIN, .data.ptr = c };
     epoll_ctl(w->ep, EPOLL_CTL_MOD, c->fd, &ev);
     return true;
+}
+
+/* After the last answer: discard what the client still sends, until its EOF.
+   One that sends more than MAX_DRAIN meanwhile is reset after all. */
+static bool conn_drain(struct conn *c)
+{
+    for (;;) {
+        ssize_t n = recv(c->fd, c->in, MAX_REQUEST, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN)
+            return true;
+        if (n <= 0)
+            return false;
+        c->drained += (size_t)n;
+        if (c->drained > MAX_DRAIN)
+            return false;
+    }
 }
 
 /* Reads, answers every whole request in the buffer, writes. */
 static bool conn_read(struct worker *w, struct conn *c)
 {
     struct counters *k = &w->g->counters[w->id];
+    if (c->draining)
+        return conn_drain(c);
     for (;;) {
         ssize_t n = recv(c->fd, c->in + c->in_len, MAX_REQUEST - c->in_len, 0);
         if (n < 0 && errno == EINTR)
@@ -477,8 +551,10 @@ static bool conn_read(struct worker *w, struct conn *c)
         if (p == 0)
             break;
         if (p < 0) {
+            char body[64];
+            snprintf(body, sizeof body, "%s\n", r.bad);
             c->close_after = true;
-            simple_response(c, 400, "Bad Request", "", "malformed or too large request\n");
+            simple_response(c, 400, "Bad Request", "", body);
             break;
         }
         handle(w->g, k, c, c->in + off, &r);
@@ -718,6 +794,7 @@ int main(int argc, char **argv)
     tally_options o;
     tally_options_init(&o);
     o.capacity = capacity;
+    g.max_key_len = o.max_key_len;
     int rc = tally_open(&o, &g.engine);
     if (rc != 0)
         die("cannot open the engine: %s", tally_strerror(rc));

@@ -143,6 +143,87 @@ check "gate /metrics: denied" 'tally_gate_requests_total{decision="denied"} 2' "
 check "gate /metrics: engine counters" "tally_hits 9" "$(grep '^tally_hits ' <<<"$m")"
 stop_gate h
 
+# Requests the gate refuses with 400 before counting anything: a key header
+# that is empty or longer than the engine's max_key_len (256), and framing
+# that RFC 9112 section 6.3 makes invalid (several or bad Content-Length
+# values, Content-Length with Transfer-Encoding). raw sends bytes as they are
+# (bash writes them line by line) and prints the whole answer; the gate closes
+# after each of these (the framing cases) or because the request asks it to.
+raw() {   # raw DATA [MORE]: send DATA (printf %b escapes) to the gate at $PORT, MORE 0.3 s later
+    exec 3<>"/dev/tcp/127.0.0.1/$PORT" || return
+    printf '%b' "$1" >&3
+    if [ $# -gt 1 ]; then
+        sleep 0.3
+        printf '%b' "$2" >&3
+    fi
+    timeout 5 cat <&3
+    echo $? >"$T/raw.rc"    # 0: the gate closed; 124: it kept the connection open
+    exec 3<&-
+}
+status() { head -1 | tr -d '\r'; }
+body() { tr -d '\r' | sed '1,/^$/d'; }
+start_gate bad -p 'api: 3 per 1m fixed' -t 1 -H X-Key
+U=http://127.0.0.1:$PORT/
+long=$(printf 'k%.0s' $(seq 257))
+check "gate: empty key header is 400" 400 "$(code -H 'X-Key;' $U)"
+check "gate: empty key header names the problem" "empty X-Key header" "$(curl -s -H 'X-Key;' $U)"
+check "gate: 257-byte key header is 400" 400 "$(code -H "X-Key: $long" $U)"
+check "gate: long key header names the problem" "X-Key header longer than 256 bytes" \
+      "$(curl -s -H "X-Key: $long" $U)"
+check "gate: a 400 keeps the connection" "400:1 200:0" \
+      "$(curl -s -o /dev/null -w '%{http_code}:%{num_connects} ' -H 'X-Key;' $U \
+              --next -s -o /dev/null -w '%{http_code}:%{num_connects}' -H 'X-Key: dave' $U)"
+check "gate: 256-byte key header is a key" 200 "$(code -H "X-Key: ${long:1}" $U)"
+q='POST / HTTP/1.1\r\nHost: t\r\nX-Key: carol\r\n'
+check "gate: a key header of blanks is empty" "HTTP/1.1 400 Bad Request" \
+      "$(raw 'GET / HTTP/1.1\r\nHost: t\r\nX-Key: \t \r\nConnection: close\r\n\r\n' | status)"
+a=$(raw "${q}Content-Length: 0\r\nContent-Length: 3\r\n\r\nabc")
+check "gate: two differing Content-Length is 400" "HTTP/1.1 400 Bad Request" "$(status <<<"$a")"
+check "gate: two Content-Length names the problem" "more than one Content-Length" "$(body <<<"$a")"
+check "gate: two equal Content-Length is 400" "HTTP/1.1 400 Bad Request" \
+      "$(raw "${q}Content-Length: 3\r\nContent-Length: 3\r\n\r\nabc" | status)"
+a=$(raw "${q}Content-Length: 3, 3\r\n\r\nabc")
+check "gate: a list as Content-Length is 400" "HTTP/1.1 400 Bad Request" "$(status <<<"$a")"
+check "gate: bad Content-Length names the problem" "invalid Content-Length" "$(body <<<"$a")"
+check "gate: empty Content-Length is 400" "HTTP/1.1 400 Bad Request" \
+      "$(raw "${q}Content-Length:\r\n\r\n" | status)"
+check "gate: negative Content-Length is 400" "HTTP/1.1 400 Bad Request" \
+      "$(raw "${q}Content-Length: -1\r\n\r\n" | status)"
+a=$(raw "${q}Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+check "gate: Content-Length with Transfer-Encoding is 400" "HTTP/1.1 400 Bad Request" "$(status <<<"$a")"
+check "gate: Content-Length with Transfer-Encoding names the problem" \
+      "Content-Length with Transfer-Encoding" "$(body <<<"$a")"
+check "gate: Transfer-Encoding alone is still 501" "HTTP/1.1 501 Not Implemented" \
+      "$(raw "${q}Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n" | status)"
+# A smuggling attempt: whichever Content-Length the gate took, it would answer a
+# second request (or swallow it); refused framing answers once and closes.
+inner='GET / HTTP/1.1\r\nHost: t\r\nX-Key: carol\r\n\r\n'
+a=$(raw "${q}Content-Length: 0\r\nContent-Length: $(printf '%b' "$inner" | wc -c)\r\n\r\n${inner}")
+check "gate: refused framing answers once" "HTTP/1.1 400 Bad Request" \
+      "$(grep -a '^HTTP/' <<<"$a" | tr -d '\r' | paste -sd,)"
+check "gate: refused framing closes the connection" 0 "$(cat "$T/raw.rc")"
+# The gate has answered and closes while the client still sends its body (two
+# more lines, or more than the gate reads at once): closing with those bytes
+# unread, or unsent yet, resets the connection, and the reset destroys the
+# answer the client has not read yet.
+a=$(raw "${q}Content-Length: 0\r\nContent-Length: 8\r\n\r\n" "a=1\r\nb=2\r\n" 2>/dev/null)
+check "gate: the 400 reaches a client still sending" "HTTP/1.1 400 Bad Request" "$(status <<<"$a")"
+a=$(raw "${q}Content-Length: 0\r\nContent-Length: 1\r\n\r\n$(head -c 100000 /dev/zero | tr '\0' x)" 2>/dev/null)
+check "gate: the 400 reaches a client that sent more than 64 KiB" "HTTP/1.1 400 Bad Request" \
+      "$(status <<<"$a")"
+a=$(raw "${q}Transfer-Encoding: chunked\r\n\r\n" "3\r\nabc\r\n0\r\n\r\n" 2>/dev/null)
+check "gate: the 501 reaches a client still sending" "HTTP/1.1 501 Not Implemented" "$(status <<<"$a")"
+# None of the refused requests consumed anything: carol still has all 3.
+check "gate: refused requests consumed nothing" "200 200 200 429" \
+      "$(code -H 'X-Key: carol' $U) $(code -H 'X-Key: carol' $U) $(code -H 'X-Key: carol' $U) $(code -H 'X-Key: carol' $U)"
+m=$(curl -s http://127.0.0.1:$PORT/metrics)
+check "gate refused: engine saw only the counted hits" "tally_hits 6" "$(grep '^tally_hits ' <<<"$m")"
+check "gate refused: allowed" 'tally_gate_requests_total{decision="allowed"} 5' "$(grep 'decision="allowed"' <<<"$m")"
+check "gate refused: no engine errors" "tally_gate_engine_errors_total 0" "$(grep '^tally_gate_engine_errors_total ' <<<"$m")"
+"$GATE" --help | grep -q 'answered 400'
+check "gate --help: the 400s are documented" 0 $?
+stop_gate bad
+
 # Address keys: a 127.0.0.2 client is not limited by 127.0.0.1's use.
 start_gate a -p 'api: 1 per 1m fixed' -t 2 -l 127.0.0.1:0
 U=http://127.0.0.1:$PORT/
