@@ -43,6 +43,7 @@
 #include <urcu/urcu-memb.h>
 
 #include "algo-step.h"
+#include "tsan-internal.h"
 
 #define DEFAULT_CAPACITY    65536
 #define DEFAULT_MAX_KEY_LEN 256
@@ -503,8 +504,15 @@ static void delta_add(tally_engine *e, const hit_ctx *c, unsigned i, tally__dige
         tally__state next = { win, other ? cost : cur.w1 + cost };
         if (tally__state_cas(pair, cur, next)) {
             /* a delta of an older window, not yet pushed: hand it to the flusher */
-            if (other)
-                tally__spill(e, c->p->table.policy, i, d, cur.w0, cur.w1);
+            if (other) {
+                const size_t *kp = c->p->table.keys
+                    ? __atomic_load_n(&c->p->table.keys[tally__slot_index(&c->p->table, c->s)],
+                                      __ATOMIC_ACQUIRE)
+                    : NULL;
+                tally__tsan_acquire(kp);          /* paired with the release at its claim */
+                tally__spill(e, c->p->table.policy, i, d, cur.w0, cur.w1,
+                             kp ? (const void *)(kp + 1) : NULL, kp ? *kp : 0);
+            }
             return;
         }
     }

@@ -91,18 +91,15 @@ tally__note *tally__note_new(uint8_t kind, uint32_t policy, unsigned limit, tall
 }
 
 void tally__spill(tally_engine *e, uint32_t policy, unsigned limit, tally__digest d,
-                  uint64_t win, uint64_t delta)
+                  uint64_t win, uint64_t delta, const void *key, size_t key_len)
 {
-    tally__note *n = calloc(1, sizeof(*n));
+    tally__note *n = tally__note_new(TALLY__NOTE_DELTA, policy, limit, d, key, key_len);
     if (!n) {
         /* Nowhere to keep it: count it in the flusher's lost tally. Memory
            exhaustion is the one case where a delta can leave unpushed. */
         atomic_fetch_add_explicit(&e->spill_lost, delta, memory_order_relaxed);
         return;
     }
-    n->policy = policy;
-    n->limit = limit;
-    n->digest = d;
     n->win = win;
     n->delta = delta;
     tally__note_push(e, n);
@@ -281,7 +278,7 @@ static void keep(struct tally__flusher *f, uint32_t policy, unsigned limit, tall
 {
     entry *x = map_get(f, policy, limit, d, win, key, key_len);
     if (!x) {
-        tally__spill(f->e, policy, limit, d, win, delta);
+        tally__spill(f->e, policy, limit, d, win, delta, key, key_len);
         return;
     }
     tally__policy *p = tally__policy_get(f->e, policy);
@@ -424,7 +421,7 @@ static void collect(struct tally__flusher *f)
             }
             continue;
         }
-        keep(f, n->policy, n->limit, n->digest, n->win, n->delta, 0, NULL, 0);
+        keep(f, n->policy, n->limit, n->digest, n->win, n->delta, 0, n->key, n->key_len);
         free(n);
     }
     uint32_t np = atomic_load_explicit(&e->n_policies, memory_order_acquire);

@@ -450,6 +450,9 @@ void tally__table_reclaim_free(tally__table *t, const tally__batch *b)
             __atomic_store_n(&ws->flag_amount, 0, __ATOMIC_RELAXED);
             __atomic_store_n(&ws->acc, 0, __ATOMIC_RELAXED);
         }
+        /* the key copy, for spilled deltas and then to free */
+        size_t *kp = t->keys ? __atomic_load_n(&t->keys[b->idx[j]], __ATOMIC_RELAXED) : NULL;
+        tally__tsan_acquire(kp);
         for (unsigned i = 0; i < t->n_limits; i++) {
             __atomic_store_n(&s->st[i].w0, 0, __ATOMIC_RELAXED);
             __atomic_store_n(&s->st[i].w1, 0, __ATOMIC_RELAXED);
@@ -461,15 +464,15 @@ void tally__table_reclaim_free(tally__table *t, const tally__batch *b)
             uint64_t delta = __atomic_load_n(&e->delta, __ATOMIC_ACQUIRE);
             if (delta)
                 tally__spill(t->engine, t->policy, i, b->digest[j],
-                             __atomic_load_n(&e->win, __ATOMIC_RELAXED), delta);
+                             __atomic_load_n(&e->win, __ATOMIC_RELAXED), delta,
+                             kp ? (const void *)(kp + 1) : NULL, kp ? *kp : 0);
             __atomic_store_n(&e->win, 0, __ATOMIC_RELAXED);
             __atomic_store_n(&e->delta, 0, __ATOMIC_RELAXED);
             __atomic_store_n(&e->rwin, 0, __ATOMIC_RELAXED);
             __atomic_store_n(&e->remote, 0, __ATOMIC_RELAXED);
         }
         if (t->keys) {
-            tally__tsan_acquire(__atomic_load_n(&t->keys[b->idx[j]], __ATOMIC_RELAXED));
-            free(__atomic_load_n(&t->keys[b->idx[j]], __ATOMIC_RELAXED));
+            free(kp);
             __atomic_store_n(&t->keys[b->idx[j]], NULL, __ATOMIC_RELAXED);
         }
         /* the next key here is a new instance (guarantee 6) */

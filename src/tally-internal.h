@@ -317,9 +317,10 @@ static inline tally__policy *tally__policy_get(tally_engine *e, uint32_t id)
 }
 
 void tally__note_push(tally_engine *e, tally__note *n);
-/* Spill an unflushed delta that can no longer stay in its slot. */
+/* Spill an unflushed delta that can no longer stay in its slot, with the key
+   bytes the sinks are given (NULL: the digest, as with digest_only). */
 void tally__spill(tally_engine *e, uint32_t policy, unsigned limit, tally__digest d,
-                  uint64_t win, uint64_t delta);
+                  uint64_t win, uint64_t delta, const void *key, size_t key_len);
 /* Make a note for the flusher carrying @key (or the digest). NULL when out of memory. */
 tally__note *tally__note_new(uint8_t kind, uint32_t policy, unsigned limit, tally__digest d,
                              const void *key, size_t key_len);

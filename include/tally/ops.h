@@ -69,7 +69,8 @@ int tally_watch_flagged(tally_engine *e, uint32_t policy, size_t limit,
                         int (*cb)(void *ctx, const tally_flag *f), void *ctx);
 
 typedef struct tally_episode {
-    const void *key; size_t key_len;  /* the digest when digest_only */
+    const void *key; size_t key_len;  /* the digest when digest_only, or when the key is
+                                         longer than 64 bytes (episodes keep at most 64) */
     uint64_t denied;                  /* denied cost since the episode began */
     uint64_t first_ns, last_ns;       /* flush intervals that saw the first and last denial */
 } tally_episode;

@@ -520,6 +520,52 @@ Test(redis, callback_sink_gets_every_cost_once, .timeout = 120)
     tally_close(e);
 }
 
+/* A delta spilled because its window rolled before a flush took it still
+   reaches the sink with the key's bytes, not its digest. */
+struct named {
+    pthread_mutex_t lock;
+    int             n, bad;
+    uint64_t        sum;
+};
+
+static void on_named(void *ctx, const tally_delta *d, size_t n)
+{
+    struct named *s = ctx;
+    pthread_mutex_lock(&s->lock);
+    for (size_t i = 0; i < n; i++) {
+        s->n++;
+        s->sum += d[i].delta;
+        if (d[i].key_len != 9 || memcmp(d[i].key, "spill-key", 9) != 0)
+            s->bad++;
+    }
+    pthread_mutex_unlock(&s->lock);
+}
+
+Test(redis, spilled_deltas_reach_the_sink_with_the_key_bytes, .timeout = 120)
+{
+    tally_engine *e = open_engine(64);
+    tally_policy p = { .name = "spill", .n_limits = 1,
+                       .limits = { { .algo = TALLY_FIXED_WINDOW, .max = 1000, .period_ns = SEC } } };
+    uint32_t pol;
+    cr_assert_eq(tally_policy_add(e, &p, &pol), 0);
+    static struct named got = { .lock = PTHREAD_MUTEX_INITIALIZER };
+    tally_flusher_options fo;
+    tally_flusher_options_init(&fo);
+    fo.interval_ms = 100000;                      /* flushes only when asked */
+    fo.on_deltas = on_named;
+    fo.ctx = &got;
+    cr_assert_eq(tally_flusher_start(e, &fo), 0);
+    uint64_t t0 = tally_now_ns(), five = 5, seven = 7;
+    tally_result r;
+    cr_assert_eq(tally_hit_at(e, pol, "spill-key", 9, &five, t0, &r), 0);
+    cr_assert_eq(tally_hit_at(e, pol, "spill-key", 9, &seven, t0 + 2 * SEC, &r), 0);
+    cr_assert_eq(tally_flush(e, 3000), 0);
+    cr_assert_eq(got.n, 2, "one delta per window");
+    cr_assert_eq(got.sum, 12);
+    cr_assert_eq(got.bad, 0, "a delta came with other bytes than the key's");
+    tally_close(e);
+}
+
 /* ---- Bad input ----------------------------------------------------------- */
 
 Test(redis, bad_options_are_refused_and_unreachable_redis_is_not_fatal, .timeout = 120)

@@ -92,8 +92,8 @@ static bool key_ok(const void *key, size_t len)
     return i < len && k[i] == ':' && make_key(id, want) == len && memcmp(want, k, len) == 0;
 }
 
-/* A spilled delta whose window the flusher held no entry for, and an episode
-   of a key longer than 64 bytes, name the key by its 16-byte digest. */
+/* An episode of a key longer than 64 bytes names the key by its 16-byte
+   digest (tally/ops.h). */
 #define DIGEST_LEN 16
 static _Atomic uint64_t digest_named;
 
@@ -129,7 +129,7 @@ static void on_deltas(void *ctx, const tally_delta *d, size_t n)
 {
     (void)ctx;
     for (size_t i = 0; i < n; i++) {
-        CHECK(key_or_digest_ok(d[i].key, d[i].key_len), "delta key of policy %u", d[i].policy);
+        CHECK(key_ok(d[i].key, d[i].key_len), "delta key of policy %u", d[i].policy);
         delta_sum += d[i].delta;
         deltas_seen++;
     }
