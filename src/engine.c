@@ -428,12 +428,24 @@ static int apply(const hit_ctx *c, unsigned i, uint64_t now, uint64_t cost, unsi
     }
 }
 
-static void take_back(const hit_ctx *c, unsigned i, tally__state added, uint64_t now, uint64_t cost)
+/*
+ * Take back what a hit added to limit @i, unless the key was reset since the
+ * hit read instance @g0: the reset already removed it, and what the state
+ * holds now is other hits' cost. The instance is checked after the state is
+ * loaded, so a CAS from a state written after a reset began cannot succeed
+ * (the reset makes gen odd before its CAS: tally_reset_if()).
+ */
+static void take_back(const hit_ctx *c, unsigned i, tally__state added, uint64_t now, uint64_t cost,
+                      uint64_t g0)
 {
+    _Atomic uint64_t *gen = &c->p->table.gen[tally__slot_index(&c->p->table, c->s)];
     for (;;) {
         tally__state cur = tally__state_load(&c->s->st[i]);
         if (tally__state_is_dead(cur))
             return;                               /* the slot died with what we added */
+        /* acquire: after the state loads; paired with the reset's CAS after its odd store */
+        if (atomic_load_explicit(gen, memory_order_acquire) != g0)
+            return;
         tally__state next = tally__algo_undo(&c->p->limits[i], cur, added, now, cost);
         /* also when nothing is taken back: only an untorn pair may say so */
         if (tally__state_cas(&c->s->st[i], cur, next))
@@ -475,6 +487,9 @@ static int hit_multi(const hit_ctx *c, uint64_t now, const uint64_t *costs, tall
                 continue;                         /* room appeared meanwhile: decide again */
             return STEP_OK;
         }
+        /* the instance the consumption lands in, for a take-back */
+        uint64_t g0 = atomic_load_explicit(&c->p->table.gen[tally__slot_index(&c->p->table, c->s)],
+                                           memory_order_acquire);
         unsigned done = 0;
         for (; done < n; done++) {
             uint64_t cost = costs ? costs[done] : 1;
@@ -486,7 +501,7 @@ static int hit_multi(const hit_ctx *c, uint64_t now, const uint64_t *costs, tall
         if (done == n)
             break;
         while (done-- > 0)
-            take_back(c, done, r[done].next, now, costs ? costs[done] : 1);
+            take_back(c, done, r[done].next, now, costs ? costs[done] : 1, g0);
     }
 check:
     /* a reclaim that killed limit 0 after we passed it took our hit with it */

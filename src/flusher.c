@@ -24,13 +24,17 @@
  *     OOM, LOADING, READONLY, MOVED, CROSSSLOT, ...: see refused_unapplied)
  *     puts its deltas back into their entries, merged per key and window,
  *     to be sent in a later batch under a new token. A batch whose outcome is
- *     unknown (its reply was lost, or an error that may have come from inside
- *     the script) is kept with its token and resent as it was; while
- *     MAX_KEPT_BATCHES such batches wait, no new batch is formed, so what is
- *     in flight is bounded whatever Redis answers.
- *  7. Every flush also reads the global count of each live key in its current
- *     window (MGET), whether or not this engine pushed anything for it, so an
- *     idle engine's view of the others is at most one flush old.
+ *     unknown (its reply was lost, or an unexpected error) is kept with its
+ *     token and resent as it was; a refusal of a resend keeps it too, since
+ *     an earlier send may have run. The script never stops half-way: a key
+ *     Redis refused inside it (WRONGTYPE, overflow, an ACL) is answered with
+ *     its error and goes back to its entry alone. While MAX_KEPT_BATCHES or
+ *     more kept batches wait, no new batch is formed, so what is sent per
+ *     flush is bounded by the pending keys whatever Redis answers.
+ *  7. Every flush also reads the global count in the current window (MGET) of
+ *     each live key hit in this window or the one before, whether or not this
+ *     engine pushed anything for it, so an idle engine's view of the others is
+ *     at most one flush old, also at the start of a window.
  */
 #include <errno.h>
 #include <stddef.h>
@@ -133,6 +137,7 @@ typedef struct item {
 typedef struct batch {
     struct batch *next;
     uint64_t      token;
+    unsigned      sends;          /* times it was sent */
     size_t        n;
     item          items[CHUNK_KEYS];
 } batch;
@@ -168,7 +173,6 @@ struct tally__flusher {
     entry               **map;
     size_t                map_size, map_count;
     batch                *inflight_head, **inflight_tail;
-    size_t                kept;        /* batches of the list sent at least once */
     refresh              *refresh;     /* this flush's keys to read back */
     size_t                refresh_n, refresh_cap;
     uint64_t              seq;         /* flushes so far */
@@ -299,21 +303,22 @@ typedef struct collect_arg {
     bool                   refresh;   /* Redis is on: note live keys to read back */
 } collect_arg;
 
-/* The window every engine agrees on at @now, or false when the limit's
-   windows are this engine's own (GCRA, fixed windows not TALLY_ALIGNED). */
-static bool shared_window(const tally__limit *l, uint64_t now, uint64_t *win)
+/* The window every engine agrees on at @now and the one before it, or false
+   when the limit's windows are this engine's own (GCRA, fixed windows not
+   TALLY_ALIGNED). */
+static bool shared_window(const tally__limit *l, uint64_t now, uint64_t *win, uint64_t *prev)
 {
     const tally_limit *s = &l->spec;
     switch (s->algo) {
     case TALLY_CALENDAR_WINDOW:
         *win = tally__calendar_start(s->unit, s->utc_offset_s, now);
+        *prev = tally__calendar_start(s->unit, s->utc_offset_s, *win ? *win - 1 : 0);
         return true;
     case TALLY_SLIDING_WINDOW:
-        *win = now - now % s->period_ns;
-        return true;
     case TALLY_FIXED_WINDOW:
         *win = now - now % s->period_ns;
-        return l->aligned;
+        *prev = *win >= s->period_ns ? *win - s->period_ns : 0;
+        return s->algo == TALLY_SLIDING_WINDOW || l->aligned;
     default:
         return false;
     }
@@ -333,20 +338,21 @@ static void note_refresh(struct tally__flusher *f, uint32_t policy, unsigned lim
     f->refresh[f->refresh_n++] = (refresh){ policy, limit, d, win };
 }
 
-/* Keys of slot @s whose state is in the current shared window (guarantee 7). */
+/* Keys of slot @s hit in the current shared window or the one before: their
+   count in the current window is read back (guarantee 7). */
 static void collect_refresh(collect_arg *a, tally__slot *s, tally__digest d)
 {
     tally__table *t = &a->p->table;
     for (unsigned l = 0; l < t->n_limits; l++) {
-        uint64_t win;
-        if (!shared_window(&t->limits[l], a->now, &win))
+        uint64_t win, prev;
+        if (!shared_window(&t->limits[l], a->now, &win, &prev))
             continue;
         tally__state st = tally__state_load_atomic(&s->st[l]);
         if (tally__state_is_empty(st) || tally__state_is_dead(st))
             continue;
         tally_counter c;
         tally__algo_counter(&t->limits[l], st, a->now, &c);
-        if (c.window_start_ns == win)
+        if (c.window_start_ns == win || c.window_start_ns == prev)
             note_refresh(a->f, t->policy, l, d, win);
     }
 }
@@ -439,16 +445,43 @@ static void collect(struct tally__flusher *f)
 
 /* ---- Redis ---------------------------------------------------------------- */
 
+/*
+ * One batch. The token's SET NX is the only command whose error stops the
+ * script, and it comes before any write. After it nothing can stop the
+ * script half-way: each INCRBY runs under pcall, and a key Redis refused
+ * (WRONGTYPE, overflow, an ACL) is answered with its error in its place and
+ * listed in the token, so that a resend of the batch (its reply was lost)
+ * answers that key with an error again rather than with a total that does
+ * not hold its cost.
+ */
 static const char LUA_BATCH[] =
     "local out = {}\n"
-    "if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then\n"
+    "if redis.call('SET', KEYS[1], '', 'NX', 'PX', ARGV[1]) then\n"
+    "  local failed = {}\n"
     "  for i = 2, #KEYS do\n"
-    "    out[i - 1] = redis.call('INCRBY', KEYS[i], ARGV[2 * i - 2])\n"
-    "    redis.call('PEXPIRE', KEYS[i], ARGV[2 * i - 1], 'NX')\n"
+    "    local r = redis.pcall('INCRBY', KEYS[i], ARGV[2 * i - 2])\n"
+    "    out[i - 1] = r\n"
+    "    if type(r) == 'table' then\n"
+    "      failed[#failed + 1] = i\n"
+    "    else\n"
+    "      redis.pcall('PEXPIRE', KEYS[i], ARGV[2 * i - 1], 'NX')\n"
+    "    end\n"
+    "  end\n"
+    "  if #failed > 0 then\n"
+    "    redis.pcall('SET', KEYS[1], table.concat(failed, ','), 'KEEPTTL')\n"
     "  end\n"
     "else\n"
+    "  local failed = {}\n"
+    "  for i in string.gmatch(redis.call('GET', KEYS[1]) or '', '%d+') do\n"
+    "    failed[tonumber(i)] = true\n"
+    "  end\n"
     "  for i = 2, #KEYS do\n"
-    "    out[i - 1] = tonumber(redis.call('GET', KEYS[i]) or '0')\n"
+    "    if failed[i] then\n"
+    "      out[i - 1] = redis.error_reply('REFUSED by Redis when the batch first ran')\n"
+    "    else\n"
+    "      local v = redis.pcall('GET', KEYS[i])\n"
+    "      out[i - 1] = type(v) == 'string' and tonumber(v) or 0\n"
+    "    end\n"
     "  end\n"
     "end\n"
     "return out\n";
@@ -471,7 +504,12 @@ static void set_error(struct tally__flusher *f, const char *text, size_t len)
     pthread_mutex_unlock(&f->err_lock);
 }
 
-enum { REPLY_OK, REPLY_REFUSED, REPLY_UNKNOWN };
+enum {
+    REPLY_OK,          /* applied (now, or by an earlier send of the same batch) */
+    REPLY_PARTLY,      /* applied but for keys Redis refused: those went back to their entries */
+    REPLY_REFUSED,     /* refused before it ran */
+    REPLY_UNKNOWN      /* may or may not have run */
+};
 
 static bool code_is(const char *str, size_t len, const char *code)
 {
@@ -613,6 +651,8 @@ static int append_batch(struct tally__flusher *f, batch *b)
         argv[k] = w; argl[k++] = (size_t)n; w += n + 1;
     }
     rc = redisAppendCommandArgv(f->rc, (int)k, argv, argl) == REDIS_OK ? 0 : TALLY_EIO;
+    if (!rc)
+        b->sends++;
 out:
     free(argv);
     free(argl);
@@ -668,9 +708,8 @@ static void deliver_deltas(struct tally__flusher *f, const item *items, const ui
     f->o.on_deltas(f->o.ctx, f->cb, n);
 }
 
-/* Read a batch's reply: REPLY_OK when Redis applied it (now or before),
-   REPLY_REFUSED when it refused it unapplied, REPLY_UNKNOWN otherwise, or
-   TALLY_EIO when the connection failed (no reply to read). */
+/* Read a batch's reply: one of the REPLY_ values, or TALLY_EIO when the
+   connection failed (no reply to read). */
 static int read_batch(struct tally__flusher *f, batch *b)
 {
     redisReply *r = NULL;
@@ -685,9 +724,13 @@ static int read_batch(struct tally__flusher *f, batch *b)
     }
     int rc = r->type == REDIS_REPLY_ARRAY && r->elements == b->n ? REPLY_OK : REPLY_UNKNOWN;
     uint64_t totals[CHUNK_KEYS];
+    bool refused[CHUNK_KEYS];
     for (size_t i = 0; i < b->n && rc == REPLY_OK; i++) {
         redisReply *v = r->element[i];
-        if (v->type != REDIS_REPLY_INTEGER || v->integer < 0)
+        refused[i] = v->type == REDIS_REPLY_ERROR;
+        if (refused[i])
+            refused_unapplied(f, v);              /* the key's INCRBY did not run */
+        else if (v->type != REDIS_REPLY_INTEGER || v->integer < 0)
             rc = REPLY_UNKNOWN;
         else
             totals[i] = (uint64_t)v->integer;
@@ -698,16 +741,24 @@ static int read_batch(struct tally__flusher *f, batch *b)
         set_error(f, shape, sizeof(shape) - 1);
         return rc;
     }
+    size_t n = 0;
     for (size_t i = 0; i < b->n; i++) {
         entry *x = b->items[i].e;
-        x->acked += b->items[i].delta;
         x->inflight--;
+        if (refused[i]) {
+            x->fresh += b->items[i].delta;        /* sent again, under a new token */
+            rc = REPLY_REFUSED;
+            continue;
+        }
+        x->acked += b->items[i].delta;
         x->acked_seq = f->seq;
         remote_arg a = { f, x, totals[i] > x->acked ? totals[i] - x->acked : 0 };
         tally__rcu_read(store_remote, &a);
+        b->items[n] = b->items[i];
+        totals[n++] = totals[i];
     }
-    deliver_deltas(f, b->items, totals, b->n);
-    return REPLY_OK;
+    deliver_deltas(f, b->items, totals, n);
+    return rc == REPLY_REFUSED ? REPLY_PARTLY : REPLY_OK;
 }
 
 /* A batch Redis refused unapplied: its deltas go back to their entries, to
@@ -720,12 +771,16 @@ static void dissolve(batch *b)
     }
 }
 
-/* Form batches from the fresh cost of every entry, unless too many batches
-   of unknown outcome wait (guarantee 6): the cost then stays merged. */
+/* Form batches from the fresh cost of every entry, unless MAX_KEPT_BATCHES
+   or more batches of unknown outcome wait (guarantee 6): the cost then stays
+   merged in the entries. Every batch still listed was sent before. */
 static int form_batches(struct tally__flusher *f)
 {
     batch *b = NULL;
-    if (f->kept >= MAX_KEPT_BATCHES)
+    size_t kept = 0;
+    for (const batch *k = f->inflight_head; k; k = k->next)
+        kept++;
+    if (kept >= MAX_KEPT_BATCHES)
         return 0;
     for (size_t i = 0; i < f->map_size; i++) {
         for (entry *x = f->map[i]; x; x = x->next) {
@@ -977,7 +1032,6 @@ static int push_redis(struct tally__flusher *f)
     size_t nb = 0;
     for (batch *b = f->inflight_head; b && !rc; b = b->next, nb++)
         rc = append_batch(f, b);
-    f->kept = nb;                              /* every batch in the list is now sent */
     int sent = rc ? 0 : push_events_redis(f);
     if (sent < 0)
         rc = sent;
@@ -1015,17 +1069,18 @@ static int push_redis(struct tally__flusher *f)
             redis_drop(f);
             return TALLY_EIO;
         }
-        if (r == REPLY_UNKNOWN) {
+        /* A refusal proves only that this send did not run: a batch sent
+           before may have run then, so it keeps its token. */
+        if (r == REPLY_UNKNOWN || (r == REPLY_REFUSED && b->sends > 1)) {
             rc = TALLY_EIO;                    /* kept as it is, token and all */
             pp = &b->next;
             continue;
         }
-        if (r == REPLY_REFUSED) {
-            rc = TALLY_EIO;
+        if (r == REPLY_REFUSED)
             dissolve(b);
-        }
+        if (r != REPLY_OK)
+            rc = TALLY_EIO;
         *pp = b->next;
-        f->kept--;
         free(b);
     }
     f->inflight_tail = pp;
@@ -1036,15 +1091,16 @@ static int push_redis(struct tally__flusher *f)
         redis_drop(f);
         return TALLY_EIO;
     }
-    int fr = read_refresh(f, (size_t)chunks);
-    if (fr && f->rc->err) {
+    /* the read-back only freshens the view: its failure is counted and kept
+       as the last error, but every cost may still have been acknowledged */
+    if (read_refresh(f, (size_t)chunks) && f->rc->err) {
         redis_drop(f);
         return TALLY_EIO;
     }
     /* cost held back while batches of unknown outcome waited is not in Redis yet */
     if (!rc && has_fresh(f))
         rc = TALLY_EIO;
-    return rc ? rc : er ? er : fr;
+    return rc ? rc : er;
 }
 
 /* Without Redis the callback is the only sink: hand it the fresh cost. */

@@ -69,15 +69,16 @@ void tally_flusher_options_init(tally_flusher_options *o);
  * Every interval the flusher takes each key's unflushed cost, hands it to
  * on_deltas and to Redis (one pipeline per flush of Lua scripts, each
  * applying up to 500 INCRBYs once under a one-time token), learns the global
- * totals from the replies and, for every live key in its current window, from
- * an MGET, and delivers first_exceeded events to on_event. A delta leaves the
+ * totals from the replies and, for every live key hit in the current window or
+ * the one before, from an MGET, and delivers first_exceeded events to on_event. A delta leaves the
  * engine only when every sink acknowledged it; on a failure it is kept and
  * sent again with a later flush: merged with later cost of the same key and
  * window when Redis refused it unapplied (an error reply such as BUSY, OOM,
- * LOADING, READONLY, MOVED or CROSSSLOT), as it was, under its token, when
- * its outcome is unknown (a lost reply, any other error). At most 8 batches of
- * unknown outcome wait at a time; while they do, new cost stays merged in the
- * flusher, so what is sent per flush is bounded by the number of keys.
+ * LOADING, READONLY, MOVED or CROSSSLOT to its first send, or a key's own
+ * error inside the script), as it was, under its token, when its outcome is
+ * unknown (a lost reply, an unexpected error, a refused resend). While 8 or
+ * more batches of unknown outcome wait, new cost stays merged in the flusher,
+ * so what is sent per flush is bounded by the number of pending keys.
  * Costs hit before the flusher started are not pushed.
  * Return 0, TALLY_EINVAL (NULL argument, interval 0, cpu out of range, redis
  * options with neither host nor unix_path, a port outside 1..65535, a db

@@ -641,6 +641,18 @@ Test(faults, replies_lost_after_redis_applied_the_batch, .timeout = 120)
                                          .count = -1 } } });
 }
 
+/* A batch whose reply was lost may have run: when its resend is refused
+   (LOADING: Redis restarting), it must keep its token, not go out again
+   under a new one and be applied twice. */
+Test(faults, refused_resend_of_a_batch_whose_reply_was_lost, .timeout = 120)
+{
+    run_case(&(fault_case){ .prefix = "resend:", .flushes = 3, .expect = EXPECT_FAIL_ALL,
+                            .error_text = LOADING, .permanent = false,
+                            .rules = { { .command = "EVAL", .action = FAULT_DROP_REPLY, .count = 1 },
+                                       { .command = "EVAL", .action = FAULT_ERROR, .count = -1,
+                                         .text = LOADING } } });
+}
+
 Test(faults, replies_in_pieces, .timeout = 120)
 {
     run_case(&(fault_case){ .prefix = "split:", .flushes = 2, .expect = EXPECT_OK_ALL,

@@ -398,6 +398,54 @@ Test(redis, idle_engine_learns_the_others_count_sliding, .timeout = 120)
     idle_engine_learns(&l, 0, "idle3:");
 }
 
+/* The same at the start of a window: A's state is still in the window before
+   when B takes the whole of the new one; A's next flush must tell it. */
+Test(redis, idle_engine_learns_the_others_count_in_a_new_window, .timeout = 120)
+{
+    const uint64_t P = 2 * SEC;
+    test_redis r = { 0 };
+    cr_assert(test_redis_start(&r));
+    tally_engine *a = open_engine(64), *b = open_engine(64);
+    tally_policy p = { .name = "roll", .n_limits = 1, .flags = TALLY_ALIGNED,
+                       .limits = { { .algo = TALLY_FIXED_WINDOW, .max = 5, .period_ns = P } } };
+    uint32_t pa, pb;
+    tally_result res;
+    cr_assert_eq(tally_policy_add(a, &p, &pa), 0);
+    cr_assert_eq(tally_policy_add(b, &p, &pb), 0);
+    cr_assert_eq(start_flusher(a, &r, "roll:", NULL, 10), 0);
+    cr_assert_eq(start_flusher(b, &r, "roll:", NULL, 10), 0);
+    bool done = false;
+    for (int attempt = 0; attempt < 4 && !done; attempt++) {
+        char key[32];
+        snprintf(key, sizeof(key), "roll-%d", attempt);
+        uint64_t now = tally_now_ns();
+        sleep_ms((unsigned)((P - now % P) / 1000000) + 50);   /* 50 ms into window W */
+        uint64_t w = tally_now_ns() / P;
+        cr_assert_eq(tally_hit(a, pa, key, strlen(key), NULL, &res), 0);
+        cr_assert_eq(flush_until_ok(a, 20), 0);
+        now = tally_now_ns();
+        sleep_ms((unsigned)((P - now % P) / 1000000) + 50);   /* 50 ms into W + 1 */
+        uint64_t admitted_b = 0, admitted_a = 0;
+        for (int i = 0; i < 5; i++) {
+            cr_assert_eq(tally_hit(b, pb, key, strlen(key), NULL, &res), 0);
+            admitted_b += res.allowed;
+        }
+        cr_assert_eq(flush_until_ok(b, 20), 0);
+        cr_assert_eq(flush_until_ok(a, 20), 0);
+        cr_assert_eq(tally_hit(a, pa, key, strlen(key), NULL, &res), 0);
+        admitted_a = res.allowed;
+        if (tally_now_ns() / P != w + 1)
+            continue;                             /* the steps straddled a window: again */
+        done = true;
+        cr_assert_eq(admitted_b, 5);
+        cr_assert_eq(admitted_a, 0, "A decided the new window without B's count");
+    }
+    cr_assert(done, "no attempt fitted in one window");
+    tally_close(a);
+    tally_close(b);
+    test_redis_stop(&r);
+}
+
 /* ---- Events -------------------------------------------------------------- */
 
 struct events {
@@ -564,6 +612,54 @@ Test(redis, spilled_deltas_reach_the_sink_with_the_key_bytes, .timeout = 120)
     cr_assert_eq(got.sum, 12);
     cr_assert_eq(got.bad, 0, "a delta came with other bytes than the key's");
     tally_close(e);
+}
+
+/* A key Redis refuses inside the batch script (here WRONGTYPE: a list sits
+   where the count should be) stops neither the script nor the other keys,
+   and its own cost stays pending until Redis takes it: never acknowledged
+   unapplied, never applied twice. */
+Test(redis, a_key_refused_inside_the_script_stays_pending_alone, .timeout = 120)
+{
+    test_redis r = { 0 };
+    cr_assert(test_redis_start(&r));
+    tally_engine *e = open_engine(64);
+    uint32_t pol = add_fixed(e, "wt", 1000);
+    cr_assert_eq(start_flusher(e, &r, "wt:", NULL, 100000), 0);
+    uint64_t now = tally_now_ns(), win = now - now % HOUR, five = 5;
+    char kb[256], ka[256];
+    key_name(kb, sizeof(kb), "wt:", "wt", 0, "key-b", win);
+    key_name(ka, sizeof(ka), "wt:", "wt", 0, "key-a", win);
+    redisContext *c = test_redis_connect(&r);
+    cr_assert_not_null(c);
+    freeReplyObject(redisCommand(c, "RPUSH %s x", kb));
+    uint64_t costs[2] = { 5, 5 };
+    tally_result res;
+    cr_assert_eq(tally_hit_at(e, pol, "key-a", 5, costs, now, &res), 0);
+    cr_assert_eq(tally_hit_at(e, pol, "key-b", 5, costs, now, &res), 0);
+    for (int i = 0; i < 3; i++)
+        cr_assert_eq(tally_flush(e, 3000), TALLY_EIO, "key-b's cost is not in Redis");
+    redisReply *v = redisCommand(c, "GET %s", ka);
+    cr_assert(v && v->type == REDIS_REPLY_STRING && strcmp(v->str, "5") == 0,
+              "the other key of the batch is applied, once");
+    freeReplyObject(v);
+    tally_stats st;
+    tally_stats_read(e, &st);
+    cr_assert_eq(st.pending_cost, five, "key-b's cost stays pending");
+    cr_assert_gt(st.redis_permanent_errors, 0);
+    char text[256];
+    cr_assert_gt(tally_flusher_last_error(e, text, sizeof(text)), 0);
+    cr_assert_eq(strncmp(text, "WRONGTYPE", 9), 0, "last error: %s", text);
+    freeReplyObject(redisCommand(c, "DEL %s", kb));
+    cr_assert_eq(flush_until_ok(e, 20), 0);
+    v = redisCommand(c, "MGET %s %s", ka, kb);
+    cr_assert(v && v->type == REDIS_REPLY_ARRAY && v->elements == 2);
+    cr_assert(v->element[0]->type == REDIS_REPLY_STRING && strcmp(v->element[0]->str, "5") == 0);
+    cr_assert(v->element[1]->type == REDIS_REPLY_STRING && strcmp(v->element[1]->str, "5") == 0,
+              "key-b's cost reached Redis once the key could take it");
+    freeReplyObject(v);
+    redisFree(c);
+    tally_close(e);
+    test_redis_stop(&r);
 }
 
 /* ---- Bad input ----------------------------------------------------------- */
