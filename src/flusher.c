@@ -531,7 +531,7 @@ static int refused_unapplied(struct tally__flusher *f, const redisReply *r)
         "NOREPLICAS", "MISCONF",
     };
     static const char *const permanent[] = {
-        "MOVED", "ASK", "CROSSSLOT", "NOAUTH", "WRONGPASS", "NOPERM", "NOSCRIPT", "EXECABORT",
+        "MOVED", "ASK", "CROSSSLOT", "NOAUTH", "WRONGPASS", "NOPERM",
     };
     const char *str = r->str ? r->str : "";
     size_t len = r->str ? r->len : 0;
