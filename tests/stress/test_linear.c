@@ -454,6 +454,17 @@ static bool memo_add(struct checker *c, uint64_t placed, const struct model *m)
     }
 }
 
+/* The earliest return among the calls not yet placed: no call that started
+   after it may be placed before that call. */
+static uint64_t earliest_response(const struct checker *c, uint64_t placed)
+{
+    uint64_t min_resp = UINT64_MAX;
+    for (int i = 0; i < c->n; i++)
+        if (!(placed >> i & 1) && c->ops[i]->resp < min_resp)
+            min_resp = c->ops[i]->resp;
+    return min_resp;
+}
+
 static bool search(struct checker *c, uint64_t placed, const struct model *m, int depth)
 {
     if (depth == c->n)
@@ -463,10 +474,7 @@ static bool search(struct checker *c, uint64_t placed, const struct model *m, in
         memcpy(c->best, c->path, sizeof(int) * (size_t)depth);
     }
     /* a call may go next only if no call still to place returned before it started */
-    uint64_t min_resp = UINT64_MAX;
-    for (int i = 0; i < c->n; i++)
-        if (!(placed >> i & 1) && c->ops[i]->resp < min_resp)
-            min_resp = c->ops[i]->resp;
+    uint64_t min_resp = earliest_response(c, placed);
     for (int i = 0; i < c->n; i++) {
         struct model next;
         if ((placed >> i & 1) || c->ops[i]->inv > min_resp)
@@ -559,10 +567,7 @@ static void report(struct checker *c, unsigned round, unsigned key)
     }
     fprintf(stderr, "\n  model after it: state {%#" PRIx64 ", %" PRIu64 "}, %s\n", m.st.w0, m.st.w1,
             m.exists ? "tracked" : "not tracked");
-    uint64_t min_resp = UINT64_MAX;
-    for (int i = 0; i < c->n; i++)
-        if (!(placed >> i & 1) && c->ops[i]->resp < min_resp)
-            min_resp = c->ops[i]->resp;
+    uint64_t min_resp = earliest_response(c, placed);
     for (int i = 0; i < c->n; i++) {
         struct model next;
         if ((placed >> i & 1) || c->ops[i]->inv > min_resp)
