@@ -28,6 +28,7 @@
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/time.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "tally.h"
@@ -38,6 +39,15 @@ enum { EXIT_FAIL = 1, EXIT_USAGE = 2 };
 #define MAX_UPSTREAM  (16 << 20)     /* one upstream response */
 #define MAX_DRAIN     (1 << 20)      /* read and dropped after a closing answer */
 #define SEC           UINT64_C(1000000000)
+/* A closing answer lingers: the gate shuts its write side and reads until the
+   client's EOF, because closing with the client's bytes unread (or still on
+   the way) resets the connection, and the reset destroys the answer the client
+   has not read yet. It lingers at most LINGER_S seconds from the answer,
+   whatever the client sends meanwhile, so that a client that never closes its
+   side cannot hold the connection's fd. */
+#define LINGER_S      2
+#define STR_(x)       #x
+#define STR(x)        STR_(x)
 
 static const char usage_text[] =
 "usage: tally-gate -p SPEC [options]\n"
@@ -67,6 +77,10 @@ static const char usage_text[] =
 "Content-Length, one that is not a number, or Content-Length together with\n"
 "Transfer-Encoding; the connection is then closed. Transfer-Encoding alone\n"
 "(chunked bodies) is answered 501. The body of a 400 names the problem.\n"
+"After a closing answer (these, a 501, or one to Connection: close) the gate\n"
+"reads and drops what the client still sends, up to 1 MiB, until the client\n"
+"closes its side, so that the client reads the answer rather than a reset;\n"
+"it closes the connection anyway at most " STR(LINGER_S) " s after the answer.\n"
 "\n"
 "SIGTERM or SIGINT stops it cleanly: the workers close their connections, the\n"
 "flusher pushes what is pending, and it exits 0.\n"
@@ -103,7 +117,9 @@ struct conn {
     bool close_after;               /* close once out is written */
     bool draining;                  /* answered and shut for writing: reading to EOF */
     size_t drained;                 /* bytes dropped while draining */
+    uint64_t linger_end;            /* CLOCK_MONOTONIC ns: closed then, drained or not */
     struct conn *prev, *next;       /* the worker's connections, freed at shutdown */
+    struct conn *lprev, *lnext;     /* the worker's draining ones, by linger_end */
 };
 
 struct worker {
@@ -111,6 +127,7 @@ struct worker {
     unsigned id;
     int listen_fd, ep;
     struct conn *conns;
+    struct conn *linger, *linger_last;  /* oldest first: all linger LINGER_S */
     pthread_t thread;
 };
 
@@ -463,6 +480,13 @@ static void handle(struct gate *g, struct counters *k, struct conn *c, const cha
 
 /* ---- the event loop ---------------------------------------------------- */
 
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * SEC + (uint64_t)ts.tv_nsec;
+}
+
 static void conn_free(struct worker *w, struct conn *c)
 {
     epoll_ctl(w->ep, EPOLL_CTL_DEL, c->fd, NULL);
@@ -473,6 +497,16 @@ static void conn_free(struct worker *w, struct conn *c)
         w->conns = c->next;
     if (c->next)
         c->next->prev = c->prev;
+    if (c->draining) {
+        if (c->lprev)
+            c->lprev->lnext = c->lnext;
+        else
+            w->linger = c->lnext;
+        if (c->lnext)
+            c->lnext->lprev = c->lprev;
+        else
+            w->linger_last = c->lprev;
+    }
     free(c->in);
     free(c->out);
     free(c);
@@ -495,21 +529,28 @@ static bool conn_flush(struct worker *w, struct conn *c)
         c->out_off += (size_t)n;
     }
     c->out_off = c->out_len = 0;
-    /* Close only once the client stops sending: a close with its bytes unread
-       (or still coming) resets the connection, and the reset destroys the
-       answer the client has not read yet. */
+    /* Linger rather than close (LINGER_S says why, linger_expire ends it). */
     if (c->close_after && !c->draining) {
         if (shutdown(c->fd, SHUT_WR) != 0)
             return false;
         c->draining = true;
+        /* One delay for all: appending keeps the list in linger_end order. */
+        c->linger_end = now_ns() + LINGER_S * SEC;
+        c->lprev = w->linger_last;
+        if (w->linger_last)
+            w->linger_last->lnext = c;
+        else
+            w->linger = c;
+        w->linger_last = c;
     }
     struct epoll_event ev = { .events = EPOLLIN, .data.ptr = c };
     epoll_ctl(w->ep, EPOLL_CTL_MOD, c->fd, &ev);
     return true;
 }
 
-/* After the last answer: discard what the client still sends, until its EOF.
-   One that sends more than MAX_DRAIN meanwhile is reset after all. */
+/* After the last answer: discard what the client still sends, until its EOF
+   or the end of the linger. One that sends more than MAX_DRAIN meanwhile is
+   reset after all. */
 static bool conn_drain(struct conn *c)
 {
     for (;;) {
@@ -604,6 +645,19 @@ static void accept_all(struct worker *w)
     }
 }
 
+/* Closes the connections whose linger is over; returns epoll_wait's timeout
+   for the next one, in ms rounded up so that the wait does not end before it
+   (-1: none lingers). */
+static int linger_expire(struct worker *w)
+{
+    if (!w->linger)
+        return -1;
+    uint64_t now = now_ns();
+    while (w->linger && w->linger->linger_end <= now)
+        conn_free(w, w->linger);
+    return w->linger ? (int)((w->linger->linger_end - now + 999999) / 1000000) : -1;
+}
+
 static void *worker_main(void *arg)
 {
     struct worker *w = arg;
@@ -614,7 +668,7 @@ static void *worker_main(void *arg)
     bool running = true;
     while (running) {
         struct epoll_event evs[64];
-        int n = epoll_wait(w->ep, evs, 64, -1);
+        int n = epoll_wait(w->ep, evs, 64, linger_expire(w));
         for (int i = 0; i < n; i++) {
             void *p = evs[i].data.ptr;
             if (p == &w->g->stop_fd) {

@@ -224,6 +224,41 @@ check "gate refused: no engine errors" "tally_gate_engine_errors_total 0" "$(gre
 check "gate --help: the 400s are documented" 0 $?
 stop_gate bad
 
+# A client that reads the closing answer but never closes its side must not
+# hold the connection: the gate lingers (reads what it still sends) for at most
+# 2 s, whether the client stays silent (fd 3) or keeps sending (fd 4). The
+# gate's sockets in /proc show when it lets go; the client sees it as a reset.
+start_gate linger -p 'api: 3 per 1m fixed' -t 1 -H X-Key
+socks() { find "/proc/$GATE_PID/fd" -lname 'socket:*' 2>/dev/null | wc -l; }
+base=$(socks)
+exec 3<>"/dev/tcp/127.0.0.1/$PORT" 4<>"/dev/tcp/127.0.0.1/$PORT"
+printf '%b' "${q}Content-Length: 0\r\nContent-Length: 3\r\n\r\nabc" >&3
+printf '%b' "${q}Content-Length: 0\r\nContent-Length: 3\r\n\r\nabc" >&4
+a=$(timeout 5 cat <&3)
+b=$(timeout 5 cat <&4)
+check "gate linger: the 400 arrives" "HTTP/1.1 400 Bad Request" "$(status <<<"$a")"
+check "gate linger: the answer arrives whole" \
+      "$(tr -d '\r' <<<"$a" | sed -n 's/^Content-Length: //p') more than one Content-Length" \
+      "$(printf '%s\n' "$(body <<<"$a")" | wc -c) $(body <<<"$a")"
+check "gate linger: the same on the other connection" "$a" "$b"
+check "gate linger: the gate holds both while lingering" $((base + 2)) "$(socks)"
+for _ in $(seq 50); do
+    [ "$(socks)" -eq "$base" ] && break
+    (printf x >&4) 2>/dev/null    # a subshell: a write after the reset is a SIGPIPE
+    sleep 0.2
+done
+check "gate linger: both closed within 10 s" "$base" "$(socks)"
+# A read only sees the FIN it already had; a write draws a reset from the
+# closed socket, and the next write fails (EPIPE: SIGPIPE kills the subshell).
+(printf x >&3) 2>/dev/null
+sleep 0.2
+check "gate linger: the silent client sees the close as a reset" failed \
+      "$( (printf x >&3) 2>/dev/null && echo written || echo failed)"
+exec 3<&- 4<&-
+"$GATE" --help | grep -q 'at most 2 s after the answer'
+check "gate --help: the linger bound is documented" 0 $?
+stop_gate linger
+
 # Address keys: a 127.0.0.2 client is not limited by 127.0.0.1's use.
 start_gate a -p 'api: 1 per 1m fixed' -t 2 -l 127.0.0.1:0
 U=http://127.0.0.1:$PORT/
