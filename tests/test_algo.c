@@ -8,7 +8,7 @@
 #include <inttypes.h>
 #include <stdint.h>
 
-#include "tally-internal.h"
+#include "engine/engine-internal.h"
 
 #define NS_PER_MS UINT64_C(1000000)
 #define NS_PER_S  UINT64_C(1000000000)

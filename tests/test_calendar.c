@@ -12,7 +12,7 @@
 #include <stdint.h>
 #include <time.h>
 
-#include "tally-internal.h"
+#include "engine/engine-internal.h"
 
 #define NS_PER_S   UINT64_C(1000000000)
 #define NS_PER_DAY (UINT64_C(86400) * NS_PER_S)

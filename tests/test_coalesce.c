@@ -15,7 +15,7 @@
 #include <unistd.h>
 
 #include "tally.h"
-#include "coalesce-internal.h"
+#include "coalesce/coalesce-internal.h"
 
 #if defined(__has_feature)
 #if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)

@@ -17,7 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "tally-internal.h"
+#include "engine/engine-internal.h"
 
 /* vectors_sip128[0..17]: lengths 0..17 cover the empty message, every tail
    length, one and two full 8-byte blocks, and blocks followed by a tail. */

@@ -22,7 +22,7 @@
 
 #include "fault_proxy.h"
 #include "redis_server.h"
-#include "tally-internal.h"
+#include "engine/engine-internal.h"
 
 #define SEC       UINT64_C(1000000000)
 #define HOUR      (3600 * SEC)

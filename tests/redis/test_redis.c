@@ -10,7 +10,7 @@
 #include <stdatomic.h>
 
 #include "redis_server.h"
-#include "tally-internal.h"
+#include "engine/engine-internal.h"
 
 #define SEC  UINT64_C(1000000000)
 #define HOUR (3600 * SEC)

@@ -15,7 +15,7 @@
 #include <time.h>
 
 #include "tally.h"
-#include "coalesce-internal.h"
+#include "coalesce/coalesce-internal.h"
 
 #define THREADS 6
 #define KEYS    4

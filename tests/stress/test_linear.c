@@ -39,7 +39,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "tally-internal.h"
+#include "engine/engine-internal.h"
 
 #define THREADS 4
 #define OPS     8          /* per thread and round: a key's history stays far below 64 calls */

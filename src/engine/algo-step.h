@@ -6,7 +6,7 @@
 #ifndef TALLY_ALGO_STEP_H
 #define TALLY_ALGO_STEP_H
 
-#include "tally-internal.h"
+#include "engine/engine-internal.h"
 
 #define SLIDING_IDX_BITS  38
 #define SLIDING_IDX_MASK  ((UINT64_C(1) << SLIDING_IDX_BITS) - 1)

@@ -40,8 +40,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "tally-internal.h"
-#include "tsan-internal.h"
+#include "engine/engine-internal.h"
+#include "core/tsan.h"
 
 static inline tally__slot *slot_at(const tally__table *t, size_t i)
 {

@@ -42,8 +42,8 @@
 #endif
 #include <urcu/urcu-memb.h>
 
-#include "algo-step.h"
-#include "tsan-internal.h"
+#include "engine/algo-step.h"
+#include "core/tsan.h"
 
 #define DEFAULT_CAPACITY    65536
 #define DEFAULT_MAX_KEY_LEN 256

@@ -6,7 +6,7 @@
  */
 #include <string.h>
 
-#include "tally-internal.h"
+#include "engine/engine-internal.h"
 
 static inline uint64_t rotl(uint64_t x, int b)
 {

@@ -42,9 +42,9 @@
 #include <string.h>
 #include <time.h>
 
-#include "coalesce-internal.h"
-#include "tally-internal.h"
-#include "tsan-internal.h"
+#include "coalesce/coalesce-internal.h"
+#include "engine/engine-internal.h"
+#include "core/tsan.h"
 
 #define DEFAULT_CAPACITY 4096
 #define STRIPES          64u        /* lock stripes; a power of two */

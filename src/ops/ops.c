@@ -20,8 +20,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "algo-step.h"
-#include "tsan-internal.h"
+#include "engine/algo-step.h"
+#include "core/tsan.h"
 
 #define DEFAULT_EPISODES 200
 #define SCAN_CHUNK       1024

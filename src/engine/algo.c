@@ -7,7 +7,7 @@
  * words and any time give a defined answer, with arithmetic that saturates
  * instead of wrapping.
  */
-#include "algo-step.h"
+#include "engine/algo-step.h"
 
 #define NS_PER_S   UINT64_C(1000000000)
 #define NS_PER_DAY (UINT64_C(86400) * NS_PER_S)

@@ -50,8 +50,8 @@
 
 #include <hiredis/hiredis.h>
 
-#include "tally-internal.h"
-#include "tsan-internal.h"
+#include "engine/engine-internal.h"
+#include "core/tsan.h"
 
 #define CHUNK_KEYS      500            /* keys per Lua batch */
 #define TOKEN_TTL_MS    "86400000"     /* a batch token outlives any retry */
