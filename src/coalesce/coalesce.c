@@ -42,8 +42,12 @@
 #include <string.h>
 #include <time.h>
 
+#include <stdatomic.h>
+
 #include "coalesce/coalesce-internal.h"
-#include "engine/engine-internal.h"
+#include "core/atomics.h"
+#include "core/hash.h"
+#include "core/clock.h"
 #include "core/tsan.h"
 
 #define DEFAULT_CAPACITY 4096
@@ -355,19 +359,6 @@ static void escape_label(char *dst, const char *src)
     *dst = '\0';
 }
 
-static int monotonic_cond_init(pthread_cond_t *cv)
-{
-    pthread_condattr_t a;
-    int rc = pthread_condattr_init(&a);
-    if (rc)
-        return rc;
-    rc = pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
-    if (!rc)
-        rc = pthread_cond_init(cv, &a);
-    pthread_condattr_destroy(&a);
-    return rc;
-}
-
 static void free_coalescer(tally_coalesce *c, size_t n_entries, unsigned n_stripes)
 {
     for (size_t i = 0; i < n_entries; i++)
@@ -427,13 +418,13 @@ int tally_coalesce_open(const tally_coalesce_options *opts, tally_coalesce **out
         c->stripes[s].spare = NIL;
         if (pthread_mutex_init(&c->stripes[s].lock, NULL))
             break;
-        if (monotonic_cond_init(&c->stripes[s].drained)) {
+        if (tally__cond_init_mono(&c->stripes[s].drained)) {
             pthread_mutex_destroy(&c->stripes[s].lock);
             break;
         }
     }
     for (i = 0; s == STRIPES && i < o.capacity; i++)
-        if (monotonic_cond_init(&c->entries[i].cond))
+        if (tally__cond_init_mono(&c->entries[i].cond))
             break;
     if (s < STRIPES || i < o.capacity) {
         free_coalescer(c, i, s);
@@ -651,21 +642,6 @@ static void cap_give(tally_coalesce *c)
 
 /* ---- The call ------------------------------------------------------------- */
 
-static uint64_t mono_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-static struct timespec deadline_after(uint64_t timeout_ns)
-{
-    uint64_t now = mono_ns();
-    uint64_t t = timeout_ns > UINT64_MAX - now ? UINT64_MAX : now + timeout_ns;
-    return (struct timespec){ .tv_sec = (time_t)(t / 1000000000u), .tv_nsec = (long)(t % 1000000000u) };
-}
-
-/* Leave the stripe: the last one out while closing wakes shutdown. */
 static void stripe_leave(tally_coalesce *c, stripe *s)
 {
     /* relaxed: under the stripe lock, which shutdown takes after setting it */
@@ -685,7 +661,7 @@ static int join(tally_coalesce *c, stripe *s, entry *e, uint64_t now, uint64_t t
     s->active++;
     s->coalesced++;
     if (timeout_ns != 0 && timeout_ns != TALLY_COALESCE_FOREVER)
-        dl = deadline_after(timeout_ns);
+        dl = tally__deadline(timeout_ns);
     /* relaxed loads of closing: under the stripe lock (guarantee 6) */
     while (!r->done && !atomic_load_explicit(&c->closing, memory_order_relaxed)) {
         if (timeout_ns == 0)
@@ -963,7 +939,7 @@ int tally_coalesce_shutdown(tally_coalesce *c, uint64_t timeout_ns)
     if (!c)
         return TALLY_EINVAL;
     if (timeout_ns != 0 && timeout_ns != TALLY_COALESCE_FOREVER)
-        dl = deadline_after(timeout_ns);
+        dl = tally__deadline(timeout_ns);
     /* relaxed: releasing each stripe lock below publishes it to later lockers */
     atomic_store_explicit(&c->closing, true, memory_order_relaxed);
     for (unsigned i = 0; i < STRIPES; i++) {

@@ -4,9 +4,12 @@
  * use for hash-flooding resistance; SipHash-2-4 shares the code so that the
  * reference test vectors can check it.
  */
+#include <errno.h>
 #include <string.h>
+#include <sys/random.h>
 
-#include "engine/engine-internal.h"
+#include "core/hash.h"
+#include "tally.h"
 
 static inline uint64_t rotl(uint64_t x, int b)
 {
@@ -98,4 +101,18 @@ tally__digest tally__siphash128(const uint8_t key[16], const void *data, size_t 
 tally__digest tally__siphash24_128(const uint8_t key[16], const void *data, size_t len)
 {
     SIPHASH128(ROUNDS_2, ROUNDS_4);
+}
+
+int tally__hash_key_fill(uint8_t key[16])
+{
+    size_t got = 0;
+    if (!tally__all_zero(key, 16))
+        return 0;
+    while (got < 16) {
+        ssize_t n = getrandom(key + got, 16 - got, 0);
+        if (n < 0 && errno != EINTR)
+            return TALLY_ENOMEM;
+        got += n > 0 ? (size_t)n : 0;
+    }
+    return 0;
 }

@@ -1,4 +1,5 @@
-/* Private declarations shared by the files of src/. Not installed. */
+/* The engine layer's private declarations: state encodings, algorithms, the
+   key table, policies, notes and the engine itself. Not installed. */
 #ifndef TALLY_INTERNAL_H
 #define TALLY_INTERNAL_H
 
@@ -8,11 +9,9 @@
 #include <stdint.h>
 
 #include "tally.h"
-
-_Static_assert(sizeof(struct { _Alignas(16) uint64_t a; uint64_t b; }) == 16, "16-byte CAS pair");
-
-#define TALLY__LIKELY(x)   __builtin_expect(!!(x), 1)
-#define TALLY__UNLIKELY(x) __builtin_expect(!!(x), 0)
+#include "core/atomics.h"
+#include "core/clock.h"
+#include "core/hash.h"
 
 /* ---- Per-limit state: two words swapped together by a 16-byte CAS ------- */
 
@@ -26,14 +25,9 @@ _Static_assert(sizeof(struct { _Alignas(16) uint64_t a; uint64_t b; }) == 16, "1
  * {0, 0} is the empty state for every algorithm. Every encoding keeps w1 at
  * most INT64_MAX, so w1 == UINT64_MAX is free to mean "slot being reclaimed".
  */
-typedef struct tally__state {
-    _Alignas(16) uint64_t w0;
-    uint64_t w1;
-} tally__state;
 
 #define TALLY__MARK      (UINT64_C(1) << 63)
 #define TALLY__DEAD_W1   UINT64_MAX
-#define TALLY__TIME_MAX  ((uint64_t)INT64_MAX)
 
 static inline bool tally__state_is_dead(tally__state s) { return s.w1 == TALLY__DEAD_W1; }
 static inline bool tally__state_is_empty(tally__state s) { return (s.w0 | s.w1) == 0; }
@@ -96,29 +90,6 @@ void tally__algo_counter(const tally__limit *l, tally__state s, uint64_t now, ta
 /* Calendar arithmetic (exposed for tests). Times are ns since the epoch. */
 uint64_t tally__calendar_start(tally_calendar_unit unit, int32_t utc_offset_s, uint64_t now);
 uint64_t tally__calendar_next(tally_calendar_unit unit, int32_t utc_offset_s, uint64_t start);
-
-/* True when @n bytes at @p are all zero (an unset hash key). */
-static inline bool tally__all_zero(const uint8_t *p, size_t n)
-{
-    uint8_t acc = 0;
-    for (size_t i = 0; i < n; i++)
-        acc |= p[i];
-    return acc == 0;
-}
-
-/* An all-zero hash key becomes a random one. Return 0 or TALLY_ENOMEM. */
-int tally__hash_key_fill(uint8_t key[16]);
-
-/* ---- Keyed hash -------------------------------------------------------- */
-
-typedef struct tally__digest {
-    uint64_t lo, hi;
-} tally__digest;
-
-/* SipHash-1-3 with a 128-bit output: the key digest. */
-tally__digest tally__siphash128(const uint8_t key[16], const void *data, size_t len);
-/* SipHash-2-4 with a 128-bit output: the reference variant, for its test vectors. */
-tally__digest tally__siphash24_128(const uint8_t key[16], const void *data, size_t len);
 
 /* ---- The key table ----------------------------------------------------- */
 
@@ -339,35 +310,6 @@ int  tally__ops_prometheus(tally_engine *e, char *buf, size_t len, size_t w);
 void tally__ops_free(tally_engine *e);
 /* Allocate the sync array of a policy's table (flusher start, policy add). */
 int tally__table_sync_alloc(tally__table *t);
-/* Run @fn inside an RCU read-side section (for the flusher). */
-void tally__rcu_read(void (*fn)(void *), void *arg);
-void tally__rcu_wait(void);
 
-/* ---- State word access ------------------------------------------------- */
-
-static inline tally__state tally__state_load(tally__state *p)
-{
-    tally__state s;
-    /* Two plain atomic loads: a torn pair is caught by the CAS that follows. */
-    s.w0 = __atomic_load_n(&p->w0, __ATOMIC_ACQUIRE);
-    s.w1 = __atomic_load_n(&p->w1, __ATOMIC_ACQUIRE);
-    return s;
-}
-
-static inline tally__state tally__state_load_atomic(tally__state *p)
-{
-    /* One 16-byte load, for readers that report the pair without a CAS. */
-    unsigned __int128 v = __atomic_load_n((unsigned __int128 *)p, __ATOMIC_ACQUIRE);
-    tally__state s = { (uint64_t)v, (uint64_t)(v >> 64) };
-    return s;
-}
-
-static inline bool tally__state_cas(tally__state *p, tally__state expect, tally__state desired)
-{
-    unsigned __int128 e = ((unsigned __int128)expect.w1 << 64) | expect.w0;
-    unsigned __int128 d = ((unsigned __int128)desired.w1 << 64) | desired.w0;
-    /* full barrier: the new state is ordered after everything the hit read */
-    return __sync_bool_compare_and_swap((unsigned __int128 *)p, e, d);
-}
 
 #endif /* TALLY_INTERNAL_H */

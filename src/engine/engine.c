@@ -28,116 +28,13 @@
 #include <sys/random.h>
 #include <time.h>
 
-/* Inline the read-side fast path: these static inline functions of liburcu
-   are a few lines each (LGPL-2.1 section 5 covers them). Not under
-   ThreadSanitizer: liburcu's own plain-access protocol would then be
-   instrumented as if it were ours; TSan builds call the library instead. */
-#if defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define TALLY__TSAN 1
-#endif
-#endif
-#if !defined(TALLY__TSAN) && !defined(__SANITIZE_THREAD__)
-#define _LGPL_SOURCE
-#endif
-#include <urcu/urcu-memb.h>
 
-#include "engine/algo-step.h"
+#include "core/rcu.h"
 #include "core/tsan.h"
+#include "engine/algo-step.h"
 
 #define DEFAULT_CAPACITY    65536
 #define DEFAULT_MAX_KEY_LEN 256
-
-/* ---- Errors -------------------------------------------------------------- */
-
-const char *tally_strerror(int err)
-{
-    switch (err) {
-    case 0:
-        return "success";
-#define TALLY_ERR_CASE_(name, value, msg) case name: return msg;
-        TALLY_ERRORS(TALLY_ERR_CASE_)
-#undef TALLY_ERR_CASE_
-    default:
-        return "unknown error";
-    }
-}
-
-/* ---- Clock --------------------------------------------------------------- */
-
-static uint64_t clock_base_real, clock_base_mono;
-
-static uint64_t read_clock(clockid_t id)
-{
-    struct timespec ts;
-    clock_gettime(id, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-__attribute__((constructor)) static void clock_init(void)
-{
-    clock_base_real = read_clock(CLOCK_REALTIME);
-    clock_base_mono = read_clock(CLOCK_MONOTONIC);
-}
-
-uint64_t tally_now_ns(void)
-{
-    return clock_base_real + (read_clock(CLOCK_MONOTONIC) - clock_base_mono);
-}
-
-/* ---- RCU reader registration --------------------------------------------- */
-
-static pthread_once_t rcu_once = PTHREAD_ONCE_INIT;
-static pthread_key_t rcu_key;
-static __thread bool rcu_registered __attribute__((tls_model("initial-exec")));
-static __thread unsigned stat_shard __attribute__((tls_model("initial-exec")));
-static _Atomic unsigned stat_shard_next;
-
-static void rcu_thread_exit(void *arg)
-{
-    (void)arg;
-    urcu_memb_unregister_thread();
-}
-
-static void rcu_key_init(void)
-{
-    pthread_key_create(&rcu_key, rcu_thread_exit);
-}
-
-static inline void rcu_enter(void)
-{
-    if (TALLY__UNLIKELY(!rcu_registered)) {
-        pthread_once(&rcu_once, rcu_key_init);
-        urcu_memb_register_thread();
-        /* non-NULL so that the destructor runs when the thread exits */
-        pthread_setspecific(rcu_key, &rcu_registered);
-        rcu_registered = true;
-        stat_shard = atomic_fetch_add_explicit(&stat_shard_next, 1, memory_order_relaxed);
-    }
-    urcu_memb_read_lock();
-}
-
-static inline void rcu_exit(void)
-{
-    urcu_memb_read_unlock();
-}
-
-static void rcu_synchronize(void)
-{
-    urcu_memb_synchronize_rcu();
-}
-
-void tally__rcu_read(void (*fn)(void *), void *arg)
-{
-    rcu_enter();
-    fn(arg);
-    rcu_exit();
-}
-
-void tally__rcu_wait(void)
-{
-    rcu_synchronize();
-}
 
 /* ---- Engine -------------------------------------------------------------- */
 
@@ -148,20 +45,6 @@ void tally_options_init(tally_options *opts)
     memset(opts, 0, sizeof(*opts));
     opts->capacity = DEFAULT_CAPACITY;
     opts->max_key_len = DEFAULT_MAX_KEY_LEN;
-}
-
-int tally__hash_key_fill(uint8_t key[16])
-{
-    size_t got = 0;
-    if (!tally__all_zero(key, 16))
-        return 0;
-    while (got < 16) {
-        ssize_t n = getrandom(key + got, 16 - got, 0);
-        if (n < 0 && errno != EINTR)
-            return TALLY_ENOMEM;
-        got += n > 0 ? (size_t)n : 0;
-    }
-    return 0;
 }
 
 int tally_open(const tally_options *opts, tally_engine **out)
@@ -198,7 +81,7 @@ void tally_close(tally_engine *e)
     tally_flusher_stop(e);
     atomic_store(&e->closing, true);
     /* every call that started before now has left its read-side section */
-    rcu_synchronize();
+    tally__rcu_wait();
     /* and calls parked outside RCU to wait for a grace period are done */
     while (atomic_load(&e->reclaimers) != 0)
         sched_yield();
@@ -294,14 +177,14 @@ static int enter(tally_engine *e, uint32_t policy, const void *key, size_t key_l
 {
     if (TALLY__UNLIKELY(!e || !key || !out || key_len == 0))
         return TALLY_EINVAL;
-    rcu_enter();
+    tally__rcu_enter();
     if (TALLY__UNLIKELY(atomic_load_explicit(&e->closing, memory_order_relaxed))) {
-        rcu_exit();
+        tally__rcu_exit();
         return TALLY_ESTATE;
     }
     *pp = tally__policy_get(e, policy);
     if (TALLY__UNLIKELY(!*pp || key_len > e->opts.max_key_len)) {
-        rcu_exit();
+        tally__rcu_exit();
         return TALLY_EINVAL;
     }
     return 0;
@@ -335,10 +218,10 @@ static int acquire_slot(tally_engine *e, tally__table *t, tally__digest d, const
             }
         }
         atomic_fetch_add(&e->reclaimers, 1);
-        rcu_exit();
-        rcu_synchronize();
+        tally__rcu_exit();
+        tally__rcu_wait();
         tally__table_reclaim_free(t, &batch);
-        rcu_enter();
+        tally__rcu_enter();
         /* seen before close's grace period began, or close waits for us */
         bool closing = atomic_load(&e->closing);
         atomic_fetch_sub(&e->reclaimers, 1);
@@ -547,7 +430,7 @@ static void push_event(tally_engine *e, const hit_ctx *c, unsigned i, tally__dig
 
 static inline tally__stat_shard *my_shard(tally_engine *e)
 {
-    return &e->stats[stat_shard % TALLY__STAT_SHARDS];
+    return &e->stats[tally__thread_no % TALLY__STAT_SHARDS];
 }
 
 /* One more on a counter of this thread's shard. A thread that owns its shard
@@ -555,7 +438,7 @@ static inline tally__stat_shard *my_shard(tally_engine *e)
    store, no locked read-modify-write on the hot path. */
 static inline void stat_inc(_Atomic uint64_t *c)
 {
-    if (TALLY__LIKELY(stat_shard < TALLY__STAT_SHARDS))
+    if (TALLY__LIKELY(tally__thread_no < TALLY__STAT_SHARDS))
         atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + 1,
                               memory_order_relaxed);
     else
@@ -587,7 +470,7 @@ int tally_hit_at(tally_engine *e, uint32_t policy, const void *key, size_t key_l
 
     tally__stat_shard *st = my_shard(e);
     if (TALLY__UNLIKELY(too_stale(e, now_ns))) {
-        rcu_exit();
+        tally__rcu_exit();
         memset(out, 0, sizeof(*out));
         out->retry_after_ns = atomic_load_explicit(&e->fail_closed_ns, memory_order_relaxed);
         stat_inc(&st->hits);
@@ -641,7 +524,7 @@ int tally_hit_at(tally_engine *e, uint32_t policy, const void *key, size_t key_l
         }
         tally__table_help_kill(t, c.s);
     }
-    rcu_exit();
+    tally__rcu_exit();
     return rc;
 }
 
@@ -679,7 +562,7 @@ int tally_peek_at(tally_engine *e, uint32_t policy, const void *key, size_t key_
         algo_step(&p->limits[i], cur, now_ns, 1, TALLY__ADD_NEVER | TALLY__NO_MARK, &rem, &r[i]);
     }
     fill_result(p, r, out);
-    rcu_exit();
+    tally__rcu_exit();
     return 0;
 }
 
@@ -730,7 +613,7 @@ int tally_read(tally_engine *e, uint32_t policy, const void *key, size_t key_len
     rc = s ? 0 : TALLY_ENOENT;
     if (s)
         rc = read_instance(t, s, now, &snap);
-    rcu_exit();
+    tally__rcu_exit();
     if (!rc)
         *out = snap;
     return rc;
@@ -749,12 +632,12 @@ int tally_reset_if(tally_engine *e, uint32_t policy, const void *key, size_t key
     if (rc)
         return rc;
     if (observed->policy != policy || observed->n_limits != p->n_limits) {
-        rcu_exit();
+        tally__rcu_exit();
         return TALLY_EINVAL;
     }
     tally__slot *s = tally__table_find(&p->table, tally__key_digest(e->opts.hash_key, key, key_len));
     if (!s) {
-        rcu_exit();
+        tally__rcu_exit();
         return TALLY_ENOENT;
     }
     /* Resetters of one policy take turns, so that of several resetters of
@@ -782,7 +665,7 @@ int tally_reset_if(tally_engine *e, uint32_t policy, const void *key, size_t key
         atomic_store_explicit(gen, mask ? tally__table_gen_fresh(t) : g, memory_order_release);
     }
     pthread_mutex_unlock(&p->reset_lock);
-    rcu_exit();
+    tally__rcu_exit();
     if (reset_mask)
         *reset_mask = mask;
     return mask ? 0 : TALLY_ECONFLICT;

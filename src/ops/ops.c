@@ -21,6 +21,7 @@
 #include <string.h>
 
 #include "engine/algo-step.h"
+#include "core/rcu.h"
 #include "core/tsan.h"
 
 #define DEFAULT_EPISODES 200

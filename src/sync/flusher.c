@@ -51,6 +51,8 @@
 #include <hiredis/hiredis.h>
 
 #include "engine/engine-internal.h"
+#include "core/clock.h"
+#include "core/rcu.h"
 #include "core/tsan.h"
 
 #define CHUNK_KEYS      500            /* keys per Lua batch */
@@ -1235,11 +1237,7 @@ static void *flusher_main(void *arg)
     pthread_mutex_lock(&f->lock);
     for (;;) {
         if (!f->stop && f->requested == f->done) {
-            struct timespec until;
-            clock_gettime(CLOCK_REALTIME, &until);
-            uint64_t ns = (uint64_t)until.tv_nsec + (uint64_t)f->o.interval_ms * 1000000u;
-            until.tv_sec += (time_t)(ns / 1000000000u);
-            until.tv_nsec = (long)(ns % 1000000000u);
+            struct timespec until = tally__deadline((uint64_t)f->o.interval_ms * TALLY__NS_PER_MS);
             pthread_cond_timedwait(&f->cond, &f->lock, &until);
         }
         bool stop = f->stop;
@@ -1336,7 +1334,11 @@ int tally_flusher_start(tally_engine *e, const tally_flusher_options *o)
     f->inflight_tail = &f->inflight_head;
     f->events_tail = &f->events;
     pthread_mutex_init(&f->lock, NULL);
-    pthread_cond_init(&f->cond, NULL);
+    if (tally__cond_init_mono(&f->cond)) {
+        pthread_mutex_destroy(&f->lock);
+        free(f);
+        return TALLY_ENOMEM;
+    }
     pthread_mutex_init(&f->err_lock, NULL);
     if (o->redis) {
         f->ro = *o->redis;
@@ -1399,11 +1401,7 @@ int tally_flush(tally_engine *e, uint32_t timeout_ms)
     pthread_mutex_unlock(&e->add_lock);
     uint64_t gen = ++f->requested;
     pthread_cond_broadcast(&f->cond);
-    struct timespec until;
-    clock_gettime(CLOCK_REALTIME, &until);
-    uint64_t ns = (uint64_t)until.tv_nsec + (uint64_t)timeout_ms * 1000000u;
-    until.tv_sec += (time_t)(ns / 1000000000u);
-    until.tv_nsec = (long)(ns % 1000000000u);
+    struct timespec until = tally__deadline((uint64_t)timeout_ms * TALLY__NS_PER_MS);
     int rc = 0;
     while (f->done < gen && !f->stop && rc == 0)
         rc = pthread_cond_timedwait(&f->cond, &f->lock, &until);
