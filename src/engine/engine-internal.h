@@ -95,6 +95,7 @@ uint64_t tally__calendar_next(tally_calendar_unit unit, int32_t utc_offset_s, ui
 
 
 typedef struct tally__table tally__table;
+typedef struct tally__notes tally__notes;
 
 /*
  * A slot: a 16-byte digest word, then one 16-byte state per limit.
@@ -162,7 +163,7 @@ struct tally__table {
     tally__watch_slot *_Atomic watch; /* n_slots, once the policy has a watch */
     _Atomic uint64_t *gen;        /* n_slots: the state instance of each slot (table.c) */
     _Atomic uint64_t gen_next;    /* next unused instance number (even, never reused) */
-    struct tally_engine *engine;  /* owner, for spilling deltas of reclaimed slots */
+    struct tally__notes *notes;   /* where deltas of reclaimed slots are spilled */
     uint32_t        policy;       /* id of the owning policy */
 };
 
@@ -247,6 +248,12 @@ typedef struct tally__note {
 
 enum { TALLY__NOTE_DELTA, TALLY__NOTE_EVENT, TALLY__NOTE_FLAG, TALLY__NOTE_UNFLAG };
 
+/* The hand-off stack (notes.c). */
+struct tally__notes {
+    tally__note *_Atomic head;
+    _Atomic uint64_t lost;         /* cost that could not be handed over (out of memory) */
+};
+
 #define TALLY__STAT_SHARDS 64     /* the first 64 threads each own one; later ones share */
 typedef struct tally__stat_shard {
     _Alignas(64) _Atomic uint64_t hits;
@@ -262,13 +269,12 @@ struct tally_engine {
     pthread_mutex_t  add_lock;       /* serialises tally_policy_add and flusher start/stop */
     _Atomic uint32_t n_policies;
     tally__policy *_Atomic policies[TALLY_MAX_POLICIES];
-    tally__note *_Atomic notes;      /* spilled deltas and events for the flusher */
+    tally__notes     notes;          /* spilled deltas and events for the flusher */
     _Atomic bool     syncing;        /* a flusher runs: hot path records deltas */
     _Atomic bool     events_on;      /* ... and wants first_exceeded events */
     _Atomic uint64_t fail_closed_ns; /* 0: fail open; else deny when the last flush is older */
     _Atomic uint64_t last_flush_ok_ns;
     struct tally__flusher *flusher;  /* under add_lock */
-    _Atomic uint64_t spill_lost;     /* cost that could not be handed over (out of memory) */
     _Atomic uint64_t pending_deltas, pending_cost;   /* as of the last flush */
     _Atomic uint64_t flush_batches, flush_failures, redis_reconnects, events_delivered;
     _Atomic uint64_t redis_errors, redis_permanent_errors;
@@ -279,6 +285,11 @@ struct tally_engine {
     tally__stat_shard stats[TALLY__STAT_SHARDS];
 };
 
+/* Close, in the engine's part: mark it closing and wait until no call of
+   its own runs (a grace period, and reclaims parked outside RCU); then free. */
+void tally__engine_quiesce(tally_engine *e);
+void tally__engine_free(tally_engine *e);
+
 /* The policy behind @id, or NULL for an unknown id. Any thread. */
 static inline tally__policy *tally__policy_get(tally_engine *e, uint32_t id)
 {
@@ -287,10 +298,14 @@ static inline tally__policy *tally__policy_get(tally_engine *e, uint32_t id)
         ? atomic_load_explicit(&e->policies[id], memory_order_acquire) : NULL;
 }
 
-void tally__note_push(tally_engine *e, tally__note *n);
+void tally__note_push(tally__notes *s, tally__note *n);
+/* Take every note pushed so far, newest first. */
+tally__note *tally__notes_take(tally__notes *s);
+/* Free every note left (close). */
+void tally__notes_drain(tally__notes *s);
 /* Spill an unflushed delta that can no longer stay in its slot, with the key
    bytes the sinks are given (NULL: the digest, as with digest_only). */
-void tally__spill(tally_engine *e, uint32_t policy, unsigned limit, tally__digest d,
+void tally__spill(tally__notes *s, uint32_t policy, unsigned limit, tally__digest d,
                   uint64_t win, uint64_t delta, const void *key, size_t key_len);
 /* Make a note for the flusher carrying @key (or the digest). NULL when out of memory. */
 tally__note *tally__note_new(uint8_t kind, uint32_t policy, unsigned limit, tally__digest d,

@@ -463,7 +463,7 @@ void tally__table_reclaim_free(tally__table *t, const tally__batch *b)
                landed after the reclaim looked goes to the flusher, never lost. */
             uint64_t delta = __atomic_load_n(&e->delta, __ATOMIC_ACQUIRE);
             if (delta)
-                tally__spill(t->engine, t->policy, i, b->digest[j],
+                tally__spill(t->notes, t->policy, i, b->digest[j],
                              __atomic_load_n(&e->win, __ATOMIC_RELAXED), delta,
                              kp ? (const void *)(kp + 1) : NULL, kp ? *kp : 0);
             __atomic_store_n(&e->win, 0, __ATOMIC_RELAXED);

@@ -2,17 +2,15 @@
  * Operator views: the rejection watch and its set-once flag, throttle
  * episodes, the table scan, and per-interval usage histograms.
  *
+ * The hot path's half of the rejection watch (counting denials, setting the
+ * flag) is engine/watch.c.
+ *
  * Ordering and progress guarantees:
- *  1. A denial feeds the key's watch with one 16-byte CAS loop on a sliding
- *     window of denied cost (the algorithm of algo-step.h) and one fetch_add:
- *     no lock on the hot path.
- *  2. The flag is a word set once by a CAS from 0: of any number of calls that
- *     cross the threshold together, exactly one sets it and hands a note to
- *     the flusher. Only tally_watch_clear sets it back to 0.
- *  3. A flagged slot is never reclaimed: the flag stays until cleared.
- *  4. The scan reads slots in chunks inside RCU read-side sections, copies
+ *  1. Only tally_watch_clear sets a flag back to 0; a flagged slot is never
+ *     reclaimed (engine/table.c), so the flag stays until cleared.
+ *  2. The scan reads slots in chunks inside RCU read-side sections, copies
  *     what it reports, and calls back outside them.
- *  5. Episodes and the last usage reports belong to the flusher thread; the
+ *  3. Episodes and the last usage reports belong to the flusher thread; the
  *     readers take the engine's ops_lock to copy them.
  */
 #include <inttypes.h>
@@ -96,37 +94,6 @@ int tally_watch_set(tally_engine *e, uint32_t policy, const tally_watch *w)
     return rc;
 }
 
-void tally__watch_feed(tally_engine *e, tally__policy *p, size_t idx, tally__digest d,
-                       const void *key, size_t key_len, uint64_t cost, uint64_t now)
-{
-    tally__watch_slot *w = &atomic_load_explicit(&p->table.watch, memory_order_acquire)[idx];
-    tally__step r;
-
-    for (;;) {
-        tally__state cur = tally__state_load(&w->denied);
-        algo_step(&p->watch_rule, cur, now, cost, TALLY__ADD_ALWAYS | TALLY__NO_MARK, NULL, &r);
-        if (!r.changed || tally__state_cas(&w->denied, cur, r.next))
-            break;
-    }
-    __atomic_fetch_add(&w->acc, cost, __ATOMIC_RELAXED);
-    if (r.used < p->watch_rule.spec.max || __atomic_load_n(&w->flag_at, __ATOMIC_RELAXED))
-        return;
-    uint64_t expect = 0, at = now ? now : 1;
-    /* the one CAS that flags the key (guarantee 2) */
-    if (!__atomic_compare_exchange_n(&w->flag_at, &expect, at, false, __ATOMIC_ACQ_REL,
-                                     __ATOMIC_RELAXED))
-        return;
-    __atomic_store_n(&w->flag_amount, r.used, __ATOMIC_RELAXED);
-    atomic_fetch_add_explicit(&e->flags_set, 1, memory_order_relaxed);
-    tally__note *n = tally__note_new(TALLY__NOTE_FLAG, p->table.policy, 0, d,
-                                     e->opts.digest_only ? NULL : key, key_len);
-    if (n) {
-        n->win = at;
-        n->delta = r.used;
-        tally__note_push(e, n);
-    }
-}
-
 /* The watch slot of key @d, or NULL when the key is not in the table. */
 static tally__watch_slot *watch_slot_of(tally__policy *p, tally__digest d)
 {
@@ -175,7 +142,7 @@ int tally_watch_clear(tally_engine *e, uint32_t policy, const void *key, size_t 
        engine held the key: a restarted process may not have it yet) */
     tally__note *n = tally__note_new(TALLY__NOTE_UNFLAG, policy, 0, a.d, NULL, 0);
     if (n)
-        tally__note_push(e, n);
+        tally__note_push(&e->notes, n);
     return a.rc;
 }
 

@@ -63,54 +63,6 @@
 #define MAX_KEPT_BATCHES 8             /* batches of unknown outcome before forming stops */
 #define ERRSTR_LEN      256
 
-/* ---- The hand-off stack -------------------------------------------------- */
-
-void tally__note_push(tally_engine *e, tally__note *n)
-{
-    tally__note *head = atomic_load_explicit(&e->notes, memory_order_relaxed);
-    tally__tsan_release(n);
-    do {
-        n->next = head;
-        /* release: the note's contents before it is reachable */
-    } while (!atomic_compare_exchange_weak_explicit(&e->notes, &head, n, memory_order_release,
-                                                    memory_order_relaxed));
-}
-
-tally__note *tally__note_new(uint8_t kind, uint32_t policy, unsigned limit, tally__digest d,
-                             const void *key, size_t key_len)
-{
-    if (!key) {
-        key = &d;
-        key_len = sizeof(d);
-    }
-    tally__note *n = malloc(sizeof(*n) + key_len);
-    if (!n)
-        return NULL;
-    memset(n, 0, sizeof(*n));
-    n->kind = kind;
-    n->policy = policy;
-    n->limit = limit;
-    n->digest = d;
-    n->key_len = key_len;
-    memcpy(n->key, key, key_len);
-    return n;
-}
-
-void tally__spill(tally_engine *e, uint32_t policy, unsigned limit, tally__digest d,
-                  uint64_t win, uint64_t delta, const void *key, size_t key_len)
-{
-    tally__note *n = tally__note_new(TALLY__NOTE_DELTA, policy, limit, d, key, key_len);
-    if (!n) {
-        /* Nowhere to keep it: count it in the flusher's lost tally. Memory
-           exhaustion is the one case where a delta can leave unpushed. */
-        atomic_fetch_add_explicit(&e->spill_lost, delta, memory_order_relaxed);
-        return;
-    }
-    n->win = win;
-    n->delta = delta;
-    tally__note_push(e, n);
-}
-
 /* ---- The flusher's own bookkeeping --------------------------------------- */
 
 /* A (policy, limit, key, window) with cost taken from the engine. */
@@ -284,7 +236,7 @@ static void keep(struct tally__flusher *f, uint32_t policy, unsigned limit, tall
 {
     entry *x = map_get(f, policy, limit, d, win, key, key_len);
     if (!x) {
-        tally__spill(f->e, policy, limit, d, win, delta, key, key_len);
+        tally__spill(&f->e->notes, policy, limit, d, win, delta, key, key_len);
         return;
     }
     tally__policy *p = tally__policy_get(f->e, policy);
@@ -412,9 +364,7 @@ static void collect(struct tally__flusher *f)
     tally_engine *e = f->e;
 
     /* spilled deltas and events first */
-    for (tally__note *n = atomic_exchange_explicit(&e->notes, NULL, memory_order_acquire), *next; n;
-         n = next) {
-        tally__tsan_acquire(n);
+    for (tally__note *n = tally__notes_take(&e->notes), *next; n; n = next) {
         next = n->next;
         if (n->kind != TALLY__NOTE_DELTA) {
             /* events, flags and flag clearings, delivered or stored in order */
@@ -1458,7 +1408,7 @@ int tally_stats_read(tally_engine *e, tally_stats *out)
     out->redis_reconnects = atomic_load_explicit(&e->redis_reconnects, memory_order_relaxed);
     out->last_flush_ok_ns = atomic_load_explicit(&e->last_flush_ok_ns, memory_order_relaxed);
     out->events = atomic_load_explicit(&e->events_delivered, memory_order_relaxed);
-    out->lost_cost = atomic_load_explicit(&e->spill_lost, memory_order_relaxed);
+    out->lost_cost = atomic_load_explicit(&e->notes.lost, memory_order_relaxed);
     out->redis_errors = atomic_load_explicit(&e->redis_errors, memory_order_relaxed);
     out->redis_permanent_errors = atomic_load_explicit(&e->redis_permanent_errors, memory_order_relaxed);
     return 0;

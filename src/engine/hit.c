@@ -1,0 +1,539 @@
+/*
+ * The hot path: hit, peek, read and reset_if, and the one CAS loop that
+ * applies the pure algorithm steps of algo.c to the state words of table.c.
+ *
+ * Ordering and progress guarantees of the hot path:
+ *  1. Every call that touches a table runs inside an RCU read-side section;
+ *     slots are reused only after a grace period (table.c, guarantee 5).
+ *  2. A limit's state changes only by a 16-byte CAS from the exact state the
+ *     step was computed from, so every increment is applied exactly once and
+ *     the exceeded mark, kept in the same word, is set by exactly one call.
+ *     A step that changes nothing is validated the same way (a CAS to the
+ *     same words), so every decision comes from a state that really existed:
+ *     each single-limit hit is linearizable at its CAS.
+ *  3. A single-limit hit is one CAS loop: lock-free, it retries only when
+ *     another call changed the same key in between.
+ *  4. A multi-limit hit first checks every limit without writing. If all fit,
+ *     it consumes from each in order and, should a limit stop fitting in the
+ *     meantime, takes back what it consumed and decides again; if one denies,
+ *     it only sets the exceeded marks. The end state is all-or-none; a
+ *     concurrent call may briefly see a consumption that is then taken back.
+ *  5. A hit that meets a DEAD state (its slot was reclaimed because every
+ *     window in it expired) helps finish the reclaim and starts over in a
+ *     fresh slot: nothing it consumed stays in the dead slot.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/rcu.h"
+#include "core/tsan.h"
+#include "engine/algo-step.h"
+
+/*
+ * Common argument checks; on success the caller is inside a read-side
+ * section. Nothing of @e is read before the section is entered and the
+ * closing flag is checked: tally_close() frees the engine only after a grace
+ * period that began after it set the flag, so a call whose section began
+ * before that grace period reads live memory and sees the flag if it is set.
+ * That is what lets close detect most calls that race with it (the contract
+ * forbids them; see tally_close() in tally.h for why it cannot catch all).
+ */
+static int enter(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
+                 const void *out, tally__policy **pp)
+{
+    if (TALLY__UNLIKELY(!e || !key || !out || key_len == 0))
+        return TALLY_EINVAL;
+    tally__rcu_enter();
+    if (TALLY__UNLIKELY(atomic_load_explicit(&e->closing, memory_order_relaxed))) {
+        tally__rcu_exit();
+        return TALLY_ESTATE;
+    }
+    *pp = tally__policy_get(e, policy);
+    if (TALLY__UNLIKELY(!*pp || key_len > e->opts.max_key_len)) {
+        tally__rcu_exit();
+        return TALLY_EINVAL;
+    }
+    return 0;
+}
+
+/*
+ * Take the slot of a new key. When the key has no free slot, reclaim expired
+ * slots: leave the read-side section to wait for a grace period, then retry.
+ * Returns inside a read-side section whatever happens.
+ */
+static int acquire_slot(tally_engine *e, tally__table *t, tally__digest d, const void *key,
+                        size_t key_len, uint64_t now, tally__slot **out)
+{
+    tally__batch batch;
+    unsigned idle = 0;
+
+    for (;;) {
+        int rc = tally__table_acquire(t, d, key, key_len, out);
+        if (rc != TALLY_EFULL)
+            return rc;
+        if (tally__table_reclaim_take(t, d, now, &batch) == 0) {
+            /* Nothing to take. Slots another reclaim took become FREE after
+               its grace period, and slots may have been freed since we
+               looked: try a few more times before giving up. */
+            if (++idle > 8)
+                return TALLY_EFULL;
+            if (atomic_load_explicit(&t->zombies, memory_order_relaxed) == 0) {
+                if (atomic_load_explicit(&t->live, memory_order_relaxed) >= t->capacity)
+                    return TALLY_EFULL;
+                continue;
+            }
+        }
+        atomic_fetch_add(&e->reclaimers, 1);
+        tally__rcu_exit();
+        tally__rcu_wait();
+        tally__table_reclaim_free(t, &batch);
+        tally__rcu_enter();
+        /* seen before close's grace period began, or close waits for us */
+        bool closing = atomic_load(&e->closing);
+        atomic_fetch_sub(&e->reclaimers, 1);
+        if (closing)
+            return TALLY_ESTATE;
+    }
+}
+
+static void fill_result(const tally__policy *p, const tally__step *r, tally_result *out)
+{
+    if (TALLY__LIKELY(p->n_limits == 1)) {
+        out->allowed = r->fits || (p->flags & TALLY_SHADOW);
+        out->exceeded = !r->fits;
+        out->first_exceeded = r->first;
+        out->remaining = r->remaining;
+        out->reset_after_ns = r->reset_after_ns;
+        out->retry_after_ns = out->allowed ? 0 : r->retry_after_ns;
+        return;
+    }
+    uint32_t exceeded = 0, first = 0;
+    uint64_t remaining = UINT64_MAX, reset = 0, retry = 0;
+
+    for (unsigned i = 0; i < p->n_limits; i++) {
+        if (!r[i].fits) {
+            exceeded |= 1u << i;
+            if (r[i].retry_after_ns > retry)
+                retry = r[i].retry_after_ns;
+        }
+        if (r[i].first)
+            first |= 1u << i;
+        /* the binding limit has the least room; among equals, the longest wait */
+        if (r[i].remaining < remaining || (r[i].remaining == remaining && r[i].reset_after_ns > reset)) {
+            remaining = r[i].remaining;
+            reset = r[i].reset_after_ns;
+        }
+    }
+    out->allowed = exceeded == 0 || (p->flags & TALLY_SHADOW);
+    out->exceeded = exceeded;
+    out->first_exceeded = first;
+    out->remaining = remaining;
+    out->reset_after_ns = reset;
+    out->retry_after_ns = out->allowed ? 0 : retry;
+}
+
+enum { STEP_OK = 0, STEP_DEAD = 1 };
+
+/* One hit's view of its slot. */
+typedef struct hit_ctx {
+    tally__policy *p;
+    tally__slot   *s;
+    tally__sync   *sync;      /* the slot's entries, one per limit; NULL when not syncing */
+} hit_ctx;
+
+/* Other engines' count for limit @i: seqlock read, rwin is the sequence. */
+static inline void load_remote(const hit_ctx *c, unsigned i, tally__remote *out)
+{
+    out->count = 0;
+    if (!c->sync)
+        return;
+    tally__sync *y = &c->sync[i];
+    uint64_t w1 = __atomic_load_n(&y->rwin, __ATOMIC_ACQUIRE);
+    uint64_t n = __atomic_load_n(&y->remote, __ATOMIC_RELAXED);
+    /* the count is read before rwin is checked again */
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    if (w1 && __atomic_load_n(&y->rwin, __ATOMIC_RELAXED) == w1) {
+        out->win = w1 - 1;
+        out->count = n;
+    }
+}
+
+/* The CAS loop, written once: apply one step to limit @i. */
+static int apply(const hit_ctx *c, unsigned i, uint64_t now, uint64_t cost, unsigned how,
+                 tally__step *r)
+{
+    tally__remote rem;
+    load_remote(c, i, &rem);
+    for (;;) {
+        tally__state cur = tally__state_load(&c->s->st[i]);
+        if (TALLY__UNLIKELY(tally__state_is_dead(cur)))
+            return STEP_DEAD;
+        algo_step(&c->p->limits[i], cur, now, cost, how, &rem, r);
+        /* The two words were loaded one by one: a step that changes nothing
+           is validated by a CAS to the same words, so that no decision comes
+           from a pair another hit's CAS tore apart (guarantee 2). */
+        if (tally__state_cas(&c->s->st[i], cur, r->changed ? r->next : cur))
+            return STEP_OK;
+    }
+}
+
+/*
+ * Take back what a hit added to limit @i, unless the key was reset since the
+ * hit read instance @g0: the reset already removed it, and what the state
+ * holds now is other hits' cost. The instance is checked after the state is
+ * loaded, so a CAS from a state written after a reset began cannot succeed
+ * (the reset makes gen odd before its CAS: tally_reset_if()).
+ */
+static void take_back(const hit_ctx *c, unsigned i, tally__state added, uint64_t now, uint64_t cost,
+                      uint64_t g0)
+{
+    _Atomic uint64_t *gen = &c->p->table.gen[tally__slot_index(&c->p->table, c->s)];
+    for (;;) {
+        tally__state cur = tally__state_load(&c->s->st[i]);
+        if (tally__state_is_dead(cur))
+            return;                               /* the slot died with what we added */
+        /* acquire: after the state loads; paired with the reset's CAS after its odd store */
+        if (atomic_load_explicit(gen, memory_order_acquire) != g0)
+            return;
+        tally__state next = tally__algo_undo(&c->p->limits[i], cur, added, now, cost);
+        /* also when nothing is taken back: only an untorn pair may say so */
+        if (tally__state_cas(&c->s->st[i], cur, next))
+            return;
+    }
+}
+
+/* One attempt of a multi-limit hit on slot @s (guarantee 4). */
+static int hit_multi(const hit_ctx *c, uint64_t now, const uint64_t *costs, tally__step *r)
+{
+    unsigned n = c->p->n_limits;
+
+    if (c->p->flags & (TALLY_SHADOW | TALLY_COUNT_REJECTED)) {
+        for (unsigned i = 0; i < n; i++)
+            if (apply(c, i, now, costs ? costs[i] : 1, TALLY__ADD_ALWAYS, &r[i]))
+                return STEP_DEAD;
+        goto check;
+    }
+    for (;;) {
+        bool all_fit = true;
+        for (unsigned i = 0; i < n; i++) {
+            tally__remote rem;
+            load_remote(c, i, &rem);
+            tally__state cur = tally__state_load(&c->s->st[i]);
+            if (tally__state_is_dead(cur))
+                return STEP_DEAD;
+            algo_step(&c->p->limits[i], cur, now, costs ? costs[i] : 1,
+                      TALLY__ADD_NEVER | TALLY__NO_MARK, &rem, &r[i]);
+            all_fit &= r[i].fits;
+        }
+        if (!all_fit) {
+            all_fit = true;
+            for (unsigned i = 0; i < n; i++) {
+                if (apply(c, i, now, costs ? costs[i] : 1, TALLY__ADD_NEVER, &r[i]))
+                    return STEP_DEAD;
+                all_fit &= r[i].fits;
+            }
+            if (all_fit)
+                continue;                         /* room appeared meanwhile: decide again */
+            return STEP_OK;
+        }
+        /* the instance the consumption lands in, for a take-back */
+        uint64_t g0 = atomic_load_explicit(&c->p->table.gen[tally__slot_index(&c->p->table, c->s)],
+                                           memory_order_acquire);
+        unsigned done = 0;
+        for (; done < n; done++) {
+            uint64_t cost = costs ? costs[done] : 1;
+            if (apply(c, done, now, cost, TALLY__ADD_IF_FITS | TALLY__NO_MARK, &r[done]))
+                return STEP_DEAD;
+            if (!r[done].fits)
+                break;
+        }
+        if (done == n)
+            break;
+        while (done-- > 0)
+            take_back(c, done, r[done].next, now, costs ? costs[done] : 1, g0);
+    }
+check:
+    /* a reclaim that killed limit 0 after we passed it took our hit with it */
+    return tally__state_is_dead(tally__state_load(&c->s->st[0])) ? STEP_DEAD : STEP_OK;
+}
+
+/* Add a consumed cost to the slot's unflushed delta of window @win. */
+static void delta_add(tally_engine *e, const hit_ctx *c, unsigned i, tally__digest d,
+                      uint64_t win, uint64_t cost)
+{
+    tally__state *pair = (tally__state *)&c->sync[i].win;
+    for (;;) {
+        tally__state cur = tally__state_load(pair);
+        bool other = cur.w1 != 0 && cur.w0 != win;
+        tally__state next = { win, other ? cost : cur.w1 + cost };
+        if (tally__state_cas(pair, cur, next)) {
+            /* a delta of an older window, not yet pushed: hand it to the flusher */
+            if (other) {
+                const size_t *kp = c->p->table.keys
+                    ? __atomic_load_n(&c->p->table.keys[tally__slot_index(&c->p->table, c->s)],
+                                      __ATOMIC_ACQUIRE)
+                    : NULL;
+                tally__tsan_acquire(kp);          /* paired with the release at its claim */
+                tally__spill(&e->notes, c->p->table.policy, i, d, cur.w0, cur.w1,
+                             kp ? (const void *)(kp + 1) : NULL, kp ? *kp : 0);
+            }
+            return;
+        }
+    }
+}
+
+static void push_event(tally_engine *e, const hit_ctx *c, unsigned i, tally__digest d,
+                       const void *key, size_t key_len, const tally__step *r)
+{
+    tally__note *n = tally__note_new(TALLY__NOTE_EVENT, c->p->table.policy, i, d,
+                                     e->opts.digest_only ? NULL : key, key_len);
+    if (!n)
+        return;                                   /* the event is lost, never a count */
+    n->win = r->win;
+    n->delta = r->used;
+    tally__note_push(&e->notes, n);
+}
+
+static inline tally__stat_shard *my_shard(tally_engine *e)
+{
+    return &e->stats[tally__thread_no % TALLY__STAT_SHARDS];
+}
+
+/* One more on a counter of this thread's shard. A thread that owns its shard
+   (the first TALLY__STAT_SHARDS threads) is its only writer: a plain atomic
+   store, no locked read-modify-write on the hot path. */
+static inline void stat_inc(_Atomic uint64_t *c)
+{
+    if (TALLY__LIKELY(tally__thread_no < TALLY__STAT_SHARDS))
+        atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + 1,
+                              memory_order_relaxed);
+    else
+        atomic_fetch_add_explicit(c, 1, memory_order_relaxed);
+}
+
+/* Fail closed: deny without consuming once the global view is too old. */
+static bool too_stale(tally_engine *e, uint64_t now)
+{
+    uint64_t bound = atomic_load_explicit(&e->fail_closed_ns, memory_order_relaxed);
+    if (TALLY__LIKELY(bound == 0))
+        return false;
+    uint64_t last = atomic_load_explicit(&e->last_flush_ok_ns, memory_order_relaxed);
+    return now > last && now - last > bound;
+}
+
+int tally_hit_at(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
+                 const uint64_t *costs, uint64_t now_ns, tally_result *out)
+{
+    tally__policy *p;
+    tally__step r[TALLY_MAX_LIMITS];
+    int rc;
+
+    if (TALLY__UNLIKELY(now_ns > TALLY__TIME_MAX))
+        return TALLY_EINVAL;
+    rc = enter(e, policy, key, key_len, out, &p);
+    if (TALLY__UNLIKELY(rc))
+        return rc;
+
+    tally__stat_shard *st = my_shard(e);
+    if (TALLY__UNLIKELY(too_stale(e, now_ns))) {
+        tally__rcu_exit();
+        memset(out, 0, sizeof(*out));
+        out->retry_after_ns = atomic_load_explicit(&e->fail_closed_ns, memory_order_relaxed);
+        stat_inc(&st->hits);
+        stat_inc(&st->denials);
+        return 0;
+    }
+
+    tally__digest d = tally__key_digest(e->opts.hash_key, key, key_len);
+    tally__table *t = &p->table;
+    unsigned how = (p->flags & (TALLY_SHADOW | TALLY_COUNT_REJECTED)) ? TALLY__ADD_ALWAYS
+                                                                     : TALLY__ADD_IF_FITS;
+    bool syncing = atomic_load_explicit(&e->syncing, memory_order_relaxed);
+    tally__sync *sync = syncing ? atomic_load_explicit(&t->sync, memory_order_acquire) : NULL;
+    hit_ctx c = { .p = p };
+    for (;;) {
+        c.s = tally__table_find_fast(t, d);
+        if (TALLY__UNLIKELY(!c.s)) {
+            rc = acquire_slot(e, t, d, key, key_len, now_ns, &c.s);
+            if (rc) {
+                if (rc == TALLY_EFULL)
+                    stat_inc(&st->full_refusals);
+                break;
+            }
+        }
+        c.sync = sync ? sync + tally__slot_index(t, c.s) * p->n_limits : NULL;
+        int step = p->n_limits == 1
+            ? apply(&c, 0, now_ns, costs ? costs[0] : 1, how, &r[0])
+            : hit_multi(&c, now_ns, costs, r);
+        if (TALLY__LIKELY(step == STEP_OK)) {
+            fill_result(p, r, out);
+            if (c.sync) {
+                for (unsigned i = 0; i < p->n_limits; i++) {
+                    if (r[i].added)
+                        delta_add(e, &c, i, d, r[i].win, r[i].added);
+                    if (r[i].first && atomic_load_explicit(&e->events_on, memory_order_relaxed))
+                        push_event(e, &c, i, d, key, key_len, &r[i]);
+                }
+            }
+            stat_inc(&st->hits);
+            if (TALLY__UNLIKELY(out->exceeded)) {
+                stat_inc(out->allowed ? &st->shadow_denials : &st->denials);
+                if (atomic_load_explicit(&t->watch, memory_order_relaxed)) {
+                    uint64_t cost = 0;
+                    for (unsigned i = 0; i < p->n_limits; i++)
+                        if ((costs ? costs[i] : 1) > cost)
+                            cost = costs ? costs[i] : 1;
+                    tally__watch_feed(e, p, tally__slot_index(t, c.s), d, key, key_len, cost, now_ns);
+                }
+            }
+            break;
+        }
+        tally__table_help_kill(t, c.s);
+    }
+    tally__rcu_exit();
+    return rc;
+}
+
+int tally_hit(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
+              const uint64_t *costs, tally_result *out)
+{
+    return tally_hit_at(e, policy, key, key_len, costs, tally_now_ns(), out);
+}
+
+int tally_peek_at(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
+                  uint64_t now_ns, tally_result *out)
+{
+    tally__policy *p;
+    tally__step r[TALLY_MAX_LIMITS];
+    int rc;
+
+    if (now_ns > TALLY__TIME_MAX)
+        return TALLY_EINVAL;
+    rc = enter(e, policy, key, key_len, out, &p);
+    if (rc)
+        return rc;
+    tally__table *t = &p->table;
+    tally__sync *sync = atomic_load_explicit(&e->syncing, memory_order_relaxed)
+        ? atomic_load_explicit(&t->sync, memory_order_acquire) : NULL;
+    hit_ctx c = { .p = p, .s = tally__table_find(t, tally__key_digest(e->opts.hash_key, key, key_len)) };
+    c.sync = c.s && sync ? sync + tally__slot_index(t, c.s) * p->n_limits : NULL;
+    for (unsigned i = 0; i < p->n_limits; i++) {
+        tally__state cur = { 0, 0 };
+        tally__remote rem;
+        load_remote(&c, i, &rem);
+        if (c.s)
+            cur = tally__state_load_atomic(&c.s->st[i]);
+        if (tally__state_is_dead(cur))
+            cur = (tally__state){ 0, 0 };         /* being reclaimed: it had expired */
+        algo_step(&p->limits[i], cur, now_ns, 1, TALLY__ADD_NEVER | TALLY__NO_MARK, &rem, &r[i]);
+    }
+    fill_result(p, r, out);
+    tally__rcu_exit();
+    return 0;
+}
+
+/* ---- Reading and resetting ----------------------------------------------- */
+
+#define READ_TRIES 16          /* seqlock retries before a snapshot is marked in flux */
+
+/*
+ * The snapshot of slot @s: its instance number and states, read as a seqlock
+ * (table.c guarantee 6). A reset running all the while leaves the instance
+ * odd: resetting from that snapshot conflicts, and reading never waits.
+ */
+static int read_instance(tally__table *t, tally__slot *s, uint64_t now, tally_snapshot *snap)
+{
+    _Atomic uint64_t *gen = &t->gen[tally__slot_index(t, s)];
+    for (unsigned tries = 0;; tries++) {
+        /* acquire: paired with the store release that ends a reset in tally_reset_if() */
+        uint64_t g1 = atomic_load_explicit(gen, memory_order_acquire);
+        for (unsigned i = 0; i < t->n_limits; i++) {
+            tally__state cur = tally__state_load_atomic(&s->st[i]);
+            if (tally__state_is_dead(cur))
+                return TALLY_ENOENT;
+            tally__algo_counter(&t->limits[i], cur, now, &snap->c[i]);
+        }
+        /* the states are read before the instance is checked again; paired
+           with the full barrier of the reset's CAS after it made gen odd */
+        atomic_thread_fence(memory_order_acquire);
+        uint64_t g2 = atomic_load_explicit(gen, memory_order_relaxed);
+        if ((g1 == g2 && !(g1 & 1)) || tries == READ_TRIES) {
+            snap->generation = g1 == g2 ? g1 : g2 | 1;
+            return 0;
+        }
+    }
+}
+
+int tally_read(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
+               tally_snapshot *out)
+{
+    tally__policy *p;
+    int rc = enter(e, policy, key, key_len, out, &p);
+    if (rc)
+        return rc;
+
+    tally_snapshot snap = { .policy = policy, .n_limits = p->n_limits };
+    tally__table *t = &p->table;
+    tally__slot *s = tally__table_find(t, tally__key_digest(e->opts.hash_key, key, key_len));
+    uint64_t now = tally_now_ns();
+    rc = s ? 0 : TALLY_ENOENT;
+    if (s)
+        rc = read_instance(t, s, now, &snap);
+    tally__rcu_exit();
+    if (!rc)
+        *out = snap;
+    return rc;
+}
+
+int tally_reset_if(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
+                   const tally_snapshot *observed, uint32_t *reset_mask)
+{
+    tally__policy *p;
+    uint32_t mask = 0;
+    int rc;
+
+    if (!observed)
+        return TALLY_EINVAL;
+    rc = enter(e, policy, key, key_len, observed, &p);
+    if (rc)
+        return rc;
+    if (observed->policy != policy || observed->n_limits != p->n_limits) {
+        tally__rcu_exit();
+        return TALLY_EINVAL;
+    }
+    tally__slot *s = tally__table_find(&p->table, tally__key_digest(e->opts.hash_key, key, key_len));
+    if (!s) {
+        tally__rcu_exit();
+        return TALLY_ENOENT;
+    }
+    /* Resetters of one policy take turns, so that of several resetters of
+       the same observed instance exactly one resets anything: the others then
+       find a new instance. Hits do not take the lock and never change gen. */
+    tally__table *t = &p->table;
+    _Atomic uint64_t *gen = &t->gen[tally__slot_index(t, s)];
+    pthread_mutex_lock(&p->reset_lock);
+    uint64_t g = atomic_load_explicit(gen, memory_order_relaxed);
+    if (g == observed->generation) {
+        /* odd: readers that see any state this reset writes retry or report
+           the instance in flux; the CAS below is a full barrier after it */
+        atomic_store_explicit(gen, g | 1, memory_order_relaxed);
+        for (unsigned i = 0; i < p->n_limits; i++) {
+            tally__state seen = { observed->c[i].raw[0], observed->c[i].raw[1] };
+            static const tally__state empty = { 0, 0 };
+            /* an empty state has nothing to reset; a DEAD one must not come back */
+            if (tally__state_is_empty(seen) || tally__state_is_dead(seen))
+                continue;
+            if (tally__state_cas(&s->st[i], seen, empty))
+                mask |= 1u << i;
+        }
+        /* release: paired with the acquire in read_instance(); the states
+           are reset before the new instance is seen */
+        atomic_store_explicit(gen, mask ? tally__table_gen_fresh(t) : g, memory_order_release);
+    }
+    pthread_mutex_unlock(&p->reset_lock);
+    tally__rcu_exit();
+    if (reset_mask)
+        *reset_mask = mask;
+    return mask ? 0 : TALLY_ECONFLICT;
+}
+
