@@ -2,7 +2,7 @@
  * The entry points that span the layers. Everything else belongs to one
  * layer (docs/ARCHITECTURE.md); only this file may call into all of them.
  */
-#include "engine/engine-internal.h"
+#include "ops/ops-internal.h"
 
 void tally_close(tally_engine *e)
 {

@@ -313,16 +313,6 @@ tally__note *tally__note_new(uint8_t kind, uint32_t policy, unsigned limit, tall
 /* The rejection watch, on the hot path: feed a denial of @cost to slot @idx. */
 void tally__watch_feed(tally_engine *e, tally__policy *p, size_t idx, tally__digest d,
                        const void *key, size_t key_len, uint64_t cost, uint64_t now);
-/* Set a flag learnt from Redis (no event: another engine delivered it). */
-void tally__watch_import(tally_engine *e, uint32_t policy, tally__digest d, uint64_t at,
-                         uint64_t amount);
-/* The flusher's part of the operator views (ops.c). */
-void tally__ops_flush(tally_engine *e, uint64_t now);
-void tally__ops_usage_add(tally__policy *p, unsigned limit, uint64_t delta);
-void tally__ops_usage_emit(tally_engine *e, uint64_t start, uint64_t end,
-                           void (*cb)(void *, const tally_usage_report *), void *ctx);
-int  tally__ops_prometheus(tally_engine *e, char *buf, size_t len, size_t w);
-void tally__ops_free(tally_engine *e);
 /* Allocate the sync array of a policy's table (flusher start, policy add). */
 int tally__table_sync_alloc(tally__table *t);
 
