@@ -61,7 +61,7 @@ typedef struct tally_flusher_options {
  * pinning (cpu -1), no Redis, no callbacks, fail open.
  * Any thread may call it. It never blocks.
  */
-void tally_flusher_options_init(tally_flusher_options *o);
+TALLY_EXPORT void tally_flusher_options_init(tally_flusher_options *o);
 
 /*
  * tally_flusher_start - start the engine's flusher thread.
@@ -82,13 +82,14 @@ void tally_flusher_options_init(tally_flusher_options *o);
  * Costs hit before the flusher started are not pushed.
  * Return 0, TALLY_EINVAL (NULL argument, interval 0, cpu out of range, redis
  * options with neither host nor unix_path, a port outside 1..65535, a db
- * below 0, a key prefix longer than 256 bytes), TALLY_ESTATE (already
+ * below 0, a key prefix longer than 256 bytes, redis options in a library
+ * built without Redis: meson -Dredis=disabled), TALLY_ESTATE (already
  * running, or closing), TALLY_ENOMEM. Redis being unreachable is not an
  * error: the flusher retries with capped backoff and the engine fails open.
  * Any thread may call it. It may block (it allocates and starts a thread).
  * On failure nothing changes.
  */
-int tally_flusher_start(tally_engine *e, const tally_flusher_options *o);
+TALLY_EXPORT int tally_flusher_start(tally_engine *e, const tally_flusher_options *o);
 
 /*
  * tally_flush - push every pending delta now and wait for the result.
@@ -98,7 +99,7 @@ int tally_flusher_start(tally_engine *e, const tally_flusher_options *o);
  * TALLY_ETIMEDOUT, TALLY_ESTATE (no flusher running), TALLY_EINVAL.
  * Any thread but the flusher's own callbacks may call it. It blocks.
  */
-int tally_flush(tally_engine *e, uint32_t timeout_ms);
+TALLY_EXPORT int tally_flush(tally_engine *e, uint32_t timeout_ms);
 
 /*
  * tally_flusher_stop - do a final flush (bounded by the Redis command
@@ -109,7 +110,7 @@ int tally_flush(tally_engine *e, uint32_t timeout_ms);
  * closes), or TALLY_EINVAL for a NULL @e.
  * Any thread but the flusher's own callbacks may call it. It blocks.
  */
-int tally_flusher_stop(tally_engine *e);
+TALLY_EXPORT int tally_flusher_stop(tally_engine *e);
 
 /* ---- Statistics -------------------------------------------------------- */
 
@@ -137,7 +138,7 @@ typedef struct tally_stats {
  * tally_stats_read - the engine's counters.
  * Return 0 or TALLY_EINVAL. Any thread may call it. It never blocks.
  */
-int tally_stats_read(tally_engine *e, tally_stats *out);
+TALLY_EXPORT int tally_stats_read(tally_engine *e, tally_stats *out);
 
 /*
  * tally_stats_prometheus - write the counters in the Prometheus text
@@ -146,7 +147,7 @@ int tally_stats_read(tally_engine *e, tally_stats *out);
  * TALLY_EINVAL. Any thread may call it. It may block briefly: it takes the
  * engine's operator-view lock to read the throttle episodes and usage.
  */
-int tally_stats_prometheus(tally_engine *e, char *buf, size_t len);
+TALLY_EXPORT int tally_stats_prometheus(tally_engine *e, char *buf, size_t len);
 
 /*
  * tally_flusher_last_error - the text of the last error the Redis sink met:
@@ -160,7 +161,7 @@ int tally_stats_prometheus(tally_engine *e, char *buf, size_t len);
  * Any thread may call it. It never blocks for I/O (it takes the flusher's
  * error lock for the copy).
  */
-int tally_flusher_last_error(tally_engine *e, char *buf, size_t len);
+TALLY_EXPORT int tally_flusher_last_error(tally_engine *e, char *buf, size_t len);
 
 #ifdef __cplusplus
 }
