@@ -14,6 +14,8 @@
 #ifndef TALLY_H
 #define TALLY_H
 
+#include "tally/export.h"
+
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -50,7 +52,7 @@ enum {
  * Return a static string; never NULL ("success" for 0, "unknown error" for
  * values not in the table). Any thread may call it. It never blocks.
  */
-const char *tally_strerror(int err);
+TALLY_EXPORT const char *tally_strerror(int err);
 
 /* ---- Engine ------------------------------------------------------------ */
 
@@ -73,7 +75,7 @@ typedef struct tally_options {
  * 256, digest_only false, hash_key all zero (random at open).
  * Any thread may call it. It never blocks.
  */
-void tally_options_init(tally_options *opts);
+TALLY_EXPORT void tally_options_init(tally_options *opts);
 
 /*
  * tally_open - create an engine.
@@ -84,7 +86,7 @@ void tally_options_init(tally_options *opts);
  * Any thread may call it. It may block (it allocates).
  * On failure nothing is allocated and *@out is untouched.
  */
-int tally_open(const tally_options *opts, tally_engine **out);
+TALLY_EXPORT int tally_open(const tally_options *opts, tally_engine **out);
 
 /*
  * tally_close - stop the flusher, then destroy an engine and free all its
@@ -103,14 +105,14 @@ int tally_open(const tally_options *opts, tally_engine **out);
  * Any thread but the flusher's own callbacks may call it. It blocks: for the
  * final flush (bounded by the Redis command timeout) and an RCU grace period.
  */
-void tally_close(tally_engine *e);
+TALLY_EXPORT void tally_close(tally_engine *e);
 
 /*
  * tally_now_ns - nanoseconds since the Unix epoch. The value never goes back:
  * it is the wall clock read once at load, advanced by CLOCK_MONOTONIC.
  * Any thread may call it. It never blocks.
  */
-uint64_t tally_now_ns(void);
+TALLY_EXPORT uint64_t tally_now_ns(void);
 
 /* ---- Policies ---------------------------------------------------------- */
 
@@ -170,7 +172,7 @@ typedef struct tally_policy {
  * Any thread may call it, also while others run the hot path. It may block
  * (it allocates). On failure nothing changes.
  */
-int tally_policy_add(tally_engine *e, const tally_policy *p, uint32_t *id_out);
+TALLY_EXPORT int tally_policy_add(tally_engine *e, const tally_policy *p, uint32_t *id_out);
 
 /* ---- The hot path ------------------------------------------------------ */
 
@@ -204,12 +206,12 @@ typedef struct tally_result {
  * new key in a full table waits for an RCU grace period.
  * On failure nothing changes.
  */
-int tally_hit_at(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
-                 const uint64_t *costs, uint64_t now_ns, tally_result *out);
+TALLY_EXPORT int tally_hit_at(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
+                              const uint64_t *costs, uint64_t now_ns, tally_result *out);
 
 /* tally_hit - tally_hit_at() at tally_now_ns(). Same contract. */
-int tally_hit(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
-              const uint64_t *costs, tally_result *out);
+TALLY_EXPORT int tally_hit(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
+                           const uint64_t *costs, tally_result *out);
 
 /*
  * tally_peek_at - the decision a hit of cost 1 per limit would get at @now_ns,
@@ -218,8 +220,8 @@ int tally_hit(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
  * Return 0, TALLY_EINVAL, TALLY_ESTATE as tally_hit_at().
  * Any thread may call it. It never blocks. It changes nothing.
  */
-int tally_peek_at(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
-                  uint64_t now_ns, tally_result *out);
+TALLY_EXPORT int tally_peek_at(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
+                               uint64_t now_ns, tally_result *out);
 
 /* ---- Reading and resetting --------------------------------------------- */
 
@@ -249,8 +251,8 @@ typedef struct tally_snapshot {
  * Return 0, TALLY_EINVAL, TALLY_ENOENT (key not tracked), TALLY_ESTATE.
  * Any thread may call it. It never blocks. It changes nothing.
  */
-int tally_read(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
-               tally_snapshot *out);
+TALLY_EXPORT int tally_read(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
+                            tally_snapshot *out);
 
 /*
  * tally_reset_if - reset to empty each limit whose state is still the very
@@ -267,8 +269,8 @@ int tally_read(tally_engine *e, uint32_t policy, const void *key, size_t key_len
  * Any thread may call it. It may block briefly: resets of one policy take
  * turns under a lock (hits never take it).
  */
-int tally_reset_if(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
-                   const tally_snapshot *observed, uint32_t *reset_mask);
+TALLY_EXPORT int tally_reset_if(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
+                                const tally_snapshot *observed, uint32_t *reset_mask);
 
 #ifdef __cplusplus
 }

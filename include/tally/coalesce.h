@@ -16,6 +16,8 @@
 #ifndef TALLY_COALESCE_H
 #define TALLY_COALESCE_H
 
+#include "export.h"
+
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -79,14 +81,14 @@ typedef struct tally_breaker_view {
  * Any thread may call it. It may block (it allocates).
  * On failure nothing is allocated and *@out is untouched.
  */
-int tally_breaker_new(const tally_breaker_options *opts, tally_breaker **out);
+TALLY_EXPORT int tally_breaker_new(const tally_breaker_options *opts, tally_breaker **out);
 
 /*
  * tally_breaker_free - destroy a breaker. NULL is a no-op.
  * No call on @b may overlap or follow it.
  * Any thread may call it. It never blocks.
  */
-void tally_breaker_free(tally_breaker *b);
+TALLY_EXPORT void tally_breaker_free(tally_breaker *b);
 
 /*
  * tally_breaker_enter_at - ask the breaker whether a call may go ahead at @now_ns.
@@ -101,7 +103,8 @@ void tally_breaker_free(tally_breaker *b);
  * Any thread may call it. It never blocks.
  * On failure nothing changes.
  */
-int tally_breaker_enter_at(tally_breaker *b, uint64_t now_ns, tally_breaker_ticket *ticket);
+TALLY_EXPORT int tally_breaker_enter_at(tally_breaker *b, uint64_t now_ns,
+                                        tally_breaker_ticket *ticket);
 
 /*
  * tally_breaker_leave_at - report the outcome of a call that entered.
@@ -114,14 +117,14 @@ int tally_breaker_enter_at(tally_breaker *b, uint64_t now_ns, tally_breaker_tick
  * Return 0, TALLY_EINVAL (NULL @b; @now_ns above INT64_MAX).
  * Any thread may call it. It never blocks.
  */
-int tally_breaker_leave_at(tally_breaker *b, tally_breaker_ticket ticket, bool success,
-                           uint64_t now_ns);
+TALLY_EXPORT int tally_breaker_leave_at(tally_breaker *b, tally_breaker_ticket ticket, bool success,
+                                        uint64_t now_ns);
 
 /* tally_breaker_enter - tally_breaker_enter_at() at tally_now_ns(). Same contract. */
-int tally_breaker_enter(tally_breaker *b, tally_breaker_ticket *ticket);
+TALLY_EXPORT int tally_breaker_enter(tally_breaker *b, tally_breaker_ticket *ticket);
 
 /* tally_breaker_leave - tally_breaker_leave_at() at tally_now_ns(). Same contract. */
-int tally_breaker_leave(tally_breaker *b, tally_breaker_ticket ticket, bool success);
+TALLY_EXPORT int tally_breaker_leave(tally_breaker *b, tally_breaker_ticket ticket, bool success);
 
 /*
  * tally_breaker_read - the breaker's state, failure count and opening time,
@@ -129,7 +132,7 @@ int tally_breaker_leave(tally_breaker *b, tally_breaker_ticket ticket, bool succ
  * Return 0, TALLY_EINVAL (NULL argument).
  * Any thread may call it. It never blocks. It changes nothing.
  */
-int tally_breaker_read(const tally_breaker *b, tally_breaker_view *out);
+TALLY_EXPORT int tally_breaker_read(const tally_breaker *b, tally_breaker_view *out);
 
 /* ---- Shared results ----------------------------------------------------- */
 
@@ -147,7 +150,7 @@ typedef struct tally_coalesce_result tally_coalesce_result;
  * the same pointer, so treat what it points to as read-only.
  * Any thread may call it. It never blocks.
  */
-void *tally_coalesce_value(const tally_coalesce_result *r);
+TALLY_EXPORT void *tally_coalesce_value(const tally_coalesce_result *r);
 
 /*
  * tally_coalesce_status - what the operation's run function returned:
@@ -155,14 +158,14 @@ void *tally_coalesce_value(const tally_coalesce_result *r);
  * (TALLY_EINVAL for NULL @r).
  * Any thread may call it. It never blocks.
  */
-int tally_coalesce_status(const tally_coalesce_result *r);
+TALLY_EXPORT int tally_coalesce_status(const tally_coalesce_result *r);
 
 /*
  * tally_coalesce_retain - take one more reference to @r (to hand it to
  * another thread, which then releases it). Return @r.
  * Any thread may call it. It never blocks.
  */
-tally_coalesce_result *tally_coalesce_retain(tally_coalesce_result *r);
+TALLY_EXPORT tally_coalesce_result *tally_coalesce_retain(tally_coalesce_result *r);
 
 /*
  * tally_coalesce_release - give back one reference. NULL is a no-op.
@@ -171,7 +174,7 @@ tally_coalesce_result *tally_coalesce_retain(tally_coalesce_result *r);
  * tally_coalesce_close().
  * Any thread may call it. It never blocks, except in free_value.
  */
-void tally_coalesce_release(tally_coalesce_result *r);
+TALLY_EXPORT void tally_coalesce_release(tally_coalesce_result *r);
 
 /* ---- Coalescer ---------------------------------------------------------- */
 
@@ -202,7 +205,7 @@ typedef struct tally_coalesce_options {
  * cap, no attempt limit, no breaker, name NULL, hash_key all zero.
  * Any thread may call it. It never blocks.
  */
-void tally_coalesce_options_init(tally_coalesce_options *opts);
+TALLY_EXPORT void tally_coalesce_options_init(tally_coalesce_options *opts);
 
 /*
  * tally_coalesce_open - create a coalescer.
@@ -217,7 +220,7 @@ void tally_coalesce_options_init(tally_coalesce_options *opts);
  * Any thread may call it. It may block (it allocates).
  * On failure nothing is allocated and *@out is untouched.
  */
-int tally_coalesce_open(const tally_coalesce_options *opts, tally_coalesce **out);
+TALLY_EXPORT int tally_coalesce_open(const tally_coalesce_options *opts, tally_coalesce **out);
 
 /*
  * The caller's operation. run() is called on the leader's thread with @arg
@@ -272,15 +275,15 @@ typedef struct tally_coalesce_op {
  * On failure *@out is untouched and no reference is taken; a refusal changes
  * nothing but the key's cooldown and the counters.
  */
-int tally_coalesce_do_at(tally_coalesce *c, const void *key, size_t key_len,
-                         const tally_coalesce_op *op, uint64_t now_ns, uint64_t timeout_ns,
-                         tally_coalesce_result **out);
+TALLY_EXPORT int tally_coalesce_do_at(tally_coalesce *c, const void *key, size_t key_len,
+                                      const tally_coalesce_op *op, uint64_t now_ns,
+                                      uint64_t timeout_ns, tally_coalesce_result **out);
 
 /* tally_coalesce_do - tally_coalesce_do_at() at tally_now_ns(), read at the
    call and, for the breaker report, again when run() returns. Same contract. */
-int tally_coalesce_do(tally_coalesce *c, const void *key, size_t key_len,
-                      const tally_coalesce_op *op, uint64_t timeout_ns,
-                      tally_coalesce_result **out);
+TALLY_EXPORT int tally_coalesce_do(tally_coalesce *c, const void *key, size_t key_len,
+                                   const tally_coalesce_op *op, uint64_t timeout_ns,
+                                   tally_coalesce_result **out);
 
 /* ---- Counters ------------------------------------------------------------ */
 
@@ -308,7 +311,7 @@ typedef struct tally_coalesce_stats {
  * Any thread may call it, also during shutdown. It may block (it takes each
  * stripe's lock in turn, briefly). It changes nothing.
  */
-int tally_coalesce_read_stats(tally_coalesce *c, tally_coalesce_stats *out);
+TALLY_EXPORT int tally_coalesce_read_stats(tally_coalesce *c, tally_coalesce_stats *out);
 
 /*
  * tally_coalesce_prometheus - write the counters in the Prometheus text
@@ -320,7 +323,7 @@ int tally_coalesce_read_stats(tally_coalesce *c, tally_coalesce_stats *out);
  * Any thread may call it, also during shutdown. It may block as
  * tally_coalesce_read_stats() does. It changes nothing.
  */
-size_t tally_coalesce_prometheus(tally_coalesce *c, char *buf, size_t size);
+TALLY_EXPORT size_t tally_coalesce_prometheus(tally_coalesce *c, char *buf, size_t size);
 
 /* ---- Shutdown ------------------------------------------------------------ */
 
@@ -338,7 +341,7 @@ size_t tally_coalesce_prometheus(tally_coalesce *c, char *buf, size_t size);
  * Any thread may call it, except from inside run(). It may block up to
  * @timeout_ns.
  */
-int tally_coalesce_shutdown(tally_coalesce *c, uint64_t timeout_ns);
+TALLY_EXPORT int tally_coalesce_shutdown(tally_coalesce *c, uint64_t timeout_ns);
 
 /*
  * tally_coalesce_close - shut down without a bound, then free the coalescer.
@@ -350,7 +353,7 @@ int tally_coalesce_shutdown(tally_coalesce *c, uint64_t timeout_ns);
  * return TALLY_ESTATE meanwhile. Results still held by callers stay valid.
  * Any thread may call it, except from inside run(). It may block.
  */
-void tally_coalesce_close(tally_coalesce *c);
+TALLY_EXPORT void tally_coalesce_close(tally_coalesce *c);
 
 #ifdef __cplusplus
 }

@@ -8,6 +8,8 @@
 #ifndef TALLY_FLUSHER_H
 #define TALLY_FLUSHER_H
 
+#include "export.h"
+
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>

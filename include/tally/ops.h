@@ -9,6 +9,8 @@
 #ifndef TALLY_OPS_H
 #define TALLY_OPS_H
 
+#include "export.h"
+
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -40,7 +42,7 @@ typedef struct tally_watch {
  * Any thread may call it, also while others run the hot path. It may block
  * (it allocates). On failure nothing changes.
  */
-int tally_watch_set(tally_engine *e, uint32_t policy, const tally_watch *w);
+TALLY_EXPORT int tally_watch_set(tally_engine *e, uint32_t policy, const tally_watch *w);
 
 typedef struct tally_flag {
     const void *key; size_t key_len;  /* the digest when digest_only */
@@ -55,7 +57,8 @@ typedef struct tally_flag {
  * (NULL argument, bad key length, unknown policy, no watch), TALLY_ESTATE.
  * Any thread may call it. It never blocks.
  */
-int tally_watch_clear(tally_engine *e, uint32_t policy, const void *key, size_t key_len);
+TALLY_EXPORT int tally_watch_clear(tally_engine *e, uint32_t policy, const void *key,
+                                   size_t key_len);
 
 /*
  * tally_watch_flagged - call @cb for every flagged key of @policy that is in
@@ -65,8 +68,8 @@ int tally_watch_clear(tally_engine *e, uint32_t policy, const void *key, size_t 
  * Any thread may call it. It may block: @cb runs outside RCU, on the caller's
  * thread, and may take as long as it likes.
  */
-int tally_watch_flagged(tally_engine *e, uint32_t policy, size_t limit,
-                        int (*cb)(void *ctx, const tally_flag *f), void *ctx);
+TALLY_EXPORT int tally_watch_flagged(tally_engine *e, uint32_t policy, size_t limit,
+                                     int (*cb)(void *ctx, const tally_flag *f), void *ctx);
 
 typedef struct tally_episode {
     const void *key; size_t key_len;  /* the digest when digest_only, or when the key is
@@ -85,8 +88,8 @@ typedef struct tally_episode {
  * Any thread may call it. It may block (a mutex shared with the flusher; @cb
  * runs outside it).
  */
-int tally_watch_episodes(tally_engine *e, uint32_t policy, size_t limit,
-                         int (*cb)(void *ctx, const tally_episode *ep), void *ctx);
+TALLY_EXPORT int tally_watch_episodes(tally_engine *e, uint32_t policy, size_t limit,
+                                      int (*cb)(void *ctx, const tally_episode *ep), void *ctx);
 
 /* ---- The table scan ----------------------------------------------------- */
 
@@ -115,8 +118,8 @@ typedef struct tally_scan_entry {
  * unknown policy), TALLY_ESTATE, TALLY_ENOMEM.
  * Any thread may call it. It may block (in @cb).
  */
-int tally_scan(tally_engine *e, uint32_t policy, const tally_scan_filter *filter,
-               int (*cb)(void *ctx, const tally_scan_entry *entry), void *ctx);
+TALLY_EXPORT int tally_scan(tally_engine *e, uint32_t policy, const tally_scan_filter *filter,
+                            int (*cb)(void *ctx, const tally_scan_entry *entry), void *ctx);
 
 /* ---- Usage reports ------------------------------------------------------ */
 

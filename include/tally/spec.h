@@ -8,6 +8,8 @@
 #ifndef TALLY_SPEC_H
 #define TALLY_SPEC_H
 
+#include "export.h"
+
 #include <stddef.h>
 
 #ifdef __cplusplus
@@ -36,8 +38,8 @@ typedef struct tally_spec_error {
  * Any thread may call it. It never blocks (it does not allocate).
  * On failure *@out and @name_buf are untouched.
  */
-int tally_policy_parse(const char *text, tally_policy *out, char *name_buf, size_t name_len,
-                       tally_spec_error *err);
+TALLY_EXPORT int tally_policy_parse(const char *text, tally_policy *out, char *name_buf,
+                                    size_t name_len, tally_spec_error *err);
 
 #ifdef __cplusplus
 }

@@ -5,6 +5,8 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include <stdatomic.h>
+
 #include "tally.h"
 
 /*
@@ -55,5 +57,16 @@ int tally__breaker_enter_step(const tally__breaker_cfg *cfg, uint64_t w, uint64_
 /* leave: the word after the report of @ticket's call (@w when it changes nothing). */
 uint64_t tally__breaker_leave_step(const tally__breaker_cfg *cfg, uint64_t w, uint64_t ticket,
                                    bool success, uint64_t now_ns);
+
+/* The breaker itself, embedded in a coalescer (breaker.c). */
+struct tally_breaker {
+    _Atomic uint64_t   word;
+    tally__breaker_cfg cfg;
+};
+
+int  tally__breaker_check(const tally_breaker_options *o);
+void tally__breaker_init(tally_breaker *b, const tally_breaker_options *o);
+int  tally__breaker_enter(tally_breaker *b, uint64_t now_ns, tally_breaker_ticket *ticket);
+void tally__breaker_leave(tally_breaker *b, tally_breaker_ticket ticket, bool success, uint64_t now_ns);
 
 #endif /* TALLY_COALESCE_INTERNAL_H */

@@ -1,5 +1,6 @@
 /*
- * Coalescing of per-key work, its limits, the circuit breaker and counters.
+ * Coalescing of per-key work, its limits and counters. The circuit breaker
+ * it may wrap calls in is breaker.c.
  *
  * Layout: a fixed pool of `capacity` entries, one per key in use, chained in
  * buckets by a keyed 128-bit digest of the key. Bucket b belongs to lock
@@ -55,183 +56,8 @@
 #define MIN_BUCKETS      STRIPES
 #define SWEEP_BUCKETS    1024u      /* buckets one reclaim sweep examines */
 #define NIL              UINT32_MAX
-#define NS_PER_MS        UINT64_C(1000000)
 
 _Static_assert(SWEEP_BUCKETS >= STRIPES && MIN_BUCKETS >= STRIPES, "a sweep visits every stripe");
-
-/* ---- Circuit breaker: pure steps ---------------------------------------- */
-
-/* Opening time in ms, rounded up so that the open period never ends early,
-   and past the previous one so that each opening names a new period. */
-static uint64_t opening_ms(uint64_t now_ns, uint64_t prev_ms)
-{
-    uint64_t ms = now_ns / NS_PER_MS + (now_ns % NS_PER_MS != 0);
-    if (ms <= prev_ms)
-        ms = prev_ms + 1;
-    return ms > TALLY__BRK_MS_MASK ? TALLY__BRK_MS_MASK : ms;
-}
-
-int tally__breaker_enter_step(const tally__breaker_cfg *cfg, uint64_t w, uint64_t now_ns,
-                              uint64_t *next, uint64_t *ticket)
-{
-    *next = w;
-    switch (tally__brk_state(w)) {
-    case TALLY_BREAKER_CLOSED:
-        *ticket = w;
-        return 0;
-    case TALLY_BREAKER_OPEN:
-        if (now_ns < tally__brk_opened_ms(w) * NS_PER_MS + cfg->open_ns)
-            return TALLY_EOPEN;
-        *next = tally__brk_word(TALLY_BREAKER_HALF_OPEN, tally__brk_failures(w),
-                                tally__brk_opened_ms(w));
-        *ticket = *next;
-        return 0;
-    default:
-        return TALLY_EOPEN;
-    }
-}
-
-uint64_t tally__breaker_leave_step(const tally__breaker_cfg *cfg, uint64_t w, uint64_t ticket,
-                                   bool success, uint64_t now_ns)
-{
-    uint64_t f = tally__brk_failures(w);
-    uint64_t ms = tally__brk_opened_ms(w);
-
-    switch (tally__brk_state(ticket)) {
-    case TALLY_BREAKER_CLOSED:
-        /* only a report from the closed period it entered in counts */
-        if (tally__brk_state(w) != TALLY_BREAKER_CLOSED || ms != tally__brk_opened_ms(ticket))
-            return w;
-        if (success)
-            return f == 0 ? w : tally__brk_word(TALLY_BREAKER_CLOSED, 0, ms);
-        f += f < TALLY__BRK_FAIL_MASK;
-        if (f < cfg->failures_to_open)
-            return tally__brk_word(TALLY_BREAKER_CLOSED, f, ms);
-        return tally__brk_word(TALLY_BREAKER_OPEN, f, opening_ms(now_ns, ms));
-    case TALLY_BREAKER_HALF_OPEN:
-        /* only the probe holds the half-open word, and nothing else moves it */
-        if (w != ticket)
-            return w;
-        if (success)
-            return tally__brk_word(TALLY_BREAKER_CLOSED, 0, ms);
-        f += f < TALLY__BRK_FAIL_MASK;
-        return tally__brk_word(TALLY_BREAKER_OPEN, f, opening_ms(now_ns, ms));
-    default:
-        return w;
-    }
-}
-
-/* ---- Circuit breaker: the word and its CAS loops ------------------------ */
-
-struct tally_breaker {
-    _Atomic uint64_t   word;
-    tally__breaker_cfg cfg;
-};
-
-static int breaker_check(const tally_breaker_options *o)
-{
-    if (o->failures_to_open == 0 || o->failures_to_open > TALLY_BREAKER_MAX_FAILURES)
-        return TALLY_EINVAL;
-    if (o->open_ns == 0 || o->open_ns > TALLY_MAX_PERIOD_NS)
-        return TALLY_EINVAL;
-    return 0;
-}
-
-static void breaker_init(tally_breaker *b, const tally_breaker_options *o)
-{
-    atomic_init(&b->word, tally__brk_word(TALLY_BREAKER_CLOSED, 0, 0));
-    b->cfg.failures_to_open = o->failures_to_open;
-    b->cfg.open_ns = o->open_ns;
-}
-
-static int breaker_enter(tally_breaker *b, uint64_t now_ns, tally_breaker_ticket *ticket)
-{
-    /* acquire: a probe's decision follows the report that opened the breaker */
-    uint64_t w = atomic_load_explicit(&b->word, memory_order_acquire);
-    for (;;) {
-        uint64_t next;
-        int rc = tally__breaker_enter_step(&b->cfg, w, now_ns, &next, ticket);
-        if (rc || next == w)
-            return rc;
-        if (atomic_compare_exchange_weak_explicit(&b->word, &w, next, memory_order_acq_rel,
-                                                  memory_order_acquire))
-            return 0;
-    }
-}
-
-static void breaker_leave(tally_breaker *b, tally_breaker_ticket ticket, bool success,
-                          uint64_t now_ns)
-{
-    uint64_t w = atomic_load_explicit(&b->word, memory_order_acquire);
-    for (;;) {
-        uint64_t next = tally__breaker_leave_step(&b->cfg, w, ticket, success, now_ns);
-        if (next == w)
-            return;
-        /* release: whoever sees the new state sees the reported call's effects */
-        if (atomic_compare_exchange_weak_explicit(&b->word, &w, next, memory_order_acq_rel,
-                                                  memory_order_acquire))
-            return;
-    }
-}
-
-static void breaker_view(uint64_t w, tally_breaker_view *out)
-{
-    out->state = tally__brk_state(w);
-    out->failures = tally__brk_failures(w);
-    out->opened_at_ns = tally__brk_opened_ms(w) * NS_PER_MS;
-}
-
-int tally_breaker_new(const tally_breaker_options *opts, tally_breaker **out)
-{
-    if (!opts || !out || breaker_check(opts))
-        return TALLY_EINVAL;
-    tally_breaker *b = malloc(sizeof(*b));
-    if (!b)
-        return TALLY_ENOMEM;
-    breaker_init(b, opts);
-    *out = b;
-    return 0;
-}
-
-void tally_breaker_free(tally_breaker *b)
-{
-    free(b);
-}
-
-int tally_breaker_enter_at(tally_breaker *b, uint64_t now_ns, tally_breaker_ticket *ticket)
-{
-    if (!b || !ticket || now_ns > TALLY__TIME_MAX)
-        return TALLY_EINVAL;
-    return breaker_enter(b, now_ns, ticket);
-}
-
-int tally_breaker_leave_at(tally_breaker *b, tally_breaker_ticket ticket, bool success,
-                           uint64_t now_ns)
-{
-    if (!b || now_ns > TALLY__TIME_MAX)
-        return TALLY_EINVAL;
-    breaker_leave(b, ticket, success, now_ns);
-    return 0;
-}
-
-int tally_breaker_enter(tally_breaker *b, tally_breaker_ticket *ticket)
-{
-    return tally_breaker_enter_at(b, tally_now_ns(), ticket);
-}
-
-int tally_breaker_leave(tally_breaker *b, tally_breaker_ticket ticket, bool success)
-{
-    return tally_breaker_leave_at(b, ticket, success, tally_now_ns());
-}
-
-int tally_breaker_read(const tally_breaker *b, tally_breaker_view *out)
-{
-    if (!b || !out)
-        return TALLY_EINVAL;
-    /* acquire: pairs with the release of the CAS that wrote the word */
-    breaker_view(atomic_load_explicit(&((tally_breaker *)b)->word, memory_order_acquire), out);
-    return 0;
-}
 
 /* ---- Shared results ------------------------------------------------------ */
 
@@ -334,7 +160,7 @@ static int check_options(const tally_coalesce_options *o)
         return TALLY_EINVAL;
     if (o->breaker_failures) {
         tally_breaker_options bo = { o->breaker_failures, o->breaker_open_ns };
-        if (breaker_check(&bo))
+        if (tally__breaker_check(&bo))
             return TALLY_EINVAL;
     }
     if (o->name && strnlen(o->name, TALLY_COALESCE_MAX_NAME + 1) > TALLY_COALESCE_MAX_NAME)
@@ -442,7 +268,7 @@ int tally_coalesce_open(const tally_coalesce_options *opts, tally_coalesce **out
     c->opts = o;
     if (o.breaker_failures) {
         tally_breaker_options bo = { o.breaker_failures, o.breaker_open_ns };
-        breaker_init(&c->breaker, &bo);
+        tally__breaker_init(&c->breaker, &bo);
         c->has_breaker = true;
     }
     *out = c;
@@ -708,7 +534,7 @@ static int admit(tally_coalesce *c, stripe *s, entry *e, uint64_t now,
         free(r);
         return rc;
     }
-    if (c->has_breaker && (rc = breaker_enter(&c->breaker, now, ticket)) != 0) {
+    if (c->has_breaker && (rc = tally__breaker_enter(&c->breaker, now, ticket)) != 0) {
         s->rej_open++;
         cap_give(c);
         free(r);
@@ -794,7 +620,7 @@ static int coalesce_do(tally_coalesce *c, const void *key, size_t key_len,
 
     /* report while still counted in `active`: shutdown waits for it (guarantee 6) */
     if (c->has_breaker)
-        breaker_leave(&c->breaker, ticket, status == 0, real_time ? tally_now_ns() : now);
+        tally__breaker_leave(&c->breaker, ticket, status == 0, real_time ? tally_now_ns() : now);
     cap_give(c);
 
     pthread_mutex_lock(&s->lock);
@@ -921,7 +747,7 @@ size_t tally_coalesce_prometheus(tally_coalesce *c, char *buf, size_t size)
                 "opened (0: never).\n# TYPE tally_coalesce_breaker_opened_at_seconds gauge\n");
         put(&t, "tally_coalesce_breaker_opened_at_seconds{name=\"%s\"} %llu.%03llu\n", l,
             (unsigned long long)(st.breaker.opened_at_ns / 1000000000u),
-            (unsigned long long)(st.breaker.opened_at_ns / NS_PER_MS % 1000u));
+            (unsigned long long)(st.breaker.opened_at_ns / TALLY__NS_PER_MS % 1000u));
     }
     if (t.size && t.len >= t.size)
         t.buf[t.size - 1] = '\0';

@@ -1,0 +1,48 @@
+/*
+ * tally/export.h - what libtally.so exports, and the version of these headers.
+ * Included first by <tally.h> and by every <tally/...> header that declares
+ * functions.
+ *
+ * Symbol visibility. The library is compiled with -fvisibility=hidden, so a
+ * function enters the shared object's dynamic symbol table only when its
+ * declaration carries TALLY_EXPORT; a definition takes the visibility of the
+ * declaration it follows. TALLY_EXPORT marks exactly the tally_* functions of
+ * these headers. The tally__* functions through which the library's layers
+ * call one another stay inside libtally.so: no program can bind to them, they
+ * cannot clash with a program's own symbols, and calls to them need no PLT
+ * entry. Visibility governs the dynamic symbol table only: libtally.a still
+ * holds every symbol, for the tests and tools that link it. tools/abi-check
+ * fails when the installed library exports anything else.
+ *
+ * SONAME. The shared library is installed as libtally.so.MAJOR.MINOR.PATCH
+ * with the SONAME libtally.so.MAJOR (libtally.so.0). A program records the
+ * SONAME, not the file, when it links, and the dynamic loader later loads
+ * whichever file carries it. The major number is therefore the binary
+ * promise: every libtally.so.0 runs every program linked against an earlier
+ * libtally.so.0 without recompiling it. Within one major, a release may add
+ * functions, error codes and flags, and fix behaviour to match the documented
+ * contracts. A change that a compiled program could notice (a function removed
+ * or renamed, a signature changed, a struct of these headers changed in size
+ * or layout, a constant or enum value changed, a contract narrowed) takes a
+ * new major number, hence a new SONAME, and the two libraries install side by
+ * side. MINOR counts releases that add to the interface, PATCH releases that
+ * only fix.
+ *
+ * The version macros describe the headers a program was compiled against;
+ * they equal meson's project version.
+ */
+#ifndef TALLY_EXPORT_H
+#define TALLY_EXPORT_H
+
+#if defined(__GNUC__) || defined(__clang__)
+#define TALLY_EXPORT __attribute__((visibility("default")))
+#else
+#define TALLY_EXPORT
+#endif
+
+#define TALLY_VERSION_MAJOR  0
+#define TALLY_VERSION_MINOR  1
+#define TALLY_VERSION_PATCH  0
+#define TALLY_VERSION_STRING "0.1.0"
+
+#endif /* TALLY_EXPORT_H */
