@@ -208,6 +208,17 @@ int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size
 size_t tally__table_reclaim_take(tally__table *t, tally__digest d, uint64_t now, tally__batch *b);
 void   tally__table_reclaim_free(tally__table *t, const tally__batch *b);
 
+/* Slot @i when it holds a LIVE key, with the key's digest in *d; else NULL.
+   Caller is inside an RCU read-side section. */
+tally__slot *tally__table_live(tally__table *t, size_t i, tally__digest *d);
+
+/* The key bytes kept for slot @i (length in *len), or NULL when the table
+   keeps none (digest_only). Caller is inside an RCU read-side section: the
+   bytes stay until the slot is reclaimed after a grace period. After the last
+   read of them, tally__table_key_done() with the same pointer. */
+const void *tally__table_key(tally__table *t, size_t i, size_t *len);
+void tally__table_key_done(const void *key);
+
 /* A reader met a DEAD state in a LIVE slot: finish the reclaim it belongs to. */
 void tally__table_help_kill(tally__table *t, tally__slot *s);
 

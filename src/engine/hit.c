@@ -26,7 +26,6 @@
 #include <string.h>
 
 #include "core/rcu.h"
-#include "core/tsan.h"
 #include "engine/algo-step.h"
 
 /*
@@ -269,13 +268,11 @@ static void delta_add(tally_engine *e, const hit_ctx *c, unsigned i, tally__dige
         if (tally__state_cas(pair, cur, next)) {
             /* a delta of an older window, not yet pushed: hand it to the flusher */
             if (other) {
-                const size_t *kp = c->p->table.keys
-                    ? __atomic_load_n(&c->p->table.keys[tally__slot_index(&c->p->table, c->s)],
-                                      __ATOMIC_ACQUIRE)
-                    : NULL;
-                tally__tsan_acquire(kp);          /* paired with the release at its claim */
-                tally__spill(&e->notes, c->p->table.policy, i, d, cur.w0, cur.w1,
-                             kp ? (const void *)(kp + 1) : NULL, kp ? *kp : 0);
+                tally__table *t = &c->p->table;
+                size_t key_len = 0;
+                const void *key = tally__table_key(t, tally__slot_index(t, c->s), &key_len);
+                tally__spill(&e->notes, t->policy, i, d, cur.w0, cur.w1, key, key_len);
+                tally__table_key_done(key);
             }
             return;
         }

@@ -37,11 +37,15 @@
  *     gen is written by one writer at a time: the reclaim that owns a ZOMBIE
  *     slot, or a resetter holding the policy's reset lock.
  */
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "engine/engine-internal.h"
 #include "core/tsan.h"
+
+/* Turns an owner gets to promote its claim when no reservation is left. */
+#define OWNER_TURNS 64
 
 static inline tally__slot *slot_at(const tally__table *t, size_t i)
 {
@@ -219,7 +223,7 @@ static bool reserve(tally__table *t)
  * the table full). Promotion takes the capacity reservation, so that racing
  * duplicate claims of one key never count against the capacity.
  */
-static tally__slot *resolve(tally__table *t, tally__digest d, size_t home, size_t me)
+static tally__slot *resolve(tally__table *t, tally__digest d, size_t home, size_t me, bool own)
 {
 again:;
     tally__slot *mine = slot_at(t, wrap(t, home + me));
@@ -241,6 +245,7 @@ again:;
             if (k < me) {
                 kill_pending(mine, d);
                 me = k;
+                own = false;
                 goto again;
             }
             if (!kill_pending(s, d))
@@ -251,6 +256,19 @@ again:;
         }
     }
     bool reserved = reserve(t);
+    /* No reservation left for another's claim: its owner may hold the last
+       one and be about to promote it. Give it a few turns before taking the
+       table for full (killing the claim), so that a key being inserted is
+       not refused because its twins raced for the last slot. */
+    for (unsigned tries = 0; !reserved && !own && tries < OWNER_TURNS; tries++) {
+        uint64_t lo, hi;
+        digest_load(mine, &lo, &hi);
+        if (lo != d.lo || (hi & TALLY__DIGEST_HI_MASK) != (d.hi & TALLY__DIGEST_HI_MASK)
+            || status_of(hi) != TALLY__PENDING)
+            return status_of(hi) == TALLY__LIVE && lo == d.lo ? mine : NULL;
+        sched_yield();
+        reserved = reserve(t);
+    }
     if (reserved && digest_cas(mine, d.lo, hi_with(d, TALLY__PENDING), d.lo, hi_with(d, TALLY__LIVE)))
         return mine;
     if (reserved)
@@ -264,6 +282,37 @@ again:;
     uint64_t lo, hi;
     digest_load(mine, &lo, &hi);
     return (lo == d.lo && hi == hi_with(d, TALLY__LIVE)) ? mine : NULL;
+}
+
+tally__slot *tally__table_live(tally__table *t, size_t i, tally__digest *d)
+{
+    tally__slot *s = slot_at(t, i);
+    /* acquire: paired with the promotion CAS that made the slot LIVE */
+    uint64_t hi = __atomic_load_n(&s->d_hi, __ATOMIC_ACQUIRE);
+    if (status_of(hi) != TALLY__LIVE)
+        return NULL;
+    d->lo = __atomic_load_n(&s->d_lo, __ATOMIC_ACQUIRE);
+    d->hi = hi & TALLY__DIGEST_HI_MASK;
+    return s;
+}
+
+/* A key copy is its length, then its bytes. */
+const void *tally__table_key(tally__table *t, size_t i, size_t *len)
+{
+    /* acquire: paired with the release store that publishes the copy at its claim */
+    const size_t *kp = t->keys ? __atomic_load_n(&t->keys[i], __ATOMIC_ACQUIRE) : NULL;
+    tally__tsan_acquire(kp);
+    if (!kp)
+        return NULL;
+    *len = *kp;
+    return kp + 1;
+}
+
+void tally__table_key_done(const void *key)
+{
+    /* the reads are ordered before the reclaim that frees the copy */
+    if (key)
+        tally__tsan_release((const size_t *)key - 1);
 }
 
 static void *key_copy(const void *key, size_t len)
@@ -280,6 +329,7 @@ int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size
                          tally__slot **out)
 {
     size_t home = home_of(t, d);
+    unsigned full_turns = 0;
 
     for (;;) {
         size_t free_k = SIZE_MAX;
@@ -307,7 +357,7 @@ int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size
             if (status_of(hi) == TALLY__LIVE) {
                 found = s;
             } else if (status_of(hi) == TALLY__PENDING) {
-                found = resolve(t, d, home, k);
+                found = resolve(t, d, home, k, false);
                 rescan = !found;              /* lost a race: scan again */
             }
         }
@@ -319,9 +369,16 @@ int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size
             continue;
         if (free_k == SIZE_MAX
             || atomic_load_explicit(&t->live, memory_order_relaxed) >= t->capacity) {
-            /* a twin may have taken the last reservation since our scan passed */
+            /* a twin may have taken the last reservation since our scan
+               passed: look again a few times before taking the table for full */
             *out = tally__table_find(t, d);
-            return *out ? 0 : TALLY_EFULL;
+            if (*out)
+                return 0;
+            if (++full_turns < OWNER_TURNS) {
+                sched_yield();
+                continue;
+            }
+            return TALLY_EFULL;
         }
 
         size_t idx = wrap(t, home + free_k);
@@ -338,7 +395,7 @@ int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size
             tally__tsan_release(copy);
             __atomic_store_n(&t->keys[idx], copy, __ATOMIC_RELEASE);
         }
-        found = resolve(t, d, home, free_k);
+        found = resolve(t, d, home, free_k, true);
         if (found) {
             *out = found;
             return 0;

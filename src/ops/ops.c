@@ -20,7 +20,6 @@
 
 #include "engine/algo-step.h"
 #include "core/rcu.h"
-#include "core/tsan.h"
 
 #define DEFAULT_EPISODES 200
 #define SCAN_CHUNK       1024
@@ -203,11 +202,10 @@ static void scan_in_rcu(void *arg)
     uint64_t now = tally_now_ns();
 
     for (size_t i = c->from; i < c->to; i++) {
-        tally__slot *s = (tally__slot *)(t->mem + i * t->stride);
-        uint64_t hi = __atomic_load_n(&s->d_hi, __ATOMIC_ACQUIRE);
-        if ((hi >> TALLY__STATUS_SHIFT) != TALLY__LIVE)
+        tally__digest d;
+        tally__slot *s = tally__table_live(t, i, &d);
+        if (!s)
             continue;
-        tally__digest d = { __atomic_load_n(&s->d_lo, __ATOMIC_ACQUIRE), hi & TALLY__DIGEST_HI_MASK };
         scan_item *it = &c->items[c->n];
         memset(it, 0, sizeof(*it));
         it->entry.n_limits = t->n_limits;
@@ -227,11 +225,9 @@ static void scan_in_rcu(void *arg)
         }
         if (dead || !big || (c->f->flagged_only && !it->entry.flagged))
             continue;
-        const size_t *kp = t->keys ? __atomic_load_n(&t->keys[i], __ATOMIC_ACQUIRE) : NULL;
-        /* the key copy the hit published (tsan-internal.h) */
-        tally__tsan_acquire(kp);
-        const void *key = kp ? (const void *)(kp + 1) : &d;
-        size_t key_len = kp ? *kp : sizeof(d);
+        size_t key_len = sizeof(d);
+        const void *kept = tally__table_key(t, i, &key_len);
+        const void *key = kept ? kept : &d;
         if (c->keys_len + key_len > c->keys_cap) {
             size_t cap = (c->keys_cap + key_len) * 2;
             unsigned char *k = realloc(c->keys, cap);
@@ -243,8 +239,7 @@ static void scan_in_rcu(void *arg)
             c->keys_cap = cap;
         }
         memcpy(c->keys + c->keys_len, key, key_len);
-        /* read before the reclaim that frees the copy after a grace period */
-        tally__tsan_release(kp);
+        tally__table_key_done(kept);
         it->key_off = c->keys_len;
         it->entry.key_len = key_len;
         c->keys_len += key_len;
@@ -408,20 +403,20 @@ static void acc_in_rcu(void *arg)
         size_t i = c->from;
         if (!__atomic_load_n(&w[i].acc, __ATOMIC_RELAXED))
             continue;
-        tally__slot *s = (tally__slot *)(t->mem + i * t->stride);
-        uint64_t hi = __atomic_load_n(&s->d_hi, __ATOMIC_ACQUIRE);
-        if ((hi >> TALLY__STATUS_SHIFT) != TALLY__LIVE)
+        tally__digest d;
+        if (!tally__table_live(t, i, &d))
             continue;
         acc_item *it = &c->items[c->n++];
-        it->d = (tally__digest){ __atomic_load_n(&s->d_lo, __ATOMIC_ACQUIRE), hi & TALLY__DIGEST_HI_MASK };
+        it->d = d;
         it->denied = __atomic_exchange_n(&w[i].acc, 0, __ATOMIC_RELAXED);
-        const size_t *kp = t->keys ? __atomic_load_n(&t->keys[i], __ATOMIC_ACQUIRE) : NULL;
-        tally__tsan_acquire(kp);
-        if (kp && *kp <= sizeof(it->key)) {
-            it->key_len = *kp;
-            memcpy(it->key, kp + 1, *kp);
-            tally__tsan_release(kp);
+        size_t len = 0;
+        const void *kept = tally__table_key(t, i, &len);
+        if (kept && len <= sizeof(it->key)) {
+            it->key_len = len;
+            memcpy(it->key, kept, len);
+            tally__table_key_done(kept);
         } else {
+            tally__table_key_done(kept);
             /* digest_only, or a key too long to copy here: the digest names it */
             it->key_len = sizeof(it->d);
             memcpy(it->key, &it->d, sizeof(it->d));

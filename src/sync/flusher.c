@@ -42,7 +42,6 @@
 #include "sync/sync-internal.h"
 #include "core/clock.h"
 #include "core/rcu.h"
-#include "core/tsan.h"
 
 /* ---- The flusher's own bookkeeping --------------------------------------- */
 
@@ -202,17 +201,16 @@ static void collect_range(void *arg)
             any |= __atomic_load_n(&ys[l].delta, __ATOMIC_RELAXED) != 0;
         if (!any && !a->refresh)
             continue;
-        tally__slot *s = (tally__slot *)(t->mem + i * t->stride);
-        uint64_t hi = __atomic_load_n(&s->d_hi, __ATOMIC_ACQUIRE);
-        if ((hi >> TALLY__STATUS_SHIFT) != TALLY__LIVE)
+        tally__digest d;
+        tally__slot *s = tally__table_live(t, i, &d);
+        if (!s)
             continue;                         /* being reclaimed: the reclaim spills it */
-        tally__digest d = { __atomic_load_n(&s->d_lo, __ATOMIC_ACQUIRE), hi & TALLY__DIGEST_HI_MASK };
         if (a->refresh)
             collect_refresh(a, s, d);
         if (!any)
             continue;
-        const size_t *kp = t->keys ? __atomic_load_n(&t->keys[i], __ATOMIC_ACQUIRE) : NULL;
-        tally__tsan_acquire(kp);
+        size_t key_len = 0;
+        const void *key = tally__table_key(t, i, &key_len);
         for (unsigned l = 0; l < t->n_limits; l++) {
             tally__state *pair = (tally__state *)&ys[l].win;
             tally__state cur = tally__state_load(pair);
@@ -229,9 +227,9 @@ static void collect_range(void *arg)
             if (cur.w1)
                 keep(a->f, t->policy, l, d, cur.w0, cur.w1,
                      c.window_start_ns == cur.w0 ? c.used : 0,
-                     kp ? (const void *)(kp + 1) : NULL, kp ? *kp : 0);
+                     key, key_len);
         }
-        tally__tsan_release(kp);
+        tally__table_key_done(key);
     }
 }
 
