@@ -19,6 +19,7 @@
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -27,7 +28,6 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
-#include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -46,8 +46,12 @@ enum { EXIT_FAIL = 1, EXIT_USAGE = 2 };
    whatever the client sends meanwhile, so that a client that never closes its
    side cannot hold the connection's fd. */
 #define LINGER_S      2
+/* The default --upstream-timeout-ms: an upstream that accepts and never
+   answers would otherwise hold the client, and the fd, for good. */
+#define UPSTREAM_TIMEOUT_MS 10000
 #define STR_(x)       #x
 #define STR(x)        STR_(x)
+#define container_of(p, type, member) ((type *)((char *)(p) - offsetof(type, member)))
 
 static const char usage_text[] =
 "usage: tally-gate -p SPEC [options]\n"
@@ -65,6 +69,10 @@ static const char usage_text[] =
 "                          a request whose header is empty or longer than 256\n"
 "                          bytes (the engine's max_key_len) is answered 400\n"
 "  -u, --upstream H:PORT   forward allowed requests to this HTTP server\n"
+"      --upstream-timeout-ms N\n"
+"                          answer 504 when the upstream has not answered N ms\n"
+"                          after the request was forwarded (default "
+                          STR(UPSTREAM_TIMEOUT_MS) ")\n"
 "  -r, --redis H:PORT      share the counters through Redis (the flusher)\n"
 "      --redis-prefix P    Redis key prefix (default tally:)\n"
 "      --flush-ms N        flush interval in ms (default 1000)\n"
@@ -81,6 +89,13 @@ static const char usage_text[] =
 "reads and drops what the client still sends, up to 1 MiB, until the client\n"
 "closes its side, so that the client reads the answer rather than a reset;\n"
 "it closes the connection anyway at most " STR(LINGER_S) " s after the answer.\n"
+"\n"
+"With -u, each allowed request goes to the upstream on a connection of its\n"
+"own; a slow upstream holds up only the client connection that waits for it\n"
+"(whose next requests wait their turn), not the worker's other connections.\n"
+"The response ends at its Content-Length or when the upstream closes. A\n"
+"refused connection, or an upstream that closes without a response, is\n"
+"answered 502; no response within --upstream-timeout-ms, 504.\n"
 "\n"
 "SIGTERM or SIGINT stops it cleanly: the workers close their connections, the\n"
 "flusher pushes what is pending, and it exits 0.\n"
@@ -102,24 +117,67 @@ struct gate {
     struct sockaddr_storage upstream;
     socklen_t upstream_len;
     bool has_upstream;
+    uint64_t upstream_timeout_ns;
     int stop_fd;                    /* eventfd, readable once shutdown begins */
     unsigned n_workers;
     struct counters *counters;
 };
 
+struct buf {
+    char *p;
+    size_t len, off, cap;           /* off: how much of it is sent */
+};
+
+/* What an epoll event's data.ptr points at, when not the listener or the stop
+   eventfd: a client connection, or the exchange it has with the upstream.
+   Both structs start with this tag, so the event loop can read it first. */
+enum source { SRC_CLIENT, SRC_UPSTREAM };
+
+/* Where an exchange stands: still waiting, or ended (up_end) with a response,
+   a failure (502) or the timeout (504). */
+enum up_step { UP_WAIT, UP_DONE, UP_FAIL, UP_TIMEOUT };
+
+/* The exchange for the request a client connection waits on: one at a time,
+   because the answers go back in the order of the requests. */
+struct upstream {
+    enum source src;                /* SRC_UPSTREAM */
+    int fd;                         /* -1: no exchange in flight */
+    bool connected;
+    bool keep_alive;                /* what the client asked for */
+    bool bodiless;                  /* a HEAD: the response is its head alone */
+    size_t resp_end;                /* 0: head not in yet; SIZE_MAX: ends at EOF */
+    struct buf req, resp;
+    char rl[256];                   /* our RateLimit-* headers for the answer */
+};
+
+struct conn;
+
+/* Connections waiting for one kind of deadline, all set the same delay after
+   they start waiting: appending keeps the list in deadline order, so the first
+   is always the next to expire. */
+struct timeouts {
+    struct conn *first, *last;
+    uint64_t delay;                 /* ns */
+};
+
 struct conn {
-    int fd;
+    enum source src;                /* SRC_CLIENT */
+    int fd;                         /* -1: closed, freed after this batch of events */
+    uint32_t events;                /* the epoll interest set for fd */
     char peer[INET6_ADDRSTRLEN];
     char *in;
     size_t in_len;
-    char *out;
-    size_t out_len, out_off, out_cap;
+    struct buf out;
     bool close_after;               /* close once out is written */
     bool draining;                  /* answered and shut for writing: reading to EOF */
     size_t drained;                 /* bytes dropped while draining */
-    uint64_t linger_end;            /* CLOCK_MONOTONIC ns: closed then, drained or not */
-    struct conn *prev, *next;       /* the worker's connections, freed at shutdown */
-    struct conn *lprev, *lnext;     /* the worker's draining ones, by linger_end */
+    struct upstream up;
+    /* On the worker's linger list while draining, on its upstream list while
+       up.fd is open: never both, the linger starts after the last answer. */
+    struct timeouts *timer;
+    uint64_t deadline;              /* CLOCK_MONOTONIC ns */
+    struct conn *tprev, *tnext;
+    struct conn *prev, *next;       /* the worker's connections; next: its closed list */
 };
 
 struct worker {
@@ -127,7 +185,8 @@ struct worker {
     unsigned id;
     int listen_fd, ep;
     struct conn *conns;
-    struct conn *linger, *linger_last;  /* oldest first: all linger LINGER_S */
+    struct conn *closed;            /* closed in this batch of events, to free */
+    struct timeouts linger, upstream;
     pthread_t thread;
 };
 
@@ -145,21 +204,40 @@ static void die(const char *fmt, ...)
 
 /* ---- output buffer ----------------------------------------------------- */
 
+/* Room for n more bytes. */
+static bool buf_reserve(struct buf *b, size_t n)
+{
+    if (b->len + n <= b->cap)
+        return true;
+    size_t cap = b->cap ? b->cap : 4096;
+    while (cap < b->len + n)
+        cap *= 2;
+    char *p = realloc(b->p, cap);
+    if (!p)
+        return false;
+    b->p = p;
+    b->cap = cap;
+    return true;
+}
+
+static bool buf_put(struct buf *b, const char *s, size_t n)
+{
+    if (!buf_reserve(b, n))
+        return false;
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+    return true;
+}
+
+static void buf_free(struct buf *b)
+{
+    free(b->p);
+    *b = (struct buf){ 0 };
+}
+
 static bool out_put(struct conn *c, const char *s, size_t n)
 {
-    if (c->out_len + n > c->out_cap) {
-        size_t cap = c->out_cap ? c->out_cap : 4096;
-        while (cap < c->out_len + n)
-            cap *= 2;
-        char *p = realloc(c->out, cap);
-        if (!p)
-            return false;
-        c->out = p;
-        c->out_cap = cap;
-    }
-    memcpy(c->out + c->out_len, s, n);
-    c->out_len += n;
-    return true;
+    return buf_put(&c->out, s, n);
 }
 
 static bool out_printf(struct conn *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -283,7 +361,60 @@ static int parse_request(const struct gate *g, const char *buf, size_t len, stru
     return len >= r->head_len + r->body_len ? 1 : 0;
 }
 
-/* ---- upstream: one blocking exchange per request (see README.md) -------- */
+/* ---- deadlines and epoll interest -------------------------------------- */
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * SEC + (uint64_t)ts.tv_nsec;
+}
+
+static void timer_add(struct timeouts *t, struct conn *c)
+{
+    c->timer = t;
+    c->deadline = now_ns() + t->delay;
+    c->tprev = t->last;
+    c->tnext = NULL;
+    if (t->last)
+        t->last->tnext = c;
+    else
+        t->first = c;
+    t->last = c;
+}
+
+static void timer_del(struct conn *c)
+{
+    struct timeouts *t = c->timer;
+    if (!t)
+        return;
+    if (c->tprev)
+        c->tprev->tnext = c->tnext;
+    else
+        t->first = c->tnext;
+    if (c->tnext)
+        c->tnext->tprev = c->tprev;
+    else
+        t->last = c->tprev;
+    c->timer = NULL;
+}
+
+/* The client's fd waits for room while answers are unwritten; for nothing while
+   the upstream owes the next answer, so that the requests behind it stay in
+   the socket (and hold the client back) rather than pile up here; else for
+   requests. EPOLLERR and EPOLLHUP come whatever the interest: a client that
+   resets its connection meanwhile is still seen. */
+static void conn_watch(struct worker *w, struct conn *c)
+{
+    uint32_t events = c->out.off < c->out.len ? EPOLLOUT : c->up.fd >= 0 ? 0 : EPOLLIN;
+    if (events == c->events)
+        return;
+    struct epoll_event ev = { .events = events, .data.ptr = c };
+    epoll_ctl(w->ep, EPOLL_CTL_MOD, c->fd, &ev);
+    c->events = events;
+}
+
+/* ---- upstream: one non-blocking exchange per allowed request ----------- */
 
 static bool has_header(const char *head, size_t len, const char *name)
 {
@@ -299,70 +430,184 @@ static bool has_header(const char *head, size_t len, const char *name)
     return false;
 }
 
-static bool forward(struct gate *g, struct conn *c, const char *req, const struct request *r,
-                    const char *rl_headers)
+/* The request line and headers minus Connection, then ours: one request per
+   upstream connection, so that the upstream's close can end a response. */
+static bool up_request(struct buf *b, const char *req, const struct request *r)
 {
-    int fd = socket(g->upstream.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0)
-        return false;
-    struct timeval tv = { .tv_sec = 5 };
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-    char *resp = NULL;
-    size_t len = 0, cap = 0;
-    bool ok = connect(fd, (struct sockaddr *)&g->upstream, g->upstream_len) == 0;
-    /* The request line and headers minus Connection, then our own. */
-    struct conn tmp = { .fd = -1 };
-    ok = ok && out_put(&tmp, req, (size_t)(r->headers - req));
+    bool ok = buf_put(b, req, (size_t)(r->headers - req));
     for (const char *line = r->headers; ok && line < req + r->head_len - 2;) {
         const char *le = memmem(line, (size_t)(req + r->head_len - line), "\r\n", 2);
         size_t vl;
         if (!header_value(line, le, "Connection", 10, &vl))
-            ok = out_put(&tmp, line, (size_t)(le + 2 - line));
+            ok = buf_put(b, line, (size_t)(le + 2 - line));
         line = le + 2;
     }
-    ok = ok && out_put(&tmp, "Connection: close\r\n\r\n", 21) &&
-         out_put(&tmp, req + r->head_len, r->body_len);
-    for (size_t off = 0; ok && off < tmp.out_len;) {
-        ssize_t n = send(fd, tmp.out + off, tmp.out_len - off, MSG_NOSIGNAL);
-        ok = n > 0;
-        off += ok ? (size_t)n : 0;
-    }
-    free(tmp.out);
-    while (ok) {
-        if (cap - len < 16384) {
-            cap = cap ? 2 * cap : 65536;
-            char *p = cap <= MAX_UPSTREAM ? realloc(resp, cap) : NULL;
-            if (!p) {
-                ok = false;
-                break;
+    return ok && buf_put(b, "Connection: close\r\n\r\n", 21) &&
+           buf_put(b, req + r->head_len, r->body_len);
+}
+
+/* Where the response ends, once its head (head_len bytes) is in: RFC 9112
+   section 6.3. SIZE_MAX when only the upstream's close can tell: no length or
+   several, Transfer-Encoding, or an interim 1xx that the final answer follows. */
+static size_t response_end(const char *resp, size_t head_len, bool bodiless)
+{
+    /* 16: the shortest head, "HTTP/1.1 200\r\n\r\n" */
+    if (head_len < 16 || memcmp(resp, "HTTP/1.", 7) != 0 || resp[9] == '1')
+        return SIZE_MAX;
+    if (bodiless || memcmp(resp + 9, "204", 3) == 0 || memcmp(resp + 9, "304", 3) == 0)
+        return head_len;
+    const char *line = (const char *)memmem(resp, head_len, "\r\n", 2) + 2;
+    const char *end = resp + head_len - 2;
+    size_t body = SIZE_MAX;
+    while (line < end) {
+        const char *le = memmem(line, (size_t)(end + 2 - line), "\r\n", 2);
+        size_t vl;
+        const char *v = header_value(line, le, "Content-Length", 14, &vl);
+        if (v) {
+            if (body != SIZE_MAX || vl == 0 || vl > 9)   /* over 9 digits: over MAX_UPSTREAM */
+                return SIZE_MAX;
+            body = 0;
+            for (size_t i = 0; i < vl; i++) {
+                if (v[i] < '0' || v[i] > '9')
+                    return SIZE_MAX;
+                body = body * 10 + (size_t)(v[i] - '0');
             }
-            resp = p;
+        } else if (header_value(line, le, "Transfer-Encoding", 17, &vl)) {
+            return SIZE_MAX;
         }
-        ssize_t n = recv(fd, resp + len, cap - len, 0);
-        if (n == 0)
-            break;
-        ok = n > 0;
-        len += ok ? (size_t)n : 0;
+        line = le + 2;
     }
-    close(fd);
-    const char *eol = ok ? memmem(resp, len, "\r\n", 2) : NULL;
+    return body == SIZE_MAX ? SIZE_MAX : head_len + body;
+}
+
+/* Appends the upstream's response to the client's answers, our RateLimit-*
+   headers after its status line. false: it is not an HTTP response. */
+static bool relay(struct conn *c)
+{
+    const char *resp = c->up.resp.p;
+    size_t len = c->up.resp.len;
+    const char *eol = len >= 12 ? memmem(resp, len, "\r\n", 2) : NULL;
     const char *hend = eol ? memmem(resp, len, "\r\n\r\n", 4) : NULL;
-    if (!hend || len < 12 || memcmp(resp, "HTTP/1.", 7) != 0) {
-        free(resp);
+    if (!hend || memcmp(resp, "HTTP/1.", 7) != 0)
         return false;
-    }
     /* Without a length the body ends when the connection does. */
     if (!has_header(eol + 2, (size_t)(hend + 4 - eol - 2), "Content-Length") &&
         !has_header(eol + 2, (size_t)(hend + 4 - eol - 2), "Transfer-Encoding"))
         c->close_after = true;
     out_put(c, resp, (size_t)(eol + 2 - resp));
-    out_put(c, rl_headers, strlen(rl_headers));
-    if (c->close_after && r->keep_alive)
+    out_put(c, c->up.rl, strlen(c->up.rl));
+    if (c->close_after && c->up.keep_alive)
         out_put(c, "Connection: close\r\n", 19);
     out_put(c, eol + 2, len - (size_t)(eol + 2 - resp));
-    free(resp);
     return true;
+}
+
+static void up_error(struct worker *w, struct conn *c, bool timeout, const char *rl)
+{
+    atomic_fetch_add_explicit(&w->g->counters[w->id].upstream_errors, 1, memory_order_relaxed);
+    if (timeout)
+        simple_response(c, 504, "Gateway Timeout", rl, "upstream timed out\n");
+    else
+        simple_response(c, 502, "Bad Gateway", rl, "upstream failed\n");
+}
+
+/* Ends the exchange: its fd, its deadline, its buffers. */
+static void up_close(struct worker *w, struct conn *c)
+{
+    struct upstream *u = &c->up;
+    if (u->fd >= 0) {
+        epoll_ctl(w->ep, EPOLL_CTL_DEL, u->fd, NULL);
+        close(u->fd);
+        u->fd = -1;
+    }
+    timer_del(c);
+    buf_free(&u->req);
+    buf_free(&u->resp);
+}
+
+/* Starts the exchange for an allowed request; the worker's loop drives it
+   (up_event) and its deadline (timeouts_run). false: it could not start. */
+static bool up_start(struct worker *w, struct conn *c, const char *req, const struct request *r,
+                     const char *rl)
+{
+    const struct gate *g = w->g;
+    struct upstream *u = &c->up;
+    *u = (struct upstream){
+        .src = SRC_UPSTREAM, .fd = -1, .keep_alive = r->keep_alive,
+        .bodiless = r->method_len == 4 && memcmp(r->method, "HEAD", 4) == 0,
+    };
+    snprintf(u->rl, sizeof u->rl, "%s", rl);
+    if (up_request(&u->req, req, r))
+        u->fd = socket(g->upstream.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    /* A non-blocking connect: the first EPOLLOUT says how it went (up_send). */
+    struct epoll_event ev = { .events = EPOLLOUT, .data.ptr = u };
+    if (u->fd < 0 ||
+        (connect(u->fd, (const struct sockaddr *)&g->upstream, g->upstream_len) != 0 &&
+         errno != EINPROGRESS) ||
+        epoll_ctl(w->ep, EPOLL_CTL_ADD, u->fd, &ev) != 0) {
+        up_close(w, c);
+        return false;
+    }
+    timer_add(&w->upstream, c);
+    return true;
+}
+
+/* Connects (the first EPOLLOUT ends a non-blocking connect), then writes the
+   request; once it is all out, waits for the response. */
+static enum up_step up_send(struct worker *w, struct upstream *u)
+{
+    if (!u->connected) {
+        int err = 0;
+        socklen_t len = sizeof err;
+        if (getsockopt(u->fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0 || err != 0)
+            return UP_FAIL;
+        u->connected = true;
+    }
+    while (u->req.off < u->req.len) {
+        ssize_t n = send(u->fd, u->req.p + u->req.off, u->req.len - u->req.off, MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN)
+            return UP_WAIT;
+        if (n <= 0)
+            return UP_FAIL;
+        u->req.off += (size_t)n;
+    }
+    struct epoll_event ev = { .events = EPOLLIN, .data.ptr = u };
+    return epoll_ctl(w->ep, EPOLL_CTL_MOD, u->fd, &ev) == 0 ? UP_WAIT : UP_FAIL;
+}
+
+/* Reads the response until its end (response_end) or the upstream's close. */
+static enum up_step up_recv(struct upstream *u)
+{
+    struct buf *b = &u->resp;
+    for (;;) {
+        if (!buf_reserve(b, 16384))
+            return UP_FAIL;
+        ssize_t n = recv(u->fd, b->p + b->len, b->cap - b->len, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN)
+            return UP_WAIT;
+        if (n < 0)
+            return UP_FAIL;
+        if (n == 0)
+            return UP_DONE;
+        /* The head's end may straddle two reads: look again from 3 bytes back. */
+        size_t from = b->len > 3 ? b->len - 3 : 0;
+        b->len += (size_t)n;
+        if (b->len > MAX_UPSTREAM)
+            return UP_FAIL;
+        const char *hend = u->resp_end ? NULL : memmem(b->p + from, b->len - from, "\r\n\r\n", 4);
+        if (hend)
+            u->resp_end = response_end(b->p, (size_t)(hend + 4 - b->p), u->bodiless);
+        /* Bytes past the end are not part of the answer: the upstream was
+           asked for one response only. */
+        if (u->resp_end && u->resp_end != SIZE_MAX && b->len >= u->resp_end) {
+            b->len = u->resp_end;
+            return UP_DONE;
+        }
+    }
 }
 
 /* ---- one request ------------------------------------------------------- */
@@ -386,7 +631,7 @@ static void metrics(struct gate *g, struct conn *c)
         "# HELP tally_gate_engine_errors_total Requests the engine refused (answered 503).\n"
         "# TYPE tally_gate_engine_errors_total counter\n"
         "tally_gate_engine_errors_total %" PRIu64 "\n"
-        "# HELP tally_gate_upstream_errors_total Allowed requests the upstream failed (502).\n"
+        "# HELP tally_gate_upstream_errors_total Allowed requests the upstream failed (502, 504).\n"
         "# TYPE tally_gate_upstream_errors_total counter\n"
         "tally_gate_upstream_errors_total %" PRIu64 "\n"
         "# HELP tally_gate_connections_total Connections accepted.\n"
@@ -417,9 +662,10 @@ static uint64_t ceil_s(uint64_t ns)
     return ns / SEC + (ns % SEC != 0);
 }
 
-static void handle(struct gate *g, struct counters *k, struct conn *c, const char *req,
-                   const struct request *r)
+static void handle(struct worker *w, struct conn *c, const char *req, const struct request *r)
 {
+    struct gate *g = w->g;
+    struct counters *k = &g->counters[w->id];
     c->close_after = !r->keep_alive;
     if (r->chunked) {
         c->close_after = true;
@@ -472,79 +718,66 @@ static void handle(struct gate *g, struct counters *k, struct conn *c, const cha
         simple_response(c, 200, "OK", rl, "ok\n");
         return;
     }
-    if (!forward(g, c, req, r, rl)) {
-        atomic_fetch_add_explicit(&k->upstream_errors, 1, memory_order_relaxed);
-        simple_response(c, 502, "Bad Gateway", rl, "upstream failed\n");
-    }
+    if (!up_start(w, c, req, r, rl))
+        up_error(w, c, false, rl);
 }
 
 /* ---- the event loop ---------------------------------------------------- */
 
-static uint64_t now_ns(void)
+/* Closes the connection, and its upstream exchange with it. The memory waits
+   for conns_reap: events of the batch being handled may still point at it. */
+static void conn_close(struct worker *w, struct conn *c)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * SEC + (uint64_t)ts.tv_nsec;
-}
-
-static void conn_free(struct worker *w, struct conn *c)
-{
+    up_close(w, c);
+    timer_del(c);
     epoll_ctl(w->ep, EPOLL_CTL_DEL, c->fd, NULL);
     close(c->fd);
+    c->fd = -1;
     if (c->prev)
         c->prev->next = c->next;
     else
         w->conns = c->next;
     if (c->next)
         c->next->prev = c->prev;
-    if (c->draining) {
-        if (c->lprev)
-            c->lprev->lnext = c->lnext;
-        else
-            w->linger = c->lnext;
-        if (c->lnext)
-            c->lnext->lprev = c->lprev;
-        else
-            w->linger_last = c->lprev;
+    c->next = w->closed;
+    w->closed = c;
+}
+
+static void conns_reap(struct worker *w)
+{
+    while (w->closed) {
+        struct conn *c = w->closed;
+        w->closed = c->next;
+        free(c->in);
+        free(c->out.p);
+        free(c);
     }
-    free(c->in);
-    free(c->out);
-    free(c);
 }
 
 /* Writes what it can. false: the connection is finished (error or closed). */
 static bool conn_flush(struct worker *w, struct conn *c)
 {
-    while (c->out_off < c->out_len) {
-        ssize_t n = send(c->fd, c->out + c->out_off, c->out_len - c->out_off, MSG_NOSIGNAL);
+    while (c->out.off < c->out.len) {
+        ssize_t n = send(c->fd, c->out.p + c->out.off, c->out.len - c->out.off, MSG_NOSIGNAL);
         if (n < 0 && errno == EINTR)
             continue;
-        if (n < 0 && errno == EAGAIN) {
-            struct epoll_event ev = { .events = EPOLLOUT, .data.ptr = c };
-            epoll_ctl(w->ep, EPOLL_CTL_MOD, c->fd, &ev);
-            return true;
-        }
+        if (n < 0 && errno == EAGAIN)
+            break;
         if (n <= 0)
             return false;
-        c->out_off += (size_t)n;
+        c->out.off += (size_t)n;
     }
-    c->out_off = c->out_len = 0;
-    /* Linger rather than close (LINGER_S says why, linger_expire ends it). */
-    if (c->close_after && !c->draining) {
+    if (c->out.off == c->out.len)
+        c->out.off = c->out.len = 0;
+    /* Linger rather than close (LINGER_S says why, timeouts_run ends it), once
+       the last answer is written: not while the upstream still owes it. */
+    if (c->close_after && !c->draining && c->out.len == 0 && c->up.fd < 0) {
         if (shutdown(c->fd, SHUT_WR) != 0)
             return false;
         c->draining = true;
-        /* One delay for all: appending keeps the list in linger_end order. */
-        c->linger_end = now_ns() + LINGER_S * SEC;
-        c->lprev = w->linger_last;
-        if (w->linger_last)
-            w->linger_last->lnext = c;
-        else
-            w->linger = c;
-        w->linger_last = c;
+        timer_add(&w->linger, c);
     }
-    struct epoll_event ev = { .events = EPOLLIN, .data.ptr = c };
-    epoll_ctl(w->ep, EPOLL_CTL_MOD, c->fd, &ev);
+    conn_watch(w, c);
     return true;
 }
 
@@ -567,26 +800,12 @@ static bool conn_drain(struct conn *c)
     }
 }
 
-/* Reads, answers every whole request in the buffer, writes. */
-static bool conn_read(struct worker *w, struct conn *c)
+/* Answers the whole requests in the buffer in order, up to one that waits
+   for the upstream: the ones behind it wait for its answer (up_end). */
+static void conn_process(struct worker *w, struct conn *c)
 {
-    struct counters *k = &w->g->counters[w->id];
-    if (c->draining)
-        return conn_drain(c);
-    for (;;) {
-        ssize_t n = recv(c->fd, c->in + c->in_len, MAX_REQUEST - c->in_len, 0);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0 && errno == EAGAIN)
-            break;
-        if (n <= 0)
-            return false;
-        c->in_len += (size_t)n;
-        if (c->in_len == MAX_REQUEST)
-            break;
-    }
     size_t off = 0;
-    while (!c->close_after) {
+    while (!c->close_after && c->up.fd < 0) {
         struct request r;
         int p = parse_request(w->g, c->in + off, c->in_len - off, &r);
         if (p == 0)
@@ -598,12 +817,51 @@ static bool conn_read(struct worker *w, struct conn *c)
             simple_response(c, 400, "Bad Request", "", body);
             break;
         }
-        handle(w->g, k, c, c->in + off, &r);
+        handle(w, c, c->in + off, &r);
         off += r.head_len + r.body_len;
     }
     memmove(c->in, c->in + off, c->in_len - off);
     c->in_len -= off;
+}
+
+/* Reads, answers what it can, writes. */
+static bool conn_read(struct worker *w, struct conn *c)
+{
+    if (c->draining)
+        return conn_drain(c);
+    while (c->in_len < MAX_REQUEST) {
+        ssize_t n = recv(c->fd, c->in + c->in_len, MAX_REQUEST - c->in_len, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN)
+            break;
+        if (n <= 0)
+            return false;
+        c->in_len += (size_t)n;
+    }
+    conn_process(w, c);
     return conn_flush(w, c);
+}
+
+/* The client's answer to the exchange that ended, then its next requests. */
+static void up_end(struct worker *w, struct conn *c, enum up_step how)
+{
+    if (how == UP_DONE && !relay(c))
+        how = UP_FAIL;
+    if (how != UP_DONE)
+        up_error(w, c, how == UP_TIMEOUT, c->up.rl);
+    up_close(w, c);
+    conn_process(w, c);
+    if (!conn_flush(w, c))
+        conn_close(w, c);
+}
+
+static void up_event(struct worker *w, struct conn *c)
+{
+    struct upstream *u = &c->up;
+    enum up_step step = u->req.off < u->req.len ? up_send(w, u) : up_recv(u);
+    if (step != UP_WAIT)
+        up_end(w, c, step);
 }
 
 static void accept_all(struct worker *w)
@@ -624,13 +882,16 @@ static void accept_all(struct worker *w)
             close(fd);
             continue;
         }
+        c->src = SRC_CLIENT;
         c->fd = fd;
         c->in = in;
+        c->up = (struct upstream){ .src = SRC_UPSTREAM, .fd = -1 };
         if (sa.ss_family == AF_INET)
             inet_ntop(AF_INET, &((struct sockaddr_in *)&sa)->sin_addr, c->peer, sizeof c->peer);
         else
             inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&sa)->sin6_addr, c->peer, sizeof c->peer);
-        struct epoll_event ev = { .events = EPOLLIN, .data.ptr = c };
+        c->events = EPOLLIN;
+        struct epoll_event ev = { .events = c->events, .data.ptr = c };
         if (epoll_ctl(w->ep, EPOLL_CTL_ADD, fd, &ev) != 0) {
             free(c->in);
             free(c);
@@ -645,17 +906,31 @@ static void accept_all(struct worker *w)
     }
 }
 
-/* Closes the connections whose linger is over; returns epoll_wait's timeout
-   for the next one, in ms rounded up so that the wait does not end before it
-   (-1: none lingers). */
-static int linger_expire(struct worker *w)
+/* Closes the connections whose linger is over and answers 504 for the
+   exchanges whose time is up; returns epoll_wait's timeout for the next
+   deadline, in ms rounded up so that the wait does not end before it (-1:
+   none). An exchange that ends here may start the next (conn_process): its
+   deadline is later than now, so each loop ends. */
+static int timeouts_run(struct worker *w)
 {
-    if (!w->linger)
-        return -1;
     uint64_t now = now_ns();
-    while (w->linger && w->linger->linger_end <= now)
-        conn_free(w, w->linger);
-    return w->linger ? (int)((w->linger->linger_end - now + 999999) / 1000000) : -1;
+    while (w->linger.first && w->linger.first->deadline <= now)
+        conn_close(w, w->linger.first);
+    while (w->upstream.first && w->upstream.first->deadline <= now)
+        up_end(w, w->upstream.first, UP_TIMEOUT);
+    uint64_t next = UINT64_MAX;
+    if (w->linger.first)
+        next = w->linger.first->deadline;
+    if (w->upstream.first && w->upstream.first->deadline < next)
+        next = w->upstream.first->deadline;
+    return next == UINT64_MAX ? -1 : (int)((next - now + 999999) / 1000000);
+}
+
+static void client_event(struct worker *w, struct conn *c, uint32_t events)
+{
+    bool alive = (events & EPOLLOUT) ? conn_flush(w, c) : conn_read(w, c);
+    if (!alive || (events & (EPOLLERR | EPOLLHUP) && !(events & EPOLLIN)))
+        conn_close(w, c);
 }
 
 static void *worker_main(void *arg)
@@ -667,25 +942,29 @@ static void *worker_main(void *arg)
     epoll_ctl(w->ep, EPOLL_CTL_ADD, w->g->stop_fd, &ev);
     bool running = true;
     while (running) {
+        int timeout = timeouts_run(w);
+        conns_reap(w);          /* no event refers to them any more */
         struct epoll_event evs[64];
-        int n = epoll_wait(w->ep, evs, 64, linger_expire(w));
+        int n = epoll_wait(w->ep, evs, 64, timeout);
         for (int i = 0; i < n; i++) {
             void *p = evs[i].data.ptr;
             if (p == &w->g->stop_fd) {
                 running = false;
             } else if (p == &w->listen_fd) {
                 accept_all(w);
-            } else {
-                struct conn *c = p;
-                bool alive = (evs[i].events & EPOLLOUT) ? conn_flush(w, c)
-                                                        : conn_read(w, c);
-                if (!alive || (evs[i].events & (EPOLLERR | EPOLLHUP) && !(evs[i].events & EPOLLIN)))
-                    conn_free(w, c);
+            } else if (*(enum source *)p == SRC_UPSTREAM) {
+                /* Skipped when an earlier event of the batch closed it. */
+                struct conn *c = container_of(p, struct conn, up);
+                if (c->up.fd >= 0)
+                    up_event(w, c);
+            } else if (((struct conn *)p)->fd >= 0) {
+                client_event(w, p, evs[i].events);
             }
         }
     }
     while (w->conns)
-        conn_free(w, w->conns);
+        conn_close(w, w->conns);
+    conns_reap(w);
     return NULL;
 }
 
@@ -744,11 +1023,21 @@ static bool parse_num(const char *s, uint64_t lo, uint64_t hi, uint64_t *out)
     return true;
 }
 
+/* A numeric option in 1..hi; false, with a message, when it is not. */
+static bool num_option(const char *name, const char *arg, uint64_t hi, uint64_t *out)
+{
+    if (parse_num(arg, 1, hi, out))
+        return true;
+    fprintf(stderr, "tally-gate: bad value '%s' for --%s (1..%" PRIu64 ")\n", arg, name, hi);
+    return false;
+}
+
 int main(int argc, char **argv)
 {
     const char *spec = NULL, *listen_addr = "127.0.0.1:8080", *upstream = NULL, *redis = NULL;
     const char *redis_prefix = NULL, *port_file = NULL;
     uint64_t threads = 2, flush_ms = 1000, capacity = 1 << 20;
+    uint64_t upstream_timeout_ms = UPSTREAM_TIMEOUT_MS;
     struct gate g = { .stop_fd = -1 };
     static const struct option longopts[] = {
         { "policy", required_argument, 0, 'p' },   { "listen", required_argument, 0, 'l' },
@@ -756,6 +1045,7 @@ int main(int argc, char **argv)
         { "upstream", required_argument, 0, 'u' }, { "redis", required_argument, 0, 'r' },
         { "redis-prefix", required_argument, 0, 'P' }, { "flush-ms", required_argument, 0, 'F' },
         { "capacity", required_argument, 0, 'C' }, { "port-file", required_argument, 0, 'W' },
+        { "upstream-timeout-ms", required_argument, 0, 'U' },
         { "help", no_argument, 0, 'h' },           { 0, 0, 0, 0 },
     };
     int c;
@@ -776,17 +1066,21 @@ int main(int argc, char **argv)
         case 'P': redis_prefix = optarg; break;
         case 'W': port_file = optarg; break;
         case 't':
-        case 'F':
-        case 'C': {
-            uint64_t *dst = c == 't' ? &threads : c == 'F' ? &flush_ms : &capacity;
-            uint64_t hi = c == 't' ? 256 : c == 'F' ? 3600000 : TALLY_MAX_CAPACITY;
-            if (!parse_num(optarg, 1, hi, dst)) {
-                fprintf(stderr, "tally-gate: bad value '%s' for --%s (1..%" PRIu64 ")\n", optarg,
-                        c == 't' ? "threads" : c == 'F' ? "flush-ms" : "capacity", hi);
+            if (!num_option("threads", optarg, 256, &threads))
                 return EXIT_USAGE;
-            }
             break;
-        }
+        case 'F':
+            if (!num_option("flush-ms", optarg, 3600000, &flush_ms))
+                return EXIT_USAGE;
+            break;
+        case 'C':
+            if (!num_option("capacity", optarg, TALLY_MAX_CAPACITY, &capacity))
+                return EXIT_USAGE;
+            break;
+        case 'U':
+            if (!num_option("upstream-timeout-ms", optarg, 3600000, &upstream_timeout_ms))
+                return EXIT_USAGE;
+            break;
         case 'h': fputs(usage_text, stdout); return 0;
         default:
             fputs("Try 'tally-gate --help'.\n", stderr);
@@ -820,6 +1114,7 @@ int main(int argc, char **argv)
             return EXIT_USAGE;
         }
         g.has_upstream = true;
+        g.upstream_timeout_ns = upstream_timeout_ms * 1000000;
     }
     tally_redis_options ro = { 0 };
     char redis_host[256];
@@ -870,7 +1165,10 @@ int main(int argc, char **argv)
     if (!g.counters || !w || g.stop_fd < 0)
         die("cannot allocate: %s", strerror(errno));
     for (unsigned i = 0; i < threads; i++) {
-        w[i] = (struct worker){ .g = &g, .id = i };
+        w[i] = (struct worker){
+            .g = &g, .id = i,
+            .linger.delay = LINGER_S * SEC, .upstream.delay = g.upstream_timeout_ns,
+        };
         w[i].listen_fd = listen_on(&laddr, llen);
         if (w[i].listen_fd < 0)
             die("cannot listen on %s: %s", listen_addr, strerror(errno));

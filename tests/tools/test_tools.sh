@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The tools as a user runs them: tally-replay on generated traces with known
-# answers, tally-gate on a free loopback port driven by curl and wrk.
+# answers, tally-gate on a free loopback port driven by curl and wrk, in front
+# of another gate or of a python3 upstream as slow as a test asks.
 #   tests/tools/test_tools.sh PATH/TO/tally-replay PATH/TO/tally-gate
 # Prints "ok"/"FAIL" per check and "N passed, N failed"; exits 1 on a failure.
 set -uo pipefail
@@ -286,6 +287,122 @@ start_gate down -p 'd: 5 per 1m fixed' -u 127.0.0.1:$UP
 check "gate upstream down: 502" 502 "$(code http://127.0.0.1:$PORT/)"
 stop_gate down
 
+# A slow upstream holds up only the connection waiting for it. The upstream
+# answers GET /delay/MS after MS ms; /open at once, but keeps its connection
+# open 5 s more (the gate must end the response at its Content-Length); /eof
+# without a length, ended by its close; /close closes without an answer. The
+# body is the path.
+if command -v python3 >/dev/null; then
+    cat >"$T/upstream.py" <<'EOF'
+import socketserver, sys, time
+
+class Handler(socketserver.StreamRequestHandler):
+    def handle(self):
+        words = self.rfile.readline().split()
+        while self.rfile.readline() not in (b'\r\n', b''):
+            pass
+        path = words[1].decode() if len(words) > 1 else '/'
+        if path == '/close':
+            return
+        if path.startswith('/delay/'):
+            time.sleep(int(path[7:]) / 1000)
+        body = (path + '\n').encode()
+        if path == '/eof':
+            self.wfile.write(b'HTTP/1.1 200 OK\r\n\r\n' + body)
+            return
+        self.wfile.write(b'HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s' % (len(body), body))
+        if path == '/open':
+            time.sleep(5)
+
+socketserver.ThreadingTCPServer.daemon_threads = True
+server = socketserver.ThreadingTCPServer(('127.0.0.1', 0), Handler)
+with open(sys.argv[1] + '.tmp', 'w') as f:
+    f.write('%d\n' % server.server_address[1])
+import os; os.rename(sys.argv[1] + '.tmp', sys.argv[1])
+server.serve_forever()
+EOF
+    python3 "$T/upstream.py" "$T/slow.port" 2>"$T/slow.err" &
+    pids+=($!)
+    for _ in $(seq 50); do [ -s "$T/slow.port" ] && break; sleep 0.1; done
+    SP=$(cat "$T/slow.port")
+
+    start_gate nb -p 'nb: 1000 per 1m fixed' -t 1 -u 127.0.0.1:$SP
+    U=http://127.0.0.1:$PORT
+    base=$(socks)
+    curl -s -w ' %{http_code}' $U/delay/2000 >"$T/slow" &
+    slow=$!
+    # Pipelined on one connection: the second answer waits for the first.
+    raw 'GET /delay/1000 HTTP/1.1\r\nHost: t\r\n\r\nGET /fast HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n' \
+        >"$T/pipe" &
+    pipe=$!
+    # Both forwarded: two client and two upstream connections.
+    for _ in $(seq 20); do [ "$(socks)" -ge $((base + 4)) ] && break; sleep 0.05; done
+    # One worker: were the exchange blocking, /fast would wait for /delay/2000.
+    a=$(curl -s -o "$T/fast" -w '%{http_code} %{time_total}' $U/fast)
+    check "gate upstream: another connection is answered while a slow one waits" \
+          "200 /fast fast pending" \
+          "${a% *} $(cat "$T/fast") $(awk -v t="${a#* }" 'BEGIN { print t < 1 ? "fast" : "slow (" t " s)" }') \
+$([ -s "$T/slow" ] && echo answered || echo pending)"
+    wait $slow
+    check "gate upstream: the slow one gets its answer" "/delay/2000 200" "$(tr -d '\n' <"$T/slow")"
+    wait $pipe
+    check "gate upstream: pipelined answers in order" "200,/delay/1000,200,/fast" \
+          "$(tr -d '\r' <"$T/pipe" | sed -n 's/^HTTP\/1.1 \([0-9]*\).*/\1/p; /^\//p' | paste -sd,)"
+    a=$(curl -s --max-time 2 -w ' %{http_code}' $U/open)
+    check "gate upstream: a response ends at its Content-Length" "/open 200" "$(tr -d '\n' <<<"$a")"
+    check "gate upstream: a response ends at the upstream's close" "/eof" "$(curl -s $U/eof)"
+    check "gate upstream: ...and then so does the connection" "200:1 200:1" \
+          "$(curl -s -o /dev/null -w '%{http_code}:%{num_connects} ' $U/eof \
+                  --next -s -o /dev/null -w '%{http_code}:%{num_connects}' $U/fast)"
+    check "gate upstream: a close without an answer is 502" 502 "$(code $U/close)"
+    check "gate upstream: the 502 is counted" "tally_gate_upstream_errors_total 1" \
+          "$(curl -s $U/metrics | grep '^tally_gate_upstream_errors_total ')"
+    stop_gate nb
+
+    # A client that resets its connection while its answer is pending: the
+    # gate closes the upstream connection with it, without waiting for it.
+    start_gate rst -p 'r: 1000 per 1m fixed' -t 1 -u 127.0.0.1:$SP
+    base=$(socks)
+    mkfifo "$T/go"
+    python3 -c '
+import socket, struct, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.sendall(b"GET /delay/3000 HTTP/1.1\r\nHost: t\r\n\r\n")
+sys.stdin.read()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+s.close()' "$PORT" <"$T/go" &
+    client=$!
+    exec 5>"$T/go"    # the client resets its connection when this closes
+    for _ in $(seq 20); do [ "$(socks)" -eq $((base + 2)) ] && break; sleep 0.1; done
+    check "gate reset: the client's and the upstream's connections" $((base + 2)) "$(socks)"
+    exec 5>&-
+    wait $client
+    for _ in $(seq 10); do [ "$(socks)" -eq "$base" ] && break; sleep 0.1; done
+    check "gate reset: both closed before the upstream answers" "$base" "$(socks)"
+    stop_gate rst
+
+    start_gate to -p 't: 1000 per 1m fixed' -t 1 -u 127.0.0.1:$SP --upstream-timeout-ms 300
+    U=http://127.0.0.1:$PORT
+    base=$(socks)
+    curl -s -D "$T/h504" -o "$T/b504" $U/delay/5000
+    check "gate upstream timeout: 504" "HTTP/1.1 504 Gateway Timeout" "$(status <"$T/h504")"
+    check "gate upstream timeout: names it" "upstream timed out" "$(cat "$T/b504" 2>/dev/null)"
+    check "gate upstream timeout: with our RateLimit headers" "RateLimit-Limit: 1000" \
+          "$(grep -o '^RateLimit-Limit: [0-9]*' "$T/h504")"
+    check "gate upstream timeout: the connection goes on" "504:1 200:0" \
+          "$(curl -s -o /dev/null -w '%{http_code}:%{num_connects} ' $U/delay/5000 \
+                  --next -s -o /dev/null -w '%{http_code}:%{num_connects}' $U/fast)"
+    for _ in $(seq 10); do [ "$(socks)" -eq "$base" ] && break; sleep 0.1; done
+    check "gate upstream timeout: the upstream connections are closed" "$base" "$(socks)"
+    check "gate upstream timeout: counted" "tally_gate_upstream_errors_total 2" \
+          "$(curl -s $U/metrics | grep '^tally_gate_upstream_errors_total ')"
+    stop_gate to
+    "$GATE" --help | grep -q '(default 10000)'
+    check "gate --help: the upstream timeout is documented" 0 $?
+else
+    echo "skip  python3 not installed: slow upstream"
+fi
+
 # Load: wrk on one header key against a limit of 1000 per hour. Exactly 1000
 # 2xx, no socket errors, and the gate's own counts add up to what wrk sent.
 if command -v wrk >/dev/null; then
@@ -347,6 +464,8 @@ check "gate bad spec: exit 2" 2 $?
 check "gate bad spec: message" 1 "$(grep -c 'offset 8: expected a time unit' "$T/err")"
 "$GATE" -p 'x: 1/s gcra' -t 0 >/dev/null 2>&1
 check "gate bad --threads: exit 2" 2 $?
+"$GATE" -p 'x: 1/s gcra' --upstream-timeout-ms 0 >/dev/null 2>&1
+check "gate bad --upstream-timeout-ms: exit 2" 2 $?
 "$GATE" -p 'x: 1/s gcra' -l 256.0.0.1:80 >/dev/null 2>&1
 check "gate bad address: exit 2" 2 $?
 "$GATE" --help | grep -q '^usage: tally-gate'
