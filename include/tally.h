@@ -201,7 +201,8 @@ typedef struct tally_result {
  * reclaimed, and failing that the call returns TALLY_EFULL.
  * Return 0, TALLY_EINVAL (NULL @e, @key or @out; key_len 0 or above
  * max_key_len; unknown policy; @now_ns above INT64_MAX), TALLY_EFULL,
- * TALLY_ESTATE (engine closing).
+ * TALLY_ENOMEM (a new key's copy, or the list of a reclaim, could not be
+ * allocated), TALLY_ESTATE (engine closing).
  * Any thread may call it. It never blocks, except that reclaiming a slot for a
  * new key in a full table waits for an RCU grace period.
  * On failure nothing changes.

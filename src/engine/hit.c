@@ -55,44 +55,56 @@ static int enter(tally_engine *e, uint32_t policy, const void *key, size_t key_l
     return 0;
 }
 
+#define RECLAIM_TRIES 8     /* reclaims that found nothing before a key is refused */
+
 /*
  * Take the slot of a new key. When the key has no free slot, reclaim expired
  * slots: leave the read-side section to wait for a grace period, then retry.
  * Returns inside a read-side section whatever happens.
  */
+
 static int acquire_slot(tally_engine *e, tally__table *t, tally__digest d, const void *key,
                         size_t key_len, uint64_t now, tally__slot **out)
 {
-    tally__batch batch;
+    tally__batch *batch = NULL;      /* ~30 KiB: on the heap, not the caller's stack */
     unsigned idle = 0;
+    int rc;
 
     for (;;) {
-        int rc = tally__table_acquire(t, d, key, key_len, out);
+        rc = tally__table_acquire(t, d, key, key_len, out);
         if (rc != TALLY_EFULL)
-            return rc;
-        if (tally__table_reclaim_take(t, d, now, &batch) == 0) {
+            break;
+        if (!batch && !(batch = malloc(sizeof(*batch)))) {
+            rc = TALLY_ENOMEM;
+            break;
+        }
+        if (tally__table_reclaim_take(t, d, now, batch) == 0) {
             /* Nothing to take. Slots another reclaim took become FREE after
                its grace period, and slots may have been freed since we
                looked: try a few more times before giving up. */
-            if (++idle > 8)
-                return TALLY_EFULL;
+            if (++idle > RECLAIM_TRIES)
+                break;
             if (atomic_load_explicit(&t->zombies, memory_order_relaxed) == 0) {
                 if (atomic_load_explicit(&t->live, memory_order_relaxed) >= t->capacity)
-                    return TALLY_EFULL;
+                    break;
                 continue;
             }
         }
         atomic_fetch_add(&e->reclaimers, 1);
         tally__rcu_exit();
         tally__rcu_wait();
-        tally__table_reclaim_free(t, &batch);
+        tally__table_reclaim_free(t, batch);
         tally__rcu_enter();
         /* seen before close's grace period began, or close waits for us */
         bool closing = atomic_load(&e->closing);
         atomic_fetch_sub(&e->reclaimers, 1);
-        if (closing)
-            return TALLY_ESTATE;
+        if (closing) {
+            rc = TALLY_ESTATE;
+            break;
+        }
     }
+    free(batch);
+    return rc;
 }
 
 static void fill_result(const tally__policy *p, const tally__step *r, tally_result *out)

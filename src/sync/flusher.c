@@ -588,7 +588,12 @@ static void *flusher_main(void *arg)
         if (stop)
             break;
     }
-    f->done_rc = flush_once(f) ? TALLY_EIO : 0;   /* the last word: what stop returns */
+    /* The last word, what stop returns: no I/O under the lock a caller of
+       tally_flush() may be waiting on (it sees stop and leaves). */
+    pthread_mutex_unlock(&f->lock);
+    int last = flush_once(f) ? TALLY_EIO : 0;
+    pthread_mutex_lock(&f->lock);
+    f->done_rc = last;
     pthread_mutex_unlock(&f->lock);
     return NULL;
 }
