@@ -22,11 +22,22 @@
  * libtally.so.0 without recompiling it. Within one major, a release may add
  * functions, error codes and flags, and fix behaviour to match the documented
  * contracts. A change that a compiled program could notice (a function removed
- * or renamed, a signature changed, a struct of these headers changed in size
- * or layout, a constant or enum value changed, a contract narrowed) takes a
- * new major number, hence a new SONAME, and the two libraries install side by
- * side. MINOR counts releases that add to the interface, PATCH releases that
- * only fix.
+ * or renamed, a signature changed, a field moved, a constant or enum value
+ * changed, a contract narrowed) takes a new major number, hence a new SONAME,
+ * and the two libraries install side by side. MINOR counts releases that add
+ * to the interface, PATCH releases that only fix.
+ *
+ * Growing structs. Structs grow only at their end, and a program that zeroes
+ * one (or calls its _init function) and sets the fields it knows keeps
+ * compiling, and keeps running unchanged, against later libraries. Every
+ * exported function carries a symbol version (src/tally.map: TALLY_0.1 for
+ * this release); a program binds to the versions it was linked against. When
+ * a release adds fields to a struct that the library reads or writes
+ * (options, results, statistics, snapshots), each function that takes that
+ * struct gets a new version under the same name, and the old version stays,
+ * reading and writing the struct as it was: a program built against the
+ * smaller struct never makes the library read or write past its end. A new
+ * field's zero value always means what the struct meant before it existed.
  *
  * The version macros describe the headers a program was compiled against;
  * they equal meson's project version.

@@ -211,6 +211,10 @@ static void collect_range(void *arg)
             continue;
         size_t key_len = 0;
         const void *key = tally__table_key(t, i, &key_len);
+        /* A helper may promote a claim before its owner stored the key copy:
+           leave the delta for the next flush rather than name it by digest. */
+        if (!key && t->keys)
+            continue;
         for (unsigned l = 0; l < t->n_limits; l++) {
             tally__state *pair = (tally__state *)&ys[l].win;
             tally__state cur = tally__state_load(pair);
