@@ -330,6 +330,7 @@ int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size
 {
     size_t home = home_of(t, d);
     unsigned full_turns = 0;
+    void *copy = NULL;                /* a key copy not yet stored in a slot */
 
     for (;;) {
         size_t free_k = SIZE_MAX;
@@ -362,6 +363,7 @@ int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size
             }
         }
         if (found) {
+            free(copy);
             *out = found;
             return 0;
         }
@@ -372,28 +374,31 @@ int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size
             /* a twin may have taken the last reservation since our scan
                passed: look again a few times before taking the table for full */
             *out = tally__table_find(t, d);
-            if (*out)
+            if (*out) {
+                free(copy);
                 return 0;
+            }
             if (++full_turns < OWNER_TURNS) {
                 sched_yield();
                 continue;
             }
+            free(copy);
             return TALLY_EFULL;
         }
 
         size_t idx = wrap(t, home + free_k);
         tally__slot *mine = slot_at(t, idx);
+        /* the copy is made before the claim, so that it is stored right
+           after it: a helper that promotes the claim meanwhile is rare */
+        if (t->keys && !copy && !(copy = key_copy(key, key_len)))
+            return TALLY_ENOMEM;
         if (!digest_cas(mine, free_lo, 0, d.lo, hi_with(d, TALLY__PENDING)))
             continue;
-        if (t->keys) {
-            void *copy = key_copy(key, key_len);
-            if (!copy) {
-                kill_pending(mine, d);
-                return TALLY_ENOMEM;
-            }
+        if (copy) {
             /* the claim CAS made us the only writer of this slot's key */
             tally__tsan_release(copy);
             __atomic_store_n(&t->keys[idx], copy, __ATOMIC_RELEASE);
+            copy = NULL;
         }
         found = resolve(t, d, home, free_k, true);
         if (found) {
