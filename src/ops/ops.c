@@ -126,15 +126,26 @@ static void clear_in_rcu(void *arg)
     }
 }
 
+/* The policy behind @id if it has a watch: 0, TALLY_ESTATE or TALLY_EINVAL. */
+static int watched_policy(tally_engine *e, uint32_t id, tally__policy **out)
+{
+    if (atomic_load(&e->closing))
+        return TALLY_ESTATE;
+    *out = tally__policy_get(e, id);
+    /* acquire: paired with the release store of tally_watch_set() */
+    if (!*out || !atomic_load_explicit(&(*out)->table.watch, memory_order_acquire))
+        return TALLY_EINVAL;
+    return 0;
+}
+
 int tally_watch_clear(tally_engine *e, uint32_t policy, const void *key, size_t key_len)
 {
     if (!e || !key || key_len == 0 || key_len > e->opts.max_key_len)
         return TALLY_EINVAL;
-    if (atomic_load(&e->closing))
-        return TALLY_ESTATE;
-    tally__policy *p = tally__policy_get(e, policy);
-    if (!p || !atomic_load_explicit(&p->table.watch, memory_order_acquire))
-        return TALLY_EINVAL;
+    tally__policy *p;
+    int rc = watched_policy(e, policy, &p);
+    if (rc)
+        return rc;
     clear_arg a = { e, p, tally__key_digest(e->opts.hash_key, key, key_len), 0 };
     tally__rcu_read(clear_in_rcu, &a);
     /* with Redis, the flusher deletes the shared flag too (whether or not this
@@ -455,11 +466,10 @@ int tally_watch_episodes(tally_engine *e, uint32_t policy, size_t limit,
 {
     if (!e || !cb)
         return TALLY_EINVAL;
-    if (atomic_load(&e->closing))
-        return TALLY_ESTATE;
-    tally__policy *p = tally__policy_get(e, policy);
-    if (!p || !atomic_load_explicit(&p->table.watch, memory_order_acquire))
-        return TALLY_EINVAL;
+    tally__policy *p;
+    int rc = watched_policy(e, policy, &p);
+    if (rc)
+        return rc;
     /* copy under the lock, call back outside it */
     pthread_mutex_lock(&e->ops_lock);
     size_t n = p->episodes->count, keys = 0, got = 0;
