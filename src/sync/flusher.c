@@ -370,17 +370,30 @@ void tally__sync_dissolve(batch *b)
     }
 }
 
+static bool has_fresh(const struct tally__flusher *f)
+{
+    for (size_t i = 0; i < f->map_size; i++)
+        for (const entry *x = f->map[i]; x; x = x->next)
+            if (x->fresh)
+                return true;
+    return false;
+}
+
 /* Form batches from the fresh cost of every entry, unless MAX_KEPT_BATCHES
    or more batches of unknown outcome wait (guarantee 6): the cost then stays
-   merged in the entries. Every batch still listed was sent before. */
-int tally__sync_form_batches(struct tally__flusher *f)
+   merged in the entries, and *held_back says whether any did. Every batch
+   still listed was sent before. */
+int tally__sync_form_batches(struct tally__flusher *f, bool *held_back)
 {
     batch *b = NULL;
     size_t kept = 0;
     for (const batch *k = f->inflight_head; k; k = k->next)
         kept++;
-    if (kept >= MAX_KEPT_BATCHES)
+    *held_back = false;
+    if (kept >= MAX_KEPT_BATCHES) {
+        *held_back = has_fresh(f);
         return 0;
+    }
     for (size_t i = 0; i < f->map_size; i++) {
         for (entry *x = f->map[i]; x; x = x->next) {
             if (!x->fresh)
@@ -419,15 +432,6 @@ void tally__sync_deliver_note(struct tally__flusher *f, const tally__note *n)
         f->o.on_event(f->o.ctx, &ev);
         atomic_fetch_add_explicit(&f->e->events_delivered, 1, memory_order_relaxed);
     }
-}
-
-bool tally__sync_has_fresh(const struct tally__flusher *f)
-{
-    for (size_t i = 0; i < f->map_size; i++)
-        for (const entry *x = f->map[i]; x; x = x->next)
-            if (x->fresh)
-                return true;
-    return false;
 }
 
 void tally__sync_store_remote(struct tally__flusher *f, const entry *x, uint64_t others)
@@ -698,7 +702,7 @@ int tally_flusher_start(tally_engine *e, const tally_flusher_options *o)
         rc = tally__table_sync_alloc(&atomic_load(&e->policies[i])->table);
     if (!rc) {
         atomic_store(&e->last_flush_ok_ns, tally_now_ns());
-        atomic_store(&e->fail_closed_ns, f->redis_on ? (uint64_t)o->fail_closed_after_ms * 1000000u : 0);
+        atomic_store(&e->fail_closed_ns, f->redis_on ? (uint64_t)o->fail_closed_after_ms * TALLY__NS_PER_MS : 0);
         atomic_store(&e->events_on, o->on_event != NULL);
         atomic_store(&e->syncing, true);
         if (pthread_create(&f->thread, NULL, flusher_main, f) != 0) {

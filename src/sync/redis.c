@@ -30,6 +30,7 @@
 
 #include <hiredis/hiredis.h>
 
+#include "core/clock.h"
 #include "core/rcu.h"
 #include "sync/sync-internal.h"
 
@@ -196,7 +197,7 @@ static bool redis_ready(struct tally__flusher *f)
         R(f)->backoff_ms = R(f)->backoff_ms ? R(f)->backoff_ms * 2 : BACKOFF_MIN_MS;
         if (R(f)->backoff_ms > BACKOFF_MAX_MS)
             R(f)->backoff_ms = BACKOFF_MAX_MS;
-        R(f)->next_connect_ns = now + (uint64_t)R(f)->backoff_ms * 1000000u;
+        R(f)->next_connect_ns = now + (uint64_t)R(f)->backoff_ms * TALLY__NS_PER_MS;
         return false;
     }
     if (R(f)->ever_connected)
@@ -243,7 +244,7 @@ static int append_batch(struct tally__flusher *f, batch *b)
         entry *x = b->items[i].e;
         n = snprintf(w, 24, "%" PRIu64, b->items[i].delta);
         argv[k] = w; argl[k++] = (size_t)n; w += n + 1;
-        uint64_t ttl = (x->end_ns > now ? (x->end_ns - now) / 1000000u : 0) + TTL_SLACK_MS;
+        uint64_t ttl = (x->end_ns > now ? (x->end_ns - now) / TALLY__NS_PER_MS : 0) + TTL_SLACK_MS;
         n = snprintf(w, 24, "%" PRIu64, ttl);
         argv[k] = w; argl[k++] = (size_t)n; w += n + 1;
     }
@@ -333,7 +334,7 @@ static int push_events_redis(struct tally__flusher *f)
             uint64_t end = tally__sync_window_end(&p->limits[n->limit], n->win), now = tally_now_ns();
             if (p->limits[n->limit].spec.algo == TALLY_GCRA)
                 end = now + p->limits[n->limit].spec.period_ns;
-            snprintf(ttl, sizeof(ttl), "%" PRIu64, (end > now ? (end - now) / 1000000u : 0) + 1);
+            snprintf(ttl, sizeof(ttl), "%" PRIu64, (end > now ? (end - now) / TALLY__NS_PER_MS : 0) + 1);
             const char *argv[] = { "SET", key, "1", "NX", "PX", ttl };
             size_t argl[] = { 3, (size_t)len, 1, 2, 2, strlen(ttl) };
             rc = redisAppendCommandArgv(R(f)->rc, 6, argv, argl);
@@ -501,7 +502,8 @@ static int redis_push(tally__sink *s, struct tally__flusher *f)
     if (!redis_ready(f))
         return TALLY_EIO;
     batch **fresh = f->inflight_tail;          /* batches formed now start here */
-    int rc = tally__sync_form_batches(f);
+    bool held_back;
+    int rc = tally__sync_form_batches(f, &held_back);
     if (!rc && *fresh) {
         import_flags(f, *fresh);
         if (!R(f)->rc)
@@ -576,7 +578,7 @@ static int redis_push(tally__sink *s, struct tally__flusher *f)
         return TALLY_EIO;
     }
     /* cost held back while batches of unknown outcome waited is not in Redis yet */
-    if (!rc && tally__sync_has_fresh(f))
+    if (!rc && held_back)
         rc = TALLY_EIO;
     return rc ? rc : er;
 }

@@ -121,9 +121,9 @@ struct tally__flusher {
 /* Helpers for the sinks (sync/flusher.c); flusher thread only. */
 entry   *tally__sync_find(struct tally__flusher *f, uint32_t policy, unsigned limit, tally__digest d,
                           uint64_t win);
-int      tally__sync_form_batches(struct tally__flusher *f);
+/* *held_back: fresh cost left unbatched, so the flush cannot be complete. */
+int      tally__sync_form_batches(struct tally__flusher *f, bool *held_back);
 void     tally__sync_dissolve(batch *b);
-bool     tally__sync_has_fresh(const struct tally__flusher *f);
 void     tally__sync_deliver_deltas(struct tally__flusher *f, const item *items, const uint64_t *totals,
                                     size_t n);
 void     tally__sync_deliver_note(struct tally__flusher *f, const tally__note *n);
