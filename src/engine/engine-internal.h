@@ -148,13 +148,13 @@ typedef struct tally__watch_slot {
 } tally__watch_slot;
 
 struct tally__table {
-    size_t          capacity;     /* most LIVE + PENDING slots */
+    size_t          capacity;     /* most LIVE slots */
     size_t          n_slots;
     size_t          stride;       /* bytes per slot */
     unsigned        n_limits;
     const tally__limit *limits;
     unsigned char  *mem;
-    _Atomic size_t  live;         /* LIVE + PENDING slots */
+    _Atomic uint64_t res;         /* capacity reservations (table.c): live | holders */
     _Atomic size_t  sweep;        /* cursor of the reclaim sweep */
     _Atomic uint64_t reclaimed;   /* slots reclaimed so far */
     _Atomic size_t  zombies;      /* slots taken by a reclaim, not yet FREE */
@@ -166,6 +166,22 @@ struct tally__table {
     struct tally__notes *notes;   /* where deltas of reclaimed slots are spilled */
     uint32_t        policy;       /* id of the owning policy */
 };
+
+/* The reservation word: reservations taken (LIVE slots and promotions in
+   flight) in the low TALLY__RES_LIVE_BITS, and above them the promotions in
+   flight, whose reservation may yet be given back. */
+#define TALLY__RES_LIVE_BITS 40       /* > log2(TALLY_MAX_CAPACITY) */
+#define TALLY__RES_HOLDER    ((uint64_t)1 << TALLY__RES_LIVE_BITS)
+
+static inline size_t tally__res_live(uint64_t r)
+{
+    return (size_t)(r & (TALLY__RES_HOLDER - 1));
+}
+
+static inline uint64_t tally__res_holders(uint64_t r)
+{
+    return r >> TALLY__RES_LIVE_BITS;
+}
 
 static inline size_t tally__slot_index(const tally__table *t, const tally__slot *s)
 {

@@ -85,7 +85,7 @@ static int acquire_slot(tally_engine *e, tally__table *t, tally__digest d, const
             if (++idle > RECLAIM_TRIES)
                 break;
             if (atomic_load_explicit(&t->zombies, memory_order_relaxed) == 0) {
-                if (atomic_load_explicit(&t->live, memory_order_relaxed) >= t->capacity)
+                if (tally__res_live(atomic_load_explicit(&t->res, memory_order_relaxed)) >= t->capacity)
                     break;
                 continue;
             }

@@ -16,13 +16,14 @@
  *  2. Claims and promotions are 16-byte CASes on the digest word: a slot is
  *     owned by the one CAS that moved it out of EMPTY or FREE.
  *  3. At most one LIVE slot per digest, and at most capacity LIVE slots (the
- *     promotion takes a reservation of the live count; PENDING holds none). Each claimant publishes PENDING, then
+ *     promotion takes a reservation, guarantee 7; PENDING holds none). Each
+ *     claimant publishes PENDING, then
  *     scans the window (seq_cst, Dekker style): a LIVE twin or a PENDING twin
  *     nearer home wins and the claimant kills its own claim; a PENDING twin
  *     farther from home is killed. Of two claimants at least one sees the
  *     other, so two promotions cannot both succeed. Any thread that meets a
  *     PENDING slot of its key runs the same resolution (helping), so no thread
- *     waits on another.
+ *     waits on another (but at the capacity edge, guarantee 7).
  *  4. A LIVE slot dies only by a CAS of its limit-0 state from an expired
  *     value to DEAD: a hit that changed limit 0 in between makes the kill
  *     fail, and a hit that comes after sees DEAD and moves to a fresh slot.
@@ -36,6 +37,18 @@
  *     same state words after a reset, or in a new slot, carry another gen.
  *     gen is written by one writer at a time: the reclaim that owns a ZOMBIE
  *     slot, or a resetter holding the policy's reset lock.
+ *  7. Capacity is one word, res: reservations taken, and among them those
+ *     of holders, promotions that have not yet learnt whether their CAS to
+ *     LIVE won. A holder keeps or gives back its reservation right after that
+ *     one CAS. A new key is refused for capacity (TALLY_EFULL) only when a
+ *     single read of res shows every reservation kept (no holder): then
+ *     capacity slots are LIVE at that instant. While a holder is in flight,
+ *     a claimant at the capacity edge yields until the outcome is known:
+ *     the only wait in the table, on a few instructions of a running
+ *     promotion, and only for new keys when the table is at capacity.
+ *     (A LIVE slot being killed gives its reservation back just after its
+ *     digest CAS to DEAD; a refusal in that gap goes to the reclaim, which
+ *     finds the DEAD slot.)
  */
 #include <sched.h>
 #include <stdlib.h>
@@ -43,9 +56,6 @@
 
 #include "engine/engine-internal.h"
 #include "core/tsan.h"
-
-/* Turns an owner gets to promote its claim when no reservation is left. */
-#define OWNER_TURNS 64
 
 static inline tally__slot *slot_at(const tally__table *t, size_t i)
 {
@@ -205,25 +215,45 @@ static bool kill_pending(tally__slot *s, tally__digest d)
     return digest_cas(s, d.lo, hi_with(d, TALLY__PENDING), d.lo, hi_with(d, TALLY__DEAD));
 }
 
-static bool reserve(tally__table *t)
+_Static_assert(TALLY_MAX_CAPACITY < TALLY__RES_HOLDER, "the live count fits its bits");
+
+/*
+ * Take a capacity reservation for a promotion, as a holder (guarantee 7).
+ * Return true, or false with the word that refused in *seen.
+ */
+static bool reserve(tally__table *t, uint64_t *seen)
 {
-    size_t n = atomic_load_explicit(&t->live, memory_order_relaxed);
+    uint64_t r = atomic_load_explicit(&t->res, memory_order_relaxed);
     do {
-        if (n >= t->capacity)
+        if (tally__res_live(r) >= t->capacity) {
+            *seen = r;
             return false;
-    } while (!atomic_compare_exchange_weak_explicit(&t->live, &n, n + 1,
+        }
+    } while (!atomic_compare_exchange_weak_explicit(&t->res, &r, r + TALLY__RES_HOLDER + 1,
                                                     memory_order_relaxed, memory_order_relaxed));
     return true;
 }
 
+/* A holder learnt its promotion's outcome: keep the reservation, or give it back. */
+static void settle(tally__table *t, bool promoted)
+{
+    atomic_fetch_sub_explicit(&t->res, TALLY__RES_HOLDER + (promoted ? 0 : 1), memory_order_relaxed);
+}
+
+/* A table is full when every reservation is kept by a LIVE slot. */
+static bool full_now(uint64_t r, const tally__table *t)
+{
+    return tally__res_live(r) >= t->capacity && tally__res_holders(r) == 0;
+}
+
 /*
  * Resolve the PENDING claim at window position @me (guarantee 3). Return the
- * LIVE slot of @d, or NULL if the claim lost, or found no capacity left, and
- * the caller must look again (its scan finds a twin that went LIVE, or finds
- * the table full). Promotion takes the capacity reservation, so that racing
+ * LIVE slot of @d, or NULL if the claim lost, or the table was full, and the
+ * caller must look again (its scan finds a twin that went LIVE, or finds the
+ * table full). Promotion takes the capacity reservation, so that racing
  * duplicate claims of one key never count against the capacity.
  */
-static tally__slot *resolve(tally__table *t, tally__digest d, size_t home, size_t me, bool own)
+static tally__slot *resolve(tally__table *t, tally__digest d, size_t home, size_t me)
 {
 again:;
     tally__slot *mine = slot_at(t, wrap(t, home + me));
@@ -245,7 +275,6 @@ again:;
             if (k < me) {
                 kill_pending(mine, d);
                 me = k;
-                own = false;
                 goto again;
             }
             if (!kill_pending(s, d))
@@ -255,31 +284,28 @@ again:;
             break;
         }
     }
-    bool reserved = reserve(t);
-    /* No reservation left for another's claim: its owner may hold the last
-       one and be about to promote it. Give it a few turns before taking the
-       table for full (killing the claim), so that a key being inserted is
-       not refused because its twins raced for the last slot. */
-    for (unsigned tries = 0; !reserved && !own && tries < OWNER_TURNS; tries++) {
-        uint64_t lo, hi;
+    uint64_t seen, lo, hi;
+    for (;;) {
+        if (reserve(t, &seen)) {
+            bool promoted = digest_cas(mine, d.lo, hi_with(d, TALLY__PENDING), d.lo, hi_with(d, TALLY__LIVE));
+            settle(t, promoted);
+            if (promoted)
+                return mine;
+            break;                    /* another thread promoted or killed it */
+        }
+        if (full_now(seen, t)) {
+            if (kill_pending(mine, d))
+                return NULL;          /* the caller's next scan reports the table full */
+            break;
+        }
+        /* The last reservations are held by promotions in flight, perhaps a
+           twin's, perhaps about to be given back: learn their outcome (a few
+           instructions of their holders) rather than refuse the key. */
         digest_load(mine, &lo, &hi);
-        if (lo != d.lo || (hi & TALLY__DIGEST_HI_MASK) != (d.hi & TALLY__DIGEST_HI_MASK)
-            || status_of(hi) != TALLY__PENDING)
-            return status_of(hi) == TALLY__LIVE && lo == d.lo ? mine : NULL;
+        if (lo != d.lo || hi != hi_with(d, TALLY__PENDING))
+            break;
         sched_yield();
-        reserved = reserve(t);
     }
-    if (reserved && digest_cas(mine, d.lo, hi_with(d, TALLY__PENDING), d.lo, hi_with(d, TALLY__LIVE)))
-        return mine;
-    if (reserved)
-        atomic_fetch_sub_explicit(&t->live, 1, memory_order_relaxed);
-    else if (kill_pending(mine, d)) {
-        /* Full, or a twin took the last reservation and went LIVE after our
-           scan passed it: the caller's next scan tells which. */
-        return NULL;
-    }
-    /* another thread promoted or killed the claim meanwhile */
-    uint64_t lo, hi;
     digest_load(mine, &lo, &hi);
     return (lo == d.lo && hi == hi_with(d, TALLY__LIVE)) ? mine : NULL;
 }
@@ -329,7 +355,6 @@ int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size
                          tally__slot **out)
 {
     size_t home = home_of(t, d);
-    unsigned full_turns = 0;
     void *copy = NULL;                /* a key copy not yet stored in a slot */
 
     for (;;) {
@@ -358,7 +383,7 @@ int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size
             if (status_of(hi) == TALLY__LIVE) {
                 found = s;
             } else if (status_of(hi) == TALLY__PENDING) {
-                found = resolve(t, d, home, k, false);
+                found = resolve(t, d, home, k);
                 rescan = !found;              /* lost a race: scan again */
             }
         }
@@ -369,17 +394,16 @@ int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size
         }
         if (rescan)
             continue;
-        if (free_k == SIZE_MAX
-            || atomic_load_explicit(&t->live, memory_order_relaxed) >= t->capacity) {
-            /* a twin may have taken the last reservation since our scan
-               passed: look again a few times before taking the table for full */
+        uint64_t r = atomic_load_explicit(&t->res, memory_order_relaxed);
+        if (free_k == SIZE_MAX || tally__res_live(r) >= t->capacity) {
+            /* a twin may have gone LIVE since our scan passed it */
             *out = tally__table_find(t, d);
             if (*out) {
                 free(copy);
                 return 0;
             }
-            if (++full_turns < OWNER_TURNS) {
-                sched_yield();
+            if (free_k != SIZE_MAX && !full_now(r, t)) {
+                sched_yield();        /* promotions in flight: see resolve() */
                 continue;
             }
             free(copy);
@@ -400,7 +424,7 @@ int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size
             __atomic_store_n(&t->keys[idx], copy, __ATOMIC_RELEASE);
             copy = NULL;
         }
-        found = resolve(t, d, home, free_k, true);
+        found = resolve(t, d, home, free_k);
         if (found) {
             *out = found;
             return 0;
@@ -424,7 +448,7 @@ void tally__table_help_kill(tally__table *t, tally__slot *s)
     digest_load(s, &lo, &hi);
     if (status_of(hi) == TALLY__LIVE
         && digest_cas(s, lo, hi, lo, (hi & TALLY__DIGEST_HI_MASK) | ((uint64_t)TALLY__DEAD << TALLY__STATUS_SHIFT)))
-        atomic_fetch_sub_explicit(&t->live, 1, memory_order_relaxed);
+        atomic_fetch_sub_explicit(&t->res, 1, memory_order_relaxed);   /* its reservation */
 }
 
 /* Kill a LIVE slot if every limit expired at @now. */

@@ -442,3 +442,63 @@ Test(stress, concurrent_inserts_of_one_key_share_one_slot, .timeout = 600)
     }
     tally_close(e);
 }
+
+/* ---- The capacity edge: the last free reservation raced ------------------ */
+
+#define EDGE_KEYS    8
+#define EDGE_THREADS 8          /* more than the cores: holders get preempted */
+#define EDGE_ROUNDS  400
+
+struct edge_arg {
+    tally_engine     *e;
+    uint32_t          policy;
+    pthread_barrier_t *barrier;
+    int               errors;
+};
+
+static void *edge_worker(void *p)
+{
+    struct edge_arg *a = p;
+    char key[32];
+    pthread_barrier_wait(a->barrier);
+    for (int k = 0; k < EDGE_KEYS; k++) {
+        tally_result r;
+        snprintf(key, sizeof(key), "edge-%d", k);
+        if (tally_hit_at(a->e, a->policy, key, strlen(key), NULL, T0, &r) != 0)
+            a->errors++;
+    }
+    return NULL;
+}
+
+/* A table sized for exactly the keys inserted: each key's twins race for its
+   reservation, the last key for the last one. No key may be refused while a
+   reservation is only held by a promotion in flight, and none counted twice. */
+Test(stress, capacity_edge_refuses_no_key_that_fits, .timeout = 600)
+{
+    for (int round = 0; round < EDGE_ROUNDS; round++) {
+        tally_engine *e = open_engine(EDGE_KEYS);
+        tally_limit l = { .algo = TALLY_FIXED_WINDOW, .max = 1000, .period_ns = 3600 * SEC };
+        uint32_t pol = add_policy(e, "edge", l, 0);
+        pthread_barrier_t barrier;
+        pthread_barrier_init(&barrier, NULL, EDGE_THREADS);
+        struct edge_arg args[EDGE_THREADS];
+        for (int t = 0; t < EDGE_THREADS; t++)
+            args[t] = (struct edge_arg){ .e = e, .policy = pol, .barrier = &barrier };
+        run_threads(edge_worker, args, sizeof(args[0]), EDGE_THREADS);
+        for (int t = 0; t < EDGE_THREADS; t++)
+            cr_assert_eq(args[t].errors, 0, "round %d: %d keys refused", round, args[t].errors);
+        for (int k = 0; k < EDGE_KEYS; k++) {
+            char key[32];
+            tally_snapshot s;
+            snprintf(key, sizeof(key), "edge-%d", k);
+            cr_assert_eq(tally_read(e, pol, key, strlen(key), &s), 0);
+            cr_assert_eq(s.c[0].used, EDGE_THREADS, "round %d key %d counted %" PRIu64,
+                         round, k, s.c[0].used);
+        }
+        /* the table is full now: one more key is refused */
+        tally_result r;
+        cr_assert_eq(tally_hit_at(e, pol, "one-more", 8, NULL, T0, &r), TALLY_EFULL);
+        pthread_barrier_destroy(&barrier);
+        tally_close(e);
+    }
+}
