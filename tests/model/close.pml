@@ -1,6 +1,6 @@
 /*
  * close.pml: tally_close() racing calls in flight (enter(), acquire_slot()
- * and tally_close() in src/engine.c).
+ * and tally_close() in src/tally.c and src/engine/engine.c).
  *
  * A call's first action is rcu_read_lock(), before it reads anything of the
  * engine; it then reads e->closing and returns TALLY_ESTATE if set, else

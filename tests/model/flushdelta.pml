@@ -1,8 +1,8 @@
 /*
  * flushdelta.pml: the unflushed cost of one slot's limit, the {win, delta}
- * pair, between the hot path (delta_add() in src/engine.c), the flusher
- * (collect_range() in src/flusher.c) and a reclaim of the slot
- * (kill_expired() and tally__table_reclaim_free() in src/table.c).
+ * pair, between the hot path (delta_add() in src/engine/hit.c), the flusher
+ * (collect_range() in src/sync/flusher.c) and a reclaim of the slot
+ * (kill_expired() and tally__table_reclaim_free() in src/engine/table.c).
  *
  * A hit whose state CAS found the slot LIVE adds its cost to the pair: it
  * reads win and delta with two loads and CASes {W, d} -> {W, d + cost}, or,

@@ -1,6 +1,6 @@
 /*
  * reset.pml: tally_reset_if() conditioned on a snapshot from tally_read()
- * (read_instance() and tally_reset_if() in src/engine.c; table.c
+ * (read_instance() and tally_reset_if() in src/engine/hit.c; table.c
  * guarantee 6): each slot has an instance number `gen` beside its 16-byte
  * state words.
  *

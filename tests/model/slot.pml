@@ -1,6 +1,6 @@
 /*
  * slot.pml: slot claim, twin resolution and reclaim across an RCU grace
- * period (src/table.c, and apply()/acquire_slot() of src/engine.c).
+ * period (src/engine/table.c, and apply()/acquire_slot() of src/engine/hit.c).
  *
  * A table of NS = 3 slots, one probe window, home slot 0 for every key.
  * Slot 0 starts LIVE with key B (one hit counted), slots 1 and 2 EMPTY.

@@ -1,6 +1,6 @@
 /*
- * window.pml: the CAS loop of apply() (src/engine.c) running step_window()
- * (src/algo-step.h) on a fixed window of MAX 2: three hits on one key, each
+ * window.pml: the CAS loop of apply() (src/engine/hit.c) running step_window()
+ * (src/engine/algo-step.h) on a fixed window of MAX 2: three hits on one key, each
  * at time 1 or 2 with cost 1 or 2; the key is new, or its window 1 is
  * already full and marked.
  *
