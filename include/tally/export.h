@@ -31,13 +31,17 @@
  * one (or calls its _init function) and sets the fields it knows keeps
  * compiling, and keeps running unchanged, against later libraries. Every
  * exported function carries a symbol version (src/tally.map: TALLY_0.1 for
- * this release); a program binds to the versions it was linked against. When
+ * the first release, TALLY_0.2 for the functions whose structs grew in 0.2);
+ * a program binds to the versions it was linked against. When
  * a release adds fields to a struct that the library reads or writes
  * (options, results, statistics, snapshots), each function that takes that
  * struct gets a new version under the same name, and the old version stays,
  * reading and writing the struct as it was: a program built against the
  * smaller struct never makes the library read or write past its end. A new
  * field's zero value always means what the struct meant before it existed.
+ * In 0.2, tally_options gained hash: a program linked against 0.1 calls
+ * tally_options_init@TALLY_0.1 and tally_open@TALLY_0.1, which touch only the
+ * fields 0.1 had and open the engine with hash TALLY_HASH_AUTO.
  *
  * The version macros describe the headers a program was compiled against;
  * they equal meson's project version.
@@ -52,8 +56,8 @@
 #endif
 
 #define TALLY_VERSION_MAJOR  0
-#define TALLY_VERSION_MINOR  1
+#define TALLY_VERSION_MINOR  2
 #define TALLY_VERSION_PATCH  0
-#define TALLY_VERSION_STRING "0.1.0"
+#define TALLY_VERSION_STRING "0.2.0"
 
 #endif /* TALLY_EXPORT_H */

@@ -314,6 +314,10 @@ struct tally_engine {
 
 /* Close, in the engine's part: mark it closing and wait until no call of
    its own runs (a grace period, and reclaims parked outside RCU); then free. */
+/* tally_options_init() and tally_open() of the current struct (src/abi.c
+   exports them under each symbol version). */
+void tally__options_init(tally_options *opts);
+int  tally__open(const tally_options *opts, tally_engine **out);
 void tally__engine_quiesce(tally_engine *e);
 void tally__engine_free(tally_engine *e);
 

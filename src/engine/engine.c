@@ -15,7 +15,7 @@
 
 /* ---- Engine -------------------------------------------------------------- */
 
-void tally_options_init(tally_options *opts)
+void tally__options_init(tally_options *opts)
 {
     if (!opts)
         return;
@@ -24,7 +24,7 @@ void tally_options_init(tally_options *opts)
     opts->max_key_len = DEFAULT_MAX_KEY_LEN;
 }
 
-int tally_open(const tally_options *opts, tally_engine **out)
+int tally__open(const tally_options *opts, tally_engine **out)
 {
     tally_options o;
     tally_engine *e;
@@ -34,7 +34,7 @@ int tally_open(const tally_options *opts, tally_engine **out)
     if (opts)
         o = *opts;
     else
-        tally_options_init(&o);
+        tally__options_init(&o);
     if (o.capacity == 0 || o.capacity > TALLY_MAX_CAPACITY)
         return TALLY_EINVAL;
     if (o.max_key_len == 0 || o.max_key_len > TALLY_MAX_KEY_LEN)

@@ -1,0 +1,92 @@
+/*
+ * A program as it was built against the 0.1 headers, run against the
+ * installed library: it binds tally_options_init@TALLY_0.1 and
+ * tally_open@TALLY_0.1 and passes the 0.1 tally_options, a struct without
+ * the fields added since (include/tally/export.h, "Growing structs").
+ * tools/abi-check builds and runs it. The struct ends where a page ends and
+ * the next page is inaccessible, so a library that reads or writes the
+ * current, larger struct through an old entry point faults; the struct's
+ * tail padding holds 0xff bytes, so one that takes a new field from there
+ * (hash) gets an invalid value and the open fails.
+ */
+#define _DEFAULT_SOURCE         /* MAP_ANONYMOUS */
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <tally.h>
+
+/* tally_options as the 0.1 header declared it */
+struct options_0_1 {
+    size_t  capacity;
+    size_t  max_key_len;
+    bool    digest_only;
+    uint8_t hash_key[16];
+};
+
+void options_init_0_1(struct options_0_1 *opts);
+int  open_0_1(const struct options_0_1 *opts, tally_engine **out);
+__asm__(".symver options_init_0_1, tally_options_init@TALLY_0.1");
+__asm__(".symver open_0_1, tally_open@TALLY_0.1");
+
+static int failures;
+
+#define CHECK(cond)                                                                 \
+    do {                                                                            \
+        if (!(cond)) {                                                              \
+            fprintf(stderr, "old_user.c:%d: check failed: %s\n", __LINE__, #cond);  \
+            failures++;                                                             \
+        }                                                                           \
+    } while (0)
+
+int main(void)
+{
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    unsigned char *mem = mmap(NULL, 2 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mem == MAP_FAILED || mprotect(mem + page, page, PROT_NONE) != 0) {
+        perror("old_user: mmap");
+        return 1;
+    }
+    struct options_0_1 *o = (struct options_0_1 *)(mem + page - sizeof(*o));
+    size_t used = offsetof(struct options_0_1, hash_key) + sizeof(o->hash_key);
+
+    memset(o, 0xff, sizeof(*o));
+    options_init_0_1(o);
+    CHECK(o->capacity == 65536);
+    CHECK(o->max_key_len == 256);
+    CHECK(!o->digest_only);
+    o->capacity = 64;
+    /* what a compiler may leave in the padding of a struct the program filled */
+    memset((unsigned char *)o + used, 0xff, sizeof(*o) - used);
+
+    tally_engine *e = NULL;
+    CHECK(open_0_1(o, &e) == 0);
+    if (e == NULL)
+        return 1;
+    tally_policy p = {
+        .name = "api", .n_limits = 1,
+        .limits = { { .algo = TALLY_FIXED_WINDOW, .max = 2, .period_ns = UINT64_C(60000000000) } },
+    };
+    uint32_t api = UINT32_MAX;
+    CHECK(tally_policy_add(e, &p, &api) == 0);
+    tally_result r;
+    uint64_t now = tally_now_ns();
+    for (int i = 0; i < 3; i++) {
+        CHECK(tally_hit_at(e, api, "user-1", 6, NULL, now, &r) == 0);
+        CHECK(r.allowed == (i < 2));
+    }
+    tally_close(e);
+
+    /* NULL options still mean the defaults */
+    e = NULL;
+    CHECK(open_0_1(NULL, &e) == 0 && e != NULL);
+    tally_close(e);
+
+    printf("abi old-user program: 0.1 options against the %s library, %d failed check(s)\n",
+           TALLY_VERSION_STRING, failures);
+    return failures != 0;
+}
