@@ -24,6 +24,9 @@
 #error "tally needs an inline 16-byte compare-and-swap (x86-64: build with -mcx16)"
 #endif
 
+/* The cache line that shared structures are aligned and padded to. */
+#define TALLY__CACHE_LINE 64
+
 #define TALLY__LIKELY(x)   __builtin_expect(!!(x), 1)
 #define TALLY__UNLIKELY(x) __builtin_expect(!!(x), 0)
 

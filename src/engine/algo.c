@@ -51,6 +51,13 @@ int tally__limit_compile(const tally_limit *l, tally__limit *out)
 
 /* ---- Calendar arithmetic (proleptic Gregorian, days since 1970-01-01) ----- */
 
+/* Howard Hinnant's days_from_civil/civil_from_days: the calendar repeats
+   every 400-year era of DAYS_PER_ERA days; a year of the era starts in March
+   so that February's leap day ends it; 153 days span each 5 months from
+   March; 1970-01-01 is day EPOCH_SHIFT counted from 0000-03-01. */
+#define DAYS_PER_ERA 146097
+#define EPOCH_SHIFT  719468
+
 static int64_t floor_div(__int128 a, int64_t b)
 {
     __int128 q = a / b;
@@ -66,14 +73,14 @@ static int64_t days_from_civil(int64_t y, unsigned m, unsigned d)
     unsigned yoe = (unsigned)(y - era * 400);
     unsigned doy = (153 * (m > 2 ? m - 3 : m + 9) + 2) / 5 + d - 1;
     unsigned doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    return era * 146097 + (int64_t)doe - 719468;
+    return era * DAYS_PER_ERA + (int64_t)doe - EPOCH_SHIFT;
 }
 
 static void civil_from_days(int64_t z, int64_t *y, unsigned *m, unsigned *d)
 {
-    z += 719468;
-    int64_t era = (z >= 0 ? z : z - 146096) / 146097;
-    unsigned doe = (unsigned)(z - era * 146097);
+    z += EPOCH_SHIFT;
+    int64_t era = (z >= 0 ? z : z - (DAYS_PER_ERA - 1)) / DAYS_PER_ERA;
+    unsigned doe = (unsigned)(z - era * DAYS_PER_ERA);
     unsigned yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
     unsigned doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
     unsigned mp = (5 * doy + 2) / 153;

@@ -116,15 +116,6 @@ enum { TALLY__EMPTY = 0, TALLY__PENDING = 1, TALLY__LIVE = 2, TALLY__DEAD = 3 };
 #define TALLY__STATUS_SHIFT 62
 #define TALLY__DIGEST_HI_MASK ((UINT64_C(1) << TALLY__STATUS_SHIFT) - 1)
 
-/* A key's identity: its keyed digest without the two bits a slot uses for status.
-   Every place that names a key (slots, notes, Redis keys) uses this form. */
-static inline tally__digest tally__key_digest(const uint8_t hash_key[16], const void *key, size_t len)
-{
-    tally__digest d = tally__siphash128(hash_key, key, len);
-    d.hi &= TALLY__DIGEST_HI_MASK;
-    return d;
-}
-
 /*
  * Per slot and limit, when a flusher runs: the cost not yet acknowledged by
  * the sinks ({win, delta}, one 16-byte CAS) and the other engines' count
@@ -283,7 +274,7 @@ struct tally__notes {
 
 #define TALLY__STAT_SHARDS 64     /* the first 64 threads each own one; later ones share */
 typedef struct tally__stat_shard {
-    _Alignas(64) _Atomic uint64_t hits;
+    _Alignas(TALLY__CACHE_LINE) _Atomic uint64_t hits;
     _Atomic uint64_t denials, shadow_denials, full_refusals;
 } tally__stat_shard;
 
@@ -291,6 +282,7 @@ struct tally__flusher;
 
 struct tally_engine {
     tally_options    opts;
+    tally__hasher    hasher;         /* the digest function tally_open chose */
     _Atomic bool     closing;
     _Atomic size_t   reclaimers;     /* calls waiting for a grace period outside RCU */
     pthread_mutex_t  add_lock;       /* serialises tally_policy_add and flusher start/stop */
@@ -311,6 +303,20 @@ struct tally_engine {
     size_t           usage_last_n;
     tally__stat_shard stats[TALLY__STAT_SHARDS];
 };
+
+/* A key's identity: its keyed digest without the two bits a slot uses for status.
+   Every place that names a key (slots, notes, Redis keys) uses this form.
+   @hash_key is an engine's own e->opts.hash_key, the name every caller has at
+   hand: the engine around it holds the hash tally_open chose, so choosing
+   costs one predictable branch and no CPU query. */
+static inline tally__digest tally__key_digest(const uint8_t hash_key[16], const void *key, size_t len)
+{
+    const tally_engine *e = (const tally_engine *)(const void *)
+        ((const char *)hash_key - offsetof(tally_engine, opts.hash_key));
+    tally__digest d = tally__hasher_digest(&e->hasher, key, len);
+    d.hi &= TALLY__DIGEST_HI_MASK;
+    return d;
+}
 
 /* Close, in the engine's part: mark it closing and wait until no call of
    its own runs (a grace period, and reclaims parked outside RCU); then free. */

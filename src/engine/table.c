@@ -118,7 +118,7 @@ int tally__table_init(tally__table *t, size_t capacity, unsigned n_limits,
         t->n_slots = TALLY__WINDOW;
     if (t->n_slots > SIZE_MAX / t->stride)
         return TALLY_ENOMEM;
-    if (posix_memalign((void **)&t->mem, 64, t->n_slots * t->stride) != 0)
+    if (posix_memalign((void **)&t->mem, TALLY__CACHE_LINE, t->n_slots * t->stride) != 0)
         return TALLY_ENOMEM;
     memset(t->mem, 0, t->n_slots * t->stride);
     t->gen = malloc(t->n_slots * sizeof(*t->gen));
@@ -142,7 +142,7 @@ int tally__table_sync_alloc(tally__table *t)
     if (atomic_load(&t->sync))
         return 0;
     tally__sync *y;
-    if (posix_memalign((void **)&y, 64, t->n_slots * t->n_limits * sizeof(*y)) != 0)
+    if (posix_memalign((void **)&y, TALLY__CACHE_LINE, t->n_slots * t->n_limits * sizeof(*y)) != 0)
         return TALLY_ENOMEM;
     memset(y, 0, t->n_slots * t->n_limits * sizeof(*y));
     /* publish the zeroed array before hits may use it */

@@ -1,6 +1,6 @@
 /*
  * Policy specs: a hand-written recursive-descent parser over the grammar in
- * README.md ("Policy specs"). It reads the text once, never allocates, and
+ * docs/TOOLS.md ("Policy specs"). It reads the text once, never allocates, and
  * fills a local policy that is copied out only when the whole text is valid.
  */
 #include <stdarg.h>
@@ -13,6 +13,10 @@
 
 #define MS  UINT64_C(1000000)
 #define SEC UINT64_C(1000000000)
+#define MINUTE (60 * SEC)
+#define HOUR   (60 * MINUTE)
+#define DAY    (24 * HOUR)
+#define WEEK   (7 * DAY)
 
 struct parser {
     const char *s;      /* the whole text */
@@ -118,10 +122,10 @@ static const struct unit_name {
 } unit_names[] = {
     { "ms", MS }, { "millisecond", MS }, { "milliseconds", MS },
     { "s", SEC }, { "sec", SEC }, { "second", SEC }, { "seconds", SEC },
-    { "m", 60 * SEC }, { "min", 60 * SEC }, { "minute", 60 * SEC }, { "minutes", 60 * SEC },
-    { "h", 3600 * SEC }, { "hour", 3600 * SEC }, { "hours", 3600 * SEC },
-    { "d", 86400 * SEC }, { "day", 86400 * SEC }, { "days", 86400 * SEC },
-    { "w", 604800 * SEC }, { "week", 604800 * SEC }, { "weeks", 604800 * SEC },
+    { "m", MINUTE }, { "min", MINUTE }, { "minute", MINUTE }, { "minutes", MINUTE },
+    { "h", HOUR }, { "hour", HOUR }, { "hours", HOUR },
+    { "d", DAY }, { "day", DAY }, { "days", DAY },
+    { "w", WEEK }, { "week", WEEK }, { "weeks", WEEK },
     { "month", 0 }, { "months", 0 },
 };
 
@@ -155,15 +159,13 @@ static bool parse_period(struct parser *p, struct period *out)
         return fail_at(p, out->at, "the period is longer than the largest one (about 146 years)");
     out->ns = count * u->ns;
     out->calendar_ok = true;
-    switch (out->ns / SEC) {
-    case 60: out->unit = TALLY_MINUTE; break;
-    case 3600: out->unit = TALLY_HOUR; break;
-    case 86400: out->unit = TALLY_DAY; break;
-    case 604800: out->unit = TALLY_WEEK; break;
+    switch (out->ns) {
+    case MINUTE: out->unit = TALLY_MINUTE; break;
+    case HOUR: out->unit = TALLY_HOUR; break;
+    case DAY: out->unit = TALLY_DAY; break;
+    case WEEK: out->unit = TALLY_WEEK; break;
     default: out->calendar_ok = false;
     }
-    if (out->ns % SEC != 0)
-        out->calendar_ok = false;
     return true;
 }
 
