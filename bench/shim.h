@@ -114,7 +114,7 @@ typedef enum bench_design {
 #define BENCH_REDIS_PIPELINE 256
 
 const char *bench_design_name(bench_design d);
-/* 1 if @d implements workload @w (see README.md, "Benchmarks", for the gaps). */
+/* 1 if @d implements workload @w (see docs/BENCHMARKS.md, "Not measured", for the gaps). */
 int         bench_design_supports(bench_design d, const bench_workload *w);
 /* Hits per benchmark iteration: small for a design that pays a round trip per hit. */
 size_t      bench_design_batch(bench_design d);

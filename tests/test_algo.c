@@ -868,7 +868,7 @@ Test(algo, gcra_huge_period_at_todays_clock)
 /*
  * The reference GCRA in 128-bit arithmetic: an absolute TAT that never
  * saturates, the last hit, the mark. It is the definition the step implements
- * (README.md "GCRA", plus the mark and time-backwards rules of algo-step.h).
+ * (docs/ALGORITHMS.md "GCRA", plus the mark and time-backwards rules of algo-step.h).
  */
 typedef struct gmodel {
     __int128 tat;

@@ -4,7 +4,7 @@
  * socket, all bound to one port with SO_REUSEPORT, so the kernel spreads the
  * connections and the workers share nothing but the engine. Each request is
  * one tally_hit; the answer is 200 (or the upstream's answer) or 429, with
- * the RateLimit-* headers. Usage and exit codes: --help, README.md "Tools".
+ * the RateLimit-* headers. Usage and exit codes: --help, docs/TOOLS.md "tally-gate".
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -60,7 +60,7 @@ static const char usage_text[] =
 "RateLimit-Remaining, RateLimit-Reset and, on 429, Retry-After headers.\n"
 "GET /metrics answers the counters in the Prometheus format (not limited).\n"
 "\n"
-"  -p, --policy SPEC       the policy, e.g. 'api: 10/s burst 20 gcra' (README.md)\n"
+"  -p, --policy SPEC       the policy, e.g. 'api: 10/s burst 20 gcra' (docs/TOOLS.md)\n"
 "  -l, --listen ADDR:PORT  where to listen (default 127.0.0.1:8080; port 0 picks\n"
 "                          a free one)\n"
 "  -t, --threads N         worker threads, each with its own event loop (default 2)\n"

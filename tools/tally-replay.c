@@ -1,7 +1,7 @@
 /*
  * tally-replay: run a trace of (timestamp, key, cost) through a policy spec on
  * virtual time (tally_hit_at with each line's own timestamp) and report what
- * the policy would have done. Usage and exit codes: --help, README.md "Tools".
+ * the policy would have done. Usage and exit codes: --help, docs/TOOLS.md "tally-replay".
  */
 #include <errno.h>
 #include <getopt.h>
@@ -26,7 +26,7 @@ static const char usage_text[] =
 "Replay TRACE (a file, or - / nothing for stdin) through the policy SPEC on the\n"
 "trace's own timestamps and report what the policy would have done.\n"
 "\n"
-"  -p, --policy SPEC     the policy, e.g. 'api: 10/s burst 20 gcra' (see README.md)\n"
+"  -p, --policy SPEC     the policy, e.g. 'api: 10/s burst 20 gcra' (docs/TOOLS.md)\n"
 "  -f, --format FMT      tsv (default): TIMESTAMP<TAB>KEY[<TAB>COST], TIMESTAMP in\n"
 "                        Unix seconds with up to 9 decimals; common or combined:\n"
 "                        the nginx/Apache access log formats\n"

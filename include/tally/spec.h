@@ -1,6 +1,6 @@
 /*
  * tally/spec.h - policies written as text, e.g. "api: 10/s burst 20 gcra".
- * Included by <tally.h>. The grammar is in README.md ("Policy specs").
+ * Included by <tally.h>. The grammar is in docs/TOOLS.md ("Policy specs").
  *
  * The same contract sentences as tally.h are used: "Any thread may call it",
  * "It never blocks", "On failure nothing changes".

@@ -326,7 +326,7 @@ Test(redis, two_engines_enforce_one_limit_within_the_bound, .timeout = 120)
     pthread_join(ta, NULL);
     pthread_join(tb, NULL);
     int total = wa.allowed + wb.allowed;
-    /* Bound (README): each other engine can admit what it hits between two of
+    /* Bound (docs/SYNC.md): each other engine can admit what it hits between two of
        its flushes, here about 1 hit/ms x (20 ms interval + round trip) = ~25-50. */
     fprintf(stderr, "two engines admitted %d + %d = %d of max %d\n", wa.allowed, wb.allowed, total, SHARED_MAX);
     cr_assert_geq(total, SHARED_MAX, "the limit is not stricter than max");
@@ -371,7 +371,7 @@ static void idle_engine_learns(const tally_limit *l, unsigned flags, const char 
     }
     fprintf(stderr, "idle engine (%s): A admitted 1 + %" PRIu64 ", B %" PRIu64 " of max %" PRIu64 "\n",
             prefix, admitted_a, admitted_b, l->max);
-    /* B had never seen the key, so it decided its burst locally (README: a key
+    /* B had never seen the key, so it decided its burst locally (docs/SYNC.md: a key
        seen for the first time); A had, and must know B's count by now */
     cr_assert_geq(admitted_b, l->max - 1);
     cr_assert_eq(admitted_a, 0, "the idle engine decided without the others' count");
