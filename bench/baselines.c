@@ -11,6 +11,7 @@
  *   flat lock-free keys inserted before the run, lookup without a lock, then a
  *                  CAS add on the key's counter: no window, no clock, the bare
  *                  "find the key's counter and add to it" (the practical limit).
+ * And, for one hot key, the bare CAS add on one counter with no table at all.
  * With reclaim on, an insert into a full table first rebuilds it without the
  * keys whose state expired (what a user of such a map does: sweep when full).
  */
@@ -478,4 +479,42 @@ int bench_flat_count(bench_flat *f, const void *key, size_t len, uint64_t *count
     if (found)
         *count = atomic_load(&s->word);
     return found ? 0 : -1;
+}
+
+/* ---- Bare CAS add ------------------------------------------------------------- */
+
+struct bench_cas {
+    _Alignas(64) _Atomic uint64_t count;      /* a line of its own, as a hot key's state */
+};
+
+bench_cas *bench_cas_new(void)
+{
+    bench_cas *c;
+    if (posix_memalign((void **)&c, 64, sizeof(*c)) != 0)
+        return NULL;
+    atomic_init(&c->count, 0);
+    return c;
+}
+
+void bench_cas_free(bench_cas *c)
+{
+    free(c);
+}
+
+int bench_cas_add(bench_cas *c, uint64_t cost, int peek)
+{
+    uint64_t v = atomic_load_explicit(&c->count, memory_order_relaxed);
+    if (peek)
+        return 1;
+    /* a load and a compare-exchange, as a limit's step would need; relaxed: the
+       count publishes nothing */
+    while (!atomic_compare_exchange_weak_explicit(&c->count, &v, v + cost, memory_order_relaxed,
+                                                  memory_order_relaxed))
+        ;
+    return 1;
+}
+
+uint64_t bench_cas_count(bench_cas *c)
+{
+    return atomic_load_explicit(&c->count, memory_order_relaxed);
 }

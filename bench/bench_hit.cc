@@ -5,7 +5,11 @@
 //
 // Rows: <workload>/<design>/<keys>/real_time/threads:<T>, items_per_second =
 // operations per second summed over the threads; memory/... rows report bytes
-// per tracked key; latency/... rows come from bench_latency.cc.
+// per tracked key; latency/... rows come from bench_latency.cc. Counters:
+// errors (this row's failed calls), exact (hot: the stored count grew by the
+// allowed cost), windows, admitted_per_window, first_exceeded_per_window and
+// windows_exact (hot_limit, tally: every window admitted max and told one call
+// first_exceeded).
 #include <benchmark/benchmark.h>
 
 #include <cstdio>
@@ -23,9 +27,10 @@ void BM_hit(benchmark::State &state, bench_design d, bench_workload w)
 {
     const int tid = state.thread_index();
     const size_t batch = bench_design_batch(d);
+    const bool windowed = w.kind == BENCH_W_HOT_LIMIT;    // tally_hit_at only
     static fixture::Setup s;          // written by thread 0 before the start barrier
-    static uint64_t count_before, cost_before;
-    static int counted;
+    static uint64_t count_before, cost_before, errors_before, opened_before, first_before;
+    static int counted, filled;
 
     if (tid == 0) {
         s = fixture::prepare(d, w, state.threads());
@@ -33,7 +38,14 @@ void BM_hit(benchmark::State &state, bench_design d, bench_workload w)
         counted = s.target && w.kind == BENCH_W_HOT
                   && bench_target_count(s.target, k->arena + k->ref[0].off, k->ref[0].len,
                                         &count_before) == 0;
+        // at the limit the row starts on a full window: it owns the windows it opens
+        filled = s.target && windowed
+                 && bench_target_fill_window(s.target, 0, k->arena + k->ref[0].off,
+                                             k->ref[0].len) == 0;
         cost_before = s.target ? bench_target_allowed_cost(s.target) : 0;
+        errors_before = s.target ? bench_target_errors(s.target) : 0;
+        if (s.target)
+            bench_target_windows(s.target, &opened_before, &first_before);
     }
     // s is read only after the start barrier, inside the loop
     size_t pos = 0;
@@ -54,17 +66,36 @@ void BM_hit(benchmark::State &state, bench_design d, bench_workload w)
     state.counters["not_allowed"] = double(items - allowed);
     if (tid == 0) {
         // after the end barrier: every thread's hits are in
+        const bench_keys *k = s.keys;
         state.counters["errors_total"] = double(bench_target_errors(s.target));
+        state.counters["errors"] = double(bench_target_errors(s.target) - errors_before);
         state.counters["bytes_per_key"] = bench_target_bytes_per_key(s.target);
         if (w.kind == BENCH_W_HOT) {
             // the stored count grew by exactly the cost of the allowed hits
-            const bench_keys *k = s.keys;
             uint64_t after;
             const bool exact = counted
                 && bench_target_count(s.target, k->arena + k->ref[0].off, k->ref[0].len,
                                       &after) == 0
                 && after - count_before == bench_target_allowed_cost(s.target) - cost_before;
             state.counters["exact"] = exact ? 1 : 0;
+        }
+        if (windowed) {
+            // the last window is filled too, so every window the row opened is whole:
+            // each admitted exactly max and told exactly one call first_exceeded
+            filled = filled
+                     && bench_target_fill_window(s.target, 0, k->arena + k->ref[0].off,
+                                                 k->ref[0].len) == 0;
+            uint64_t opened, first;
+            bench_target_windows(s.target, &opened, &first);
+            opened -= opened_before;
+            first -= first_before;
+            const uint64_t admitted = bench_target_allowed_cost(s.target) - cost_before;
+            state.counters["windows"] = double(opened);
+            state.counters["admitted_per_window"] = opened ? double(admitted) / double(opened) : 0;
+            state.counters["first_exceeded_per_window"] =
+                opened ? double(first) / double(opened) : 0;
+            state.counters["windows_exact"] =
+                filled && opened && admitted == opened * w.max && first == opened ? 1 : 0;
         }
     }
 }
@@ -123,6 +154,7 @@ void register_all()
     register_rows(BENCH_W_GCRA, { K64 }, K64, redis_why);
     register_rows(BENCH_W_PEEK, { K64 }, K64, redis_why);
     register_rows(BENCH_W_INSERT, { M1 }, M1, redis_why);
+    register_rows(BENCH_W_HOT_LIMIT, { 1 }, 1, redis_why);
     register_latency();
 
     benchmark::RegisterBenchmark("memory/tally_digest_only/1000000", BM_memory, size_t(1000000), 1)

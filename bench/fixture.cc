@@ -9,8 +9,6 @@
 namespace fixture {
 namespace {
 
-constexpr uint64_t kKeySeed = 0x7a11c0ffee;
-
 std::map<size_t, bench_keys *> g_keys;
 std::map<std::tuple<size_t, int, int, int>, bench_seq *> g_seqs;  // (n, dist, weighted, tid)
 // Every target made stays until the end, so that rows may run in any order
@@ -31,19 +29,28 @@ Setup prepare(bench_design d, const bench_workload &w, int threads)
     if (threads > BENCH_MAX_THREADS)
         die("too many threads");
     bench_keys *&k = g_keys[w.n_keys];
-    if (!k && !(k = bench_keys_new(w.n_keys, kKeySeed)))
+    if (!k && !(k = bench_keys_new(w.n_keys, BENCH_KEY_SEED)))
         die("cannot make keys");
     Setup s{};
     s.keys = k;
     for (int i = 0; i < threads; i++) {
         bench_seq *&q = g_seqs[{ w.n_keys, int(w.dist), w.weighted, i }];
-        if (!q && !(q = bench_seq_new(k, kSeqLen, kKeySeed + 1 + i, w.dist, w.weighted)))
+        if (!q && !(q = bench_seq_new(k, kSeqLen, BENCH_KEY_SEED + 1 + i, w.dist, w.weighted)))
             die("cannot make key sequence");
         s.seq[i] = q;
     }
     bench_target *&t = g_targets[{ int(d), int(w.kind), w.n_keys }];
-    if (!t && !(t = bench_target_new(d, &w, k)) && !bench_design_needs_redis(d))
-        die("cannot create the target");
+    if (!t) {
+        if (!(t = bench_target_new(d, &w, k)) && !bench_design_needs_redis(d))
+            die("cannot create the target");
+        // churn: until every slot has been used once a miss may stop early at a
+        // never-used slot, so a young table is cheaper than the one every later
+        // row meets; ten times the capacity in hits ages it before the first row
+        if (t && w.kind == BENCH_W_INSERT) {
+            size_t pos = 0;
+            bench_target_run(t, 0, k, s.seq[0], &pos, 10 * w.capacity);
+        }
+    }
     s.target = g_target = t;
     return s;
 }

@@ -35,6 +35,9 @@ typedef struct bench_keys {
     bench_ref *ref;     /* ref[i]: key i */
 } bench_keys;
 
+/* The seed of every row's keys; thread i's sequence is drawn from BENCH_KEY_SEED + 1 + i. */
+#define BENCH_KEY_SEED UINT64_C(0x7a11c0ffee)
+
 /* Deterministic for a given (n, seed). NULL on allocation failure. */
 bench_keys *bench_keys_new(size_t n, uint64_t seed);
 void        bench_keys_free(bench_keys *k);
@@ -75,6 +78,12 @@ typedef enum bench_kind {
     BENCH_W_PEEK,       /* uniform; of every 4 operations 3 are peeks (decide, consume nothing) */
     BENCH_W_INSERT,     /* 1M keys through a 64K-key table with 10 ms windows: most hits
                            meet a new key, and expired keys must be reclaimed */
+    BENCH_W_HOT_LIMIT,  /* one key for every thread at its limit: BENCH_HOT_LIMIT_MAX per
+                           fixed window, each driven past: time is a window clock that the
+                           call told first_exceeded moves on by one period after
+                           BENCH_HOT_LIMIT_LINGER more hits of its own, so most hits are
+                           denied and every window must admit exactly max and tell exactly
+                           one call first_exceeded (tally_hit_at only) */
     BENCH_N_KINDS
 } bench_kind;
 
@@ -84,15 +93,19 @@ typedef struct bench_workload {
     size_t     n_keys;     /* distinct keys drawn from */
     size_t     capacity;   /* keys the table must hold at once */
     bench_algo algo;
-    uint64_t   max;        /* never reached: every hit is allowed */
+    uint64_t   max;        /* never reached (but in BENCH_W_HOT_LIMIT): every hit is allowed */
     uint64_t   period_ns;
     int        weighted;
     int        peek_mix;
     int        prefill;    /* every key is inserted before the run */
 } bench_workload;
 
-/* The workload @kind over @n_keys keys (BENCH_W_HOT uses 1 key, BENCH_W_INSERT
-   a table of @n_keys / 16). */
+#define BENCH_HOT_LIMIT_MAX       1000
+#define BENCH_HOT_LIMIT_PERIOD_NS 1000000u
+#define BENCH_HOT_LIMIT_LINGER    (4 * BENCH_HOT_LIMIT_MAX)
+
+/* The workload @kind over @n_keys keys (BENCH_W_HOT and BENCH_W_HOT_LIMIT use 1 key,
+   BENCH_W_INSERT a table of @n_keys / 16). */
 bench_workload bench_workload_of(bench_kind kind, size_t n_keys);
 const char    *bench_kind_name(bench_kind kind);
 
@@ -106,6 +119,7 @@ typedef enum bench_design {
     BENCH_RCU_LFHT,         /* liburcu rculfhash (urcu-memb), lookup + CAS on the node's counter */
     BENCH_CK_HS,            /* Concurrency Kit ck_hs (SPMC), lock-free get + CAS; spinlock for writers */
     BENCH_FLAT_LOCKFREE,    /* the practical limit: flat table, keys inserted before, lookup + CAS add */
+    BENCH_CAS_ADD,          /* one hot key at the least: a CAS add on one 8-byte counter */
     BENCH_REDIS_INCR,       /* Redis INCRBY, one round trip per hit */
     BENCH_REDIS_PIPELINED,  /* Redis INCRBY, one round trip per batch of BENCH_REDIS_PIPELINE hits */
     BENCH_N_DESIGNS
@@ -139,10 +153,41 @@ void          bench_target_free(bench_target *t);
  * per tid at a time) with the keys of @seq from *@pos on (advanced). Returns
  * the number of operations allowed; errors (tally error, key not found,
  * server error) are counted in the target, see bench_target_errors().
+ *
+ * Each operation is one call of a function per design, bench_op_<design name>
+ * (bench_op_tally, bench_op_mutex_map, ...), that the compiler may not inline
+ * or specialise: every design pays the same call, and tools/bench-callgrind
+ * reads the inclusive cost of that function as the cost of one operation.
  */
 uint64_t bench_target_run(bench_target *t, int tid, const bench_keys *k, const bench_seq *seq,
                           size_t *pos, size_t n);
 uint64_t bench_target_errors(const bench_target *t);
+
+/*
+ * From now on, operation p of a thread's sequence (its *@pos in
+ * bench_target_run) runs at time @start_ns + p * @step_ns for every design
+ * that is given a time (tally_hit_at and the maps), instead of the clock, or
+ * tally_hit_at's one time: the same windows expire after the same operations
+ * in every run. tally_hit keeps its own clock. For one thread: two threads'
+ * times are not ordered with each other.
+ */
+void     bench_target_set_clock(bench_target *t, uint64_t start_ns, uint64_t step_ns);
+
+/*
+ * Window counts of tally's designs in BENCH_W_HOT_LIMIT, summed over the
+ * threads since the target was made: windows opened (allowed hits that found
+ * their window empty, remaining = max - cost) and calls told first_exceeded.
+ */
+void     bench_target_windows(const bench_target *t, uint64_t *opened, uint64_t *first_exceeded);
+/*
+ * Hit @key as thread @tid at the start of the window it is in until a hit is
+ * denied, counted like the run's hits, then set BENCH_W_HOT_LIMIT's window
+ * clock to the next window: a row that fills the window before and after its
+ * run owns exactly the windows it opened, each full. Call it while no other
+ * thread runs @t. 0, or -1 (not a tally design, not a fixed window, key not
+ * tracked, a tally error).
+ */
+int      bench_target_fill_window(bench_target *t, int tid, const void *key, size_t len);
 /* Sum of the costs of allowed hits over every thread since the target was made. */
 uint64_t bench_target_allowed_cost(const bench_target *t);
 /* The count stored for @key (fixed-window workloads): 0 and *count set, or -1. */
@@ -238,6 +283,15 @@ size_t            bench_rwlock_map_bytes(const bench_rwlock_map *m);
 int bench_rwlock_map_hit(bench_rwlock_map *m, const void *key, size_t len, uint64_t cost,
                          uint64_t now, int peek);
 int bench_rwlock_map_count(bench_rwlock_map *m, const void *key, size_t len, uint64_t *count);
+
+/* Bare CAS add: one 8-byte counter whatever the key, a compare-exchange add loop;
+   no lookup, no clock, no window (the least one hot key can cost). */
+typedef struct bench_cas bench_cas;
+bench_cas *bench_cas_new(void);
+void       bench_cas_free(bench_cas *c);
+/* Add @cost (@peek: add nothing). Return 1. */
+int        bench_cas_add(bench_cas *c, uint64_t cost, int peek);
+uint64_t   bench_cas_count(bench_cas *c);
 
 /* Flat lock-free: keys inserted before the run, lock-free lookup + CAS add. */
 typedef struct bench_flat bench_flat;

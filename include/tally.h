@@ -58,12 +58,36 @@ TALLY_EXPORT const char *tally_strerror(int err);
 
 typedef struct tally_engine tally_engine;
 
+/*
+ * The keyed hash that names keys: a key's 128-bit digest is its identity in
+ * the engine and in Redis (key bytes, when kept, are only reported). Both
+ * hashes resist hash flooding while hash_key stays secret; the source's
+ * src/core/aeshash.c gives the AES hash's design and how far its argument
+ * goes.
+ *   TALLY_HASH_AUTO     the AES hash where the CPU has AES-NI, else SipHash.
+ *                       The choice is made per machine at tally_open.
+ *   TALLY_HASH_SIPHASH  SipHash-1-3 with a 128-bit output, on every CPU.
+ *   TALLY_HASH_AES      a hash from AES-NI rounds, in about a quarter of
+ *                       SipHash's instructions on short keys; tally_open
+ *                       fails without AES-NI.
+ * Engines that share Redis counters must use the same hash and hash_key:
+ * Redis key names carry the hash, so engines with different hashes keep
+ * separate counts. With AUTO, machines with and without AES-NI differ, so
+ * engines sharing Redis across machines should name the hash.
+ */
+typedef enum tally_hash {
+    TALLY_HASH_AUTO    = 0,
+    TALLY_HASH_SIPHASH = 1,
+    TALLY_HASH_AES     = 2
+} tally_hash;
+
 typedef struct tally_options {
     size_t  capacity;      /* most keys tracked at once per policy; memory is bounded by it */
     size_t  max_key_len;   /* default 256 */
     bool    digest_only;   /* keep only a keyed 128-bit digest of each key, never its bytes */
     uint8_t hash_key[16];  /* secret for the keyed hash; all zero => random at open.
                               Engines that share Redis counters must set the same key. */
+    tally_hash hash;       /* the keyed hash; default TALLY_HASH_AUTO */
 } tally_options;
 
 /* Largest accepted capacity and key length. */
@@ -82,7 +106,8 @@ TALLY_EXPORT void tally_options_init(tally_options *opts);
  * @opts: options; NULL means the defaults of tally_options_init().
  * @out:  receives the engine.
  * Return 0, TALLY_EINVAL (NULL @out, capacity 0 or above TALLY_MAX_CAPACITY,
- * max_key_len 0 or above TALLY_MAX_KEY_LEN) or TALLY_ENOMEM.
+ * max_key_len 0 or above TALLY_MAX_KEY_LEN, hash not a tally_hash, or
+ * TALLY_HASH_AES on a CPU without AES-NI) or TALLY_ENOMEM.
  * Any thread may call it. It may block (it allocates).
  * On failure nothing is allocated and *@out is untouched.
  */

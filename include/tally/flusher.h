@@ -86,7 +86,7 @@ TALLY_EXPORT void tally_flusher_options_init(tally_flusher_options *o);
  * options with neither host nor unix_path, a port outside 1..65535, a db
  * below 0, a key prefix longer than 256 bytes, redis options in a library
  * built without Redis: meson -Dredis=disabled), TALLY_ESTATE (already
- * running, or closing), TALLY_ENOMEM. Redis being unreachable is not an
+ * running, a tally_flusher_stop() still under way, or closing), TALLY_ENOMEM. Redis being unreachable is not an
  * error: the flusher retries with capped backoff and the engine fails open.
  * Any thread may call it. It may block (it allocates and starts a thread).
  * On failure nothing changes.

@@ -92,13 +92,15 @@ void tally__breaker_init(tally_breaker *b, const tally_breaker_options *o)
 
 int tally__breaker_enter(tally_breaker *b, uint64_t now_ns, tally_breaker_ticket *ticket)
 {
-    /* acquire: a probe's decision follows the report that opened the breaker */
+    /* acquire: a probe's decision follows the report that opened the
+       breaker; paired with the release CAS of tally__breaker_leave() */
     uint64_t w = atomic_load_explicit(&b->word, memory_order_acquire);
     for (;;) {
         uint64_t next;
         int rc = tally__breaker_enter_step(&b->cfg, w, now_ns, &next, ticket);
         if (rc || next == w)
             return rc;
+        /* acq_rel: paired with the CAS of tally__breaker_leave(), as above */
         if (atomic_compare_exchange_weak_explicit(&b->word, &w, next, memory_order_acq_rel,
                                                   memory_order_acquire))
             return 0;
@@ -108,12 +110,15 @@ int tally__breaker_enter(tally_breaker *b, uint64_t now_ns, tally_breaker_ticket
 void tally__breaker_leave(tally_breaker *b, tally_breaker_ticket ticket, bool success,
                           uint64_t now_ns)
 {
+    /* acquire: paired with the release of the last CAS on the word, in
+       tally__breaker_enter() or here */
     uint64_t w = atomic_load_explicit(&b->word, memory_order_acquire);
     for (;;) {
         uint64_t next = tally__breaker_leave_step(&b->cfg, w, ticket, success, now_ns);
         if (next == w)
             return;
-        /* release: whoever sees the new state sees the reported call's effects */
+        /* release: whoever sees the new state sees the reported call's
+           effects; paired with the acquires of tally__breaker_enter() */
         if (atomic_compare_exchange_weak_explicit(&b->word, &w, next, memory_order_acq_rel,
                                                   memory_order_acquire))
             return;

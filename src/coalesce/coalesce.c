@@ -37,8 +37,6 @@
  *     the cap and the free list are lock-free CAS loops.
  */
 #include <errno.h>
-#include <stdarg.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -49,6 +47,7 @@
 #include "core/atomics.h"
 #include "core/hash.h"
 #include "core/clock.h"
+#include "core/prom.h"
 #include "core/tsan.h"
 
 #define DEFAULT_CAPACITY 4096
@@ -91,7 +90,8 @@ void tally_coalesce_release(tally_coalesce_result *r)
 {
     /* the decrement's ordering, told to the sanitizer (tsan-internal.h) */
     tally__tsan_release(r);
-    /* acq_rel: every holder's reads happen before the last one frees */
+    /* acq_rel: every holder's reads happen before the last one frees;
+       paired with the same decrement by each other holder */
     if (!r || atomic_fetch_sub_explicit(&r->refs, 1, memory_order_acq_rel) != 1)
         return;
     tally__tsan_acquire(r);
@@ -166,23 +166,6 @@ static int check_options(const tally_coalesce_options *o)
     if (o->name && strnlen(o->name, TALLY_COALESCE_MAX_NAME + 1) > TALLY_COALESCE_MAX_NAME)
         return TALLY_EINVAL;
     return 0;
-}
-
-/* The label value escaping of the Prometheus text format. */
-static void escape_label(char *dst, const char *src)
-{
-    for (; src && *src; src++) {
-        if (*src == '\\' || *src == '"') {
-            *dst++ = '\\';
-            *dst++ = *src;
-        } else if (*src == '\n') {
-            *dst++ = '\\';
-            *dst++ = 'n';
-        } else {
-            *dst++ = *src;
-        }
-    }
-    *dst = '\0';
 }
 
 static void free_coalescer(tally_coalesce *c, size_t n_entries, unsigned n_stripes)
@@ -263,7 +246,7 @@ int tally_coalesce_open(const tally_coalesce_options *opts, tally_coalesce **out
         atomic_init(&c->entries[i].free_next, i + 1 < o.capacity ? (uint32_t)(i + 1) : NIL);
     atomic_init(&c->free_head, 0);
     c->bucket_mask = n_buckets - 1;
-    escape_label(c->label, o.name);
+    tally__prom_escape(c->label, sizeof(c->label), o.name);
     o.name = c->label;
     c->opts = o;
     if (o.breaker_failures) {
@@ -279,7 +262,8 @@ int tally_coalesce_open(const tally_coalesce_options *opts, tally_coalesce **out
 
 static uint32_t pool_pop(tally_coalesce *c)
 {
-    /* acquire: the entry's fields, written before its push, are ours now */
+    /* acquire: the entry's fields, written before its push, are ours now;
+       paired with the release CAS of pool_push() */
     uint64_t h = atomic_load_explicit(&c->free_head, memory_order_acquire);
     for (;;) {
         uint32_t i = (uint32_t)h;
@@ -287,6 +271,7 @@ static uint32_t pool_pop(tally_coalesce *c)
             return NIL;
         uint32_t next = atomic_load_explicit(&c->entries[i].free_next, memory_order_relaxed);
         uint64_t nh = ((h >> 32) + 1) << 32 | next;
+        /* acquire, also on failure: paired with the release CAS of pool_push() */
         if (atomic_compare_exchange_weak_explicit(&c->free_head, &h, nh, memory_order_acquire,
                                                   memory_order_acquire))
             return i;
@@ -300,7 +285,8 @@ static void pool_push(tally_coalesce *c, uint32_t i)
     do {
         atomic_store_explicit(&c->entries[i].free_next, (uint32_t)h, memory_order_relaxed);
         nh = ((h >> 32) + 1) << 32 | i;
-        /* release: publish the entry's fields to its next owner */
+        /* release: publish the entry's fields to its next owner; paired
+           with the acquires of pool_pop() */
     } while (!atomic_compare_exchange_weak_explicit(&c->free_head, &h, nh, memory_order_release,
                                                     memory_order_relaxed));
 }
@@ -683,36 +669,18 @@ int tally_coalesce_read_stats(tally_coalesce *c, tally_coalesce_stats *out)
     return 0;
 }
 
-typedef struct text {
-    char  *buf;
-    size_t size, len;
-} text;
-
-static void put(text *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-
-static void put(text *t, const char *fmt, ...)
-{
-    va_list ap;
-    char *at = t->len < t->size ? t->buf + t->len : NULL;
-    size_t room = at ? t->size - t->len : 0;
-    va_start(ap, fmt);
-    int n = vsnprintf(at, room, fmt, ap);
-    va_end(ap);
-    if (n > 0)
-        t->len += (size_t)n;
-}
-
-static void put_metric(text *t, const char *label, const char *name, const char *type,
+static void put_metric(tally__prom *t, const char *label, const char *name, const char *type,
                        const char *help, uint64_t v)
 {
-    put(t, "# HELP tally_coalesce_%s %s\n# TYPE tally_coalesce_%s %s\n", name, help, name, type);
-    put(t, "tally_coalesce_%s{name=\"%s\"} %llu\n", name, label, (unsigned long long)v);
+    tally__prom_put(t, "# HELP tally_coalesce_%s %s\n# TYPE tally_coalesce_%s %s\n", name, help,
+                    name, type);
+    tally__prom_put(t, "tally_coalesce_%s{name=\"%s\"} %llu\n", name, label, (unsigned long long)v);
 }
 
 size_t tally_coalesce_prometheus(tally_coalesce *c, char *buf, size_t size)
 {
     tally_coalesce_stats st;
-    text t = { buf, buf ? size : 0, 0 };
+    tally__prom t = { .buf = buf, .len = size };
     const char *l;
 
     if (tally_coalesce_read_stats(c, &st))
@@ -726,16 +694,16 @@ size_t tally_coalesce_prometheus(tally_coalesce *c, char *buf, size_t size)
                st.failures);
     put_metric(&t, l, "timeouts_total", "counter", "Calls that gave up waiting for an execution.",
                st.timeouts);
-    put(&t, "# HELP tally_coalesce_rejected_total Calls refused at once, by reason.\n"
-            "# TYPE tally_coalesce_rejected_total counter\n");
-    put(&t, "tally_coalesce_rejected_total{name=\"%s\",reason=\"busy\"} %llu\n", l,
-        (unsigned long long)st.rejected_busy);
-    put(&t, "tally_coalesce_rejected_total{name=\"%s\",reason=\"cooldown\"} %llu\n", l,
-        (unsigned long long)st.rejected_cooldown);
-    put(&t, "tally_coalesce_rejected_total{name=\"%s\",reason=\"open\"} %llu\n", l,
-        (unsigned long long)st.rejected_open);
-    put(&t, "tally_coalesce_rejected_total{name=\"%s\",reason=\"full\"} %llu\n", l,
-        (unsigned long long)st.rejected_full);
+    tally__prom_put(&t, "# HELP tally_coalesce_rejected_total Calls refused at once, by reason.\n"
+                        "# TYPE tally_coalesce_rejected_total counter\n");
+    tally__prom_put(&t, "tally_coalesce_rejected_total{name=\"%s\",reason=\"busy\"} %llu\n", l,
+                    (unsigned long long)st.rejected_busy);
+    tally__prom_put(&t, "tally_coalesce_rejected_total{name=\"%s\",reason=\"cooldown\"} %llu\n", l,
+                    (unsigned long long)st.rejected_cooldown);
+    tally__prom_put(&t, "tally_coalesce_rejected_total{name=\"%s\",reason=\"open\"} %llu\n", l,
+                    (unsigned long long)st.rejected_open);
+    tally__prom_put(&t, "tally_coalesce_rejected_total{name=\"%s\",reason=\"full\"} %llu\n", l,
+                    (unsigned long long)st.rejected_full);
     put_metric(&t, l, "running", "gauge", "Operations running now.", st.running);
     put_metric(&t, l, "keys", "gauge", "Keys running or holding attempt state.", st.keys);
     if (st.has_breaker) {
@@ -743,15 +711,14 @@ size_t tally_coalesce_prometheus(tally_coalesce *c, char *buf, size_t size)
                    "Circuit breaker state: 0 closed, 1 open, 2 half-open.", st.breaker.state);
         put_metric(&t, l, "breaker_failures", "gauge",
                    "Consecutive failures counted by the circuit breaker.", st.breaker.failures);
-        put(&t, "# HELP tally_coalesce_breaker_opened_at_seconds When the circuit breaker last "
-                "opened (0: never).\n# TYPE tally_coalesce_breaker_opened_at_seconds gauge\n");
-        put(&t, "tally_coalesce_breaker_opened_at_seconds{name=\"%s\"} %llu.%03llu\n", l,
-            (unsigned long long)(st.breaker.opened_at_ns / 1000000000u),
-            (unsigned long long)(st.breaker.opened_at_ns / TALLY__NS_PER_MS % 1000u));
+        tally__prom_put(&t, "# HELP tally_coalesce_breaker_opened_at_seconds When the circuit "
+                            "breaker last opened (0: never).\n"
+                            "# TYPE tally_coalesce_breaker_opened_at_seconds gauge\n");
+        tally__prom_put(&t, "tally_coalesce_breaker_opened_at_seconds{name=\"%s\"} %llu.%03llu\n",
+                        l, (unsigned long long)(st.breaker.opened_at_ns / 1000000000u),
+                        (unsigned long long)(st.breaker.opened_at_ns / TALLY__NS_PER_MS % 1000u));
     }
-    if (t.size && t.len >= t.size)
-        t.buf[t.size - 1] = '\0';
-    return t.len;
+    return tally__prom_end(&t);
 }
 
 /* ---- Shutdown ------------------------------------------------------------- */

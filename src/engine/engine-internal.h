@@ -107,6 +107,9 @@ typedef struct tally__slot {
     tally__state st[];
 } tally__slot;
 
+/* The slot stride is 16 + 16 bytes a limit (tally__table_init()). */
+_Static_assert(sizeof(tally__slot) == 16 && _Alignof(tally__slot) == 16, "slot digest pair");
+
 enum { TALLY__EMPTY = 0, TALLY__PENDING = 1, TALLY__LIVE = 2, TALLY__DEAD = 3 };
 /* Digest words of the slots that hold no key (status bits 00):
    {0, 0} never used, ends every probe; FREE reusable; ZOMBIE owned by a reclaimer. */
@@ -123,20 +126,27 @@ enum { TALLY__EMPTY = 0, TALLY__PENDING = 1, TALLY__LIVE = 2, TALLY__DEAD = 3 };
  * rwin as the sequence: 0 while it is being written).
  */
 typedef struct tally__sync {
-    _Alignas(16) uint64_t win;
+    _Alignas(16) uint64_t win;     /* {win, delta}: a pair, CASed as a tally__state */
     uint64_t delta;
-    _Alignas(16) uint64_t rwin;    /* window start + 1; 0: none or being written */
-    uint64_t remote;
+    _Alignas(16) _Atomic uint64_t rwin;  /* window start + 1; 0: none or being written */
+    _Atomic uint64_t remote;
 } tally__sync;
+
+_Static_assert(sizeof(tally__sync) == 32 && _Alignof(tally__sync) == 16
+               && offsetof(tally__sync, delta) == offsetof(tally__state, w1)
+               && offsetof(tally__sync, rwin) == 16, "sync entry layout");
 
 /* Per slot, when the policy has a rejection watch. */
 typedef struct tally__watch_slot {
     tally__state  denied;          /* sliding window of denied cost */
-    uint64_t      flag_at;         /* 0: not flagged; else when (set once by CAS) */
-    uint64_t      flag_amount;     /* denied cost in the window when flagged */
-    uint64_t      acc;             /* denied cost since the flusher last looked */
+    _Atomic uint64_t flag_at;      /* 0: not flagged; else when (set once by CAS) */
+    _Atomic uint64_t flag_amount;  /* denied cost in the window when flagged */
+    _Atomic uint64_t acc;          /* denied cost since the flusher last looked */
     uint64_t      pad;
 } tally__watch_slot;
+
+_Static_assert(sizeof(tally__watch_slot) == 48 && _Alignof(tally__watch_slot) == 16,
+               "watch slot layout");
 
 struct tally__table {
     size_t          capacity;     /* most LIVE slots */
@@ -147,12 +157,14 @@ struct tally__table {
     unsigned char  *mem;
     _Atomic uint64_t res;         /* capacity reservations (table.c): live | holders */
     _Atomic size_t  sweep;        /* cursor of the reclaim sweep */
+    size_t          sweep_len;    /* slots a reclaim sweeps */
     _Atomic uint64_t reclaimed;   /* slots reclaimed so far */
     _Atomic size_t  zombies;      /* slots taken by a reclaim, not yet FREE */
-    void          **keys;         /* per slot copy of the key bytes (NULL: digest_only) */
+    void *_Atomic  *keys;         /* per slot copy of the key bytes (NULL: digest_only) */
     tally__sync *_Atomic sync;     /* n_slots * n_limits, once a flusher started */
     tally__watch_slot *_Atomic watch; /* n_slots, once the policy has a watch */
     _Atomic uint64_t *gen;        /* n_slots: the state instance of each slot (table.c) */
+    _Atomic uint32_t *ovf;        /* n_slots / TALLY__GROUP: keys placed past each group */
     _Atomic uint64_t gen_next;    /* next unused instance number (even, never reused) */
     struct tally__notes *notes;   /* where deltas of reclaimed slots are spilled */
     uint32_t        policy;       /* id of the owning policy */
@@ -190,14 +202,22 @@ tally__slot *tally__table_find_fast(tally__table *t, tally__digest d);
 tally__slot *tally__table_find(tally__table *t, tally__digest d);
 
 #define TALLY__WINDOW 256          /* probe window: a key lives within 256 slots of home */
-#define TALLY__SWEEP  1024         /* slots a reclaim examines beyond the key's window */
+#define TALLY__GROUP  16           /* slots of a group, the unit of the overflow counts */
+#define TALLY__SWEEP  1024         /* fewest slots a reclaim examines beyond the key's window */
+#define TALLY__SWEEP_SHARE 8       /* ... and it examines 1/8 of the table when that is more */
 
-/* Slots taken out of use by a reclaim, to be made FREE after a grace period. */
+/* Slots taken out of use by a reclaim, to be made FREE after a grace period:
+   one grace period frees many slots, so that a table turning over keeps room
+   and its probes stay short. */
 typedef struct tally__batch {
-    size_t n;
-    size_t idx[TALLY__WINDOW + TALLY__SWEEP];
-    tally__digest digest[TALLY__WINDOW + TALLY__SWEEP];
+    size_t n, cap;
+    size_t *idx;
+    tally__digest *digest;
 } tally__batch;
+
+/* A batch for reclaims of @t (free with tally__batch_free()); NULL: no memory. */
+tally__batch *tally__batch_new(const tally__table *t);
+void          tally__batch_free(tally__batch *b);
 
 /*
  * Find or insert the slot of @d. Caller is inside an RCU read-side section.
@@ -278,6 +298,8 @@ typedef struct tally__stat_shard {
     _Atomic uint64_t denials, shadow_denials, full_refusals;
 } tally__stat_shard;
 
+_Static_assert(sizeof(tally__stat_shard) == TALLY__CACHE_LINE, "one shard a cache line");
+
 struct tally__flusher;
 
 struct tally_engine {
@@ -294,6 +316,7 @@ struct tally_engine {
     _Atomic uint64_t fail_closed_ns; /* 0: fail open; else deny when the last flush is older */
     _Atomic uint64_t last_flush_ok_ns;
     struct tally__flusher *flusher;  /* under add_lock */
+    bool             flusher_stopping; /* under add_lock: a stop is tearing one down */
     _Atomic uint64_t pending_deltas, pending_cost;   /* as of the last flush */
     _Atomic uint64_t flush_batches, flush_failures, redis_reconnects, events_delivered;
     _Atomic uint64_t redis_errors, redis_permanent_errors;
@@ -306,31 +329,29 @@ struct tally_engine {
 
 /* A key's identity: its keyed digest without the two bits a slot uses for status.
    Every place that names a key (slots, notes, Redis keys) uses this form.
-   @hash_key is an engine's own e->opts.hash_key, the name every caller has at
-   hand: the engine around it holds the hash tally_open chose, so choosing
-   costs one predictable branch and no CPU query. */
-static inline tally__digest tally__key_digest(const uint8_t hash_key[16], const void *key, size_t len)
+   The engine holds the hash tally_open chose, so choosing costs one
+   predictable branch and no CPU query. */
+static inline tally__digest tally__key_digest(const tally_engine *e, const void *key, size_t len)
 {
-    const tally_engine *e = (const tally_engine *)(const void *)
-        ((const char *)hash_key - offsetof(tally_engine, opts.hash_key));
     tally__digest d = tally__hasher_digest(&e->hasher, key, len);
     d.hi &= TALLY__DIGEST_HI_MASK;
     return d;
 }
 
-/* Close, in the engine's part: mark it closing and wait until no call of
-   its own runs (a grace period, and reclaims parked outside RCU); then free. */
 /* tally_options_init() and tally_open() of the current struct (src/abi.c
    exports them under each symbol version). */
 void tally__options_init(tally_options *opts);
 int  tally__open(const tally_options *opts, tally_engine **out);
+/* Close, in the engine's part: mark it closing and wait until no call of
+   its own runs (a grace period, and reclaims parked outside RCU); then free. */
 void tally__engine_quiesce(tally_engine *e);
 void tally__engine_free(tally_engine *e);
 
 /* The policy behind @id, or NULL for an unknown id. Any thread. */
 static inline tally__policy *tally__policy_get(tally_engine *e, uint32_t id)
 {
-    /* acquire: a policy is initialised before the count that makes its id valid */
+    /* acquire: a policy is initialised before the count that makes its id
+       valid; paired with the release stores in tally_policy_add() (engine.c) */
     return id < atomic_load_explicit(&e->n_policies, memory_order_acquire)
         ? atomic_load_explicit(&e->policies[id], memory_order_acquire) : NULL;
 }

@@ -27,6 +27,7 @@ void tally__options_init(tally_options *opts)
 int tally__open(const tally_options *opts, tally_engine **out)
 {
     tally_options o;
+    tally__hasher h;
     tally_engine *e;
 
     if (!out)
@@ -41,10 +42,15 @@ int tally__open(const tally_options *opts, tally_engine **out)
         return TALLY_EINVAL;
     if (tally__hash_key_fill(o.hash_key))
         return TALLY_ENOMEM;
+    /* the CPU is asked here, once: the hot path reads the engine's choice */
+    if (tally__hasher_init(&h, o.hash, o.hash_key))
+        return TALLY_EINVAL;
+    o.hash = h.kind;
     e = calloc(1, sizeof(*e));
     if (!e)
         return TALLY_ENOMEM;
     e->opts = o;
+    e->hasher = h;
     pthread_mutex_init(&e->add_lock, NULL);
     pthread_mutex_init(&e->ops_lock, NULL);
     *out = e;
@@ -53,19 +59,24 @@ int tally__open(const tally_options *opts, tally_engine **out)
 
 void tally__engine_quiesce(tally_engine *e)
 {
+    /* seq_cst: paired with the fetch_add of reclaimers and the load of
+       closing in acquire_slot() (hit.c): a reclaim sees closing, or we wait
+       for it below */
     atomic_store(&e->closing, true);
     /* every call whose read-side section began before now has left it */
     tally__rcu_wait();
-    /* and calls parked outside RCU to wait for a grace period are done */
+    /* and calls parked outside RCU to wait for a grace period are done;
+       seq_cst: paired with the fetch_add and fetch_sub in acquire_slot() */
     while (atomic_load(&e->reclaimers) != 0)
         sched_yield();
 }
 
 void tally__engine_free(tally_engine *e)
 {
-    uint32_t n = atomic_load(&e->n_policies);
+    /* relaxed: close runs alone here, after tally__engine_quiesce() */
+    uint32_t n = atomic_load_explicit(&e->n_policies, memory_order_relaxed);
     for (uint32_t i = 0; i < n; i++) {
-        tally__policy *p = atomic_load(&e->policies[i]);
+        tally__policy *p = atomic_load_explicit(&e->policies[i], memory_order_relaxed);
         tally__table_destroy(&p->table);
         pthread_mutex_destroy(&p->reset_lock);
         free(p);
@@ -110,8 +121,11 @@ int tally_policy_add(tally_engine *e, const tally_policy *p, uint32_t *id_out)
     }
 
     pthread_mutex_lock(&e->add_lock);
+    /* relaxed: the policies change only under add_lock; closing is only a
+       diagnostic (tally_close() in tally.h) */
     uint32_t n = atomic_load_explicit(&e->n_policies, memory_order_relaxed);
-    rc = atomic_load(&e->closing) ? TALLY_ESTATE : n == TALLY_MAX_POLICIES ? TALLY_ENOMEM : 0;
+    rc = atomic_load_explicit(&e->closing, memory_order_relaxed) ? TALLY_ESTATE
+        : n == TALLY_MAX_POLICIES ? TALLY_ENOMEM : 0;
     for (uint32_t i = 0; i < n && !rc; i++)
         if (strcmp(atomic_load_explicit(&e->policies[i], memory_order_relaxed)->name, np->name) == 0)
             rc = TALLY_EINVAL;
@@ -120,11 +134,14 @@ int tally_policy_add(tally_engine *e, const tally_policy *p, uint32_t *id_out)
                                !e->opts.digest_only);
     np->table.notes = &e->notes;
     np->table.policy = n;
-    if (!rc && atomic_load(&e->syncing) && (rc = tally__table_sync_alloc(&np->table)) != 0)
+    /* relaxed: add_lock orders the store of tally_flusher_start() before us */
+    if (!rc && atomic_load_explicit(&e->syncing, memory_order_relaxed)
+        && (rc = tally__table_sync_alloc(&np->table)) != 0)
         tally__table_destroy(&np->table);
     if (!rc) {
         pthread_mutex_init(&np->reset_lock, NULL);
-        /* publish the policy before the count that makes its id valid */
+        /* release: the policy before the count that makes its id valid;
+           paired with the acquire loads of tally__policy_get() */
         atomic_store_explicit(&e->policies[n], np, memory_order_release);
         atomic_store_explicit(&e->n_policies, n + 1, memory_order_release);
         *id_out = n;

@@ -43,6 +43,7 @@ static int enter(tally_engine *e, uint32_t policy, const void *key, size_t key_l
     if (TALLY__UNLIKELY(!e || !key || !out || key_len == 0))
         return TALLY_EINVAL;
     tally__rcu_enter();
+    /* relaxed: close's grace period, not this load, orders it (above) */
     if (TALLY__UNLIKELY(atomic_load_explicit(&e->closing, memory_order_relaxed))) {
         tally__rcu_exit();
         return TALLY_ESTATE;
@@ -66,22 +67,28 @@ static int enter(tally_engine *e, uint32_t policy, const void *key, size_t key_l
 static int acquire_slot(tally_engine *e, tally__table *t, tally__digest d, const void *key,
                         size_t key_len, uint64_t now, tally__slot **out)
 {
-    tally__batch *batch = NULL;      /* ~30 KiB: on the heap, not the caller's stack */
+    tally__batch *batch = NULL;      /* large: on the heap, made on the first reclaim */
     unsigned idle = 0;
+    size_t swept = 0;                /* slots the empty-handed sweeps examined */
     int rc;
 
     for (;;) {
         rc = tally__table_acquire(t, d, key, key_len, out);
         if (rc != TALLY_EFULL)
             break;
-        if (!batch && !(batch = malloc(sizeof(*batch)))) {
+        if (!batch && !(batch = tally__batch_new(t))) {
             rc = TALLY_ENOMEM;
             break;
         }
         if (tally__table_reclaim_take(t, d, now, batch) == 0) {
-            /* Nothing to take. Slots another reclaim took become FREE after
-               its grace period, and slots may have been freed since we
-               looked: try a few more times before giving up. */
+            /* Nothing to take here: the sweep moves on, and the key is
+               refused only once it has gone round the whole table. Slots
+               another reclaim took become FREE after its grace period, and
+               slots may have been freed since we looked: try a few more
+               times before giving up. */
+            swept += t->sweep_len;
+            if (swept < t->n_slots)
+                continue;
             if (++idle > RECLAIM_TRIES)
                 break;
             if (atomic_load_explicit(&t->zombies, memory_order_relaxed) == 0) {
@@ -90,20 +97,26 @@ static int acquire_slot(tally_engine *e, tally__table *t, tally__digest d, const
                 continue;
             }
         }
+        /* seq_cst, with the load of closing below: paired with the store of
+           closing and the load of reclaimers in tally__engine_quiesce()
+           (engine.c), so that close waits for us or we see closing */
         atomic_fetch_add(&e->reclaimers, 1);
         tally__rcu_exit();
         tally__rcu_wait();
         tally__table_reclaim_free(t, batch);
         tally__rcu_enter();
-        /* seen before close's grace period began, or close waits for us */
+        /* seen before close's grace period began, or close waits for us;
+           seq_cst: paired with the store in tally__engine_quiesce() */
         bool closing = atomic_load(&e->closing);
+        /* seq_cst (a release is what counts): paired with the load of
+           reclaimers in tally__engine_quiesce(), which then frees */
         atomic_fetch_sub(&e->reclaimers, 1);
         if (closing) {
             rc = TALLY_ESTATE;
             break;
         }
     }
-    free(batch);
+    tally__batch_free(batch);
     return rc;
 }
 
@@ -159,11 +172,14 @@ static inline void load_remote(const hit_ctx *c, unsigned i, tally__remote *out)
     if (!c->sync)
         return;
     tally__sync *y = &c->sync[i];
-    uint64_t w1 = __atomic_load_n(&y->rwin, __ATOMIC_ACQUIRE);
-    uint64_t n = __atomic_load_n(&y->remote, __ATOMIC_RELAXED);
-    /* the count is read before rwin is checked again */
-    __atomic_thread_fence(__ATOMIC_ACQUIRE);
-    if (w1 && __atomic_load_n(&y->rwin, __ATOMIC_RELAXED) == w1) {
+    /* acquire: paired with the release store of rwin in store_remote_rcu()
+       (sync/flusher.c): the count of that window is seen */
+    uint64_t w1 = atomic_load_explicit(&y->rwin, memory_order_acquire);
+    uint64_t n = atomic_load_explicit(&y->remote, memory_order_relaxed);
+    /* the count is read before rwin is checked again; paired with the
+       release fence of store_remote_rcu() after it zeroed rwin */
+    atomic_thread_fence(memory_order_acquire);
+    if (w1 && atomic_load_explicit(&y->rwin, memory_order_relaxed) == w1) {
         out->win = w1 - 1;
         out->count = n;
     }
@@ -203,7 +219,9 @@ static void take_back(const hit_ctx *c, unsigned i, tally__state added, uint64_t
         tally__state cur = tally__state_load(&c->s->st[i]);
         if (tally__state_is_dead(cur))
             return;                               /* the slot died with what we added */
-        /* acquire: after the state loads; paired with the reset's CAS after its odd store */
+        /* The state loads, acquires, keep this load after them: a state the
+           reset's CAS wrote brings its odd store of gen along. acquire:
+           paired with the release store that ends tally_reset_if() */
         if (atomic_load_explicit(gen, memory_order_acquire) != g0)
             return;
         tally__state next = tally__algo_undo(&c->p->limits[i], cur, added, now, cost);
@@ -247,7 +265,8 @@ static int hit_multi(const hit_ctx *c, uint64_t now, const uint64_t *costs, tall
                 continue;                         /* room appeared meanwhile: decide again */
             return STEP_OK;
         }
-        /* the instance the consumption lands in, for a take-back */
+        /* the instance the consumption lands in, for a take-back; acquire:
+           paired with the release store that ends tally_reset_if() */
         uint64_t g0 = atomic_load_explicit(&c->p->table.gen[tally__slot_index(&c->p->table, c->s)],
                                            memory_order_acquire);
         unsigned done = 0;
@@ -323,7 +342,10 @@ static inline void stat_inc(_Atomic uint64_t *c)
 /* Fail closed: deny without consuming once the global view is too old. */
 static bool too_stale(tally_engine *e, uint64_t now)
 {
-    uint64_t bound = atomic_load_explicit(&e->fail_closed_ns, memory_order_relaxed);
+    /* acquire: paired with the release store of fail_closed_ns in
+       tally_flusher_start() (sync/flusher.c): a bound is never read with
+       the last flush time of an older flusher */
+    uint64_t bound = atomic_load_explicit(&e->fail_closed_ns, memory_order_acquire);
     if (TALLY__LIKELY(bound == 0))
         return false;
     uint64_t last = atomic_load_explicit(&e->last_flush_ok_ns, memory_order_relaxed);
@@ -353,11 +375,13 @@ int tally_hit_at(tally_engine *e, uint32_t policy, const void *key, size_t key_l
         return 0;
     }
 
-    tally__digest d = tally__key_digest(e->opts.hash_key, key, key_len);
+    tally__digest d = tally__key_digest(e, key, key_len);
     tally__table *t = &p->table;
     unsigned how = (p->flags & (TALLY_SHADOW | TALLY_COUNT_REJECTED)) ? TALLY__ADD_ALWAYS
                                                                      : TALLY__ADD_IF_FITS;
     bool syncing = atomic_load_explicit(&e->syncing, memory_order_relaxed);
+    /* acquire: paired with the release store in tally__table_sync_alloc()
+       (table.c); NULL, while a flusher starts, is a hit before it started */
     tally__sync *sync = syncing ? atomic_load_explicit(&t->sync, memory_order_acquire) : NULL;
     hit_ctx c = { .p = p };
     for (;;) {
@@ -422,9 +446,10 @@ int tally_peek_at(tally_engine *e, uint32_t policy, const void *key, size_t key_
     if (rc)
         return rc;
     tally__table *t = &p->table;
+    /* acquire: paired with the release store in tally__table_sync_alloc() */
     tally__sync *sync = atomic_load_explicit(&e->syncing, memory_order_relaxed)
         ? atomic_load_explicit(&t->sync, memory_order_acquire) : NULL;
-    hit_ctx c = { .p = p, .s = tally__table_find(t, tally__key_digest(e->opts.hash_key, key, key_len)) };
+    hit_ctx c = { .p = p, .s = tally__table_find(t, tally__key_digest(e, key, key_len)) };
     c.sync = c.s && sync ? sync + tally__slot_index(t, c.s) * p->n_limits : NULL;
     for (unsigned i = 0; i < p->n_limits; i++) {
         tally__state cur = { 0, 0 };
@@ -463,7 +488,8 @@ static int read_instance(tally__table *t, tally__slot *s, uint64_t now, tally_sn
             tally__algo_counter(&t->limits[i], cur, now, &snap->c[i]);
         }
         /* the states are read before the instance is checked again; paired
-           with the full barrier of the reset's CAS after it made gen odd */
+           with the full barrier of the state CAS by which tally_reset_if()
+           follows its odd store of gen */
         atomic_thread_fence(memory_order_acquire);
         uint64_t g2 = atomic_load_explicit(gen, memory_order_relaxed);
         if ((g1 == g2 && !(g1 & 1)) || tries == READ_TRIES) {
@@ -483,7 +509,7 @@ int tally_read(tally_engine *e, uint32_t policy, const void *key, size_t key_len
 
     tally_snapshot snap = { .policy = policy, .n_limits = p->n_limits };
     tally__table *t = &p->table;
-    tally__slot *s = tally__table_find(t, tally__key_digest(e->opts.hash_key, key, key_len));
+    tally__slot *s = tally__table_find(t, tally__key_digest(e, key, key_len));
     uint64_t now = tally_now_ns();
     rc = s ? 0 : TALLY_ENOENT;
     if (s)
@@ -510,7 +536,7 @@ int tally_reset_if(tally_engine *e, uint32_t policy, const void *key, size_t key
         tally__rcu_exit();
         return TALLY_EINVAL;
     }
-    tally__slot *s = tally__table_find(&p->table, tally__key_digest(e->opts.hash_key, key, key_len));
+    tally__slot *s = tally__table_find(&p->table, tally__key_digest(e, key, key_len));
     if (!s) {
         tally__rcu_exit();
         return TALLY_ENOENT;
@@ -524,7 +550,9 @@ int tally_reset_if(tally_engine *e, uint32_t policy, const void *key, size_t key
     uint64_t g = atomic_load_explicit(gen, memory_order_relaxed);
     if (g == observed->generation) {
         /* odd: readers that see any state this reset writes retry or report
-           the instance in flux; the CAS below is a full barrier after it */
+           the instance in flux. The state CAS below is a full barrier after
+           it: paired with the acquire fence of read_instance() and the
+           acquire state loads of take_back() */
         atomic_store_explicit(gen, g | 1, memory_order_relaxed);
         for (unsigned i = 0; i < p->n_limits; i++) {
             tally__state seen = { observed->c[i].raw[0], observed->c[i].raw[1] };
@@ -535,8 +563,9 @@ int tally_reset_if(tally_engine *e, uint32_t policy, const void *key, size_t key
             if (tally__state_cas(&s->st[i], seen, empty))
                 mask |= 1u << i;
         }
-        /* release: paired with the acquire in read_instance(); the states
-           are reset before the new instance is seen */
+        /* release: the states are reset before the new instance is seen;
+           paired with the acquire loads of gen in read_instance(),
+           hit_multi() and take_back() */
         atomic_store_explicit(gen, mask ? tally__table_gen_fresh(t) : g, memory_order_release);
     }
     pthread_mutex_unlock(&p->reset_lock);

@@ -12,7 +12,14 @@
  * Ordering and progress guarantees:
  *  1. EMPTY is never re-entered, so a probe that meets EMPTY before the key
  *     proves the key was absent when the slot was read (a key is always
- *     claimed at the first EMPTY-or-FREE slot of its window).
+ *     claimed at the first EMPTY-or-FREE slot of its window). The slots form
+ *     groups of TALLY__GROUP, and ovf[g] counts the claims, not yet made
+ *     FREE again, that passed group g: a claimant adds one to every group
+ *     between its home and its slot before its claim CAS (seq_cst), and the
+ *     reclaim that frees the slot takes them back. A probe that has passed
+ *     the end of a group with ovf 0 proves, in the same way, that the key
+ *     was in no later slot: once a table has turned over and FREE slots
+ *     stand where EMPTY ones were, a miss still ends in its home group.
  *  2. Claims and promotions are 16-byte CASes on the digest word: a slot is
  *     owned by the one CAS that moved it out of EMPTY or FREE.
  *  3. At most one LIVE slot per digest, and at most capacity LIVE slots (the
@@ -72,6 +79,42 @@ static inline size_t wrap(const tally__table *t, size_t i)
     return i >= t->n_slots ? i - t->n_slots : i;
 }
 
+static inline size_t group_of(size_t i)
+{
+    return i / TALLY__GROUP;
+}
+
+/* Slot @i ends a group whose overflow count is 0: nothing probed past it. */
+static inline bool ends_probe(tally__table *t, size_t i)
+{
+    /* acquire: paired with the increments of pass_groups(), as a digest
+       load is with the claim CAS */
+    return (i + 1) % TALLY__GROUP == 0
+        && atomic_load_explicit(&t->ovf[group_of(i)], memory_order_acquire) == 0;
+}
+
+/* The same, in a resolution scan (Dekker style: see digest_load()). */
+static inline bool ends_probe_seq_cst(tally__table *t, size_t i)
+{
+    /* seq_cst: paired with the seq_cst increments of pass_groups() by a twin
+       claimant, as digest_load() is with its claim CAS */
+    return (i + 1) % TALLY__GROUP == 0 && atomic_load(&t->ovf[group_of(i)]) == 0;
+}
+
+/* Add @delta to the overflow count of every group from @home's to the one
+   before slot @i's. */
+static void pass_groups(tally__table *t, size_t home, size_t i, int delta)
+{
+    size_t n_groups = t->n_slots / TALLY__GROUP;
+    for (size_t g = group_of(home); g != group_of(i); g = g + 1 == n_groups ? 0 : g + 1) {
+        if (delta > 0)
+            /* seq_cst: paired with the loads of ends_probe_seq_cst() by a twin's resolve() */
+            atomic_fetch_add(&t->ovf[g], 1);
+        else
+            atomic_fetch_sub_explicit(&t->ovf[g], 1, memory_order_relaxed);   /* no claim remains */
+    }
+}
+
 static inline uint64_t hi_with(tally__digest d, unsigned status)
 {
     return (d.hi & TALLY__DIGEST_HI_MASK) | ((uint64_t)status << TALLY__STATUS_SHIFT);
@@ -88,19 +131,27 @@ static inline bool is_key(uint64_t hi, uint64_t lo, tally__digest d)
         && (hi & TALLY__DIGEST_HI_MASK) == (d.hi & TALLY__DIGEST_HI_MASK);
 }
 
+/*
+ * Every change of a digest but the last, to FREE (tally__table_reclaim_free()),
+ * is this CAS, a full barrier (seq_cst). A claim is ordered before the scan
+ * that resolves it: paired with the seq_cst loads of digest_load() in a twin
+ * claimant's resolve() (guarantee 3). It also releases what the slot's owner
+ * wrote before it (a promotion: paired with the acquire loads of
+ * tally__table_find_fast() and tally__table_live()) and acquires what the
+ * previous owner released (a claim of a FREE slot: paired with the release
+ * store in tally__table_reclaim_free()).
+ */
 static inline bool digest_cas(tally__slot *s, uint64_t lo, uint64_t hi, uint64_t nlo, uint64_t nhi)
 {
-    unsigned __int128 e = ((unsigned __int128)hi << 64) | lo;
-    unsigned __int128 n = ((unsigned __int128)nhi << 64) | nlo;
-    /* full barrier: a claim is ordered before the scan that resolves it */
-    return __sync_bool_compare_and_swap((unsigned __int128 *)&s->d_lo, e, n);
+    return tally__pair_cas(&s->d_lo, lo, hi, nlo, nhi);
 }
 
 static inline void digest_load(tally__slot *s, uint64_t *lo, uint64_t *hi)
 {
-    /* seq_cst: the resolution scan must not be reordered before our claim */
-    *hi = __atomic_load_n(&s->d_hi, __ATOMIC_SEQ_CST);
-    *lo = __atomic_load_n(&s->d_lo, __ATOMIC_SEQ_CST);
+    /* seq_cst: paired with the claim CAS (digest_cas()) of a twin claimant,
+       so that of two claims of one key, one scan sees the other */
+    *hi = tally__word_load_seq_cst(&s->d_hi);
+    *lo = tally__word_load_seq_cst(&s->d_lo);
 }
 
 int tally__table_init(tally__table *t, size_t capacity, unsigned n_limits,
@@ -112,19 +163,28 @@ int tally__table_init(tally__table *t, size_t capacity, unsigned n_limits,
     t->limits = limits;
     t->stride = sizeof(tally__slot) + n_limits * sizeof(tally__state);
     /* Load factor at most 1/2: the longest run of linear probing then stays
-       far below the probe window (about 75 slots for a million keys). */
+       far below the probe window (about 75 slots for a million keys), and a
+       miss mostly ends in its home group (guarantee 1). */
     t->n_slots = 2 * capacity;
-    if (t->n_slots < TALLY__WINDOW)
-        t->n_slots = TALLY__WINDOW;
+    /* whole groups, and a window that cannot wrap onto its home group */
+    if (t->n_slots < 2 * TALLY__WINDOW)
+        t->n_slots = 2 * TALLY__WINDOW;
+    t->n_slots = (t->n_slots + TALLY__GROUP - 1) / TALLY__GROUP * TALLY__GROUP;
+    t->sweep_len = t->n_slots / TALLY__SWEEP_SHARE > TALLY__SWEEP ? t->n_slots / TALLY__SWEEP_SHARE
+                                                                  : TALLY__SWEEP;
+    if (t->sweep_len > t->n_slots - TALLY__WINDOW)
+        t->sweep_len = t->n_slots - TALLY__WINDOW;
     if (t->n_slots > SIZE_MAX / t->stride)
         return TALLY_ENOMEM;
     if (posix_memalign((void **)&t->mem, TALLY__CACHE_LINE, t->n_slots * t->stride) != 0)
         return TALLY_ENOMEM;
     memset(t->mem, 0, t->n_slots * t->stride);
     t->gen = malloc(t->n_slots * sizeof(*t->gen));
+    t->ovf = calloc(t->n_slots / TALLY__GROUP, sizeof(*t->ovf));
     if (keep_keys)
-        t->keys = calloc(t->n_slots, sizeof(void *));
-    if (!t->gen || (keep_keys && !t->keys)) {
+        t->keys = calloc(t->n_slots, sizeof(*t->keys));
+    if (!t->gen || !t->ovf || (keep_keys && !t->keys)) {
+        free(t->ovf);
         free(t->gen);
         free(t->mem);
         t->gen = NULL;
@@ -139,30 +199,36 @@ int tally__table_init(tally__table *t, size_t capacity, unsigned n_limits,
 
 int tally__table_sync_alloc(tally__table *t)
 {
-    if (atomic_load(&t->sync))
+    /* relaxed: under add_lock, as is the only store */
+    if (atomic_load_explicit(&t->sync, memory_order_relaxed))
         return 0;
     tally__sync *y;
     if (posix_memalign((void **)&y, TALLY__CACHE_LINE, t->n_slots * t->n_limits * sizeof(*y)) != 0)
         return TALLY_ENOMEM;
     memset(y, 0, t->n_slots * t->n_limits * sizeof(*y));
-    /* publish the zeroed array before hits may use it */
+    /* release: the zeroed array before hits may use it; paired with the
+       acquire loads of t->sync in hit.c, in the reclaim here, in
+       sync/flusher.c and in ops/ops.c */
     atomic_store_explicit(&t->sync, y, memory_order_release);
     return 0;
 }
 
+/* Close, or a policy that was never published: no other thread is here. */
 void tally__table_destroy(tally__table *t)
 {
-    free(atomic_load(&t->sync));
-    t->sync = NULL;
-    free(atomic_load(&t->watch));
-    t->watch = NULL;
+    free(atomic_load_explicit(&t->sync, memory_order_relaxed));
+    atomic_store_explicit(&t->sync, NULL, memory_order_relaxed);
+    free(atomic_load_explicit(&t->watch, memory_order_relaxed));
+    atomic_store_explicit(&t->watch, NULL, memory_order_relaxed);
     if (t->keys) {
         for (size_t i = 0; i < t->n_slots; i++)
-            free(t->keys[i]);
+            free(atomic_load_explicit(&t->keys[i], memory_order_relaxed));
         free(t->keys);
     }
+    free(t->ovf);
     free(t->gen);
     free(t->mem);
+    t->ovf = NULL;
     t->gen = NULL;
     t->mem = NULL;
     t->keys = NULL;
@@ -170,7 +236,8 @@ void tally__table_destroy(tally__table *t)
 
 size_t tally__table_bytes(const tally__table *t)
 {
-    return t->n_slots * (t->stride + sizeof(*t->gen)) + (t->keys ? t->n_slots * sizeof(void *) : 0);
+    return t->n_slots * (t->stride + sizeof(*t->gen)) + t->n_slots / TALLY__GROUP * sizeof(*t->ovf)
+        + (t->keys ? t->n_slots * sizeof(*t->keys) : 0);
 }
 
 tally__slot *tally__table_find_fast(tally__table *t, tally__digest d)
@@ -179,16 +246,20 @@ tally__slot *tally__table_find_fast(tally__table *t, tally__digest d)
 
     for (size_t k = 0; k < TALLY__WINDOW; k++, i = wrap(t, i + 1)) {
         tally__slot *s = slot_at(t, i);
-        uint64_t hi = __atomic_load_n(&s->d_hi, __ATOMIC_ACQUIRE);
-        if (hi == 0) {
-            if (__atomic_load_n(&s->d_lo, __ATOMIC_ACQUIRE) == TALLY__LO_EMPTY)
+        /* acquire: paired with the promotion CAS in resolve(), so that the
+           hit reads the states as the slot's owner left them */
+        uint64_t hi = tally__word_load_acquire(&s->d_hi);
+        if (hi == hi_with(d, TALLY__LIVE)) {
+            /* acquire: paired with the promotion CAS, as the hi load */
+            if (tally__word_load_acquire(&s->d_lo) == d.lo)
+                return s;
+        } else if (hi == 0) {
+            /* acquire: paired with the release in tally__table_reclaim_free() */
+            if (tally__word_load_acquire(&s->d_lo) == TALLY__LO_EMPTY)
                 return NULL;
-            continue;
         }
-        if (hi != hi_with(d, TALLY__LIVE))
-            continue;
-        if (__atomic_load_n(&s->d_lo, __ATOMIC_ACQUIRE) == d.lo)
-            return s;
+        if (ends_probe(t, i))
+            return NULL;
     }
     return NULL;
 }
@@ -205,6 +276,8 @@ tally__slot *tally__table_find(tally__table *t, tally__digest d)
             return NULL;
         if (hi == hi_with(d, TALLY__LIVE) && lo == d.lo)
             return s;
+        if (ends_probe(t, i))
+            return NULL;
     }
     return NULL;
 }
@@ -223,6 +296,7 @@ _Static_assert(TALLY_MAX_CAPACITY < TALLY__RES_HOLDER, "the live count fits its 
  */
 static bool reserve(tally__table *t, uint64_t *seen)
 {
+    /* relaxed: guarantee 7 is about res alone, one word in one modification order */
     uint64_t r = atomic_load_explicit(&t->res, memory_order_relaxed);
     do {
         if (tally__res_live(r) >= t->capacity) {
@@ -258,31 +332,34 @@ static tally__slot *resolve(tally__table *t, tally__digest d, size_t home, size_
 again:;
     tally__slot *mine = slot_at(t, wrap(t, home + me));
     for (size_t k = 0; k < TALLY__WINDOW; k++) {
-        if (k == me)
-            continue;
-        tally__slot *s = slot_at(t, wrap(t, home + k));
+        size_t i = wrap(t, home + k);
+        tally__slot *s = slot_at(t, i);
         uint64_t lo, hi;
-        digest_load(s, &lo, &hi);
-        if (hi == 0 && lo == TALLY__LO_EMPTY)
-            break;                    /* guarantee 1: a later twin will see our claim */
-        if (!is_key(hi, lo, d))
-            continue;
-        switch (status_of(hi)) {
-        case TALLY__LIVE:
-            kill_pending(mine, d);
-            return s;
-        case TALLY__PENDING:
-            if (k < me) {
-                kill_pending(mine, d);
-                me = k;
-                goto again;
+        if (k != me) {
+            digest_load(s, &lo, &hi);
+            if (hi == 0 && lo == TALLY__LO_EMPTY)
+                break;                /* guarantee 1: a later twin will see our claim */
+            if (is_key(hi, lo, d)) {
+                switch (status_of(hi)) {
+                case TALLY__LIVE:
+                    kill_pending(mine, d);
+                    return s;
+                case TALLY__PENDING:
+                    if (k < me) {
+                        kill_pending(mine, d);
+                        me = k;
+                        goto again;
+                    }
+                    if (!kill_pending(s, d))
+                        goto again;   /* it moved on: promoted or killed; look again */
+                    break;
+                default:
+                    break;
+                }
             }
-            if (!kill_pending(s, d))
-                goto again;           /* it moved on: promoted or killed; look again */
-            break;
-        default:
-            break;
         }
+        if (ends_probe_seq_cst(t, i))
+            break;                    /* guarantee 1: a later twin will see our claim */
     }
     uint64_t seen, lo, hi;
     for (;;) {
@@ -313,11 +390,13 @@ again:;
 tally__slot *tally__table_live(tally__table *t, size_t i, tally__digest *d)
 {
     tally__slot *s = slot_at(t, i);
-    /* acquire: paired with the promotion CAS that made the slot LIVE */
-    uint64_t hi = __atomic_load_n(&s->d_hi, __ATOMIC_ACQUIRE);
+    /* acquire: paired with the promotion CAS in resolve() that made the
+       slot LIVE: the caller reads its states after it */
+    uint64_t hi = tally__word_load_acquire(&s->d_hi);
     if (status_of(hi) != TALLY__LIVE)
         return NULL;
-    d->lo = __atomic_load_n(&s->d_lo, __ATOMIC_ACQUIRE);
+    /* acquire: paired with the same CAS, which wrote lo with hi */
+    d->lo = tally__word_load_acquire(&s->d_lo);
     d->hi = hi & TALLY__DIGEST_HI_MASK;
     return s;
 }
@@ -325,8 +404,8 @@ tally__slot *tally__table_live(tally__table *t, size_t i, tally__digest *d)
 /* A key copy is its length, then its bytes. */
 const void *tally__table_key(tally__table *t, size_t i, size_t *len)
 {
-    /* acquire: paired with the release store that publishes the copy at its claim */
-    const size_t *kp = t->keys ? __atomic_load_n(&t->keys[i], __ATOMIC_ACQUIRE) : NULL;
+    /* acquire: paired with the release store of the copy in tally__table_acquire() */
+    const size_t *kp = t->keys ? atomic_load_explicit(&t->keys[i], memory_order_acquire) : NULL;
     tally__tsan_acquire(kp);
     if (!kp)
         return NULL;
@@ -363,29 +442,32 @@ int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size
         tally__slot *found = NULL;
         bool rescan = false;
 
+        /* Look for the key until it is proven absent (guarantee 1), and
+           for the first slot to claim until one is found. */
+        bool absent = false;
         for (size_t k = 0; k < TALLY__WINDOW && !found && !rescan; k++) {
-            tally__slot *s = slot_at(t, wrap(t, home + k));
+            size_t i = wrap(t, home + k);
+            tally__slot *s = slot_at(t, i);
             uint64_t lo, hi;
             digest_load(s, &lo, &hi);
             if (hi == 0) {
-                if (lo != TALLY__LO_EMPTY && lo != TALLY__LO_FREE)
-                    continue;                 /* ZOMBIE */
-                if (free_k == SIZE_MAX) {
+                if ((lo == TALLY__LO_EMPTY || lo == TALLY__LO_FREE) && free_k == SIZE_MAX) {
                     free_k = k;
                     free_lo = lo;
                 }
                 if (lo == TALLY__LO_EMPTY)
                     break;                    /* guarantee 1: nothing of ours past here */
-                continue;
+            } else if (!absent && is_key(hi, lo, d)) {
+                if (status_of(hi) == TALLY__LIVE) {
+                    found = s;
+                } else if (status_of(hi) == TALLY__PENDING) {
+                    found = resolve(t, d, home, k);
+                    rescan = !found;          /* lost a race: scan again */
+                }
             }
-            if (!is_key(hi, lo, d))
-                continue;
-            if (status_of(hi) == TALLY__LIVE) {
-                found = s;
-            } else if (status_of(hi) == TALLY__PENDING) {
-                found = resolve(t, d, home, k);
-                rescan = !found;              /* lost a race: scan again */
-            }
+            absent = absent || ends_probe(t, i);
+            if (absent && free_k != SIZE_MAX)
+                break;
         }
         if (found) {
             free(copy);
@@ -416,12 +498,17 @@ int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size
            after it: a helper that promotes the claim meanwhile is rare */
         if (t->keys && !copy && !(copy = key_copy(key, key_len)))
             return TALLY_ENOMEM;
-        if (!digest_cas(mine, free_lo, 0, d.lo, hi_with(d, TALLY__PENDING)))
+        /* the groups passed count the claim before it can be seen (guarantee 1) */
+        pass_groups(t, home, idx, 1);
+        if (!digest_cas(mine, free_lo, 0, d.lo, hi_with(d, TALLY__PENDING))) {
+            pass_groups(t, home, idx, -1);
             continue;
+        }
         if (copy) {
-            /* the claim CAS made us the only writer of this slot's key */
+            /* the claim CAS made us the only writer of this slot's key;
+               release: paired with the acquire load in tally__table_key() */
             tally__tsan_release(copy);
-            __atomic_store_n(&t->keys[idx], copy, __ATOMIC_RELEASE);
+            atomic_store_explicit(&t->keys[idx], copy, memory_order_release);
             copy = NULL;
         }
         found = resolve(t, d, home, free_k);
@@ -459,9 +546,12 @@ static bool kill_expired(tally__table *t, tally__slot *s, uint64_t now)
 
     if (tally__state_is_dead(first))
         goto help;
+    /* acquire: paired with the release stores in tally__table_sync_alloc()
+       and tally_watch_set() (ops/ops.c): the arrays are seen zeroed */
     tally__sync *y = atomic_load_explicit(&t->sync, memory_order_acquire);
     tally__watch_slot *w = atomic_load_explicit(&t->watch, memory_order_acquire);
-    if (w && __atomic_load_n(&w[tally__slot_index(t, s)].flag_at, __ATOMIC_ACQUIRE))
+    /* acquire: paired with the flag CAS in tally__watch_feed() (watch.c) */
+    if (w && atomic_load_explicit(&w[tally__slot_index(t, s)].flag_at, memory_order_acquire))
         return false;                         /* a flag stays until an operator clears it */
     for (unsigned i = 0; i < t->n_limits; i++) {
         tally__state cur = i ? tally__state_load_atomic(&s->st[i]) : first;
@@ -469,8 +559,10 @@ static bool kill_expired(tally__table *t, tally__slot *s, uint64_t now)
             goto help;
         if (!tally__algo_expired(&t->limits[i], cur, now))
             return false;
-        /* a key with cost not yet pushed to the sinks stays */
-        if (y && __atomic_load_n(&y[tally__slot_index(t, s) * t->n_limits + i].delta, __ATOMIC_ACQUIRE))
+        /* a key with cost not yet pushed to the sinks stays; acquire: paired
+           with the pair CAS of delta_add() (hit.c) or of the flusher's take
+           in collect_range() (sync/flusher.c) */
+        if (y && tally__word_load_acquire(&y[tally__slot_index(t, s) * t->n_limits + i].delta))
             return false;
     }
     if (!tally__state_cas(&s->st[0], first, dead))
@@ -478,6 +570,32 @@ static bool kill_expired(tally__table *t, tally__slot *s, uint64_t now)
 help:
     tally__table_help_kill(t, s);
     return true;
+}
+
+tally__batch *tally__batch_new(const tally__table *t)
+{
+    size_t cap = TALLY__WINDOW + t->sweep_len;
+    tally__batch *b = malloc(sizeof(*b));
+    if (!b)
+        return NULL;
+    b->n = 0;
+    b->cap = cap;
+    b->idx = malloc(cap * sizeof(*b->idx));
+    b->digest = malloc(cap * sizeof(*b->digest));
+    if (!b->idx || !b->digest) {
+        tally__batch_free(b);
+        return NULL;
+    }
+    return b;
+}
+
+void tally__batch_free(tally__batch *b)
+{
+    if (b) {
+        free(b->idx);
+        free(b->digest);
+        free(b);
+    }
 }
 
 /* Move a DEAD slot to ZOMBIE, owned by this reclaim. */
@@ -498,7 +616,7 @@ static void consider(tally__table *t, size_t idx, uint64_t now, tally__batch *b)
     tally__slot *s = slot_at(t, idx);
     uint64_t lo, hi;
 
-    if (b->n == sizeof(b->idx) / sizeof(b->idx[0]))
+    if (b->n == b->cap)
         return;
     digest_load(s, &lo, &hi);
     if (status_of(hi) == TALLY__LIVE && !kill_expired(t, s, now))
@@ -512,59 +630,73 @@ static void consider(tally__table *t, size_t idx, uint64_t now, tally__batch *b)
 size_t tally__table_reclaim_take(tally__table *t, tally__digest d, uint64_t now, tally__batch *b)
 {
     size_t home = home_of(t, d);
-    size_t sweep = atomic_fetch_add_explicit(&t->sweep, TALLY__SWEEP, memory_order_relaxed);
+    size_t sweep = atomic_fetch_add_explicit(&t->sweep, t->sweep_len, memory_order_relaxed) % t->n_slots;
 
     b->n = 0;
     for (size_t k = 0; k < TALLY__WINDOW; k++)
         consider(t, wrap(t, home + k), now, b);
-    for (size_t k = 0; k < TALLY__SWEEP; k++)
-        consider(t, (sweep + k) % t->n_slots, now, b);
+    for (size_t k = 0; k < t->sweep_len; k++)
+        consider(t, wrap(t, sweep + k), now, b);
     return b->n;
 }
 
+/*
+ * The slots of @b are ZOMBIE, owned by this reclaim, and a grace period has
+ * passed since they left use: no call still holds them, and scans that read
+ * their words find no LIVE key. So the stores that clear them are relaxed,
+ * and the one release below publishes them all to the slot's next key.
+ */
 void tally__table_reclaim_free(tally__table *t, const tally__batch *b)
 {
+    /* acquire: paired with the release stores in tally__table_sync_alloc()
+       and tally_watch_set() (ops/ops.c) */
     tally__sync *y = atomic_load_explicit(&t->sync, memory_order_acquire);
     tally__watch_slot *w = atomic_load_explicit(&t->watch, memory_order_acquire);
     for (size_t j = 0; j < b->n; j++) {
         tally__slot *s = slot_at(t, b->idx[j]);
         if (w) {
             tally__watch_slot *ws = &w[b->idx[j]];
-            __atomic_store_n(&ws->denied.w0, 0, __ATOMIC_RELAXED);
-            __atomic_store_n(&ws->denied.w1, 0, __ATOMIC_RELAXED);
-            __atomic_store_n(&ws->flag_at, 0, __ATOMIC_RELAXED);
-            __atomic_store_n(&ws->flag_amount, 0, __ATOMIC_RELAXED);
-            __atomic_store_n(&ws->acc, 0, __ATOMIC_RELAXED);
+            tally__word_store_relaxed(&ws->denied.w0, 0);
+            tally__word_store_relaxed(&ws->denied.w1, 0);
+            atomic_store_explicit(&ws->flag_at, 0, memory_order_relaxed);
+            atomic_store_explicit(&ws->flag_amount, 0, memory_order_relaxed);
+            atomic_store_explicit(&ws->acc, 0, memory_order_relaxed);
         }
-        /* the key copy, for spilled deltas and then to free */
-        size_t *kp = t->keys ? __atomic_load_n(&t->keys[b->idx[j]], __ATOMIC_RELAXED) : NULL;
+        /* the key copy, for spilled deltas and then to free; relaxed: the
+           grace period orders its store and the writes into it before here */
+        size_t *kp = t->keys ? atomic_load_explicit(&t->keys[b->idx[j]], memory_order_relaxed) : NULL;
         tally__tsan_acquire(kp);
         for (unsigned i = 0; i < t->n_limits; i++) {
-            __atomic_store_n(&s->st[i].w0, 0, __ATOMIC_RELAXED);
-            __atomic_store_n(&s->st[i].w1, 0, __ATOMIC_RELAXED);
+            tally__word_store_relaxed(&s->st[i].w0, 0);
+            tally__word_store_relaxed(&s->st[i].w1, 0);
             if (!y)
                 continue;
             tally__sync *e = &y[b->idx[j] * t->n_limits + i];
             /* After the grace period no hit can still add here: a delta that
-               landed after the reclaim looked goes to the flusher, never lost. */
-            uint64_t delta = __atomic_load_n(&e->delta, __ATOMIC_ACQUIRE);
+               landed after the reclaim looked goes to the flusher, never lost.
+               acquire: paired with the pair CAS of delta_add() (hit.c) */
+            uint64_t delta = tally__word_load_acquire(&e->delta);
             if (delta)
                 tally__spill(t->notes, t->policy, i, b->digest[j],
-                             __atomic_load_n(&e->win, __ATOMIC_RELAXED), delta,
+                             tally__word_load_relaxed(&e->win), delta,
                              kp ? (const void *)(kp + 1) : NULL, kp ? *kp : 0);
-            __atomic_store_n(&e->win, 0, __ATOMIC_RELAXED);
-            __atomic_store_n(&e->delta, 0, __ATOMIC_RELAXED);
-            __atomic_store_n(&e->rwin, 0, __ATOMIC_RELAXED);
-            __atomic_store_n(&e->remote, 0, __ATOMIC_RELAXED);
+            tally__word_store_relaxed(&e->win, 0);
+            tally__word_store_relaxed(&e->delta, 0);
+            atomic_store_explicit(&e->rwin, 0, memory_order_relaxed);
+            atomic_store_explicit(&e->remote, 0, memory_order_relaxed);
         }
         if (t->keys) {
             free(kp);
-            __atomic_store_n(&t->keys[b->idx[j]], NULL, __ATOMIC_RELAXED);
+            atomic_store_explicit(&t->keys[b->idx[j]], NULL, memory_order_relaxed);
         }
+        /* the key no longer lies past the groups before its slot (guarantee 1) */
+        pass_groups(t, home_of(t, b->digest[j]), b->idx[j], -1);
         /* the next key here is a new instance (guarantee 6) */
         atomic_store_explicit(&t->gen[b->idx[j]], tally__table_gen_fresh(t), memory_order_relaxed);
-        /* publish the zeroed state and the fresh instance before the slot can be claimed */
-        __atomic_store_n(&s->d_lo, TALLY__LO_FREE, __ATOMIC_RELEASE);
+        /* release: the zeroed state and the fresh instance before the slot can
+           be claimed; paired with the claim CAS in tally__table_acquire() and
+           the acquire loads of tally__table_find_fast() */
+        tally__word_store_release(&s->d_lo, TALLY__LO_FREE);
         atomic_fetch_add_explicit(&t->reclaimed, 1, memory_order_relaxed);
         atomic_fetch_sub_explicit(&t->zombies, 1, memory_order_relaxed);
     }

@@ -16,6 +16,7 @@
 void tally__watch_feed(tally_engine *e, tally__policy *p, size_t idx, tally__digest d,
                        const void *key, size_t key_len, uint64_t cost, uint64_t now)
 {
+    /* acquire: paired with the release store in tally_watch_set() (ops/ops.c) */
     tally__watch_slot *w = &atomic_load_explicit(&p->table.watch, memory_order_acquire)[idx];
     tally__step r;
 
@@ -26,15 +27,18 @@ void tally__watch_feed(tally_engine *e, tally__policy *p, size_t idx, tally__dig
         if (tally__state_cas(&w->denied, cur, r.changed ? r.next : cur))
             break;
     }
-    __atomic_fetch_add(&w->acc, cost, __ATOMIC_RELAXED);
-    if (r.used < p->watch_rule.spec.max || __atomic_load_n(&w->flag_at, __ATOMIC_RELAXED))
+    atomic_fetch_add_explicit(&w->acc, cost, memory_order_relaxed);
+    /* relaxed: a hint; the CAS below decides */
+    if (r.used < p->watch_rule.spec.max || atomic_load_explicit(&w->flag_at, memory_order_relaxed))
         return;
     uint64_t expect = 0, at = now ? now : 1;
-    /* the one CAS that flags the key (guarantee 2) */
-    if (!__atomic_compare_exchange_n(&w->flag_at, &expect, at, false, __ATOMIC_ACQ_REL,
-                                     __ATOMIC_RELAXED))
+    /* the one CAS that flags the key (guarantee 2); acq_rel: paired with the
+       acquire loads of flag_at in kill_expired() (table.c) and scan_in_rcu()
+       (ops/ops.c), and with the CAS of clear_in_rcu() (ops/ops.c) */
+    if (!atomic_compare_exchange_strong_explicit(&w->flag_at, &expect, at, memory_order_acq_rel,
+                                                 memory_order_relaxed))
         return;
-    __atomic_store_n(&w->flag_amount, r.used, __ATOMIC_RELAXED);
+    atomic_store_explicit(&w->flag_amount, r.used, memory_order_relaxed);
     atomic_fetch_add_explicit(&e->flags_set, 1, memory_order_relaxed);
     tally__note *n = tally__note_new(TALLY__NOTE_FLAG, p->table.policy, 0, d,
                                      e->opts.digest_only ? NULL : key, key_len);

@@ -14,11 +14,11 @@
  *     readers take the engine's ops_lock to copy them.
  */
 #include <inttypes.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "engine/algo-step.h"
+#include "core/prom.h"
 #include "core/rcu.h"
 
 #define DEFAULT_EPISODES 200
@@ -74,14 +74,19 @@ int tally_watch_set(tally_engine *e, uint32_t policy, const tally_watch *w)
     eps->n_buckets = n_buckets;
 
     pthread_mutex_lock(&e->add_lock);
-    int rc = atomic_load(&e->closing) || atomic_load(&t->watch) ? TALLY_ESTATE : 0;
+    /* relaxed: the watch is set only under add_lock; closing is only a
+       diagnostic (tally_close() in tally.h) */
+    int rc = atomic_load_explicit(&e->closing, memory_order_relaxed)
+        || atomic_load_explicit(&t->watch, memory_order_relaxed) ? TALLY_ESTATE : 0;
     if (!rc) {
         p->watch_rule = compiled;
         p->episodes_cap = cap;
         pthread_mutex_lock(&e->ops_lock);
         p->episodes = eps;
         pthread_mutex_unlock(&e->ops_lock);
-        /* publish the rule before the array that makes hits use it */
+        /* release: the rule before the array that makes hits use it; paired
+           with the acquire loads of t->watch, in tally__watch_feed()
+           (engine/watch.c) first */
         atomic_store_explicit(&t->watch, slots, memory_order_release);
     }
     pthread_mutex_unlock(&e->add_lock);
@@ -98,6 +103,7 @@ static tally__watch_slot *watch_slot_of(tally__policy *p, tally__digest d)
 {
     tally__table *t = &p->table;
     tally__slot *s = tally__table_find(t, d);
+    /* acquire: paired with the release store of tally_watch_set() */
     tally__watch_slot *w = atomic_load_explicit(&t->watch, memory_order_acquire);
     return s && w ? &w[tally__slot_index(t, s)] : NULL;
 }
@@ -116,12 +122,14 @@ static void clear_in_rcu(void *arg)
     a->rc = TALLY_ENOENT;
     if (!ws)
         return;
-    uint64_t at = __atomic_load_n(&ws->flag_at, __ATOMIC_ACQUIRE);
-    if (at && __atomic_compare_exchange_n(&ws->flag_at, &at, 0, false, __ATOMIC_ACQ_REL,
-                                          __ATOMIC_RELAXED)) {
+    /* acquire: paired with the flag CAS of tally__watch_feed() (engine/watch.c) */
+    uint64_t at = atomic_load_explicit(&ws->flag_at, memory_order_acquire);
+    /* acq_rel: paired with the flag CASes of tally__watch_feed() and import_in_rcu() */
+    if (at && atomic_compare_exchange_strong_explicit(&ws->flag_at, &at, 0, memory_order_acq_rel,
+                                                      memory_order_relaxed)) {
         /* the window of denials starts over with the flag */
-        __atomic_store_n(&ws->denied.w0, 0, __ATOMIC_RELAXED);
-        __atomic_store_n(&ws->denied.w1, 0, __ATOMIC_RELAXED);
+        tally__word_store_relaxed(&ws->denied.w0, 0);
+        tally__word_store_relaxed(&ws->denied.w1, 0);
         a->rc = 0;
     }
 }
@@ -129,7 +137,8 @@ static void clear_in_rcu(void *arg)
 /* The policy behind @id if it has a watch: 0, TALLY_ESTATE or TALLY_EINVAL. */
 static int watched_policy(tally_engine *e, uint32_t id, tally__policy **out)
 {
-    if (atomic_load(&e->closing))
+    /* relaxed: only a diagnostic (tally_close() in tally.h) */
+    if (atomic_load_explicit(&e->closing, memory_order_relaxed))
         return TALLY_ESTATE;
     *out = tally__policy_get(e, id);
     /* acquire: paired with the release store of tally_watch_set() */
@@ -146,7 +155,7 @@ int tally_watch_clear(tally_engine *e, uint32_t policy, const void *key, size_t 
     int rc = watched_policy(e, policy, &p);
     if (rc)
         return rc;
-    clear_arg a = { e, p, tally__key_digest(e->opts.hash_key, key, key_len), 0 };
+    clear_arg a = { e, p, tally__key_digest(e, key, key_len), 0 };
     tally__rcu_read(clear_in_rcu, &a);
     /* with Redis, the flusher deletes the shared flag too (whether or not this
        engine held the key: a restarted process may not have it yet) */
@@ -169,9 +178,11 @@ static void import_in_rcu(void *arg)
     if (!ws)
         return;
     uint64_t expect = 0;
-    if (__atomic_compare_exchange_n(&ws->flag_at, &expect, a->at, false, __ATOMIC_ACQ_REL,
-                                    __ATOMIC_RELAXED))
-        __atomic_store_n(&ws->flag_amount, a->amount, __ATOMIC_RELAXED);
+    /* acq_rel: paired with the CAS of clear_in_rcu() and the acquire loads of
+       flag_at in scan_in_rcu() and kill_expired() (engine/table.c) */
+    if (atomic_compare_exchange_strong_explicit(&ws->flag_at, &expect, a->at, memory_order_acq_rel,
+                                                memory_order_relaxed))
+        atomic_store_explicit(&ws->flag_amount, a->amount, memory_order_relaxed);
 }
 
 void tally__watch_import(tally_engine *e, uint32_t policy, tally__digest d, uint64_t at,
@@ -208,6 +219,8 @@ static void scan_in_rcu(void *arg)
 {
     scan_chunk *c = arg;
     tally__table *t = &c->p->table;
+    /* acquire: paired with the release stores of tally__table_sync_alloc()
+       (engine/table.c) and tally_watch_set() */
     tally__sync *y = atomic_load_explicit(&t->sync, memory_order_acquire);
     tally__watch_slot *w = atomic_load_explicit(&t->watch, memory_order_acquire);
     uint64_t now = tally_now_ns();
@@ -227,12 +240,14 @@ static void scan_in_rcu(void *arg)
             tally__algo_counter(&t->limits[l], st, now, &it->entry.c[l]);
             big |= it->entry.c[l].used >= c->f->min_used;
             if (y)
-                it->entry.pending[l] = __atomic_load_n(&y[i * t->n_limits + l].delta, __ATOMIC_RELAXED);
+                it->entry.pending[l] = tally__word_load_relaxed(&y[i * t->n_limits + l].delta);
         }
         if (w) {
-            it->entry.flagged_at_ns = __atomic_load_n(&w[i].flag_at, __ATOMIC_ACQUIRE);
+            /* acquire: paired with the flag CASes of tally__watch_feed()
+               (engine/watch.c) and import_in_rcu() */
+            it->entry.flagged_at_ns = atomic_load_explicit(&w[i].flag_at, memory_order_acquire);
             it->entry.flagged = it->entry.flagged_at_ns != 0;
-            it->flag_amount = __atomic_load_n(&w[i].flag_amount, __ATOMIC_RELAXED);
+            it->flag_amount = atomic_load_explicit(&w[i].flag_amount, memory_order_relaxed);
         }
         if (dead || !big || (c->f->flagged_only && !it->entry.flagged))
             continue;
@@ -264,7 +279,8 @@ int tally_scan(tally_engine *e, uint32_t policy, const tally_scan_filter *filter
     static const tally_scan_filter all = { 0 };
     if (!e || !cb)
         return TALLY_EINVAL;
-    if (atomic_load(&e->closing))
+    /* relaxed: only a diagnostic (tally_close() in tally.h) */
+    if (atomic_load_explicit(&e->closing, memory_order_relaxed))
         return TALLY_ESTATE;
     tally__policy *p = tally__policy_get(e, policy);
     if (!p)
@@ -314,6 +330,7 @@ int tally_watch_flagged(tally_engine *e, uint32_t policy, size_t limit,
     if (!e || !cb)
         return TALLY_EINVAL;
     tally__policy *p = tally__policy_get(e, policy);
+    /* acquire: paired with the release store of tally_watch_set() */
     if (!p || !atomic_load_explicit(&p->table.watch, memory_order_acquire))
         return TALLY_EINVAL;
     tally_scan_filter f = { .flagged_only = true, .limit = limit };
@@ -409,17 +426,18 @@ static void acc_in_rcu(void *arg)
 {
     acc_chunk *c = arg;
     tally__table *t = &c->p->table;
+    /* acquire: paired with the release store of tally_watch_set() */
     tally__watch_slot *w = atomic_load_explicit(&t->watch, memory_order_acquire);
     for (; c->from < c->to && c->n < 256; c->from++) {
         size_t i = c->from;
-        if (!__atomic_load_n(&w[i].acc, __ATOMIC_RELAXED))
+        if (!atomic_load_explicit(&w[i].acc, memory_order_relaxed))
             continue;
         tally__digest d;
         if (!tally__table_live(t, i, &d))
             continue;
         acc_item *it = &c->items[c->n++];
         it->d = d;
-        it->denied = __atomic_exchange_n(&w[i].acc, 0, __ATOMIC_RELAXED);
+        it->denied = atomic_exchange_explicit(&w[i].acc, 0, memory_order_relaxed);
         size_t len = 0;
         const void *kept = tally__table_key(t, i, &len);
         if (kept && len <= sizeof(it->key)) {
@@ -437,12 +455,14 @@ static void acc_in_rcu(void *arg)
 
 void tally__ops_flush(tally_engine *e, uint64_t now)
 {
+    /* acquire: paired with the release store in tally_policy_add() (engine/engine.c) */
     uint32_t np = atomic_load_explicit(&e->n_policies, memory_order_acquire);
     acc_chunk *c = malloc(sizeof(*c));
     if (!c)
         return;
     for (uint32_t id = 0; id < np; id++) {
         tally__policy *p = tally__policy_get(e, id);
+        /* acquire: paired with the release store of tally_watch_set() */
         if (!atomic_load_explicit(&p->table.watch, memory_order_acquire))
             continue;
         c->p = p;
@@ -520,6 +540,7 @@ void tally__ops_usage_add(tally__policy *p, unsigned limit, uint64_t delta)
 void tally__ops_usage_emit(tally_engine *e, uint64_t start, uint64_t end,
                            void (*cb)(void *, const tally_usage_report *), void *ctx)
 {
+    /* acquire: paired with the release store in tally_policy_add() (engine/engine.c) */
     uint32_t np = atomic_load_explicit(&e->n_policies, memory_order_acquire);
     size_t n = 0;
     for (uint32_t id = 0; id < np; id++)
@@ -553,62 +574,42 @@ void tally__ops_usage_emit(tally_engine *e, uint64_t start, uint64_t end,
     pthread_mutex_unlock(&e->ops_lock);
 }
 
-/* Label values escape backslash, quote and newline. */
-static size_t label(char *dst, size_t cap, const char *s)
-{
-    size_t w = 0;
-    for (; *s; s++) {
-        const char *esc = *s == '\\' ? "\\\\" : *s == '"' ? "\\\"" : *s == '\n' ? "\\n" : NULL;
-        size_t n = esc ? 2 : 1;
-        if (w + n < cap)
-            memcpy(dst + w, esc ? esc : s, n);
-        w += n;
-    }
-    if (cap)
-        dst[w < cap ? w : cap - 1] = 0;
-    return w;
-}
-
-#define EMIT(...)                                                                  \
-    do {                                                                           \
-        int n_ = snprintf(buf && w < len ? buf + w : NULL, buf && w < len ? len - w : 0, \
-                          __VA_ARGS__);                                            \
-        w += (size_t)(n_ > 0 ? n_ : 0);                                            \
-    } while (0)
-
 int tally__ops_prometheus(tally_engine *e, char *buf, size_t len, size_t w)
 {
-    EMIT("# HELP tally_watch_flags Keys the rejection watch flagged.\n"
-         "# TYPE tally_watch_flags counter\ntally_watch_flags %" PRIu64 "\n",
-         atomic_load_explicit(&e->flags_set, memory_order_relaxed));
+    tally__prom pw = { .buf = buf, .len = len, .written = w };
+    tally__prom_put(&pw, "# HELP tally_watch_flags Keys the rejection watch flagged.\n"
+                         "# TYPE tally_watch_flags counter\ntally_watch_flags %" PRIu64 "\n",
+                    atomic_load_explicit(&e->flags_set, memory_order_relaxed));
     pthread_mutex_lock(&e->ops_lock);
     if (e->usage_last_n)
-        EMIT("# HELP tally_usage_cost Per-key cost used in the last flush interval.\n"
-             "# TYPE tally_usage_cost histogram\n");
+        tally__prom_put(&pw, "# HELP tally_usage_cost Per-key cost used in the last flush "
+                             "interval.\n# TYPE tally_usage_cost histogram\n");
     for (size_t i = 0; i < e->usage_last_n; i++) {
         const tally_usage_report *r = &e->usage_last[i].r;
         char name[2 * TALLY_MAX_POLICY_NAME + 2];
-        label(name, sizeof(name), e->usage_last[i].name);
+        tally__prom_escape(name, sizeof(name), e->usage_last[i].name);
         uint64_t cum = 0;
         for (unsigned b = 0; b < 64; b++) {
             cum += r->buckets[b];
-            EMIT("tally_usage_cost_bucket{policy=\"%s\",limit=\"%u\",le=\"%" PRIu64 "\"} %" PRIu64 "\n",
-                 name, r->limit, UINT64_C(1) << b, cum);
+            tally__prom_put(&pw, "tally_usage_cost_bucket{policy=\"%s\",limit=\"%u\",le=\"%" PRIu64
+                                 "\"} %" PRIu64 "\n", name, r->limit, UINT64_C(1) << b, cum);
         }
-        EMIT("tally_usage_cost_bucket{policy=\"%s\",limit=\"%u\",le=\"+Inf\"} %" PRIu64 "\n"
-             "tally_usage_cost_sum{policy=\"%s\",limit=\"%u\"} %" PRIu64 "\n"
-             "tally_usage_cost_count{policy=\"%s\",limit=\"%u\"} %" PRIu64 "\n",
-             name, r->limit, r->keys, name, r->limit, r->sum, name, r->limit, r->keys);
+        tally__prom_put(&pw, "tally_usage_cost_bucket{policy=\"%s\",limit=\"%u\",le=\"+Inf\"} "
+                             "%" PRIu64 "\n"
+                             "tally_usage_cost_sum{policy=\"%s\",limit=\"%u\"} %" PRIu64 "\n"
+                             "tally_usage_cost_count{policy=\"%s\",limit=\"%u\"} %" PRIu64 "\n",
+                        name, r->limit, r->keys, name, r->limit, r->sum, name, r->limit, r->keys);
     }
     pthread_mutex_unlock(&e->ops_lock);
-    return (int)w;
+    return tally__prom_end_int(&pw);
 }
 
 void tally__ops_free(tally_engine *e)
 {
-    uint32_t np = atomic_load(&e->n_policies);
+    /* relaxed: close runs alone here, after tally__engine_quiesce() */
+    uint32_t np = atomic_load_explicit(&e->n_policies, memory_order_relaxed);
     for (uint32_t id = 0; id < np; id++) {
-        tally__policy *p = atomic_load(&e->policies[id]);
+        tally__policy *p = atomic_load_explicit(&e->policies[id], memory_order_relaxed);
         if (p->episodes) {
             for (episode *ep = p->episodes->head, *next; ep; ep = next) {
                 next = ep->next;

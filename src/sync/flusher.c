@@ -191,14 +191,16 @@ static void collect_range(void *arg)
 {
     collect_arg *a = arg;
     tally__table *t = &a->p->table;
+    /* acquire: paired with the release store in tally__table_sync_alloc() (engine/table.c) */
     tally__sync *y = atomic_load_explicit(&t->sync, memory_order_acquire);
     if (!y)
         return;
     for (size_t i = a->from; i < a->to; i++) {
         tally__sync *ys = &y[i * t->n_limits];
         bool any = false;
+        /* relaxed: a hint; the pair CAS below takes what is really there */
         for (unsigned l = 0; l < t->n_limits; l++)
-            any |= __atomic_load_n(&ys[l].delta, __ATOMIC_RELAXED) != 0;
+            any |= tally__word_load_relaxed(&ys[l].delta) != 0;
         if (!any && !a->refresh)
             continue;
         tally__digest d;
@@ -260,6 +262,7 @@ static void collect(struct tally__flusher *f)
         keep(f, n->policy, n->limit, n->digest, n->win, n->delta, 0, n->key, n->key_len);
         free(n);
     }
+    /* acquire: paired with the release store in tally_policy_add() (engine/engine.c) */
     uint32_t np = atomic_load_explicit(&e->n_policies, memory_order_acquire);
     uint64_t now = tally_now_ns();
     f->refresh_n = 0;
@@ -324,19 +327,26 @@ static void store_remote_rcu(void *arg)
     remote_arg *a = arg;
     tally__policy *p = tally__policy_get(a->f->e, a->x->policy);
     tally__table *t = &p->table;
+    /* acquire: paired with the release store in tally__table_sync_alloc() (engine/table.c) */
     tally__sync *y = atomic_load_explicit(&t->sync, memory_order_acquire);
     tally__slot *s = y ? tally__table_find(t, a->x->digest) : NULL;
     if (!s)
         return;
     tally__sync *ys = &y[tally__slot_index(t, s) * t->n_limits + a->x->limit];
-    uint64_t rwin = __atomic_load_n(&ys->rwin, __ATOMIC_RELAXED);
+    /* relaxed: the flusher is the only writer of rwin but for the reclaim,
+       which a grace period keeps apart from us */
+    uint64_t rwin = atomic_load_explicit(&ys->rwin, memory_order_relaxed);
     if (rwin > a->x->win + 1)
         return;                               /* it already knows a later window */
     /* seqlock write: invalidate, write the count, publish the window */
-    __atomic_store_n(&ys->rwin, 0, __ATOMIC_RELAXED);
-    __atomic_thread_fence(__ATOMIC_RELEASE);
-    __atomic_store_n(&ys->remote, a->others, __ATOMIC_RELAXED);
-    __atomic_store_n(&ys->rwin, a->x->win + 1, __ATOMIC_RELEASE);
+    atomic_store_explicit(&ys->rwin, 0, memory_order_relaxed);
+    /* release: the zero before the count; paired with the acquire fence of
+       load_remote() (engine/hit.c) */
+    atomic_thread_fence(memory_order_release);
+    atomic_store_explicit(&ys->remote, a->others, memory_order_relaxed);
+    /* release: the count before its window; paired with the acquire load of
+       rwin in load_remote() */
+    atomic_store_explicit(&ys->rwin, a->x->win + 1, memory_order_release);
 }
 
 void tally__sync_deliver_deltas(struct tally__flusher *f, const item *items, const uint64_t *totals,
@@ -696,19 +706,28 @@ int tally_flusher_start(tally_engine *e, const tally_flusher_options *o)
     f->instance ^= tally_now_ns();
 
     pthread_mutex_lock(&e->add_lock);
-    rc = e->flusher || atomic_load(&e->closing) ? TALLY_ESTATE : 0;
-    uint32_t np = atomic_load(&e->n_policies);
+    /* relaxed: the policies change only under add_lock; closing is only a
+       diagnostic (tally_close() in tally.h) */
+    rc = e->flusher || e->flusher_stopping || atomic_load_explicit(&e->closing, memory_order_relaxed)
+        ? TALLY_ESTATE : 0;
+    uint32_t np = atomic_load_explicit(&e->n_policies, memory_order_relaxed);
     for (uint32_t i = 0; i < np && !rc; i++)
-        rc = tally__table_sync_alloc(&atomic_load(&e->policies[i])->table);
+        rc = tally__table_sync_alloc(&atomic_load_explicit(&e->policies[i], memory_order_relaxed)->table);
     if (!rc) {
-        atomic_store(&e->last_flush_ok_ns, tally_now_ns());
-        atomic_store(&e->fail_closed_ns, f->redis_on ? (uint64_t)o->fail_closed_after_ms * TALLY__NS_PER_MS : 0);
-        atomic_store(&e->events_on, o->on_event != NULL);
-        atomic_store(&e->syncing, true);
+        /* Hits read each of these words alone (relaxed), but for the bound,
+           which must not come with the last flush time of an older flusher */
+        atomic_store_explicit(&e->last_flush_ok_ns, tally_now_ns(), memory_order_relaxed);
+        /* release: the flush time before the bound; paired with the acquire
+           load of fail_closed_ns in too_stale() (engine/hit.c) */
+        atomic_store_explicit(&e->fail_closed_ns,
+                              f->redis_on ? (uint64_t)o->fail_closed_after_ms * TALLY__NS_PER_MS : 0,
+                              memory_order_release);
+        atomic_store_explicit(&e->events_on, o->on_event != NULL, memory_order_relaxed);
+        atomic_store_explicit(&e->syncing, true, memory_order_relaxed);
         if (pthread_create(&f->thread, NULL, flusher_main, f) != 0) {
-            atomic_store(&e->syncing, false);
-            atomic_store(&e->events_on, false);
-            atomic_store(&e->fail_closed_ns, 0);
+            atomic_store_explicit(&e->syncing, false, memory_order_relaxed);
+            atomic_store_explicit(&e->events_on, false, memory_order_relaxed);
+            atomic_store_explicit(&e->fail_closed_ns, 0, memory_order_relaxed);
             rc = TALLY_ENOMEM;
         } else {
             e->flusher = f;
@@ -750,6 +769,9 @@ int tally_flusher_stop(tally_engine *e)
     pthread_mutex_lock(&e->add_lock);
     struct tally__flusher *f = e->flusher;
     e->flusher = NULL;
+    /* a start waits for the end of this stop, or it would run with
+       syncing cleared below */
+    e->flusher_stopping = f != NULL;
     pthread_mutex_unlock(&e->add_lock);
     if (!f)
         return 0;
@@ -759,11 +781,15 @@ int tally_flusher_stop(tally_engine *e)
     pthread_mutex_unlock(&f->lock);
     pthread_join(f->thread, NULL);
     int rc = f->done_rc;
-    atomic_store(&e->syncing, false);
-    atomic_store(&e->events_on, false);
-    atomic_store(&e->fail_closed_ns, 0);
+    /* relaxed: the grace period below orders them before what follows */
+    atomic_store_explicit(&e->syncing, false, memory_order_relaxed);
+    atomic_store_explicit(&e->events_on, false, memory_order_relaxed);
+    atomic_store_explicit(&e->fail_closed_ns, 0, memory_order_relaxed);
     /* hits that saw syncing set finish before the last notes are freed */
     tally__rcu_wait();
     flusher_free(f);
+    pthread_mutex_lock(&e->add_lock);
+    e->flusher_stopping = false;
+    pthread_mutex_unlock(&e->add_lock);
     return rc;
 }

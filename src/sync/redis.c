@@ -208,12 +208,14 @@ static bool redis_ready(struct tally__flusher *f)
     return true;
 }
 
-/* "<prefix><policy>:<limit>:<32 hex digest>:<window start ns>" */
+/* "<prefix><policy>:<limit>:<hash tag>:<32 hex digest>:<window start ns>"; the
+   tag ("s1", "a1": core/hash.h) keeps digests of different hashes apart. */
 static int count_key(struct tally__flusher *f, const entry *x, char *buf, size_t len)
 {
     tally__policy *p = tally__policy_get(f->e, x->policy);
-    return snprintf(buf, len, "%s%s:%u:%016" PRIx64 "%016" PRIx64 ":%" PRIu64, R(f)->prefix, p->name,
-                    x->limit, x->digest.hi, x->digest.lo, x->win);
+    return snprintf(buf, len, "%s%s:%u:%s:%016" PRIx64 "%016" PRIx64 ":%" PRIu64, R(f)->prefix,
+                    p->name, x->limit, tally__hasher_tag(&f->e->hasher), x->digest.hi, x->digest.lo,
+                    x->win);
 }
 
 static int append_batch(struct tally__flusher *f, batch *b)
@@ -310,11 +312,13 @@ static int read_batch(struct tally__flusher *f, batch *b)
     return rc == REPLY_REFUSED ? REPLY_PARTLY : REPLY_OK;
 }
 
-/* "<prefix><policy>:flag:<32 hex digest>": a flag shared by every engine */
+/* "<prefix><policy>:flag:<hash tag>:<32 hex digest>": a flag shared by every
+   engine with the same hash */
 static int flag_key(struct tally__flusher *f, uint32_t policy, tally__digest d, char *buf, size_t len)
 {
     tally__policy *p = tally__policy_get(f->e, policy);
-    return snprintf(buf, len, "%s%s:flag:%016" PRIx64 "%016" PRIx64, R(f)->prefix, p->name, d.hi, d.lo);
+    return snprintf(buf, len, "%s%s:flag:%s:%016" PRIx64 "%016" PRIx64, R(f)->prefix, p->name,
+                    tally__hasher_tag(&f->e->hasher), d.hi, d.lo);
 }
 
 /* Events: "<count key>:notified" SET NX with the window's TTL. Flags: SET NX
@@ -395,7 +399,7 @@ static void import_flags(struct tally__flusher *f, const batch *first)
         for (size_t i = 0; i < b->n; i++) {
             const entry *x = b->items[i].e;
             tally__policy *p = tally__policy_get(f->e, x->policy);
-            if (x->limit != 0 || !atomic_load_explicit(&p->table.watch, memory_order_acquire))
+            if (x->limit != 0 || !atomic_load_explicit(&p->table.watch, memory_order_relaxed))   /* only whether one exists */
                 continue;
             char key[700];
             int len = flag_key(f, x->policy, x->digest, key, sizeof(key));
@@ -409,7 +413,7 @@ static void import_flags(struct tally__flusher *f, const batch *first)
         for (size_t i = 0; i < b->n && asked; i++) {
             const entry *x = b->items[i].e;
             tally__policy *p = tally__policy_get(f->e, x->policy);
-            if (x->limit != 0 || !atomic_load_explicit(&p->table.watch, memory_order_acquire))
+            if (x->limit != 0 || !atomic_load_explicit(&p->table.watch, memory_order_relaxed))   /* only whether one exists */
                 continue;
             redisReply *r = NULL;
             asked--;

@@ -1,9 +1,9 @@
 /* Engine statistics, also in the Prometheus text format, and the sink's last error. */
 #include <inttypes.h>
 #include <stddef.h>
-#include <stdio.h>
 #include <string.h>
 
+#include "core/prom.h"
 #include "sync/sync-internal.h"
 
 int tally_stats_read(tally_engine *e, tally_stats *out)
@@ -17,6 +17,7 @@ int tally_stats_read(tally_engine *e, tally_stats *out)
         out->shadow_denials += atomic_load_explicit(&e->stats[i].shadow_denials, memory_order_relaxed);
         out->full_refusals += atomic_load_explicit(&e->stats[i].full_refusals, memory_order_relaxed);
     }
+    /* acquire: paired with the release store in tally_policy_add() (engine/engine.c) */
     uint32_t np = atomic_load_explicit(&e->n_policies, memory_order_acquire);
     for (uint32_t i = 0; i < np; i++)
         out->evictions += atomic_load_explicit(&tally__policy_get(e, i)->table.reclaimed, memory_order_relaxed);
@@ -82,20 +83,18 @@ int tally_stats_prometheus(tally_engine *e, char *buf, size_t len)
         M(redis_permanent_errors, "counter", "Error replies from Redis that a retry cannot cure by itself."),
 #undef M
     };
-    size_t w = 0;
-    int n;
+    /* the ops layer goes on in the same buf from w.written */
+    tally__prom w = { .buf = buf, .len = len };
     for (size_t i = 0; i < sizeof(m) / sizeof(m[0]); i++) {
         uint64_t v;
         memcpy(&v, (const char *)&s + m[i].off, sizeof(v));
-        n = snprintf(buf && w < len ? buf + w : NULL, buf && w < len ? len - w : 0,
-                     "# HELP %s %s\n# TYPE %s %s\n%s %" PRIu64 "\n",
-                     m[i].name, m[i].help, m[i].name, m[i].type, m[i].name, v);
-        w += (size_t)n;
+        tally__prom_put(&w, "# HELP %s %s\n# TYPE %s %s\n%s %" PRIu64 "\n",
+                        m[i].name, m[i].help, m[i].name, m[i].type, m[i].name, v);
     }
-    n = snprintf(buf && w < len ? buf + w : NULL, buf && w < len ? len - w : 0,
-                 "# HELP tally_last_flush_ok_seconds Unix time of the last acknowledged flush.\n"
-                 "# TYPE tally_last_flush_ok_seconds gauge\n"
-                 "tally_last_flush_ok_seconds %.3f\n", (double)s.last_flush_ok_ns / 1e9);
-    w += (size_t)n;
-    return tally__ops_prometheus(e, buf, len, w);
+    tally__prom_put(&w, "# HELP tally_last_flush_ok_seconds Unix time of the last acknowledged "
+                        "flush.\n# TYPE tally_last_flush_ok_seconds gauge\n"
+                        "tally_last_flush_ok_seconds %.3f\n", (double)s.last_flush_ok_ns / 1e9);
+    if (w.failed)
+        return tally__prom_end_int(&w);
+    return tally__ops_prometheus(e, buf, len, w.written);
 }

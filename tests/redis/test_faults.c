@@ -381,10 +381,11 @@ static void redis_totals(scene *s, uint64_t *got)
         for (int k = 0; k < NKEYS; k++) {
             char key[16];
             int len = snprintf(key, sizeof(key), "k%d", k);
-            tally__digest d = tally__key_digest(HASH_KEY, key, (size_t)len);
+            tally__digest d = tally__key_digest(s->e, key, (size_t)len);
             argl[k + 1] = (size_t)snprintf(s->names[k], sizeof(s->names[k]),
-                                           "%s%s:0:%016" PRIx64 "%016" PRIx64 ":%" PRIu64, s->prefix,
-                                           "f", d.hi & TALLY__DIGEST_HI_MASK, d.lo, w);
+                                           "%s%s:0:%s:%016" PRIx64 "%016" PRIx64 ":%" PRIu64, s->prefix,
+                                           "f", s->e->hasher.kind == TALLY_HASH_AES ? "a1" : "s1",
+                                           d.hi & TALLY__DIGEST_HI_MASK, d.lo, w);
             argv[k + 1] = s->names[k];
         }
         redisReply *rep = NULL;

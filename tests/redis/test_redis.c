@@ -52,13 +52,29 @@ static int start_flusher(tally_engine *e, const test_redis *r, const char *prefi
     return tally_flusher_start(e, &fo);
 }
 
-/* The Redis key of (policy, limit, key, window), as the flusher names it. */
+/* The tag of a hash in Redis key names. */
+static const char *hash_tag(tally_hash h)
+{
+    return h == TALLY_HASH_AES ? "a1" : h == TALLY_HASH_SIPHASH ? "s1" : "?";
+}
+
+/* The Redis key of (policy, limit, key, window), as the flusher of an engine
+   opened with HASH_KEY and @hash names it. */
+static int key_name_with(char *buf, size_t len, tally_hash hash, const char *prefix,
+                         const char *policy, unsigned limit, const char *key, uint64_t win)
+{
+    tally__hasher h;
+    cr_assert_eq(tally__hasher_init(&h, hash, HASH_KEY), 0);
+    tally__digest d = tally__hasher_digest(&h, key, strlen(key));
+    return snprintf(buf, len, "%s%s:%u:%s:%016" PRIx64 "%016" PRIx64 ":%" PRIu64, prefix, policy,
+                    limit, hash_tag(h.kind), d.hi & TALLY__DIGEST_HI_MASK, d.lo, win);
+}
+
+/* The same for open_engine(): the default hash. */
 static int key_name(char *buf, size_t len, const char *prefix, const char *policy, unsigned limit,
                     const char *key, uint64_t win)
 {
-    tally__digest d = tally__key_digest(HASH_KEY, key, strlen(key));
-    return snprintf(buf, len, "%s%s:%u:%016" PRIx64 "%016" PRIx64 ":%" PRIu64, prefix, policy,
-                    limit, d.hi & TALLY__DIGEST_HI_MASK, d.lo, win);
+    return key_name_with(buf, len, TALLY_HASH_AUTO, prefix, policy, limit, key, win);
 }
 
 static int flush_until_ok(tally_engine *e, int tries)
@@ -817,10 +833,10 @@ Test(redis, flag_survives_a_restart_and_is_told_once, .timeout = 120)
         cr_assert_eq(tally_hit(e, pol, "bad", 3, NULL, &res), 0);
     cr_assert_eq(tally_flush(e, 3000), 0);
     cr_assert_eq(atomic_load(&flags), 1);
-    tally__digest d = tally__key_digest(HASH_KEY, "bad", 3);
+    tally__digest d = tally__key_digest(e, "bad", 3);
     char name[256];
-    int len = snprintf(name, sizeof(name), "t8:watch:flag:%016" PRIx64 "%016" PRIx64,
-                       d.hi & TALLY__DIGEST_HI_MASK, d.lo);
+    int len = snprintf(name, sizeof(name), "t8:watch:flag:%s:%016" PRIx64 "%016" PRIx64,
+                       hash_tag(e->hasher.kind), d.hi & TALLY__DIGEST_HI_MASK, d.lo);
     redisContext *c = test_redis_connect(&r);
     redisReply *rep = redisCommand(c, "EXISTS %b", name, (size_t)len);
     cr_assert_eq(rep->integer, 1, "the flag is stored in Redis");
@@ -890,5 +906,52 @@ Test(redis, deltas_of_rolled_windows_reach_their_own_keys, .timeout = 120)
     redisFree(c);
     cr_assert_eq(sum, total, "every cost in Redis once, in its own window's key");
     tally_close(e);
+    test_redis_stop(&r);
+}
+
+/* ---- The hash in key names ------------------------------------------------- */
+
+/* Engines with the same hash_key but different hashes share one Redis: each
+   writes under its own hash's tag, and neither counts the other's hits. */
+Test(redis, engines_with_different_hashes_keep_separate_counts, .timeout = 120)
+{
+    enum { LIMIT = 10, EACH = 6 };
+    static const tally_hash hash[2] = { TALLY_HASH_SIPHASH, TALLY_HASH_AES };
+    test_redis r = { 0 };
+    cr_assert(test_redis_start(&r));
+    tally_policy p = { .name = "h", .n_limits = 1, .flags = TALLY_ALIGNED,
+                       .limits = { { .algo = TALLY_FIXED_WINDOW, .max = LIMIT, .period_ns = HOUR } } };
+    tally_engine *e[2];
+    uint32_t pol[2];
+    tally_result res;
+    uint64_t now = tally_now_ns(), win = now - now % HOUR;
+    for (int i = 0; i < 2; i++) {
+        tally_options o;
+        tally_options_init(&o);
+        memcpy(o.hash_key, HASH_KEY, 16);
+        o.hash = hash[i];
+        cr_assert_eq(tally_open(&o, &e[i]), 0);
+        cr_assert_eq(tally_policy_add(e[i], &p, &pol[i]), 0);
+        cr_assert_eq(start_flusher(e[i], &r, "th:", NULL, 10), 0);
+        for (int n = 0; n < EACH; n++)
+            cr_assert_eq(tally_hit(e[i], pol[i], "shared", 6, NULL, &res), 0);
+    }
+    /* each pushes, then each reads back what Redis holds under its names */
+    for (int round = 0; round < 2; round++)
+        for (int i = 0; i < 2; i++)
+            cr_assert_eq(flush_until_ok(e[i], 20), 0);
+    for (int i = 0; i < 2; i++) {
+        char name[256];
+        int len = key_name_with(name, sizeof(name), hash[i], "th:", "h", 0, "shared", win);
+        cr_assert_eq(test_redis_get(&r, name, (size_t)len), EACH, "%s", name);
+        uint64_t admitted = 0;
+        for (int n = 0; n < LIMIT; n++) {
+            cr_assert_eq(tally_hit(e[i], pol[i], "shared", 6, NULL, &res), 0);
+            admitted += res.allowed;
+        }
+        cr_assert_eq(admitted, LIMIT - EACH, "engine %d counted the other hash's hits", i);
+    }
+    tally_close(e[0]);
+    tally_close(e[1]);
     test_redis_stop(&r);
 }

@@ -7,6 +7,7 @@
 #include "../test.h"
 #include <inttypes.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
@@ -501,4 +502,76 @@ Test(stress, capacity_edge_refuses_no_key_that_fits, .timeout = 600)
         pthread_barrier_destroy(&barrier);
         tally_close(e);
     }
+}
+
+/* ---- A start racing a stop ---------------------------------------------- */
+
+#define RESTART_ROUNDS 300
+
+struct restart_arg {
+    tally_engine *e;
+    tally_flusher_options *o;
+    pthread_barrier_t *barrier;
+    int rc;
+};
+
+static void *stopper(void *p)
+{
+    struct restart_arg *a = p;
+    pthread_barrier_wait(a->barrier);
+    a->rc = tally_flusher_stop(a->e);
+    return NULL;
+}
+
+static void *starter(void *p)
+{
+    struct restart_arg *a = p;
+    pthread_barrier_wait(a->barrier);
+    /* TALLY_ESTATE while the old flusher runs or is being stopped */
+    while ((a->rc = tally_flusher_start(a->e, a->o)) == TALLY_ESTATE)
+        sched_yield();
+    return NULL;
+}
+
+static void count_deltas(void *ctx, const tally_delta *d, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        atomic_fetch_add((_Atomic uint64_t *)ctx, d[i].delta);
+}
+
+/* Whatever order a stop and a start take, a flusher that runs afterwards
+   sees every hit: the hot path records deltas while any flusher runs. */
+Test(stress, a_flusher_started_while_another_stops_sees_every_hit, .timeout = 600)
+{
+    tally_engine *e = open_engine(64);
+    tally_limit l = { .algo = TALLY_FIXED_WINDOW, .max = 1u << 30, .period_ns = 3600 * SEC };
+    uint32_t pol = add_policy(e, "restart", l, 0);
+    _Atomic uint64_t flushed = 0;
+    tally_flusher_options o;
+    tally_flusher_options_init(&o);
+    o.interval_ms = 1000;
+    o.on_deltas = count_deltas;
+    o.ctx = &flushed;
+    cr_assert_eq(tally_flusher_start(e, &o), 0);
+    uint64_t hits = 0;
+    for (int round = 0; round < RESTART_ROUNDS; round++) {
+        pthread_barrier_t barrier;
+        pthread_barrier_init(&barrier, NULL, 2);
+        struct restart_arg a = { e, &o, &barrier, 0 }, b = { e, &o, &barrier, 0 };
+        pthread_t t1, t2;
+        pthread_create(&t1, NULL, stopper, &a);
+        pthread_create(&t2, NULL, starter, &b);
+        pthread_join(t1, NULL);
+        pthread_join(t2, NULL);
+        pthread_barrier_destroy(&barrier);
+        cr_assert_eq(b.rc, 0, "round %d: start returned %d", round, b.rc);
+        tally_result r;
+        cr_assert_eq(tally_hit_at(e, pol, "k", 1, NULL, T0, &r), 0);
+        hits++;
+        cr_assert_eq(tally_flush(e, 10000), 0);
+        cr_assert_eq(atomic_load(&flushed), hits, "round %d: %" PRIu64 " of %" PRIu64 " hits flushed",
+                     round, atomic_load(&flushed), hits);
+    }
+    cr_assert_eq(tally_flusher_stop(e), 0);
+    tally_close(e);
 }
