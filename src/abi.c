@@ -6,7 +6,7 @@
  * one (name@VERSION) reads and writes the struct exactly as it was in that
  * release and hands the library a current struct whose new fields are zero.
  *
- *   TALLY_0.1  tally_options without hash
+ *   TALLY_0.1  tally_options without hash (keys digested with SipHash)
  *   TALLY_0.2  tally_options with hash
  */
 #include <stddef.h>
@@ -48,6 +48,9 @@ static void options_from_0_1(tally_options *o, const options_0_1 *old)
     o->max_key_len = old->max_key_len;
     o->digest_only = old->digest_only;
     memcpy(o->hash_key, old->hash_key, sizeof(o->hash_key));
+    /* 0.1 named keys with SipHash: the same digests (on_deltas and events
+       of a digest_only engine hand them out) */
+    o->hash = TALLY_HASH_SIPHASH;
 }
 
 SYMVER_ATTR("tally_options_init@TALLY_0.1") TALLY_EXPORT

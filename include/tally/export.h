@@ -41,7 +41,8 @@
  * field's zero value always means what the struct meant before it existed.
  * In 0.2, tally_options gained hash: a program linked against 0.1 calls
  * tally_options_init@TALLY_0.1 and tally_open@TALLY_0.1, which touch only the
- * fields 0.1 had and open the engine with hash TALLY_HASH_AUTO.
+ * fields 0.1 had and open the engine with hash TALLY_HASH_SIPHASH, the hash
+ * 0.1 used, so that its digests stay the same.
  *
  * The version macros describe the headers a program was compiled against;
  * they equal meson's project version.

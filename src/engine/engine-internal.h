@@ -157,7 +157,8 @@ struct tally__table {
     unsigned char  *mem;
     _Atomic uint64_t res;         /* capacity reservations (table.c): live | holders */
     _Atomic size_t  sweep;        /* cursor of the reclaim sweep */
-    size_t          sweep_len;    /* slots a reclaim sweeps */
+    size_t          sweep_max;    /* most slots a reclaim sweeps */
+    _Atomic size_t  sweep_len;    /* slots the next reclaim sweeps */
     _Atomic uint64_t reclaimed;   /* slots reclaimed so far */
     _Atomic size_t  zombies;      /* slots taken by a reclaim, not yet FREE */
     void *_Atomic  *keys;         /* per slot copy of the key bytes (NULL: digest_only) */
@@ -203,8 +204,14 @@ tally__slot *tally__table_find(tally__table *t, tally__digest d);
 
 #define TALLY__WINDOW 256          /* probe window: a key lives within 256 slots of home */
 #define TALLY__GROUP  16           /* slots of a group, the unit of the overflow counts */
-#define TALLY__SWEEP  1024         /* fewest slots a reclaim examines beyond the key's window */
-#define TALLY__SWEEP_SHARE 8       /* ... and it examines 1/8 of the table when that is more */
+/* Slots a reclaim examines beyond the key's window: it starts at
+   TALLY__SWEEP, doubles while sweeps free at least half of what they
+   examine, up to 1/TALLY__SWEEP_SHARE of the table or TALLY__SWEEP_MAX, and
+   halves back otherwise, so that a table turning over frees many slots per
+   grace period while a full table of live keys refuses a key cheaply. */
+#define TALLY__SWEEP       1024
+#define TALLY__SWEEP_SHARE 8
+#define TALLY__SWEEP_MAX   16384
 
 /* Slots taken out of use by a reclaim, to be made FREE after a grace period:
    one grace period frees many slots, so that a table turning over keeps room

@@ -69,7 +69,6 @@ static int acquire_slot(tally_engine *e, tally__table *t, tally__digest d, const
 {
     tally__batch *batch = NULL;      /* large: on the heap, made on the first reclaim */
     unsigned idle = 0;
-    size_t swept = 0;                /* slots the empty-handed sweeps examined */
     int rc;
 
     for (;;) {
@@ -81,14 +80,9 @@ static int acquire_slot(tally_engine *e, tally__table *t, tally__digest d, const
             break;
         }
         if (tally__table_reclaim_take(t, d, now, batch) == 0) {
-            /* Nothing to take here: the sweep moves on, and the key is
-               refused only once it has gone round the whole table. Slots
-               another reclaim took become FREE after its grace period, and
-               slots may have been freed since we looked: try a few more
-               times before giving up. */
-            swept += t->sweep_len;
-            if (swept < t->n_slots)
-                continue;
+            /* Nothing to take. Slots another reclaim took become FREE after
+               its grace period, and slots may have been freed since we
+               looked: try a few more times before giving up. */
             if (++idle > RECLAIM_TRIES)
                 break;
             if (atomic_load_explicit(&t->zombies, memory_order_relaxed) == 0) {

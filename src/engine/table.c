@@ -170,10 +170,12 @@ int tally__table_init(tally__table *t, size_t capacity, unsigned n_limits,
     if (t->n_slots < 2 * TALLY__WINDOW)
         t->n_slots = 2 * TALLY__WINDOW;
     t->n_slots = (t->n_slots + TALLY__GROUP - 1) / TALLY__GROUP * TALLY__GROUP;
-    t->sweep_len = t->n_slots / TALLY__SWEEP_SHARE > TALLY__SWEEP ? t->n_slots / TALLY__SWEEP_SHARE
-                                                                  : TALLY__SWEEP;
-    if (t->sweep_len > t->n_slots - TALLY__WINDOW)
-        t->sweep_len = t->n_slots - TALLY__WINDOW;
+    t->sweep_max = t->n_slots / TALLY__SWEEP_SHARE;
+    if (t->sweep_max > TALLY__SWEEP_MAX)
+        t->sweep_max = TALLY__SWEEP_MAX;
+    if (t->sweep_max < TALLY__SWEEP)
+        t->sweep_max = t->n_slots < TALLY__SWEEP ? t->n_slots : TALLY__SWEEP;
+    atomic_init(&t->sweep_len, t->sweep_max < TALLY__SWEEP ? t->sweep_max : TALLY__SWEEP);
     if (t->n_slots > SIZE_MAX / t->stride)
         return TALLY_ENOMEM;
     if (posix_memalign((void **)&t->mem, TALLY__CACHE_LINE, t->n_slots * t->stride) != 0)
@@ -184,9 +186,12 @@ int tally__table_init(tally__table *t, size_t capacity, unsigned n_limits,
     if (keep_keys)
         t->keys = calloc(t->n_slots, sizeof(*t->keys));
     if (!t->gen || !t->ovf || (keep_keys && !t->keys)) {
+        free(t->keys);
         free(t->ovf);
         free(t->gen);
         free(t->mem);
+        t->keys = NULL;
+        t->ovf = NULL;
         t->gen = NULL;
         t->mem = NULL;
         return TALLY_ENOMEM;
@@ -574,7 +579,7 @@ help:
 
 tally__batch *tally__batch_new(const tally__table *t)
 {
-    size_t cap = TALLY__WINDOW + t->sweep_len;
+    size_t cap = TALLY__WINDOW + t->sweep_max;
     tally__batch *b = malloc(sizeof(*b));
     if (!b)
         return NULL;
@@ -630,13 +635,20 @@ static void consider(tally__table *t, size_t idx, uint64_t now, tally__batch *b)
 size_t tally__table_reclaim_take(tally__table *t, tally__digest d, uint64_t now, tally__batch *b)
 {
     size_t home = home_of(t, d);
-    size_t sweep = atomic_fetch_add_explicit(&t->sweep, t->sweep_len, memory_order_relaxed) % t->n_slots;
+    /* relaxed: a heuristic; any length up to sweep_max fits the batch */
+    size_t len = atomic_load_explicit(&t->sweep_len, memory_order_relaxed);
+    size_t sweep = atomic_fetch_add_explicit(&t->sweep, len, memory_order_relaxed) % t->n_slots;
 
     b->n = 0;
     for (size_t k = 0; k < TALLY__WINDOW; k++)
         consider(t, wrap(t, home + k), now, b);
-    for (size_t k = 0; k < t->sweep_len; k++)
+    size_t in_window = b->n;
+    for (size_t k = 0; k < len; k++)
         consider(t, wrap(t, sweep + k), now, b);
+    size_t min = t->sweep_max < TALLY__SWEEP ? t->sweep_max : TALLY__SWEEP;
+    size_t next = 2 * (b->n - in_window) >= len ? 2 * len : len / 2;
+    atomic_store_explicit(&t->sweep_len, next > t->sweep_max ? t->sweep_max : next < min ? min : next,
+                          memory_order_relaxed);
     return b->n;
 }
 

@@ -770,8 +770,9 @@ int tally_flusher_stop(tally_engine *e)
     struct tally__flusher *f = e->flusher;
     e->flusher = NULL;
     /* a start waits for the end of this stop, or it would run with
-       syncing cleared below */
-    e->flusher_stopping = f != NULL;
+       syncing cleared below; a second stop meanwhile leaves the mark alone */
+    if (f)
+        e->flusher_stopping = true;
     pthread_mutex_unlock(&e->add_lock);
     if (!f)
         return 0;
