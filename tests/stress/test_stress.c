@@ -539,7 +539,7 @@ static void count_deltas(void *ctx, const tally_delta *d, size_t n)
         atomic_fetch_add((_Atomic uint64_t *)ctx, d[i].delta);
 }
 
-/* Whatever order a stop and a start take, a flusher that runs afterwards
+/* Whatever order stops and a start take, a flusher that runs afterwards
    sees every hit: the hot path records deltas while any flusher runs. */
 Test(stress, a_flusher_started_while_another_stops_sees_every_hit, .timeout = 600)
 {
@@ -556,15 +556,21 @@ Test(stress, a_flusher_started_while_another_stops_sees_every_hit, .timeout = 60
     uint64_t hits = 0;
     for (int round = 0; round < RESTART_ROUNDS; round++) {
         pthread_barrier_t barrier;
-        pthread_barrier_init(&barrier, NULL, 2);
-        struct restart_arg a = { e, &o, &barrier, 0 }, b = { e, &o, &barrier, 0 };
-        pthread_t t1, t2;
+        /* two stops (stop is idempotent) and a start */
+        pthread_barrier_init(&barrier, NULL, 3);
+        struct restart_arg a = { e, &o, &barrier, 0 }, a2 = a, b = a;
+        pthread_t t1, t2, t3;
         pthread_create(&t1, NULL, stopper, &a);
+        pthread_create(&t3, NULL, stopper, &a2);
         pthread_create(&t2, NULL, starter, &b);
         pthread_join(t1, NULL);
+        pthread_join(t3, NULL);
         pthread_join(t2, NULL);
         pthread_barrier_destroy(&barrier);
         cr_assert_eq(b.rc, 0, "round %d: start returned %d", round, b.rc);
+        /* a stop that came after the start left no flusher: start one */
+        int rc = tally_flusher_start(e, &o);
+        cr_assert(rc == 0 || rc == TALLY_ESTATE, "round %d: start returned %d", round, rc);
         tally_result r;
         cr_assert_eq(tally_hit_at(e, pol, "k", 1, NULL, T0, &r), 0);
         hits++;
