@@ -197,9 +197,17 @@ int  tally__table_init(tally__table *t, size_t capacity, unsigned n_limits,
 void tally__table_destroy(tally__table *t);
 size_t tally__table_bytes(const tally__table *t);
 
+/* Where a miss of tally__table_find_fast() saw the first slot a new key
+   could claim: window position and digest word, or pos SIZE_MAX. */
+typedef struct tally__probe {
+    size_t   pos;
+    uint64_t lo;
+} tally__probe;
+
 /* Find the LIVE slot of @d, or NULL. Caller is inside an RCU read-side section.
-   The _fast variant may miss a key that is being inserted right now. */
-tally__slot *tally__table_find_fast(tally__table *t, tally__digest d);
+   The _fast variant may miss a key that is being inserted right now; on a
+   miss it leaves in *@hint where the key could be claimed. */
+tally__slot *tally__table_find_fast(tally__table *t, tally__digest d, tally__probe *hint);
 tally__slot *tally__table_find(tally__table *t, tally__digest d);
 
 #define TALLY__WINDOW 256          /* probe window: a key lives within 256 slots of home */
@@ -228,11 +236,14 @@ void          tally__batch_free(tally__batch *b);
 
 /*
  * Find or insert the slot of @d. Caller is inside an RCU read-side section.
- * Return 0 and the LIVE slot in *out, TALLY_ENOMEM, or TALLY_EFULL when the
- * key has no free slot: the caller then runs a reclaim and calls again.
+ * @hint: NULL, or what a miss of tally__table_find_fast() saw: the first
+ * attempt claims there without scanning again (the claim's resolution finds
+ * any twin). Return 0 and the LIVE slot in *out, TALLY_ENOMEM, or
+ * TALLY_EFULL when the key has no free slot: the caller then runs a reclaim
+ * and calls again.
  */
 int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size_t key_len,
-                         tally__slot **out);
+                         const tally__probe *hint, tally__slot **out);
 
 /*
  * Reclaim, step 1 (inside a read-side section): take slots whose state expired

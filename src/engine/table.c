@@ -245,10 +245,11 @@ size_t tally__table_bytes(const tally__table *t)
         + (t->keys ? t->n_slots * sizeof(*t->keys) : 0);
 }
 
-tally__slot *tally__table_find_fast(tally__table *t, tally__digest d)
+tally__slot *tally__table_find_fast(tally__table *t, tally__digest d, tally__probe *hint)
 {
     size_t i = home_of(t, d);
 
+    hint->pos = SIZE_MAX;
     for (size_t k = 0; k < TALLY__WINDOW; k++, i = wrap(t, i + 1)) {
         tally__slot *s = slot_at(t, i);
         /* acquire: paired with the promotion CAS in resolve(), so that the
@@ -260,7 +261,10 @@ tally__slot *tally__table_find_fast(tally__table *t, tally__digest d)
                 return s;
         } else if (hi == 0) {
             /* acquire: paired with the release in tally__table_reclaim_free() */
-            if (tally__word_load_acquire(&s->d_lo) == TALLY__LO_EMPTY)
+            uint64_t lo = tally__word_load_acquire(&s->d_lo);
+            if ((lo == TALLY__LO_EMPTY || lo == TALLY__LO_FREE) && hint->pos == SIZE_MAX)
+                *hint = (tally__probe){ k, lo };
+            if (lo == TALLY__LO_EMPTY)
                 return NULL;
         }
         if (ends_probe(t, i))
@@ -436,16 +440,22 @@ static void *key_copy(const void *key, size_t len)
 }
 
 int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size_t key_len,
-                         tally__slot **out)
+                         const tally__probe *hint, tally__slot **out)
 {
     size_t home = home_of(t, d);
     void *copy = NULL;                /* a key copy not yet stored in a slot */
 
-    for (;;) {
+    for (;; hint = NULL) {
         size_t free_k = SIZE_MAX;
         uint64_t free_lo = 0;
         tally__slot *found = NULL;
         bool rescan = false;
+
+        if (hint && hint->pos != SIZE_MAX) {
+            free_k = hint->pos;
+            free_lo = hint->lo;
+            goto claim;
+        }
 
         /* Look for the key until it is proven absent (guarantee 1), and
            for the first slot to claim until one is found. */
@@ -481,6 +491,7 @@ int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size
         }
         if (rescan)
             continue;
+claim:;
         uint64_t r = atomic_load_explicit(&t->res, memory_order_relaxed);
         if (free_k == SIZE_MAX || tally__res_live(r) >= t->capacity) {
             /* a twin may have gone LIVE since our scan passed it */
