@@ -133,9 +133,19 @@ TALLY_EXPORT int tally_open(const tally_options *opts, tally_engine **out);
 TALLY_EXPORT void tally_close(tally_engine *e);
 
 /*
- * tally_now_ns - nanoseconds since the Unix epoch. The value never goes back:
- * it is the wall clock read once at load, advanced by CLOCK_MONOTONIC.
- * Any thread may call it. It never blocks.
+ * tally_now_ns - nanoseconds since the Unix epoch: the wall clock read once
+ * at load, advanced by CLOCK_MONOTONIC (later steps of the wall clock are not
+ * followed). The value never goes back, in one thread or from one thread to
+ * a call ordered after it in another. Where the kernel vouches for the
+ * time-stamp counter (constant_tsc, nonstop_tsc, rdtscp, clocksource tsc) it
+ * is read with rdtscp on continuous lines of up to ~268 ms calibrated against
+ * CLOCK_MONOTONIC, and stays within tens of ns, plus what CLOCK_MONOTONIC's
+ * rate changes (NTP slew) over about 1.5 lines, of that time; elsewhere, or
+ * with TALLY_CLOCK=gettime in the environment at load, it is that time
+ * exactly, from clock_gettime().
+ * Any thread may call it. It takes no lock and never sleeps; a call that
+ * finds the counter past the last calibrated line may spin up to 20 us for
+ * the thread fixing the next one.
  */
 TALLY_EXPORT uint64_t tally_now_ns(void);
 

@@ -77,9 +77,12 @@ int tally__open_0_1(const options_0_1 *opts, tally_engine **out)
 {
     tally_options o;
 
-    if (!opts)
-        return tally__open(NULL, out);
-    options_from_0_1(&o, opts);
+    if (opts) {
+        options_from_0_1(&o, opts);
+    } else {
+        tally__options_init(&o);
+        o.hash = TALLY_HASH_SIPHASH;  /* as options_from_0_1() */
+    }
     return tally__open(&o, out);
 }
 
