@@ -186,14 +186,7 @@ int tally__table_init(tally__table *t, size_t capacity, unsigned n_limits,
     if (keep_keys)
         t->keys = calloc(t->n_slots, sizeof(*t->keys));
     if (!t->gen || !t->ovf || (keep_keys && !t->keys)) {
-        free(t->keys);
-        free(t->ovf);
-        free(t->gen);
-        free(t->mem);
-        t->keys = NULL;
-        t->ovf = NULL;
-        t->gen = NULL;
-        t->mem = NULL;
+        tally__table_destroy(t);      /* frees what was allocated, NULL the rest */
         return TALLY_ENOMEM;
     }
     for (size_t i = 0; i < t->n_slots; i++)

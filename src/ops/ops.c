@@ -574,15 +574,14 @@ void tally__ops_usage_emit(tally_engine *e, uint64_t start, uint64_t end,
     pthread_mutex_unlock(&e->ops_lock);
 }
 
-int tally__ops_prometheus(tally_engine *e, char *buf, size_t len, size_t w)
+void tally__ops_prometheus(tally_engine *e, tally__prom *pw)
 {
-    tally__prom pw = { .buf = buf, .len = len, .written = w };
-    tally__prom_put(&pw, "# HELP tally_watch_flags Keys the rejection watch flagged.\n"
+    tally__prom_put(pw, "# HELP tally_watch_flags Keys the rejection watch flagged.\n"
                          "# TYPE tally_watch_flags counter\ntally_watch_flags %" PRIu64 "\n",
                     atomic_load_explicit(&e->flags_set, memory_order_relaxed));
     pthread_mutex_lock(&e->ops_lock);
     if (e->usage_last_n)
-        tally__prom_put(&pw, "# HELP tally_usage_cost Per-key cost used in the last flush "
+        tally__prom_put(pw, "# HELP tally_usage_cost Per-key cost used in the last flush "
                              "interval.\n# TYPE tally_usage_cost histogram\n");
     for (size_t i = 0; i < e->usage_last_n; i++) {
         const tally_usage_report *r = &e->usage_last[i].r;
@@ -591,17 +590,16 @@ int tally__ops_prometheus(tally_engine *e, char *buf, size_t len, size_t w)
         uint64_t cum = 0;
         for (unsigned b = 0; b < 64; b++) {
             cum += r->buckets[b];
-            tally__prom_put(&pw, "tally_usage_cost_bucket{policy=\"%s\",limit=\"%u\",le=\"%" PRIu64
+            tally__prom_put(pw, "tally_usage_cost_bucket{policy=\"%s\",limit=\"%u\",le=\"%" PRIu64
                                  "\"} %" PRIu64 "\n", name, r->limit, UINT64_C(1) << b, cum);
         }
-        tally__prom_put(&pw, "tally_usage_cost_bucket{policy=\"%s\",limit=\"%u\",le=\"+Inf\"} "
+        tally__prom_put(pw, "tally_usage_cost_bucket{policy=\"%s\",limit=\"%u\",le=\"+Inf\"} "
                              "%" PRIu64 "\n"
                              "tally_usage_cost_sum{policy=\"%s\",limit=\"%u\"} %" PRIu64 "\n"
                              "tally_usage_cost_count{policy=\"%s\",limit=\"%u\"} %" PRIu64 "\n",
                         name, r->limit, r->keys, name, r->limit, r->sum, name, r->limit, r->keys);
     }
     pthread_mutex_unlock(&e->ops_lock);
-    return tally__prom_end_int(&pw);
 }
 
 void tally__ops_free(tally_engine *e)

@@ -83,7 +83,6 @@ int tally_stats_prometheus(tally_engine *e, char *buf, size_t len)
         M(redis_permanent_errors, "counter", "Error replies from Redis that a retry cannot cure by itself."),
 #undef M
     };
-    /* the ops layer goes on in the same buf from w.written */
     tally__prom w = { .buf = buf, .len = len };
     for (size_t i = 0; i < sizeof(m) / sizeof(m[0]); i++) {
         uint64_t v;
@@ -94,7 +93,6 @@ int tally_stats_prometheus(tally_engine *e, char *buf, size_t len)
     tally__prom_put(&w, "# HELP tally_last_flush_ok_seconds Unix time of the last acknowledged "
                         "flush.\n# TYPE tally_last_flush_ok_seconds gauge\n"
                         "tally_last_flush_ok_seconds %.3f\n", (double)s.last_flush_ok_ns / 1e9);
-    if (w.failed)
-        return tally__prom_end_int(&w);
-    return tally__ops_prometheus(e, buf, len, w.written);
+    tally__ops_prometheus(e, &w);
+    return tally__prom_end_int(&w);
 }
