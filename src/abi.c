@@ -8,11 +8,14 @@
  *
  *   TALLY_0.1  tally_options without hash (keys digested with SipHash)
  *   TALLY_0.2  tally_options with hash
+ *   TALLY_0.3  tally_redis_options with mode, nodes, master_name,
+ *              wait_replicas and wait_timeout_ms (tally_flusher_start)
  */
 #include <stddef.h>
 #include <string.h>
 
 #include "engine/engine-internal.h"
+#include "sync/sync-internal.h"
 
 /* Bind definition @impl to the exported @name ("tally_x@TALLY_0.1", or
    "tally_x@@TALLY_0.2" for the default). GCC's attribute survives LTO; clang
@@ -102,4 +105,45 @@ SYMVER(tally__open_0_2, "tally_open@@TALLY_0.2")
 int tally__open_0_2(const tally_options *opts, tally_engine **out)
 {
     return tally__open(opts, out);
+}
+
+/* ---- tally_redis_options, as of TALLY_0.1 and TALLY_0.2 -------------------- */
+
+typedef struct redis_options_0_1 {
+    const char *host; int port; const char *unix_path;
+    const char *password; int db;
+    const char *key_prefix;
+    uint32_t connect_timeout_ms, command_timeout_ms;
+} redis_options_0_1;
+
+_Static_assert(offsetof(tally_redis_options, command_timeout_ms)
+               == offsetof(redis_options_0_1, command_timeout_ms), "command_timeout_ms moved");
+_Static_assert(sizeof(tally_redis_options) > sizeof(redis_options_0_1), "tally_redis_options shrank");
+
+/* The flusher options did not change; the Redis options they point at did.
+   A 0.1 (or 0.2) program's o->redis is read as the struct it had. */
+SYMVER_ATTR("tally_flusher_start@TALLY_0.1") TALLY_EXPORT
+int tally__flusher_start_0_1(tally_engine *e, const tally_flusher_options *o);
+SYMVER(tally__flusher_start_0_1, "tally_flusher_start@TALLY_0.1")
+int tally__flusher_start_0_1(tally_engine *e, const tally_flusher_options *o)
+{
+    tally_flusher_options cur;
+    tally_redis_options ro;
+
+    if (!o || !o->redis)
+        return tally__flusher_start(e, o);
+    memset(&ro, 0, sizeof(ro));
+    memcpy(&ro, o->redis, sizeof(redis_options_0_1));
+    cur = *o;
+    cur.redis = &ro;
+    /* the strings are copied by the start: &ro need not outlive it */
+    return tally__flusher_start(e, &cur);
+}
+
+SYMVER_ATTR("tally_flusher_start@@TALLY_0.3") TALLY_EXPORT
+int tally__flusher_start_0_3(tally_engine *e, const tally_flusher_options *o);
+SYMVER(tally__flusher_start_0_3, "tally_flusher_start@@TALLY_0.3")
+int tally__flusher_start_0_3(tally_engine *e, const tally_flusher_options *o)
+{
+    return tally__flusher_start(e, o);
 }

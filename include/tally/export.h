@@ -31,7 +31,8 @@
  * one (or calls its _init function) and sets the fields it knows keeps
  * compiling, and keeps running unchanged, against later libraries. Every
  * exported function carries a symbol version (src/tally.map: TALLY_0.1 for
- * the first release, TALLY_0.2 for the functions whose structs grew in 0.2);
+ * the first release, TALLY_0.2 and TALLY_0.3 for the functions whose structs
+ * grew in those releases, and the functions they added);
  * a program binds to the versions it was linked against. When
  * a release adds fields to a struct that the library reads or writes
  * (options, results, statistics, snapshots), each function that takes that
@@ -42,7 +43,10 @@
  * In 0.2, tally_options gained hash: a program linked against 0.1 calls
  * tally_options_init@TALLY_0.1 and tally_open@TALLY_0.1, which touch only the
  * fields 0.1 had and open the engine with hash TALLY_HASH_SIPHASH, the hash
- * 0.1 used, so that its digests stay the same.
+ * 0.1 used, so that its digests stay the same. In 0.3, tally_redis_options
+ * gained mode, nodes, master_name, wait_replicas and wait_timeout_ms:
+ * tally_flusher_start@TALLY_0.1 reads the Redis options as 0.1 and 0.2 had
+ * them (one standalone server).
  *
  * The version macros describe the headers a program was compiled against;
  * they equal meson's project version.
@@ -57,8 +61,8 @@
 #endif
 
 #define TALLY_VERSION_MAJOR  0
-#define TALLY_VERSION_MINOR  2
+#define TALLY_VERSION_MINOR  3
 #define TALLY_VERSION_PATCH  0
-#define TALLY_VERSION_STRING "0.2.0"
+#define TALLY_VERSION_STRING "0.3.0"
 
 #endif /* TALLY_EXPORT_H */

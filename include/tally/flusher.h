@@ -22,11 +22,26 @@ typedef struct tally_engine tally_engine;
 typedef struct tally_usage_report tally_usage_report;   /* tally/ops.h */
 typedef struct tally_flag tally_flag;                   /* tally/ops.h */
 
+typedef enum tally_redis_mode {
+    TALLY_REDIS_STANDALONE = 0,        /* host:port or unix_path, as before */
+    TALLY_REDIS_CLUSTER    = 1,        /* nodes: seed nodes of a Redis Cluster */
+    TALLY_REDIS_SENTINEL   = 2         /* nodes: the sentinels; master_name: the monitored master */
+} tally_redis_mode;
+
 typedef struct tally_redis_options {
     const char *host; int port;        /* or */ const char *unix_path;
     const char *password; int db;
     const char *key_prefix;            /* default "tally:" */
     uint32_t connect_timeout_ms, command_timeout_ms;   /* defaults 1000, 1000 */
+    /* Fields added in 0.3, at the end; zero means the default: */
+    tally_redis_mode mode;             /* STANDALONE (default): host:port or unix_path */
+    const char *nodes;                 /* "host:port[,host:port]...": CLUSTER seed nodes, or
+                                          the SENTINEL sentinels */
+    const char *master_name;           /* SENTINEL: the name of the monitored master */
+    unsigned    wait_replicas;         /* > 0: a batch is acknowledged only after WAIT
+                                          confirmed this many replicas; until then it stays
+                                          pending and is sent again */
+    uint32_t    wait_timeout_ms;       /* WAIT's timeout; default 100 */
 } tally_redis_options;
 
 typedef struct tally_delta {           /* one flushed delta */

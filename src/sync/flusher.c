@@ -669,7 +669,7 @@ static int check_options(const tally_flusher_options *o)
     return 0;
 }
 
-int tally_flusher_start(tally_engine *e, const tally_flusher_options *o)
+int tally__flusher_start(tally_engine *e, const tally_flusher_options *o)
 {
     if (!e || !o)
         return TALLY_EINVAL;
@@ -694,6 +694,7 @@ int tally_flusher_start(tally_engine *e, const tally_flusher_options *o)
     if (o->redis) {
         f->redis_on = true;
         rc = tally__sink_redis_new(o->redis, &f->sink);
+        f->o.redis = NULL;    /* the sink keeps its own copy; the caller's may go */
         if (rc) {
             f->sink = NULL;
             flusher_free(f);

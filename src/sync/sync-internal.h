@@ -36,6 +36,10 @@ typedef struct tally__sink {
     const tally__sink_ops *ops;
 } tally__sink;
 
+/* tally_flusher_start with the current tally_redis_options (src/abi.c binds
+   the exported versions to it). */
+int tally__flusher_start(tally_engine *e, const tally_flusher_options *o);
+
 /* The Redis sink (sync/redis.c). Return 0, TALLY_ENOMEM, or TALLY_EINVAL when
    the library was built without Redis. */
 int tally__sink_redis_new(const tally_redis_options *ro, tally__sink **out);
