@@ -1,7 +1,7 @@
 # Sourced by tools/run and tools/test: install the Debian packages the build
 # needs when any is missing. Needs root (or sudo) only when something is missing.
 TALLY_PACKAGES="gcc g++ pkg-config meson ninja-build liburcu-dev libck-dev libhiredis-dev
-libcriterion-dev libbenchmark-dev redis-server clang libclang-rt-14-dev valgrind gnuplot-nox
+libcriterion-dev libbenchmark-dev redis-server redis-tools clang libclang-rt-14-dev valgrind gnuplot-nox
 curl wrk nginx-light spin"
 
 tally_install_deps() {
