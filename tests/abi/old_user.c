@@ -1,13 +1,14 @@
 /*
  * A program as it was built against the 0.1 headers, run against the
- * installed library: it binds tally_options_init@TALLY_0.1 and
- * tally_open@TALLY_0.1 and passes the 0.1 tally_options, a struct without
- * the fields added since (include/tally/export.h, "Growing structs").
+ * installed library: it binds tally_options_init@TALLY_0.1,
+ * tally_open@TALLY_0.1 and tally_flusher_start@TALLY_0.1 and passes the 0.1
+ * tally_options and tally_redis_options, structs without the fields added
+ * since (include/tally/export.h, "Growing structs").
  * tools/abi-check builds and runs it. The struct ends where a page ends and
  * the next page is inaccessible, so a library that reads or writes the
  * current, larger struct through an old entry point faults; the struct's
  * tail padding holds 0xff bytes, so one that takes a new field from there
- * (hash) gets an invalid value and the open fails.
+ * (hash, mode) gets an invalid value and the open or the start fails.
  */
 #define _DEFAULT_SOURCE         /* MAP_ANONYMOUS */
 #include <stdbool.h>
@@ -28,7 +29,17 @@ struct options_0_1 {
     uint8_t hash_key[16];
 };
 
+/* tally_redis_options as the 0.1 and 0.2 headers declared it */
+struct redis_options_0_1 {
+    const char *host; int port; const char *unix_path;
+    const char *password; int db;
+    const char *key_prefix;
+    uint32_t connect_timeout_ms, command_timeout_ms;
+};
+
 void options_init_0_1(struct options_0_1 *opts);
+int  flusher_start_0_1(tally_engine *e, const tally_flusher_options *o);
+__asm__(".symver flusher_start_0_1, tally_flusher_start@TALLY_0.1");
 int  open_0_1(const struct options_0_1 *opts, tally_engine **out);
 __asm__(".symver options_init_0_1, tally_options_init@TALLY_0.1");
 __asm__(".symver open_0_1, tally_open@TALLY_0.1");
@@ -43,15 +54,49 @@ static int failures;
         }                                                                           \
     } while (0)
 
-int main(void)
+/* Memory of @size bytes that ends where an inaccessible page begins. */
+static void *before_guard_page(size_t size)
 {
     size_t page = (size_t)sysconf(_SC_PAGESIZE);
     unsigned char *mem = mmap(NULL, 2 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (mem == MAP_FAILED || mprotect(mem + page, page, PROT_NONE) != 0) {
         perror("old_user: mmap");
-        return 1;
+        return NULL;
     }
-    struct options_0_1 *o = (struct options_0_1 *)(mem + page - sizeof(*o));
+    return mem + page - size;
+}
+
+/* A flusher with the 0.1 Redis options starts and stops. Nothing listens on
+   the port: the start must not need the server, only read the options. */
+static void start_flusher_with_0_1_redis_options(tally_engine *e)
+{
+    struct redis_options_0_1 *ro = before_guard_page(sizeof(*ro));
+    if (!ro) {
+        failures++;
+        return;
+    }
+    memset(ro, 0xff, sizeof(*ro));
+    ro->host = "127.0.0.1";
+    ro->port = 1;
+    ro->unix_path = NULL;
+    ro->password = NULL;
+    ro->db = 0;
+    ro->key_prefix = NULL;
+    ro->connect_timeout_ms = 100;
+    ro->command_timeout_ms = 100;
+
+    tally_flusher_options fo;
+    tally_flusher_options_init(&fo);
+    fo.redis = (const tally_redis_options *)(const void *)ro;
+    CHECK(flusher_start_0_1(e, &fo) == 0);
+    tally_flusher_stop(e);
+}
+
+int main(void)
+{
+    struct options_0_1 *o = before_guard_page(sizeof(struct options_0_1));
+    if (!o)
+        return 1;
     size_t used = offsetof(struct options_0_1, hash_key) + sizeof(o->hash_key);
 
     memset(o, 0xff, sizeof(*o));
@@ -79,6 +124,7 @@ int main(void)
         CHECK(tally_hit_at(e, api, "user-1", 6, NULL, now, &r) == 0);
         CHECK(r.allowed == (i < 2));
     }
+    start_flusher_with_0_1_redis_options(e);
     tally_close(e);
 
     /* NULL options still mean the defaults */
