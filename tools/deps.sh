@@ -2,7 +2,7 @@
 # needs when any is missing. Needs root (or sudo) only when something is missing.
 TALLY_PACKAGES="gcc g++ pkg-config meson ninja-build liburcu-dev libck-dev libhiredis-dev
 libcriterion-dev libbenchmark-dev redis-server redis-tools clang libclang-rt-14-dev valgrind gnuplot-nox
-curl wrk nginx-light spin"
+curl wrk nginx-light nginx-dev spin"
 
 tally_install_deps() {
     local missing=""
