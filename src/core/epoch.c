@@ -1,0 +1,270 @@
+/*
+ * Epochs in shared memory (core/epoch.h has the layout and the numbered
+ * guarantees): readers taken and given back, grace periods, and the
+ * recovery of readers whose process died.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "core/epoch.h"
+
+#define RECOVERING     UINT64_MAX
+#define PID_BITS       22             /* pid_max is at most 2^22 on Linux */
+#define CACHE_ENTRIES  4              /* domains one thread uses at a time */
+#define SPINS_BEFORE_SLEEP 256        /* a section's usual length; then sleep between looks */
+#define SLEEP_NS       20000
+#define DEAD_CHECK_NS  1000000        /* how often a waiter asks whether a reader's owner died */
+
+/* The identity of a process: start time and pid (0: unknown). */
+static uint64_t identity_of(pid_t pid, bool *zombie)
+{
+    char path[32], buf[1024];
+    FILE *f;
+    size_t n;
+
+    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+    f = fopen(path, "re");
+    if (!f)
+        return 0;
+    n = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    /* "pid (comm) state ppid ..."; comm may hold spaces and parentheses */
+    char *p = strrchr(buf, ')');
+    if (!p)
+        return 0;
+    char state = ' ';
+    unsigned long long start = 0;
+    /* after ") ": field 3 is the state, field 22 the start time */
+    if (sscanf(p + 1, " %c %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %llu",
+               &state, &start) != 2)
+        return 0;
+    if (zombie)
+        *zombie = state == 'Z' || state == 'X';
+    return ((uint64_t)start << PID_BITS) | (uint64_t)pid;
+}
+
+/* ---- this process ---------------------------------------------------------- */
+
+static pthread_mutex_t proc_lock = PTHREAD_MUTEX_INITIALIZER;  /* forget vs thread exit */
+static _Atomic uint64_t proc_gen = 1;     /* bumped at fork (child) and forget */
+static _Atomic uint64_t proc_id;          /* this process's identity; 0: not yet read */
+static pthread_once_t proc_once = PTHREAD_ONCE_INIT;
+static pthread_key_t thread_key;
+
+typedef struct cache_entry {
+    tally__epoch        *d;
+    tally__epoch_reader *r;
+    uint64_t             gen;
+} cache_entry;
+
+static __thread cache_entry cache[CACHE_ENTRIES];
+
+static void give_back(tally__epoch_reader *r)
+{
+    atomic_store_explicit(&r->epoch, 0, memory_order_relaxed);   /* owner's release orders it */
+    /* release: the reader's last writes before a new owner's; paired with
+       the acquire of the CAS that takes it in tally__epoch_reader_get() */
+    atomic_store_explicit(&r->owner, 0, memory_order_release);
+}
+
+/* At thread exit: give back the readers of domains still in use here. */
+static void thread_exit(void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&proc_lock);
+    uint64_t gen = atomic_load_explicit(&proc_gen, memory_order_relaxed);   /* under proc_lock */
+    for (int i = 0; i < CACHE_ENTRIES; i++) {
+        if (cache[i].d && cache[i].gen == gen)
+            give_back(cache[i].r);
+        cache[i].d = NULL;
+    }
+    pthread_mutex_unlock(&proc_lock);
+}
+
+/* In the child of a fork: the parent's readers are not ours. */
+static void after_fork_child(void)
+{
+    atomic_fetch_add_explicit(&proc_gen, 1, memory_order_relaxed);   /* one thread runs here */
+    atomic_store_explicit(&proc_id, 0, memory_order_relaxed);
+    pthread_mutex_init(&proc_lock, NULL);
+}
+
+static void proc_init(void)
+{
+    pthread_key_create(&thread_key, thread_exit);
+    pthread_atfork(NULL, NULL, after_fork_child);
+}
+
+/* This process's identity. Slow paths only (getpid is a system call): a
+   child forked by a process that never took a reader has no fork handler
+   to clear the identity it inherited. */
+static uint64_t self_id(void)
+{
+    uint64_t id = atomic_load_explicit(&proc_id, memory_order_relaxed);   /* a value, no data */
+    pid_t pid = getpid();
+
+    if (!id || (pid_t)(id & ((UINT64_C(1) << PID_BITS) - 1)) != pid) {
+        id = identity_of(pid, NULL);
+        if (!id)
+            id = (uint64_t)pid;   /* no /proc: the pid alone */
+        atomic_store_explicit(&proc_id, id, memory_order_relaxed);
+    }
+    return id;
+}
+
+/* ---- domains ------------------------------------------------------------- */
+
+size_t tally__epoch_size(uint32_t n_readers)
+{
+    return sizeof(tally__epoch) + (size_t)n_readers * sizeof(tally__epoch_reader);
+}
+
+void tally__epoch_init(tally__epoch *d, uint32_t n_readers)
+{
+    memset(d, 0, tally__epoch_size(n_readers));
+    d->n_readers = n_readers;
+    atomic_store_explicit(&d->now, 1, memory_order_relaxed);   /* published with the region */
+}
+
+/* Whether the process of @owner is gone: no such pid, a zombie, or another
+   process under the same pid. When that cannot be told, it is alive. */
+static bool owner_dead(uint64_t owner)
+{
+    pid_t pid = (pid_t)(owner & ((UINT64_C(1) << PID_BITS) - 1));
+    bool zombie = false;
+
+    if (owner == 0 || owner == RECOVERING || owner == self_id())
+        return false;
+    if (kill(pid, 0) != 0 && errno == ESRCH)
+        return true;
+    uint64_t id = identity_of(pid, &zombie);
+    if (!id)
+        return false;
+    return zombie || ((owner >> PID_BITS) != 0 && id != owner);
+}
+
+/* Give back @r if its owner @owner died. Return whether it is free now. */
+static bool recover(tally__epoch_reader *r, uint64_t owner)
+{
+    if (!owner_dead(owner))
+        return false;
+    /* acquire: after the dead owner's last writes; the one CAS that claims the
+       recovery (guarantee 4) */
+    if (!atomic_compare_exchange_strong_explicit(&r->owner, &owner, RECOVERING, memory_order_acquire,
+                                                 memory_order_relaxed))
+        return false;
+    give_back(r);
+    return true;
+}
+
+tally__epoch_reader *tally__epoch_reader_get(tally__epoch *d)
+{
+    uint64_t gen = atomic_load_explicit(&proc_gen, memory_order_relaxed);   /* a value, no data */
+    cache_entry *spare = NULL;
+
+    for (int i = 0; i < CACHE_ENTRIES; i++) {
+        if (cache[i].d == d && cache[i].gen == gen)
+            return cache[i].r;
+        if (!spare && (!cache[i].d || cache[i].gen != gen))
+            spare = &cache[i];
+    }
+    if (!spare)
+        return NULL;
+    pthread_once(&proc_once, proc_init);
+    pthread_setspecific(thread_key, cache);   /* any non-NULL value: thread_exit() runs */
+    uint64_t me = self_id();
+    uint32_t tid = (uint32_t)gettid();
+    tally__epoch_reader *r = NULL;
+
+    /* ours already (a cache emptied by a forget of another domain), else a
+       free one, else one whose owner died */
+    for (uint32_t i = 0; i < d->n_readers && !r; i++) {
+        tally__epoch_reader *c = &d->readers[i];
+        if (atomic_load_explicit(&c->owner, memory_order_relaxed) == me            /* only we write ours */
+            && atomic_load_explicit(&c->tid, memory_order_relaxed) == tid)
+            r = c;
+    }
+    for (int pass = 0; pass < 2 && !r; pass++) {
+        for (uint32_t i = 0; i < d->n_readers && !r; i++) {
+            tally__epoch_reader *c = &d->readers[i];
+            uint64_t owner = atomic_load_explicit(&c->owner, memory_order_relaxed);   /* CAS decides */
+            if (owner != 0 && !(pass == 1 && recover(c, owner)))
+                continue;
+            owner = 0;
+            /* acquire: paired with the release in give_back() by its last owner */
+            if (atomic_compare_exchange_strong_explicit(&c->owner, &owner, me, memory_order_acquire,
+                                                        memory_order_relaxed)) {
+                atomic_store_explicit(&c->tid, tid, memory_order_relaxed);   /* read only by this process */
+                r = c;
+            }
+        }
+    }
+    if (r)
+        *spare = (cache_entry){ .d = d, .r = r, .gen = gen };
+    return r;
+}
+
+static uint64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+void tally__epoch_wait(tally__epoch *d)
+{
+    /* seq_cst: the advance (a release of what the caller unlinked) and then
+       the fence of guarantee 1, paired with tally__epoch_enter()'s */
+    uint64_t g = atomic_fetch_add(&d->now, 1) + 1;
+    atomic_thread_fence(memory_order_seq_cst);
+
+    for (uint32_t i = 0; i < d->n_readers; i++) {
+        tally__epoch_reader *r = &d->readers[i];
+        unsigned spins = 0;
+        uint64_t next_check = 0;
+        for (;;) {
+            /* acquire: paired with the release stores of enter and exit, guarantee 3 */
+            uint64_t e = atomic_load_explicit(&r->epoch, memory_order_acquire);
+            if (e == 0 || e >= g)
+                break;
+            if (spins < SPINS_BEFORE_SLEEP) {
+                __builtin_ia32_pause();
+                spins++;
+                continue;
+            }
+            /* a section longer than a few microseconds: its thread was
+               preempted, or its process died; look once a millisecond */
+            uint64_t now = mono_ns();
+            if (!next_check) {
+                next_check = now + DEAD_CHECK_NS;
+            } else if (now >= next_check) {
+                if (recover(r, atomic_load_explicit(&r->owner, memory_order_relaxed)))   /* CAS decides */
+                    break;
+                next_check = now + DEAD_CHECK_NS;
+            }
+            struct timespec ts = { 0, SLEEP_NS };
+            nanosleep(&ts, NULL);
+        }
+    }
+}
+
+void tally__epoch_forget(tally__epoch *d)
+{
+    uint64_t me = self_id();
+
+    pthread_mutex_lock(&proc_lock);
+    for (uint32_t i = 0; i < d->n_readers; i++) {
+        tally__epoch_reader *r = &d->readers[i];
+        if (atomic_load_explicit(&r->owner, memory_order_relaxed) == me)   /* only we write ours */
+            give_back(r);
+    }
+    /* every thread's cache entry of @d is stale from here on */
+    atomic_fetch_add_explicit(&proc_gen, 1, memory_order_relaxed);   /* under proc_lock */
+    pthread_mutex_unlock(&proc_lock);
+}
