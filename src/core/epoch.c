@@ -154,9 +154,9 @@ static bool recover(tally__epoch_reader *r, uint64_t owner)
 {
     if (!owner_dead(owner))
         return false;
-    /* acquire: after the dead owner's last writes; the one CAS that claims the
-       recovery (guarantee 4) */
-    if (!atomic_compare_exchange_strong_explicit(&r->owner, &owner, RECOVERING, memory_order_acquire,
+    /* relaxed: the one CAS that claims the recovery (guarantee 4); the dead
+       process's stores are all visible once the kernel says it died */
+    if (!atomic_compare_exchange_strong_explicit(&r->owner, &owner, RECOVERING, memory_order_relaxed,
                                                  memory_order_relaxed))
         return false;
     give_back(r);

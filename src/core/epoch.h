@@ -88,7 +88,8 @@ static inline void tally__epoch_enter(tally__epoch *d, tally__epoch_reader *r)
 {
     /* acquire: paired with the advance of tally__epoch_wait(), guarantee 2 */
     uint64_t e = atomic_load_explicit(&d->now, memory_order_acquire);
-    /* release: the end of the thread's previous section stays before this, guarantee 3 */
+    /* release: the end of the thread's previous section stays before this;
+       paired with the acquire loads of tally__epoch_wait(), guarantee 3 */
     atomic_store_explicit(&r->epoch, e, memory_order_release);
     /* seq_cst: the announcement before the section's reads; paired with the
        fence of tally__epoch_wait(), guarantee 1 */
