@@ -3,57 +3,24 @@
  * guarantees): readers taken and given back, grace periods, and the
  * recovery of readers whose process died.
  */
-#include <errno.h>
 #include <pthread.h>
-#include <signal.h>
-#include <stdio.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "core/epoch.h"
+#include "core/proc.h"
 
 #define RECOVERING     UINT64_MAX
-#define PID_BITS       22             /* pid_max is at most 2^22 on Linux */
 #define CACHE_ENTRIES  4              /* domains one thread uses at a time */
 #define SPINS_BEFORE_SLEEP 256        /* a section's usual length; then sleep between looks */
 #define SLEEP_NS       20000
 #define DEAD_CHECK_NS  1000000        /* how often a waiter asks whether a reader's owner died */
 
-/* The identity of a process: start time and pid (0: unknown). */
-static uint64_t identity_of(pid_t pid, bool *zombie)
-{
-    char path[32], buf[1024];
-    FILE *f;
-    size_t n;
-
-    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
-    f = fopen(path, "re");
-    if (!f)
-        return 0;
-    n = fread(buf, 1, sizeof(buf) - 1, f);
-    fclose(f);
-    buf[n] = '\0';
-    /* "pid (comm) state ppid ..."; comm may hold spaces and parentheses */
-    char *p = strrchr(buf, ')');
-    if (!p)
-        return 0;
-    char state = ' ';
-    unsigned long long start = 0;
-    /* after ") ": field 3 is the state, field 22 the start time */
-    if (sscanf(p + 1, " %c %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %llu",
-               &state, &start) != 2)
-        return 0;
-    if (zombie)
-        *zombie = state == 'Z' || state == 'X';
-    return ((uint64_t)start << PID_BITS) | (uint64_t)pid;
-}
-
 /* ---- this process ---------------------------------------------------------- */
 
 static pthread_mutex_t proc_lock = PTHREAD_MUTEX_INITIALIZER;  /* forget vs thread exit */
 static _Atomic uint64_t proc_gen = 1;     /* bumped at fork (child) and forget */
-static _Atomic uint64_t proc_id;          /* this process's identity; 0: not yet read */
 static pthread_once_t proc_once = PTHREAD_ONCE_INIT;
 static pthread_key_t thread_key;
 
@@ -91,7 +58,6 @@ static void thread_exit(void *arg)
 static void after_fork_child(void)
 {
     atomic_fetch_add_explicit(&proc_gen, 1, memory_order_relaxed);   /* one thread runs here */
-    atomic_store_explicit(&proc_id, 0, memory_order_relaxed);
     pthread_mutex_init(&proc_lock, NULL);
 }
 
@@ -99,23 +65,6 @@ static void proc_init(void)
 {
     pthread_key_create(&thread_key, thread_exit);
     pthread_atfork(NULL, NULL, after_fork_child);
-}
-
-/* This process's identity. Slow paths only (getpid is a system call): a
-   child forked by a process that never took a reader has no fork handler
-   to clear the identity it inherited. */
-static uint64_t self_id(void)
-{
-    uint64_t id = atomic_load_explicit(&proc_id, memory_order_relaxed);   /* a value, no data */
-    pid_t pid = getpid();
-
-    if (!id || (pid_t)(id & ((UINT64_C(1) << PID_BITS) - 1)) != pid) {
-        id = identity_of(pid, NULL);
-        if (!id)
-            id = (uint64_t)pid;   /* no /proc: the pid alone */
-        atomic_store_explicit(&proc_id, id, memory_order_relaxed);
-    }
-    return id;
 }
 
 /* ---- domains ------------------------------------------------------------- */
@@ -132,27 +81,10 @@ void tally__epoch_init(tally__epoch *d, uint32_t n_readers)
     atomic_store_explicit(&d->now, 1, memory_order_relaxed);   /* published with the region */
 }
 
-/* Whether the process of @owner is gone: no such pid, a zombie, or another
-   process under the same pid. When that cannot be told, it is alive. */
-static bool owner_dead(uint64_t owner)
-{
-    pid_t pid = (pid_t)(owner & ((UINT64_C(1) << PID_BITS) - 1));
-    bool zombie = false;
-
-    if (owner == 0 || owner == RECOVERING || owner == self_id())
-        return false;
-    if (kill(pid, 0) != 0 && errno == ESRCH)
-        return true;
-    uint64_t id = identity_of(pid, &zombie);
-    if (!id)
-        return false;
-    return zombie || ((owner >> PID_BITS) != 0 && id != owner);
-}
-
 /* Give back @r if its owner @owner died. Return whether it is free now. */
 static bool recover(tally__epoch_reader *r, uint64_t owner)
 {
-    if (!owner_dead(owner))
+    if (owner == RECOVERING || !tally__proc_dead(owner))
         return false;
     /* relaxed: the one CAS that claims the recovery (guarantee 4); the dead
        process's stores are all visible once the kernel says it died */
@@ -178,7 +110,7 @@ tally__epoch_reader *tally__epoch_reader_get(tally__epoch *d)
         return NULL;
     pthread_once(&proc_once, proc_init);
     pthread_setspecific(thread_key, cache);   /* any non-NULL value: thread_exit() runs */
-    uint64_t me = self_id();
+    uint64_t me = tally__proc_self();
     uint32_t tid = (uint32_t)gettid();
     tally__epoch_reader *r = NULL;
 
@@ -256,7 +188,7 @@ void tally__epoch_wait(tally__epoch *d)
 
 void tally__epoch_forget(tally__epoch *d)
 {
-    uint64_t me = self_id();
+    uint64_t me = tally__proc_self();
 
     pthread_mutex_lock(&proc_lock);
     for (uint32_t i = 0; i < d->n_readers; i++) {

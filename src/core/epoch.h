@@ -12,9 +12,9 @@
  *           epoch                   0 outside a section, else the epoch read
  *                                   when the section began
  *           owner                   0 free, RECOVERING, else the owning
- *                                   process: its start time (/proc/pid/stat)
- *                                   << 22 | its pid, so that a reused pid is
- *                                   not mistaken for the process that died
+ *                                   process's identity (core/proc.h), so that
+ *                                   a reused pid is not mistaken for the
+ *                                   process that died
  *           tid                     the owning thread
  *       }
  *   }
