@@ -13,7 +13,7 @@ bool tally__lease_take(tally__lease *l)
         return true;
     if (cur != 0 && !tally__proc_dead(cur))
         return false;
-    /* acquire: as the load above, for the value the CAS replaces */
+    /* acquire: paired with the release of tally__lease_give(), as the load above */
     return atomic_compare_exchange_strong_explicit(&l->holder, &cur, me, memory_order_acquire,
                                                    memory_order_relaxed);
 }
