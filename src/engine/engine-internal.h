@@ -166,6 +166,7 @@ struct tally__table {
     tally__watch_slot *_Atomic watch; /* n_slots, once the policy has a watch */
     _Atomic uint64_t *gen;        /* n_slots: the state instance of each slot (table.c) */
     _Atomic uint32_t *ovf;        /* n_slots / TALLY__GROUP: keys placed past each group */
+    _Atomic uint64_t *ctrl;       /* n_slots / 8 words: a control byte per slot (table.c) */
     _Atomic uint64_t gen_next;    /* next unused instance number (even, never reused) */
     struct tally__notes *notes;   /* where deltas of reclaimed slots are spilled */
     uint32_t        policy;       /* id of the owning policy */
@@ -198,10 +199,9 @@ void tally__table_destroy(tally__table *t);
 size_t tally__table_bytes(const tally__table *t);
 
 /* Where a miss of tally__table_find_fast() saw the first slot a new key
-   could claim: window position and digest word, or pos SIZE_MAX. */
+   could claim: its window position, or SIZE_MAX. */
 typedef struct tally__probe {
     size_t   pos;
-    uint64_t lo;
 } tally__probe;
 
 /* Find the LIVE slot of @d, or NULL. Caller is inside an RCU read-side section.
@@ -210,8 +210,8 @@ typedef struct tally__probe {
 tally__slot *tally__table_find_fast(tally__table *t, tally__digest d, tally__probe *hint);
 tally__slot *tally__table_find(tally__table *t, tally__digest d);
 
-#define TALLY__WINDOW 256          /* probe window: a key lives within 256 slots of home */
-#define TALLY__GROUP  16           /* slots of a group, the unit of the overflow counts */
+#define TALLY__WINDOW 256          /* probe window: a key lives in the 16 groups from its home group */
+#define TALLY__GROUP  16           /* slots of a group: one vector of control bytes, one overflow count */
 /* Slots a reclaim examines beyond the key's window: it starts at
    TALLY__SWEEP, doubles while sweeps free at least half of what they
    examine, up to 1/TALLY__SWEEP_SHARE of the table or TALLY__SWEEP_MAX, and

@@ -1,27 +1,63 @@
 /*
  * The key table: a flat open-addressing array of fixed capacity whose slots
- * hold a 128-bit key digest and the key's per-limit state inline.
+ * hold a 128-bit key digest and the key's per-limit state inline, and beside
+ * it a control byte per slot that lets a probe look at 16 slots at once.
  *
- * A key lives within TALLY__WINDOW slots of its home slot. A slot moves
- * through these digest states (status in the top two bits of the hi word):
+ * Layout (n_slots a multiple of TALLY__GROUP = 16, G = n_slots / 16 groups):
+ *
+ *   struct table {
+ *       uint8_t  ctrl[n_slots];     // group g: ctrl[16g .. 16g + 15], 16-byte
+ *                                   // aligned, read as one SSE2 vector
+ *       struct {                    // mem, stride bytes each
+ *           uint64_t d_lo, d_hi;    // the digest word: the truth
+ *           tally__state st[n_limits];
+ *       } slot[n_slots];
+ *       uint64_t gen[n_slots];      // instance numbers (guarantee 6)
+ *       uint32_t ovf[G];            // overflow counts (guarantee 1)
+ *   };
+ *
+ *   ctrl byte   the slot's digest word
+ *   0x00-0x7f   tag(D): PENDING(D) or LIVE(D); briefly also EMPTY or FREE
+ *               reserved by a claimant, or DEAD(D) just killed (guarantee 8)
+ *   0x80        EMPTY: never used
+ *   0x81        FREE: reusable
+ *   0x82        DEAD or ZOMBIE: neither claimable nor a key
+ *
+ * tag(D) is the low 7 bits of D's hi word, its preferred slot in a group the
+ * next 4; the home group comes from the high bits of its lo word. A key
+ * lives in the TALLY__WINDOW / TALLY__GROUP groups from its home group on
+ * (wrapping); its window position k names slot 16 * home group + k. A claim
+ * takes the preferred slot of its group when that byte is claimable, else
+ * the group's first claimable byte, so that a lookup of a present key mostly
+ * reads one digest, that slot's, before any control byte. A slot's digest moves through these states (status
+ * in the top two bits of the hi word):
  *
  *   EMPTY {0,0} --claim--> PENDING(D) --promote--> LIVE(D) --kill--> DEAD(D)
  *   FREE  {1,0} --claim--> PENDING(D) --lose-----> DEAD(D)
  *   DEAD(D) --take--> ZOMBIE {2,0} --grace period--> FREE {1,0}
  *
  * Ordering and progress guarantees:
- *  1. EMPTY is never re-entered, so a probe that meets EMPTY before the key
- *     proves the key was absent when the slot was read (a key is always
- *     claimed at the first EMPTY-or-FREE slot of its window). The slots form
- *     groups of TALLY__GROUP, and ovf[g] counts the claims, not yet made
- *     FREE again, that passed group g: a claimant adds one to every group
- *     between its home and its slot before its claim CAS (seq_cst), and the
- *     reclaim that frees the slot takes them back. A probe that has passed
- *     the end of a group with ovf 0 proves, in the same way, that the key
- *     was in no later slot: once a table has turned over and FREE slots
- *     stand where EMPTY ones were, a miss still ends in its home group.
- *  2. Claims and promotions are 16-byte CASes on the digest word: a slot is
- *     owned by the one CAS that moved it out of EMPTY or FREE.
+ *  1. An EMPTY control byte is never re-entered, so a probe that reads a
+ *     group holding one, and does not find the key there, proves the key was
+ *     in no later group when the byte was read: a key is claimed in the
+ *     first group of its window where its claimant read a claimable byte
+ *     (a claimant whose byte CAS fails scans again, and the byte it lost is
+ *     no longer EMPTY), so a claim past that group read the EMPTY byte gone,
+ *     after the probe. Which claimable byte of the group it takes does not
+ *     matter (the preferred slot or the first): a probe matches the whole
+ *     group. The slots form groups of
+ *     TALLY__GROUP, and ovf[g] counts the claims, not yet made FREE again,
+ *     that passed group g: a claimant adds one to every group between its
+ *     home and its slot before its claim (seq_cst), and the reclaim that
+ *     frees the slot takes them back. A probe that has passed a group with
+ *     ovf 0 proves, in the same way, that the key was in no later group:
+ *     once a table has turned over and FREE slots stand where EMPTY ones
+ *     were, a miss still ends in its home group. FREE cannot end a probe as
+ *     EMPTY does: a key may lie past a slot freed after its claim.
+ *  2. A slot is owned by the one CAS that moved its control byte from EMPTY
+ *     or FREE to a tag; its owner then moves the digest out of EMPTY or FREE
+ *     (a 16-byte CAS that no other thread contends). Promotions and kills
+ *     are 16-byte CASes on the digest word.
  *  3. At most one LIVE slot per digest, and at most capacity LIVE slots (the
  *     promotion takes a reservation, guarantee 7; PENDING holds none). Each
  *     claimant publishes PENDING, then
@@ -56,7 +92,39 @@
  *     (A LIVE slot being killed gives its reservation back just after its
  *     digest CAS to DEAD; a refusal in that gap goes to the reclaim, which
  *     finds the DEAD slot.)
+ *  8. Control bytes are hints and the digest is the truth: a probe reads the
+ *     digest of a slot only when its byte is the key's tag (but for the test
+ *     of the preferred slot that starts tally__table_find_fast(), which needs
+ *     no byte), and it decides from the digest. Every write of a byte is a seq_cst read-modify-write
+ *     of the 64-bit word that holds it, at one of three points:
+ *       claim    the CAS EMPTY or FREE -> tag(D) (guarantee 2), before the
+ *                counts of guarantee 1 and before the digest CAS to PENDING(D);
+ *       kill     tag -> DEAD, right after the digest CAS to DEAD, by the one
+ *                thread whose CAS it was, in the same read-side section;
+ *       reclaim  DEAD -> FREE, right after the digest's store of FREE; the
+ *                grace period before it waited for the kill's write.
+ *     So while a digest is PENDING(D) or LIVE(D) its byte is tag(D): written
+ *     before, changed only after the digest left. A scan that reads the byte
+ *     (seq_cst) after a claim's digest CAS therefore goes on to read that
+ *     digest, and one that read it before the byte was set also read it
+ *     before the digest CAS: a scan over bytes is a scan over digests, each
+ *     read when its byte was. The resolution of guarantee 3 reads bytes after
+ *     its own claim CAS and each claimant's tag is in place before its claim
+ *     CAS, so of two claimants one still sees the other: no two LIVE slots of
+ *     one digest. A byte is claimable only while its digest is (FREE is
+ *     written to the byte after the digest, and the reservation comes before
+ *     the digest CAS), and a claimant that finds its byte taken looks again:
+ *     the byte it passes is no longer EMPTY, which is what guarantee 1 needs.
+ *     A stale tag (the slot just killed) or a tag of another key with the
+ *     same 7 bits costs one digest read; a stale DEAD or FREE byte of a slot
+ *     that holds a key cannot exist. The byte CAS, not a store of the tag by
+ *     the winner of the digest CAS, is what claims: after such a digest CAS
+ *     the byte would still read claimable, and every claimant that met it
+ *     would retry that slot until its owner stored the tag, a wait on
+ *     another thread. A claimant that wins the byte and stalls holds up no
+ *     one: others take the next claimable byte. (tests/model/ctrl.pml)
  */
+#include <emmintrin.h>
 #include <sched.h>
 #include <stdlib.h>
 #include <string.h>
@@ -69,9 +137,10 @@ static inline tally__slot *slot_at(const tally__table *t, size_t i)
     return (tally__slot *)(t->mem + i * t->stride);
 }
 
+/* The first slot of @d's home group: window position 0. */
 static inline size_t home_of(const tally__table *t, tally__digest d)
 {
-    return (size_t)(((unsigned __int128)d.lo * t->n_slots) >> 64);
+    return (size_t)(((unsigned __int128)d.lo * (t->n_slots / TALLY__GROUP)) >> 64) * TALLY__GROUP;
 }
 
 static inline size_t wrap(const tally__table *t, size_t i)
@@ -84,13 +153,103 @@ static inline size_t group_of(size_t i)
     return i / TALLY__GROUP;
 }
 
-/* Slot @i ends a group whose overflow count is 0: nothing probed past it. */
+enum { CTRL_EMPTY = 0x80, CTRL_FREE = 0x81, CTRL_DEAD = 0x82 };
+
+_Static_assert(TALLY__WINDOW % TALLY__GROUP == 0 && TALLY__GROUP == 16, "a group is one vector");
+
+/* tag(D): bits of the digest that the home group does not use. */
+static inline uint8_t tag_of(tally__digest d)
+{
+    return (uint8_t)(d.hi & 0x7f);
+}
+
+/* The key's preferred slot in a group: 4 more bits, used by neither. */
+static inline unsigned pref_of(tally__digest d)
+{
+    return (unsigned)(d.hi >> 7) % TALLY__GROUP;
+}
+
+/* The claimable byte of mask @c that a claim takes: the key's preferred
+   slot if it is claimable, else the first. */
+static inline size_t pick(unsigned c, unsigned pref)
+{
+    return (size_t)((c >> pref & 1) ? pref : (unsigned)__builtin_ctz(c));
+}
+
+static inline bool claimable(unsigned b)
+{
+    return (b & 0xfe) == CTRL_EMPTY;
+}
+
+/* The control bytes of the group of slot @i (a group's first slot), read as
+   two 64-bit atomic loads: per byte what a vector load would read, and
+   visible as such to the memory model and to ThreadSanitizer. */
+static inline __m128i ctrl_group(const tally__table *t, size_t i, memory_order mo)
+{
+    _Atomic uint64_t *w = &t->ctrl[i / 8];
+    uint64_t lo = atomic_load_explicit(&w[0], mo);
+    uint64_t hi = atomic_load_explicit(&w[1], mo);
+    return _mm_set_epi64x((long long)hi, (long long)lo);
+}
+
+/* Bit j set: byte j of @v is @b. */
+static inline unsigned ctrl_match(__m128i v, uint8_t b)
+{
+    return (unsigned)_mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8((char)b)));
+}
+
+/* Bit j set: byte j of @v is EMPTY or FREE. */
+static inline unsigned ctrl_claimable(__m128i v)
+{
+    __m128i c = _mm_and_si128(v, _mm_set1_epi8((char)0xfe));
+    return (unsigned)_mm_movemask_epi8(_mm_cmpeq_epi8(c, _mm_set1_epi8((char)CTRL_EMPTY)));
+}
+
+static inline unsigned ctrl_byte(const tally__table *t, size_t i, memory_order mo)
+{
+    return (unsigned)(atomic_load_explicit(&t->ctrl[i / 8], mo) >> (8 * (i % 8))) & 0xff;
+}
+
+/*
+ * Claim slot @i's control byte for @tag if it is claimable (guarantee 2),
+ * and return what it was (CTRL_EMPTY or CTRL_FREE), or 0 when another claim
+ * took it first.
+ */
+static unsigned ctrl_claim(tally__table *t, size_t i, uint8_t tag)
+{
+    _Atomic uint64_t *w = &t->ctrl[i / 8];
+    unsigned shift = 8 * (i % 8);
+    /* relaxed: the CAS below reads the word again */
+    uint64_t cur = atomic_load_explicit(w, memory_order_relaxed);
+    for (;;) {
+        unsigned b = (unsigned)(cur >> shift) & 0xff;
+        if (!claimable(b))
+            return 0;
+        uint64_t next = (cur & ~((uint64_t)0xff << shift)) | (uint64_t)tag << shift;
+        /* seq_cst: the tag is in place before the claim's digest CAS, for the
+           resolution scans of twin claimants (guarantee 8), paired with their
+           seq_cst ctrl_group() loads; and the acquire of the byte's FREE
+           store in tally__table_reclaim_free() */
+        if (atomic_compare_exchange_weak(w, &cur, next))
+            return b;
+    }
+}
+
+/* Move slot @i's control byte from @from, which it holds, to @to (guarantee 8). */
+static inline void ctrl_set(tally__table *t, size_t i, unsigned from, unsigned to)
+{
+    /* seq_cst: one total order with the byte loads of the scans (guarantee 8);
+       paired with the seq_cst ctrl_group() loads of tally__table_find() and
+       the acquire and resolution scans */
+    atomic_fetch_xor(&t->ctrl[i / 8], (uint64_t)(from ^ to) << (8 * (i % 8)));
+}
+
+/* The group starting at slot @i has overflow count 0: nothing probed past it. */
 static inline bool ends_probe(tally__table *t, size_t i)
 {
     /* acquire: paired with the increments of pass_groups(), as a digest
        load is with the claim CAS */
-    return (i + 1) % TALLY__GROUP == 0
-        && atomic_load_explicit(&t->ovf[group_of(i)], memory_order_acquire) == 0;
+    return atomic_load_explicit(&t->ovf[group_of(i)], memory_order_acquire) == 0;
 }
 
 /* The same, in a resolution scan (Dekker style: see digest_load()). */
@@ -98,7 +257,7 @@ static inline bool ends_probe_seq_cst(tally__table *t, size_t i)
 {
     /* seq_cst: paired with the seq_cst increments of pass_groups() by a twin
        claimant, as digest_load() is with its claim CAS */
-    return (i + 1) % TALLY__GROUP == 0 && atomic_load(&t->ovf[group_of(i)]) == 0;
+    return atomic_load(&t->ovf[group_of(i)]) == 0;
 }
 
 /* Add @delta to the overflow count of every group from @home's to the one
@@ -162,9 +321,10 @@ int tally__table_init(tally__table *t, size_t capacity, unsigned n_limits,
     t->n_limits = n_limits;
     t->limits = limits;
     t->stride = sizeof(tally__slot) + n_limits * sizeof(tally__state);
-    /* Load factor at most 1/2: the longest run of linear probing then stays
-       far below the probe window (about 75 slots for a million keys), and a
-       miss mostly ends in its home group (guarantee 1). */
+    /* Load factor at most 1/2: a key mostly lives in its home group, the
+       longest run of full groups stays far below the probe window, a miss
+       mostly ends in its home group (guarantee 1), and a table turning over
+       keeps expired slots within reach of the reclaims' sweeps. */
     t->n_slots = 2 * capacity;
     /* whole groups, and a window that cannot wrap onto its home group */
     if (t->n_slots < 2 * TALLY__WINDOW)
@@ -181,6 +341,12 @@ int tally__table_init(tally__table *t, size_t capacity, unsigned n_limits,
     if (posix_memalign((void **)&t->mem, TALLY__CACHE_LINE, t->n_slots * t->stride) != 0)
         return TALLY_ENOMEM;
     memset(t->mem, 0, t->n_slots * t->stride);
+    if (posix_memalign((void **)&t->ctrl, TALLY__CACHE_LINE, t->n_slots) != 0) {
+        t->ctrl = NULL;
+        tally__table_destroy(t);
+        return TALLY_ENOMEM;
+    }
+    memset(t->ctrl, CTRL_EMPTY, t->n_slots);
     t->gen = malloc(t->n_slots * sizeof(*t->gen));
     t->ovf = calloc(t->n_slots / TALLY__GROUP, sizeof(*t->ovf));
     if (keep_keys)
@@ -225,8 +391,10 @@ void tally__table_destroy(tally__table *t)
     }
     free(t->ovf);
     free(t->gen);
+    free(t->ctrl);
     free(t->mem);
     t->ovf = NULL;
+    t->ctrl = NULL;
     t->gen = NULL;
     t->mem = NULL;
     t->keys = NULL;
@@ -234,33 +402,43 @@ void tally__table_destroy(tally__table *t)
 
 size_t tally__table_bytes(const tally__table *t)
 {
-    return t->n_slots * (t->stride + sizeof(*t->gen)) + t->n_slots / TALLY__GROUP * sizeof(*t->ovf)
+    return t->n_slots * (t->stride + sizeof(*t->gen) + 1) + t->n_slots / TALLY__GROUP * sizeof(*t->ovf)
         + (t->keys ? t->n_slots * sizeof(*t->keys) : 0);
 }
 
 tally__slot *tally__table_find_fast(tally__table *t, tally__digest d, tally__probe *hint)
 {
-    size_t i = home_of(t, d);
+    size_t home = home_of(t, d);
+    uint8_t tag = tag_of(d);
+    unsigned pref = pref_of(d);
+    tally__slot *p = slot_at(t, home + pref);
 
+    /* Most keys sit in their preferred slot: its digest first, before any
+       control byte. acquire: paired with the promotion CAS in resolve(), as
+       the loads below */
+    if (tally__word_load_acquire(&p->d_hi) == hi_with(d, TALLY__LIVE)
+        /* acquire: paired with the promotion CAS, as the hi load */
+        && tally__word_load_acquire(&p->d_lo) == d.lo)
+        return p;
     hint->pos = SIZE_MAX;
-    for (size_t k = 0; k < TALLY__WINDOW; k++, i = wrap(t, i + 1)) {
-        tally__slot *s = slot_at(t, i);
-        /* acquire: paired with the promotion CAS in resolve(), so that the
-           hit reads the states as the slot's owner left them */
-        uint64_t hi = tally__word_load_acquire(&s->d_hi);
-        if (hi == hi_with(d, TALLY__LIVE)) {
-            /* acquire: paired with the promotion CAS, as the hi load */
-            if (tally__word_load_acquire(&s->d_lo) == d.lo)
+    for (size_t k = 0; k < TALLY__WINDOW; k += TALLY__GROUP) {
+        size_t g = wrap(t, home + k);
+        /* acquire: paired with the claim CAS of the byte (ctrl_claim()), as
+           the digest loads below are with the promotion */
+        __m128i v = ctrl_group(t, g, memory_order_acquire);
+        for (unsigned m = ctrl_match(v, tag); m; m &= m - 1) {
+            tally__slot *s = slot_at(t, g + (size_t)__builtin_ctz(m));
+            /* acquire: paired with the promotion CAS in resolve(), so that the
+               hit reads the states as the slot's owner left them */
+            if (tally__word_load_acquire(&s->d_hi) == hi_with(d, TALLY__LIVE)
+                /* acquire: paired with the promotion CAS, as the hi load */
+                && tally__word_load_acquire(&s->d_lo) == d.lo)
                 return s;
-        } else if (hi == 0) {
-            /* acquire: paired with the release in tally__table_reclaim_free() */
-            uint64_t lo = tally__word_load_acquire(&s->d_lo);
-            if ((lo == TALLY__LO_EMPTY || lo == TALLY__LO_FREE) && hint->pos == SIZE_MAX)
-                *hint = (tally__probe){ k, lo };
-            if (lo == TALLY__LO_EMPTY)
-                return NULL;
         }
-        if (ends_probe(t, i))
+        unsigned c = ctrl_claimable(v);
+        if (c && hint->pos == SIZE_MAX)
+            hint->pos = k + pick(c, pref);
+        if (ctrl_match(v, CTRL_EMPTY) || ends_probe(t, g))
             return NULL;
     }
     return NULL;
@@ -268,26 +446,34 @@ tally__slot *tally__table_find_fast(tally__table *t, tally__digest d, tally__pro
 
 tally__slot *tally__table_find(tally__table *t, tally__digest d)
 {
-    size_t i = home_of(t, d);
+    size_t home = home_of(t, d);
+    uint8_t tag = tag_of(d);
 
-    for (size_t k = 0; k < TALLY__WINDOW; k++, i = wrap(t, i + 1)) {
-        tally__slot *s = slot_at(t, i);
-        uint64_t lo, hi;
-        digest_load(s, &lo, &hi);
-        if (hi == 0 && lo == TALLY__LO_EMPTY)
-            return NULL;
-        if (hi == hi_with(d, TALLY__LIVE) && lo == d.lo)
-            return s;
-        if (ends_probe(t, i))
+    for (size_t k = 0; k < TALLY__WINDOW; k += TALLY__GROUP) {
+        size_t g = wrap(t, home + k);
+        /* seq_cst: one total order with the byte writes (guarantee 8);
+           paired with the byte CAS of ctrl_claim() and the writes of ctrl_set() */
+        __m128i v = ctrl_group(t, g, memory_order_seq_cst);
+        for (unsigned m = ctrl_match(v, tag); m; m &= m - 1) {
+            tally__slot *s = slot_at(t, g + (size_t)__builtin_ctz(m));
+            uint64_t lo, hi;
+            digest_load(s, &lo, &hi);
+            if (hi == hi_with(d, TALLY__LIVE) && lo == d.lo)
+                return s;
+        }
+        if (ctrl_match(v, CTRL_EMPTY) || ends_probe(t, g))
             return NULL;
     }
     return NULL;
 }
 
-/* Kill a PENDING claim of @d. A PENDING slot holds no reservation. */
-static bool kill_pending(tally__slot *s, tally__digest d)
+/* Kill the PENDING claim of @d in slot @i. A PENDING slot holds no reservation. */
+static bool kill_pending(tally__table *t, size_t i, tally__digest d)
 {
-    return digest_cas(s, d.lo, hi_with(d, TALLY__PENDING), d.lo, hi_with(d, TALLY__DEAD));
+    if (!digest_cas(slot_at(t, i), d.lo, hi_with(d, TALLY__PENDING), d.lo, hi_with(d, TALLY__DEAD)))
+        return false;
+    ctrl_set(t, i, tag_of(d), CTRL_DEAD);
+    return true;
 }
 
 _Static_assert(TALLY_MAX_CAPACITY < TALLY__RES_HOLDER, "the live count fits its bits");
@@ -331,36 +517,41 @@ static bool full_now(uint64_t r, const tally__table *t)
  */
 static tally__slot *resolve(tally__table *t, tally__digest d, size_t home, size_t me)
 {
+    uint8_t tag = tag_of(d);
 again:;
-    tally__slot *mine = slot_at(t, wrap(t, home + me));
-    for (size_t k = 0; k < TALLY__WINDOW; k++) {
-        size_t i = wrap(t, home + k);
-        tally__slot *s = slot_at(t, i);
-        uint64_t lo, hi;
-        if (k != me) {
-            digest_load(s, &lo, &hi);
-            if (hi == 0 && lo == TALLY__LO_EMPTY)
-                break;                /* guarantee 1: a later twin will see our claim */
-            if (is_key(hi, lo, d)) {
-                switch (status_of(hi)) {
-                case TALLY__LIVE:
-                    kill_pending(mine, d);
-                    return s;
-                case TALLY__PENDING:
-                    if (k < me) {
-                        kill_pending(mine, d);
-                        me = k;
-                        goto again;
-                    }
-                    if (!kill_pending(s, d))
-                        goto again;   /* it moved on: promoted or killed; look again */
-                    break;
-                default:
-                    break;
+    size_t mine_i = wrap(t, home + me);
+    tally__slot *mine = slot_at(t, mine_i);
+    for (size_t k = 0; k < TALLY__WINDOW; k += TALLY__GROUP) {
+        size_t g = wrap(t, home + k);
+        /* seq_cst: paired with the byte's claim CAS (ctrl_claim()) of a twin
+           claimant, as digest_load() is with its digest CAS (guarantee 8) */
+        __m128i v = ctrl_group(t, g, memory_order_seq_cst);
+        for (unsigned m = ctrl_match(v, tag); m; m &= m - 1) {
+            size_t j = k + (size_t)__builtin_ctz(m);
+            if (j == me)
+                continue;
+            uint64_t lo, hi;
+            digest_load(slot_at(t, g + (j - k)), &lo, &hi);
+            if (!is_key(hi, lo, d))
+                continue;
+            switch (status_of(hi)) {
+            case TALLY__LIVE:
+                kill_pending(t, mine_i, d);
+                return slot_at(t, g + (j - k));
+            case TALLY__PENDING:
+                if (j < me) {
+                    kill_pending(t, mine_i, d);
+                    me = j;
+                    goto again;
                 }
+                if (!kill_pending(t, g + (j - k), d))
+                    goto again;       /* it moved on: promoted or killed; look again */
+                break;
+            default:
+                break;
             }
         }
-        if (ends_probe_seq_cst(t, i))
+        if (ctrl_match(v, CTRL_EMPTY) || ends_probe_seq_cst(t, g))
             break;                    /* guarantee 1: a later twin will see our claim */
     }
     uint64_t seen, lo, hi;
@@ -373,7 +564,7 @@ again:;
             break;                    /* another thread promoted or killed it */
         }
         if (full_now(seen, t)) {
-            if (kill_pending(mine, d))
+            if (kill_pending(t, mine_i, d))
                 return NULL;          /* the caller's next scan reports the table full */
             break;
         }
@@ -436,44 +627,47 @@ int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size
                          const tally__probe *hint, tally__slot **out)
 {
     size_t home = home_of(t, d);
+    uint8_t tag = tag_of(d);
     void *copy = NULL;                /* a key copy not yet stored in a slot */
 
     for (;; hint = NULL) {
         size_t free_k = SIZE_MAX;
-        uint64_t free_lo = 0;
         tally__slot *found = NULL;
         bool rescan = false;
 
         if (hint && hint->pos != SIZE_MAX) {
             free_k = hint->pos;
-            free_lo = hint->lo;
             goto claim;
         }
 
         /* Look for the key until it is proven absent (guarantee 1), and
            for the first slot to claim until one is found. */
         bool absent = false;
-        for (size_t k = 0; k < TALLY__WINDOW && !found && !rescan; k++) {
-            size_t i = wrap(t, home + k);
-            tally__slot *s = slot_at(t, i);
-            uint64_t lo, hi;
-            digest_load(s, &lo, &hi);
-            if (hi == 0) {
-                if ((lo == TALLY__LO_EMPTY || lo == TALLY__LO_FREE) && free_k == SIZE_MAX) {
-                    free_k = k;
-                    free_lo = lo;
-                }
-                if (lo == TALLY__LO_EMPTY)
-                    break;                    /* guarantee 1: nothing of ours past here */
-            } else if (!absent && is_key(hi, lo, d)) {
+        for (size_t k = 0; k < TALLY__WINDOW && !found && !rescan; k += TALLY__GROUP) {
+            size_t g = wrap(t, home + k);
+            /* seq_cst: one total order with the byte writes (guarantee 8);
+               paired with the byte CAS of ctrl_claim() and the writes of ctrl_set() */
+            __m128i v = ctrl_group(t, g, memory_order_seq_cst);
+            for (unsigned m = absent ? 0 : ctrl_match(v, tag); m && !found && !rescan; m &= m - 1) {
+                size_t j = k + (size_t)__builtin_ctz(m);
+                tally__slot *s = slot_at(t, g + (j - k));
+                uint64_t lo, hi;
+                digest_load(s, &lo, &hi);
+                if (!is_key(hi, lo, d))
+                    continue;
                 if (status_of(hi) == TALLY__LIVE) {
                     found = s;
                 } else if (status_of(hi) == TALLY__PENDING) {
-                    found = resolve(t, d, home, k);
+                    found = resolve(t, d, home, j);
                     rescan = !found;          /* lost a race: scan again */
                 }
             }
-            absent = absent || ends_probe(t, i);
+            unsigned c = ctrl_claimable(v);
+            if (c && free_k == SIZE_MAX)
+                free_k = k + pick(c, pref_of(d));
+            if (ctrl_match(v, CTRL_EMPTY))
+                break;                        /* guarantee 1: nothing of ours past here */
+            absent = absent || ends_probe(t, g);
             if (absent && free_k != SIZE_MAX)
                 break;
         }
@@ -509,12 +703,17 @@ claim:;
             return TALLY_ENOMEM;
         /* the groups passed count the claim before it can be seen (guarantee 1) */
         pass_groups(t, home, idx, 1);
-        if (!digest_cas(mine, free_lo, 0, d.lo, hi_with(d, TALLY__PENDING))) {
+        unsigned was = ctrl_claim(t, idx, tag);
+        if (!was) {
             pass_groups(t, home, idx, -1);
-            continue;
+            continue;                 /* another claim took it: the byte is no longer EMPTY */
         }
+        /* The byte made us the slot's one claimant (guarantee 2): the CAS
+           cannot fail. FREE is written to the byte after the digest. */
+        digest_cas(mine, was == CTRL_EMPTY ? TALLY__LO_EMPTY : TALLY__LO_FREE, 0,
+                   d.lo, hi_with(d, TALLY__PENDING));
         if (copy) {
-            /* the claim CAS made us the only writer of this slot's key;
+            /* the claim made us the only writer of this slot's key;
                release: paired with the acquire load in tally__table_key() */
             tally__tsan_release(copy);
             atomic_store_explicit(&t->keys[idx], copy, memory_order_release);
@@ -543,8 +742,10 @@ void tally__table_help_kill(tally__table *t, tally__slot *s)
     uint64_t lo, hi;
     digest_load(s, &lo, &hi);
     if (status_of(hi) == TALLY__LIVE
-        && digest_cas(s, lo, hi, lo, (hi & TALLY__DIGEST_HI_MASK) | ((uint64_t)TALLY__DEAD << TALLY__STATUS_SHIFT)))
+        && digest_cas(s, lo, hi, lo, (hi & TALLY__DIGEST_HI_MASK) | ((uint64_t)TALLY__DEAD << TALLY__STATUS_SHIFT))) {
         atomic_fetch_sub_explicit(&t->res, 1, memory_order_relaxed);   /* its reservation */
+        ctrl_set(t, tally__slot_index(t, s), (unsigned)(hi & 0x7f), CTRL_DEAD);
+    }
 }
 
 /* Kill a LIVE slot if every limit expired at @now. */
@@ -626,6 +827,10 @@ static void consider(tally__table *t, size_t idx, uint64_t now, tally__batch *b)
     uint64_t lo, hi;
 
     if (b->n == b->cap)
+        return;
+    /* relaxed: a claimable byte shows nothing to take (guarantee 8); the
+       digest load below decides for every other slot */
+    if (claimable(ctrl_byte(t, idx, memory_order_relaxed)))
         return;
     digest_load(s, &lo, &hi);
     if (status_of(hi) == TALLY__LIVE && !kill_expired(t, s, now))
@@ -713,6 +918,8 @@ void tally__table_reclaim_free(tally__table *t, const tally__batch *b)
            be claimed; paired with the claim CAS in tally__table_acquire() and
            the acquire loads of tally__table_find_fast() */
         tally__word_store_release(&s->d_lo, TALLY__LO_FREE);
+        /* after the digest: a claimable byte means a claimable digest (guarantee 8) */
+        ctrl_set(t, b->idx[j], CTRL_DEAD, CTRL_FREE);
         atomic_fetch_add_explicit(&t->reclaimed, 1, memory_order_relaxed);
         atomic_fetch_sub_explicit(&t->zombies, 1, memory_order_relaxed);
     }

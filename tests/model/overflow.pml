@@ -30,6 +30,9 @@
  * are what that stands for; the relaxed subtracts are ordered by the failed
  * claim CAS before them, or by the grace period before them and the release
  * of FREE after; the acquire loads of ends_probe() are taken as seq_cst.
+ * The claim CAS here stands for the claim of the code, the control byte's
+ * CAS and the digest CAS after it, and an EMPTY slot for an EMPTY byte;
+ * probes read slot by slot (ctrl.pml models the bytes and the group reads).
  * The capacity reservation and the kill of a LIVE slot are left out
  * (reserve.pml, slot.pml): a slot dies here only as a lost claim. A twin
  * that finds no EMPTY or FREE slot in the window (in L2, while R holds

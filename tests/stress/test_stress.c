@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "tally.h"
+#include "engine/engine-internal.h"
 
 #define THREADS 4
 #define SEC     UINT64_C(1000000000)
@@ -580,4 +581,267 @@ Test(stress, a_flusher_started_while_another_stops_sees_every_hit, .timeout = 60
     }
     cr_assert_eq(tally_flusher_stop(e), 0);
     tally_close(e);
+}
+
+/* ---- The table's control bytes: keys that share a group and a tag -------- */
+
+/* The control byte of slot @i (engine/table.c, guarantee 8). */
+static unsigned ctrl_byte_of(tally__table *t, size_t i)
+{
+    return (unsigned)(atomic_load(&t->ctrl[i / 8]) >> (8 * (i % 8))) & 0xff;
+}
+
+static size_t home_group_of(const tally__table *t, tally__digest d)
+{
+    return (size_t)(((unsigned __int128)d.lo * (t->n_slots / TALLY__GROUP)) >> 64);
+}
+
+static int cmp_digest(const void *a, const void *b)
+{
+    const tally__digest *x = a, *y = b;
+    if (x->lo != y->lo)
+        return x->lo < y->lo ? -1 : 1;
+    return x->hi < y->hi ? -1 : x->hi > y->hi;
+}
+
+/*
+ * With no call running: each control byte agrees with its slot's digest
+ * (tag for PENDING and LIVE, EMPTY, FREE, DEAD), each overflow count equals
+ * the claims that pass its group, and no digest is LIVE in two slots.
+ * Returns the number of disagreements; *live gets the LIVE slots.
+ */
+static int table_at_rest_errors(tally__table *t, size_t *live)
+{
+    size_t n_groups = t->n_slots / TALLY__GROUP;
+    uint32_t *ovf = calloc(n_groups, sizeof(*ovf));
+    tally__digest *seen = malloc(t->n_slots * sizeof(*seen));
+    int errors = 0;
+    *live = 0;
+    cr_assert(ovf && seen);
+    for (size_t i = 0; i < t->n_slots; i++) {
+        tally__slot *s = (tally__slot *)(t->mem + i * t->stride);
+        uint64_t lo = s->d_lo, hi = s->d_hi;
+        unsigned status = (unsigned)(hi >> TALLY__STATUS_SHIFT), want;
+        tally__digest d = { .lo = lo, .hi = hi & TALLY__DIGEST_HI_MASK };
+        if (status == TALLY__EMPTY)
+            want = lo == TALLY__LO_EMPTY ? 0x80 : lo == TALLY__LO_FREE ? 0x81 : 0x100;  /* no ZOMBIE at rest */
+        else if (status == TALLY__DEAD)
+            want = 0x82;
+        else
+            want = (unsigned)(hi & 0x7f);
+        if (ctrl_byte_of(t, i) != want && errors++ < 5)
+            fprintf(stderr, "slot %zu: status %u lo %#" PRIx64 ", control byte %#x, want %#x\n",
+                    i, status, lo, ctrl_byte_of(t, i), want);
+        if (status == TALLY__LIVE)
+            seen[(*live)++] = d;
+        if (status != TALLY__EMPTY)
+            for (size_t g = home_group_of(t, d); g != i / TALLY__GROUP; g = (g + 1) % n_groups)
+                ovf[g]++;
+    }
+    for (size_t g = 0; g < n_groups; g++)
+        if (atomic_load(&t->ovf[g]) != ovf[g] && errors++ < 10)
+            fprintf(stderr, "group %zu: overflow count %u, claims past it %u\n",
+                    g, atomic_load(&t->ovf[g]), ovf[g]);
+    qsort(seen, *live, sizeof(*seen), cmp_digest);
+    for (size_t j = 1; j < *live; j++)
+        if (seen[j].lo == seen[j - 1].lo && seen[j].hi == seen[j - 1].hi && errors++ < 15)
+            fprintf(stderr, "a digest is LIVE in two slots\n");
+    free(ovf);
+    free(seen);
+    return errors;
+}
+
+#define CT_SAME_TAG   48        /* keys of one home group and one tag */
+#define CT_SAME_GROUP 240       /* keys of that home group, any tag */
+#define CT_ROUND_TAG  12        /* of each, per round */
+#define CT_ROUND_GRP  24
+#define CT_ROUNDS     40
+#define CT_KEYS       (CT_ROUND_TAG + CT_ROUND_GRP)
+
+struct ct_shared {
+    tally_engine     *e;
+    uint32_t          policy;
+    pthread_barrier_t barrier;
+    char              tag_keys[CT_SAME_TAG][24];
+    char              grp_keys[CT_SAME_GROUP][24];
+    _Atomic uint32_t  errors;
+};
+
+static const char *ct_key(struct ct_shared *s, int round, int j)
+{
+    return j < CT_ROUND_TAG ? s->tag_keys[(round * 7 + j) % CT_SAME_TAG]
+                            : s->grp_keys[(round * 17 + j - CT_ROUND_TAG) % CT_SAME_GROUP];
+}
+
+static void *ct_worker(void *p)
+{
+    struct ct_shared *s = p;
+    for (int r = 0; r < CT_ROUNDS; r++) {
+        pthread_barrier_wait(&s->barrier);
+        for (int j = 0; j < CT_KEYS; j++) {
+            const char *k = ct_key(s, r, j);
+            tally_result res;
+            if (tally_hit_at(s->e, s->policy, k, strlen(k), NULL, T0 + (uint64_t)r * SEC, &res) != 0
+                || !res.allowed)
+                atomic_fetch_add(&s->errors, 1);
+        }
+        pthread_barrier_wait(&s->barrier);
+        pthread_barrier_wait(&s->barrier);      /* the main thread checks the table */
+    }
+    return NULL;
+}
+
+/*
+ * Every thread inserts the same keys at once: keys with one home group and
+ * one 7-bit tag (the control bytes match, the digests decide) and keys of
+ * that group with other tags, more than a group holds, and each round new
+ * ones while the last rounds' keys expire, so that the window fills, slots
+ * are reclaimed and FREE slots reused. After each round, with no call
+ * running: each key has one slot that counted every thread's hit, the
+ * control bytes agree with the digests, and the overflow counts with the
+ * claims.
+ */
+Test(stress, keys_sharing_a_group_and_a_tag_keep_one_slot_each, .timeout = 600)
+{
+    static struct ct_shared s;
+    memset(&s, 0, sizeof(s));
+    s.e = open_engine(512);
+    tally_limit l = { .algo = TALLY_FIXED_WINDOW, .max = 1000, .period_ns = SEC };
+    s.policy = add_policy(s.e, "ctrl", l, 0);
+    tally__table *t = &tally__policy_get(s.e, s.policy)->table;
+
+    /* keys whose digests put them in group 0 with the tag of the first found */
+    int n_tag = 0, n_grp = 0, tag = -1;
+    char key[24];
+    for (uint64_t c = 0; n_tag < CT_SAME_TAG || n_grp < CT_SAME_GROUP; c++) {
+        cr_assert_lt(c, UINT64_C(50000000), "no keys of one group and tag found");
+        snprintf(key, sizeof(key), "ct-%" PRIu64, c);
+        tally__digest d = tally__key_digest(s.e, key, strlen(key));
+        if (home_group_of(t, d) != 0)
+            continue;
+        if (tag < 0)
+            tag = (int)(d.hi & 0x7f);
+        if ((int)(d.hi & 0x7f) == tag && n_tag < CT_SAME_TAG)
+            memcpy(s.tag_keys[n_tag++], key, sizeof(key));
+        else if ((int)(d.hi & 0x7f) != tag && n_grp < CT_SAME_GROUP)
+            memcpy(s.grp_keys[n_grp++], key, sizeof(key));
+    }
+
+    pthread_barrier_init(&s.barrier, NULL, THREADS + 1);
+    pthread_t th[THREADS];
+    for (int i = 0; i < THREADS; i++)
+        cr_assert_eq(pthread_create(&th[i], NULL, ct_worker, &s), 0);
+    size_t past_home = 0, reclaimed_before = atomic_load(&t->reclaimed);
+    for (int r = 0; r < CT_ROUNDS; r++) {
+        pthread_barrier_wait(&s.barrier);
+        pthread_barrier_wait(&s.barrier);
+        for (int j = 0; j < CT_KEYS; j++) {
+            const char *k = ct_key(&s, r, j);
+            tally_snapshot snap;
+            cr_assert_eq(tally_read(s.e, s.policy, k, strlen(k), &snap), 0, "round %d: %s", r, k);
+            cr_assert_eq(snap.c[0].used, THREADS, "round %d: %s counted %" PRIu64, r, k, snap.c[0].used);
+            tally__slot *sl = tally__table_find(t, tally__key_digest(s.e, k, strlen(k)));
+            cr_assert_not_null(sl);
+            size_t i = tally__slot_index(t, sl);
+            if (j < CT_ROUND_TAG)
+                cr_assert_eq(ctrl_byte_of(t, i), (unsigned)tag);
+            past_home += i >= TALLY__GROUP;
+        }
+        size_t live;
+        cr_assert_eq(table_at_rest_errors(t, &live), 0, "round %d", r);
+        cr_assert_geq(live, (size_t)CT_KEYS);
+        pthread_barrier_wait(&s.barrier);
+    }
+    for (int i = 0; i < THREADS; i++)
+        pthread_join(th[i], NULL);
+    cr_assert_eq(atomic_load(&s.errors), 0);
+    /* what the test is for took place: keys placed past their home group,
+       and reclaimed slots reused */
+    cr_assert_gt(past_home, 0);
+    cr_assert_gt(atomic_load(&t->reclaimed), reclaimed_before);
+    pthread_barrier_destroy(&s.barrier);
+    tally_close(s.e);
+}
+
+#define CC_CAPACITY 2000
+#define CC_KEYS     600         /* per phase: three phases fit, older keys must be reclaimed */
+#define CC_PHASES   40
+
+struct cc_shared {
+    tally_engine     *e;
+    uint32_t          policy;
+    pthread_barrier_t barrier;
+    _Atomic uint32_t  admitted[CC_KEYS];  /* this phase's hits counted, per key */
+    _Atomic uint32_t  errors, refused;
+};
+
+static void *cc_worker(void *p)
+{
+    struct cc_shared *s = p;
+    char key[32];
+    for (int ph = 0; ph < CC_PHASES; ph++) {
+        pthread_barrier_wait(&s->barrier);
+        for (int i = 0; i < CC_KEYS; i++) {
+            tally_result r;
+            snprintf(key, sizeof(key), "cc-%d-%d", ph, i);
+            int rc = tally_hit_at(s->e, s->policy, key, strlen(key), NULL, T0 + (uint64_t)ph * SEC, &r);
+            if (rc == 0 && r.allowed)
+                atomic_fetch_add(&s->admitted[i], 1);
+            else if (rc == TALLY_EFULL)
+                atomic_fetch_add(&s->refused, 1);   /* expired slots outside the sweeps: DESIGN.md */
+            else
+                atomic_fetch_add(&s->errors, 1);
+        }
+        pthread_barrier_wait(&s->barrier);
+        pthread_barrier_wait(&s->barrier);      /* the main thread checks the table */
+    }
+    return NULL;
+}
+
+/*
+ * Keys of random digests through a table that must reclaim a third of itself
+ * each phase, every thread inserting the same new keys at once: after each
+ * phase, with no call running, each key has one slot that counted every hit
+ * admitted, and the control bytes and overflow counts are exact. (A hit may
+ * be refused with TALLY_EFULL while expired slots wait outside the sweeps;
+ * it then counts nowhere.)
+ */
+Test(stress, churn_keeps_control_bytes_and_overflow_counts_exact, .timeout = 600)
+{
+    static struct cc_shared s;
+    memset(&s, 0, sizeof(s));
+    s.e = open_engine(CC_CAPACITY);
+    tally_limit l = { .algo = TALLY_FIXED_WINDOW, .max = 1000, .period_ns = SEC };
+    s.policy = add_policy(s.e, "cc", l, 0);
+    tally__table *t = &tally__policy_get(s.e, s.policy)->table;
+    pthread_barrier_init(&s.barrier, NULL, THREADS + 1);
+    pthread_t th[THREADS];
+    for (int i = 0; i < THREADS; i++)
+        cr_assert_eq(pthread_create(&th[i], NULL, cc_worker, &s), 0);
+    for (int ph = 0; ph < CC_PHASES; ph++) {
+        pthread_barrier_wait(&s.barrier);
+        pthread_barrier_wait(&s.barrier);
+        for (int i = 0; i < CC_KEYS; i++) {
+            char key[32];
+            tally_snapshot snap;
+            snprintf(key, sizeof(key), "cc-%d-%d", ph, i);
+            uint32_t n = atomic_exchange(&s.admitted[i], 0);
+            int rc = tally_read(s.e, s.policy, key, strlen(key), &snap);
+            cr_assert_eq(rc, n ? 0 : TALLY_ENOENT, "phase %d: %s", ph, key);
+            cr_assert(!n || snap.c[0].used == n, "phase %d: %s counted %" PRIu64 " of %u",
+                      ph, key, snap.c[0].used, n);
+        }
+        size_t live;
+        cr_assert_eq(table_at_rest_errors(t, &live), 0, "phase %d", ph);
+        cr_assert_geq(live, (size_t)CC_KEYS);
+        pthread_barrier_wait(&s.barrier);
+    }
+    for (int i = 0; i < THREADS; i++)
+        pthread_join(th[i], NULL);
+    cr_assert_eq(atomic_load(&s.errors), 0);
+    /* all but the keys of the last phases that fit, or were refused, were reclaimed */
+    cr_assert_geq(atomic_load(&t->reclaimed) + atomic_load(&s.refused),
+                  (uint64_t)(CC_PHASES * CC_KEYS - CC_CAPACITY));
+    pthread_barrier_destroy(&s.barrier);
+    tally_close(s.e);
 }
