@@ -155,7 +155,9 @@ typedef enum tally_algo {
     TALLY_FIXED_WINDOW,    /* window opens at the first hit after the last one expired */
     TALLY_CALENDAR_WINDOW, /* window = calendar minute/hour/day/week(Monday)/month at utc_offset_s */
     TALLY_SLIDING_WINDOW,  /* weighted previous + current window, as HAProxy/Cloudflare estimate */
-    TALLY_GCRA             /* generic cell rate: max = burst, period_ns = time to refill max */
+    TALLY_GCRA,            /* generic cell rate: max = burst, period_ns = time to refill max */
+    TALLY_CONCURRENCY      /* at most max holders at once per key; period_ns = the lease after
+                              which an unreleased hold expires */
 } tally_algo;
 
 typedef enum tally_calendar_unit {
@@ -175,10 +177,13 @@ enum { TALLY_SHADOW = 1u << 0,        /* count and report, never deny */
        TALLY_COUNT_REJECTED = 1u << 1, /* denied hits consume too (default: they do not) */
        TALLY_ALIGNED = 1u << 2         /* fixed windows start at multiples of period_ns since
                                           the epoch, so that engines sharing Redis agree */ };
+enum { TALLY_EVICT_LRU = 1u << 3 };  /* a full table evicts its least recently hit key
+                                        instead of refusing the new one with TALLY_EFULL */
 
 /* Bounds of a valid limit (see tally_policy_add). */
 #define TALLY_MAX_COUNT          ((UINT64_C(1) << 63) - 1) /* fixed, calendar, GCRA max */
 #define TALLY_SLIDING_MAX_COUNT  ((UINT64_C(1) << 44) - 1) /* sliding window max */
+#define TALLY_CONCURRENCY_MAX_COUNT ((UINT64_C(1) << 32) - 1) /* concurrency max */
 #define TALLY_MAX_PERIOD_NS      ((UINT64_C(1) << 62))     /* about 146 years */
 #define TALLY_MAX_UTC_OFFSET_S   (18 * 3600)
 #define TALLY_MAX_POLICIES       1024
@@ -202,12 +207,35 @@ typedef struct tally_policy {
  * unknown algo or flags; max 0 or above the algorithm's bound; period_ns 0 or
  * above TALLY_MAX_PERIOD_NS; GCRA period_ns below max (the emission interval
  * period_ns / max must be at least 1 ns); calendar unit out of range or
- * |utc_offset_s| above TALLY_MAX_UTC_OFFSET_S), TALLY_ENOMEM (allocation failed
- * or TALLY_MAX_POLICIES reached), TALLY_ESTATE (engine closing).
+ * |utc_offset_s| above TALLY_MAX_UTC_OFFSET_S; more than one TALLY_CONCURRENCY
+ * limit), TALLY_ENOMEM (allocation failed or TALLY_MAX_POLICIES reached),
+ * TALLY_ESTATE (engine closing).
  * Any thread may call it, also while others run the hot path. It may block
  * (it allocates). On failure nothing changes.
  */
 TALLY_EXPORT int tally_policy_add(tally_engine *e, const tally_policy *p, uint32_t *id_out);
+
+/*
+ * tally_policy_update - replace policy @id's limits and flags, keeping every
+ * key's usage.
+ * @p: the new policy; copied. Same name and n_limits as the policy's.
+ * Limit i of @p replaces limit i, and each key keeps what its state means
+ * under the new limit (docs/ALGORITHMS.md, "Changing a policy"): a window's
+ * count (remaining = new max - used, or 0), a GCRA key's theoretical arrival
+ * time, a concurrency limit's holds. Flags apply from the next hit. A call
+ * running meanwhile decides wholly under the old policy or wholly under the
+ * new one.
+ * Return 0, TALLY_EINVAL (NULL @e or @p; unknown @id; another name or limit
+ * count; a limit or flags tally_policy_add() would refuse; a limit whose
+ * algorithm changes other than between TALLY_FIXED_WINDOW and
+ * TALLY_CALENDAR_WINDOW; a sliding window whose period_ns changes),
+ * TALLY_ENOMEM, TALLY_ESTATE (engine closing).
+ * Any thread may call it, also while others run the hot path. It may block
+ * (it allocates, and takes the lock of tally_policy_add()). The replaced
+ * limits are kept until tally_close (a few hundred bytes an update).
+ * On failure nothing changes.
+ */
+TALLY_EXPORT int tally_policy_update(tally_engine *e, uint32_t id, const tally_policy *p);
 
 /* ---- The hot path ------------------------------------------------------ */
 
@@ -249,6 +277,71 @@ TALLY_EXPORT int tally_hit_at(tally_engine *e, uint32_t policy, const void *key,
 TALLY_EXPORT int tally_hit(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
                            const uint64_t *costs, tally_result *out);
 
+/* What tally_hit_ex() is given besides the key. */
+typedef struct tally_hit_opts {
+    const uint64_t *costs;   /* one per limit; NULL: 1 each */
+    const uint64_t *max;     /* one per limit: this call's max (a per-key plan);
+                                NULL, or a 0 entry: the policy's max */
+    uint64_t        now_ns;  /* 0: tally_now_ns() */
+} tally_hit_opts;
+
+/*
+ * tally_hit_ex - tally_hit_at() with a max of the caller's for each limit.
+ * @opts: costs, maxes and time; NULL means tally_hit()'s defaults.
+ * The usage is the key's whichever max a call passes, as with redis-cell's
+ * CL.THROTTLE or Gubernator: a window's count, a GCRA key's theoretical
+ * arrival time (the emission interval is period_ns / this call's max), a
+ * concurrency limit's holders; each call decides that usage against its own
+ * max. Maxes are checked as tally_policy_add() checks a limit's.
+ * Return as tally_hit_at(), and TALLY_EINVAL for a max above the algorithm's
+ * bound (or, for GCRA, above period_ns).
+ * Any thread may call it. It never blocks, but as tally_hit_at().
+ * On failure nothing changes.
+ */
+TALLY_EXPORT int tally_hit_ex(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
+                              const tally_hit_opts *opts, tally_result *out);
+
+/*
+ * tally_reserve_at - book a hit of a GCRA policy at the first time it
+ * conforms, as nginx's limit_req without nodelay or x/time/rate's Reserve.
+ * @costs:        one per limit; NULL means 1 each.
+ * @max_delay_ns: the longest wait the caller accepts.
+ * @delay_ns:     receives how long to wait before acting (0: act now).
+ * When the hit conforms within @max_delay_ns it is booked at once: every
+ * later call sees it, out->allowed is true and *@delay_ns is the wait.
+ * Otherwise nothing is consumed, *@delay_ns is 0 and @out is as for a hit
+ * denied at @now_ns (a cost above a limit's max is never booked). The flags
+ * act as on a hit (TALLY_SHADOW books and allows every call).
+ * Return 0, TALLY_EINVAL (as tally_hit_at(); NULL @delay_ns; a limit of the
+ * policy that is not TALLY_GCRA), TALLY_EFULL, TALLY_ENOMEM, TALLY_ESTATE.
+ * Any thread may call it. It never blocks, but as tally_hit_at().
+ * On failure nothing changes.
+ */
+TALLY_EXPORT int tally_reserve_at(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
+                                  const uint64_t *costs, uint64_t now_ns, uint64_t max_delay_ns,
+                                  uint64_t *delay_ns, tally_result *out);
+
+/*
+ * tally_release_at - give back what a hit acquired on the policy's
+ * TALLY_CONCURRENCY limit.
+ * @costs: one per limit (only the concurrency limit's entry is read); NULL
+ *         means 1.
+ * A hit of the policy acquires its cost on the concurrency limit; this gives
+ * it back. Holds not given back expire together a lease (period_ns) after
+ * the key's latest acquire.
+ * Return 0, TALLY_EINVAL (as tally_hit_at(); a policy without a
+ * TALLY_CONCURRENCY limit), TALLY_ENOENT (the key is not tracked, or holds
+ * less than the cost at @now_ns: it holds nothing, or its holds expired),
+ * TALLY_ESTATE.
+ * Any thread may call it. It never blocks. On failure nothing changes.
+ */
+TALLY_EXPORT int tally_release_at(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
+                                  const uint64_t *costs, uint64_t now_ns);
+
+/* tally_release - tally_release_at() at tally_now_ns(). Same contract. */
+TALLY_EXPORT int tally_release(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
+                               const uint64_t *costs);
+
 /*
  * tally_peek_at - the decision a hit of cost 1 per limit would get at @now_ns,
  * consuming nothing. An untracked key is evaluated as empty and is not added.
@@ -262,7 +355,8 @@ TALLY_EXPORT int tally_peek_at(tally_engine *e, uint32_t policy, const void *key
 /* ---- Reading and resetting --------------------------------------------- */
 
 typedef struct tally_counter {
-    uint64_t used;             /* cost used in the current window (GCRA: burst in use) */
+    uint64_t used;             /* cost used in the current window (GCRA: burst in use;
+                                  concurrency: holders) */
     uint64_t window_start_ns;  /* start of the current window (GCRA: 0) */
     uint64_t raw[2];           /* the exact state words, for reset_if */
 } tally_counter;

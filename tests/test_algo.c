@@ -170,7 +170,7 @@ Test(algo, compile_rejects_utc_offset_out_of_range)
 Test(algo, compile_rejects_unknown_algo)
 {
     EQ(compile((tally_algo)7, 10, NS_PER_S, 0, 0), (uint64_t)TALLY_EINVAL);
-    EQ(compile((tally_algo)(TALLY_GCRA + 1), 10, NS_PER_S, 0, 0), (uint64_t)TALLY_EINVAL);
+    EQ(compile((tally_algo)(TALLY_CONCURRENCY + 1), 10, NS_PER_S, 0, 0), (uint64_t)TALLY_EINVAL);
 }
 
 /* ======================================================================== */
@@ -1353,4 +1353,167 @@ Test(algo, gcra_mark_once_for_oversized_cost_at_full_bucket)
     st = r.next;
     tally__algo_step(&l, st, S + 10 * NS_PER_S, 6, TALLY__ADD_IF_FITS, NULL, &r);
     cr_assert(r.first);
+}
+
+/* ======================================================================== */
+/* Concurrency                                                              */
+/* ======================================================================== */
+
+#define CC_LEASE (30 * NS_PER_S)
+
+Test(algo, compile_concurrency_bounds)
+{
+    EQ(compile(TALLY_CONCURRENCY, TALLY_CONCURRENCY_MAX_COUNT, CC_LEASE, 0, 0), 0);
+    EQ(compile(TALLY_CONCURRENCY, TALLY_CONCURRENCY_MAX_COUNT + 1, CC_LEASE, 0, 0),
+       (uint64_t)TALLY_EINVAL);
+    EQ(compile(TALLY_CONCURRENCY, 1, 0, 0, 0), (uint64_t)TALLY_EINVAL);
+    EQ(compile(TALLY_CONCURRENCY, 1, TALLY_MAX_PERIOD_NS, 0, 0), 0);
+    EQ(compile(TALLY_CONCURRENCY, 1, TALLY_MAX_PERIOD_NS + 1, 0, 0), (uint64_t)TALLY_EINVAL);
+}
+
+Test(algo, concurrency_holds_up_to_max_until_the_lease_after_the_last_acquire)
+{
+    tally__limit l = limit_of(TALLY_CONCURRENCY, 2, CC_LEASE);
+    tally__state s = apply(&l, EMPTY, S, 1, IF_FITS);
+    s = apply(&l, s, S + NS_PER_S, 1, IF_FITS);
+    tally__step o = step(&l, s, S + 2 * NS_PER_S, 1, IF_FITS);
+    cr_assert_not(o.fits);
+    cr_assert(o.first);
+    EQ(o.added, 0);                   /* never a delta for the flusher */
+    EQ(o.retry_after_ns, CC_LEASE - NS_PER_S);
+    EQ(o.reset_after_ns, CC_LEASE - NS_PER_S);
+    s = o.next;
+    o = step(&l, s, S + NS_PER_S + CC_LEASE - 1, 1, IF_FITS);
+    cr_assert_not(o.fits, "1 ns before the lease ends");
+    cr_assert_not(o.first, "one mark an episode");
+    o = step(&l, s, S + NS_PER_S + CC_LEASE, 1, IF_FITS);
+    cr_assert(o.fits, "at the lease's end every hold expired");
+    EQ(o.used, 1);
+    EQ(o.remaining, 1);
+    cr_assert_eq(o.next.w0 & TALLY__MARK, 0, "a new episode");
+    EQ(o.next.w1 >> 32, 1);           /* one expiry counted */
+}
+
+Test(algo, concurrency_cost_above_max_never_and_cost_zero)
+{
+    tally__limit l = limit_of(TALLY_CONCURRENCY, 3, CC_LEASE);
+    tally__step o = step(&l, EMPTY, S, 4, IF_FITS);
+    EQ(o.retry_after_ns, TALLY_NEVER);
+    o = step(&l, EMPTY, S, 0, IF_FITS);
+    cr_assert(o.fits);
+    cr_assert_not(o.changed, "a cost of 0 acquires nothing");
+    tally__state s = apply(&l, EMPTY, S, 3, ALWAYS);
+    s = apply(&l, s, S, 3, ALWAYS);
+    EQ(counter(&l, s, S).used, 6);    /* shadow: counted past max */
+    o = step(&l, s, S, 0, IF_FITS);
+    cr_assert_not(o.fits, "usage above max denies a cost of 0");
+    o = step(&l, s, S - NS_PER_S, 1, PEEK);
+    EQ(o.reset_after_ns, CC_LEASE);   /* an older time is the state's own */
+}
+
+Test(algo, concurrency_release_and_its_refusals)
+{
+    tally__limit l = limit_of(TALLY_CONCURRENCY, 5, CC_LEASE);
+    tally__state s = apply(&l, EMPTY, S, 3, IF_FITS), n;
+    EQ(tally__concurrency_release(&l, EMPTY, S, 1, &n), (uint64_t)TALLY_ENOENT);
+    EQ(tally__concurrency_release(&l, s, S, 4, &n), (uint64_t)TALLY_ENOENT);
+    EQ(tally__concurrency_release(&l, s, S + CC_LEASE, 1, &n), (uint64_t)TALLY_ENOENT);
+    EQ(tally__concurrency_release(&l, s, S + CC_LEASE - 1, 3, &n), 0);
+    EQ(counter(&l, n, S).used, 0);
+    EQ(n.w0, S);                      /* the lease still counts from the acquire */
+    EQ(tally__concurrency_release(&l, s, S, 1, &n), 0);
+    EQ(counter(&l, n, S).used, 2);
+}
+
+Test(algo, undo_concurrency_takes_back_only_its_own_holds)
+{
+    tally__limit l = limit_of(TALLY_CONCURRENCY, 5, CC_LEASE);
+    tally__state mine = apply(&l, EMPTY, S, 2, IF_FITS);
+    tally__state later = apply(&l, mine, S + 1, 1, IF_FITS);
+    EQ(counter(&l, tally__algo_undo(&l, later, mine, S + 1, 2), S).used, 1);
+    /* the holds expired and others acquired: nothing of theirs is taken */
+    tally__state after_expiry = apply(&l, later, S + 1 + CC_LEASE, 1, IF_FITS);
+    tally__state u = tally__algo_undo(&l, after_expiry, mine, S + 1 + CC_LEASE, 2);
+    cr_assert(u.w0 == after_expiry.w0 && u.w1 == after_expiry.w1);
+}
+
+Test(algo, expired_concurrency)
+{
+    tally__limit l = limit_of(TALLY_CONCURRENCY, 5, CC_LEASE);
+    tally__state s = apply(&l, EMPTY, S, 1, IF_FITS), n;
+    cr_assert_not(tally__algo_expired(&l, s, S + CC_LEASE - 1));
+    cr_assert(tally__algo_expired(&l, s, S + CC_LEASE));
+    cr_assert_not(tally__algo_expired(&l, s, S - 1), "a time before the acquire");
+    EQ(tally__concurrency_release(&l, s, S, 1, &n), 0);
+    cr_assert(tally__algo_expired(&l, n, S), "nothing held");
+    tally_counter c = counter(&l, s, S);
+    EQ(c.used, 1);
+    EQ(c.window_start_ns, 0);
+}
+
+/* ======================================================================== */
+/* Per-call max, policy updates, reservations                               */
+/* ======================================================================== */
+
+Test(algo, limit_with_max_derives_again)
+{
+    tally__limit g = limit_of(TALLY_GCRA, 10, 10 * NS_PER_S), o;
+    EQ(tally__limit_with_max(&g, 5, &o), 0);
+    EQ(o.spec.max, 5);
+    EQ(o.emission_ns, 2 * NS_PER_S);
+    EQ(o.tau_ns, 10 * NS_PER_S);
+    EQ(tally__limit_with_max(&g, 0, &o), 0);
+    EQ(o.spec.max, 10);
+    EQ(tally__limit_with_max(&g, 10 * NS_PER_S + 1, &o), (uint64_t)TALLY_EINVAL);
+    tally__limit f = limit_of(TALLY_FIXED_WINDOW, 10, NS_PER_S);
+    f.aligned = true;
+    EQ(tally__limit_with_max(&f, 3, &o), 0);
+    cr_assert(o.aligned, "the policy's alignment stays");
+    tally__limit sl = limit_of(TALLY_SLIDING_WINDOW, 10, NS_PER_S);
+    EQ(tally__limit_with_max(&sl, TALLY_SLIDING_MAX_COUNT + 1, &o), (uint64_t)TALLY_EINVAL);
+}
+
+Test(algo, state_compatible_changes)
+{
+    tally__limit fx = limit_of(TALLY_FIXED_WINDOW, 10, NS_PER_S);
+    tally__limit fx2 = limit_of(TALLY_FIXED_WINDOW, 99, 7 * NS_PER_S);
+    tally_limit cs = { .algo = TALLY_CALENDAR_WINDOW, .max = 3, .unit = TALLY_DAY };
+    tally__limit cal;
+    cr_assert_eq(tally__limit_compile(&cs, &cal), 0);
+    tally__limit sl = limit_of(TALLY_SLIDING_WINDOW, 10, NS_PER_S);
+    tally__limit sl_max = limit_of(TALLY_SLIDING_WINDOW, 20, NS_PER_S);
+    tally__limit sl_per = limit_of(TALLY_SLIDING_WINDOW, 10, 2 * NS_PER_S);
+    tally__limit g = limit_of(TALLY_GCRA, 10, NS_PER_S), g2 = limit_of(TALLY_GCRA, 3, 9 * NS_PER_S);
+    tally__limit cc = limit_of(TALLY_CONCURRENCY, 10, NS_PER_S);
+    cr_assert(tally__limit_state_compatible(&fx, &fx2));
+    cr_assert(tally__limit_state_compatible(&fx, &cal));
+    cr_assert(tally__limit_state_compatible(&cal, &fx));
+    cr_assert(tally__limit_state_compatible(&sl, &sl_max));
+    cr_assert_not(tally__limit_state_compatible(&sl, &sl_per));
+    cr_assert(tally__limit_state_compatible(&g, &g2));
+    cr_assert(tally__limit_state_compatible(&cc, &cc));
+    cr_assert_not(tally__limit_state_compatible(&fx, &sl));
+    cr_assert_not(tally__limit_state_compatible(&g, &fx));
+    cr_assert_not(tally__limit_state_compatible(&cc, &g));
+    cr_assert_not(tally__limit_state_compatible(&sl, &cc));
+}
+
+Test(algo, gcra_reserve_report_against_the_limits_own_tolerance)
+{
+    tally__limit g = limit_of(TALLY_GCRA, 2, 2 * NS_PER_S), wide = g;
+    wide.tau_ns += 3 * NS_PER_S;
+    tally__state s = EMPTY;
+    for (int i = 0; i < 4; i++)
+        s = apply(&wide, s, S, 1, IF_FITS);
+    tally__step o = step(&wide, s, S, 1, IF_FITS);
+    cr_assert(o.fits, "5 s in use fits 2 s + 3 s");
+    EQ(tally__gcra_reserve_report(&g, 1, &o), 3 * NS_PER_S);
+    EQ(o.remaining, 0);
+    o = step(&wide, o.next, S, 1, IF_FITS);
+    cr_assert_not(o.fits);
+    EQ(tally__gcra_reserve_report(&g, 1, &o), 0);
+    EQ(o.retry_after_ns, 4 * NS_PER_S);   /* 5 s in use + 1 - 2: as a denied hit */
+    o = step(&wide, EMPTY, S, 1, IF_FITS);
+    EQ(tally__gcra_reserve_report(&g, 1, &o), 0);
+    EQ(o.remaining, 1);
 }

@@ -115,12 +115,37 @@ Test(spec, several_limits)
     refused("api: 1/s gcra, 1/s gcra, 1/s gcra, 1/s gcra, 1/s gcra", 45, "more than 4 limits");
 }
 
+Test(spec, concurrent_limits_and_evict_lru)
+{
+    cr_assert_eq(parse("jobs: 10 concurrent lease 30s"), 0, "%s", err.message);
+    cr_assert_eq(pol.n_limits, 1);
+    cr_assert_eq(pol.limits[0].algo, TALLY_CONCURRENCY);
+    cr_assert_eq(pol.limits[0].max, 10);
+    cr_assert_eq(pol.limits[0].period_ns, 30 * SEC);
+    cr_assert_eq(parse("api: 100/s gcra, 4 CONCURRENT LEASE 2m; evict-lru; shadow"), 0, "%s",
+                 err.message);
+    cr_assert_eq(pol.n_limits, 2);
+    cr_assert_eq(pol.limits[1].algo, TALLY_CONCURRENCY);
+    cr_assert_eq(pol.limits[1].period_ns, 120 * SEC);
+    cr_assert_eq(pol.flags, TALLY_EVICT_LRU | TALLY_SHADOW);
+    cr_assert_eq(parse("c: 4294967295 concurrent lease 1ms"), 0, "%s", err.message);
+    refused("c: 4294967296 concurrent lease 1s", 3, "concurrent holders");
+    refused("c: 10 concurrent 30s", 17, "'lease'");
+    refused("c: 10 concurrent lease", 22, "time unit");
+    refused("c: 10 concurrent lease month", 23, "not a month");
+    refused("c: 10 concurrent lease 0s", 23, "longer than 0");
+    refused("c: 1 concurrent lease 1s, 1/s gcra, 2 concurrent lease 1s", 36, "at most one");
+    refused("c: 10 concurrent lease 1s; evict-lru; evict-lru", 38, "twice");
+    refused("c: 10 concurrent lease 1s; evict", 27, "evict-lru");
+}
+
 Test(spec, parsed_policies_are_accepted_by_the_engine)
 {
     static const char *const specs[] = {
         "a: 100 per 1m fixed", "b: 100000 per day calendar utc+02:00", "c: 10/s burst 20 gcra",
         "d: 5000000 per month calendar; shadow", "e: 17592186044415 per 1s sliding",
         "f: 1000000/ms burst 4611686018427387904 gcra",
+        "g: 4294967295 concurrent lease 30s, 10/s gcra; evict-lru",
     };
     tally_engine *e;
     tally_options o;
@@ -141,7 +166,7 @@ Test(spec, bad_text_names_the_fault_and_its_place)
     refused("api 10/s gcra", 4, "expected ':'");
     refused("api: ", 5, "count");
     refused("api: 0 per 1s fixed", 5, "at least 1");
-    refused("api: 10 by 1s fixed", 8, "'per' or '/'");
+    refused("api: 10 by 1s fixed", 8, "'per', '/' or 'concurrent'");
     refused("api: 10 per 1y fixed", 13, "time unit");
     refused("api: 10 per 0s fixed", 12, "longer than 0");
     refused("api: 10 per 1s", 14, "algorithm");

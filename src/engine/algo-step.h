@@ -269,16 +269,75 @@ static inline void step_gcra(const tally__limit *l, tally__state cur, uint64_t n
         out->retry_after_ns = sub0(after, tau - inc);   /* after + inc - tau, without a wrap */
 }
 
+/* ---- Concurrency: {mark | last acquire, expiries | holders} ----------------- */
+
+#define CONC_HOLDERS_MASK TALLY_CONCURRENCY_MAX_COUNT
+#define CONC_EPOCH_MASK   ((UINT64_C(1) << 31) - 1)
+
+/*
+ * Every hold of a key expires together a lease after its latest acquire:
+ * one time and one count are exact in two words, where a time per hold would
+ * not fit. The expiry count tells a take-back whether the holds it would
+ * give back are still the ones its hit added.
+ */
+static inline void step_concurrency(const tally__limit *l, tally__state cur, uint64_t now,
+                                    uint64_t cost, unsigned how, tally__step *out)
+{
+    const uint64_t max = l->spec.max, lease = l->spec.period_ns;
+    uint64_t mark = cur.w0 & TALLY__MARK, last = cur.w0 & ~TALLY__MARK;
+    uint64_t holders = cur.w1 & CONC_HOLDERS_MASK, epoch = cur.w1 >> 32;
+
+    if (now < last)
+        now = last;
+    if (holders && now - last >= lease) {
+        holders = 0;
+        epoch = (epoch + 1) & CONC_EPOCH_MASK;
+    }
+    if (!holders)
+        mark = 0;                             /* nothing held: a new episode */
+    bool fits = holders <= max && cost <= max - holders;
+    unsigned add = how & 3;
+    bool consume = cost && (add == TALLY__ADD_ALWAYS || (add == TALLY__ADD_IF_FITS && fits));
+    uint64_t after = consume ? sat_add(holders, cost, CONC_HOLDERS_MASK) : holders;
+    uint64_t at = consume ? now : last;
+
+    out->added = 0;                           /* holds are this engine's own */
+    out->win = 0;
+    out->fits = fits;
+    out->first = !fits && !mark && !(how & TALLY__NO_MARK);
+    out->changed = consume || out->first;
+    if (out->changed) {
+        out->next.w0 = mark | (out->first ? TALLY__MARK : 0) | at;
+        out->next.w1 = epoch << 32 | after;
+    } else {
+        out->next = cur;
+    }
+    out->used = after;
+    out->remaining = sub0(max, after);
+    out->reset_after_ns = after ? at + lease - now : 0;   /* now - at < lease: no wrap */
+    if (fits)
+        out->retry_after_ns = 0;
+    else if (cost > max)
+        out->retry_after_ns = TALLY_NEVER;
+    else
+        out->retry_after_ns = out->reset_after_ns;        /* a release may come sooner */
+}
+
 /* ---- Dispatch ------------------------------------------------------------- */
 
 static inline __attribute__((always_inline)) void algo_step(const tally__limit *l, tally__state cur,
                                                             uint64_t now, uint64_t cost, unsigned how,
                                                             const tally__remote *rem, tally__step *out)
 {
+    /* fixed and calendar (0 and 1) on one compare: the common limit of the hot path */
+    if (l->spec.algo <= TALLY_CALENDAR_WINDOW) {
+        step_window(l, cur, now, cost, how, rem, out);
+        return;
+    }
     switch (l->spec.algo) {
     case TALLY_SLIDING_WINDOW: step_sliding(l, cur, now, cost, how, rem, out); break;
     case TALLY_GCRA:           step_gcra(l, cur, now, cost, how, out); break;
-    default:                   step_window(l, cur, now, cost, how, rem, out); break;
+    default:                   step_concurrency(l, cur, now, cost, how, out); break;
     }
 }
 

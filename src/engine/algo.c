@@ -1,5 +1,5 @@
 /*
- * The four algorithms as pure functions: state x now x cost -> state.
+ * The five algorithms as pure functions: state x now x cost -> state.
  *
  * Nothing here touches shared memory; the CAS loop around these functions
  * lives in engine.c and is written once. The steps themselves are in
@@ -42,11 +42,44 @@ int tally__limit_compile(const tally_limit *l, tally__limit *out)
             return TALLY_EINVAL;
         c.tau_ns = c.emission_ns * l->max;
         break;
+    case TALLY_CONCURRENCY:
+        if (l->period_ns == 0 || l->period_ns > TALLY_MAX_PERIOD_NS
+            || l->max > TALLY_CONCURRENCY_MAX_COUNT)
+            return TALLY_EINVAL;
+        break;
     default:
         return TALLY_EINVAL;
     }
     *out = c;
     return 0;
+}
+
+int tally__limit_with_max(const tally__limit *l, uint64_t max, tally__limit *out)
+{
+    if (max == 0 || max == l->spec.max) {
+        *out = *l;
+        return 0;
+    }
+    tally_limit spec = l->spec;
+    spec.max = max;
+    int rc = tally__limit_compile(&spec, out);
+    if (!rc)
+        out->aligned = l->aligned;
+    return rc;
+}
+
+bool tally__limit_state_compatible(const tally__limit *from, const tally__limit *to)
+{
+    tally_algo a = from->spec.algo, b = to->spec.algo;
+    /* both keep {used, window start}: the start is read against the new windows */
+    bool windows = (a == TALLY_FIXED_WINDOW || a == TALLY_CALENDAR_WINDOW)
+                && (b == TALLY_FIXED_WINDOW || b == TALLY_CALENDAR_WINDOW);
+    if (windows)
+        return true;
+    if (a != b)
+        return false;
+    /* the stored window number counts periods */
+    return a != TALLY_SLIDING_WINDOW || from->spec.period_ns == to->spec.period_ns;
 }
 
 /* ---- Calendar arithmetic (proleptic Gregorian, days since 1970-01-01) ----- */
@@ -192,6 +225,14 @@ tally__state tally__algo_undo(const tally__limit *l, tally__state cur, tally__st
         cur.w1 = sub0(cur.w1, sub0(inc, sub0(last, at)));
         return cur;
     }
+    case TALLY_CONCURRENCY: {
+        /* holds that expired since took ours with them; later ones are others' */
+        if (cur.w1 >> 32 != added.w1 >> 32)
+            return cur;
+        uint64_t holders = cur.w1 & CONC_HOLDERS_MASK;
+        cur.w1 -= cost < holders ? cost : holders;
+        return cur;
+    }
     default: {
         if (cur.w1 != added.w1)
             return cur;                       /* a later window: the cost left with the old one */
@@ -200,6 +241,36 @@ tally__state tally__algo_undo(const tally__limit *l, tally__state cur, tally__st
         return cur;
     }
     }
+}
+
+uint64_t tally__gcra_reserve_report(const tally__limit *l, uint64_t cost, tally__step *r)
+{
+    const uint64_t T = l->emission_ns, tau = l->tau_ns;
+    uint64_t after = r->reset_after_ns, inc = sat_mul(cost, T, TALLY__TIME_MAX);
+
+    r->remaining = after <= tau ? (tau - after) / T : 0;
+    if (r->fits)
+        return sub0(after, tau);
+    /* not booked: after is the span in use now, as a denied hit reports */
+    r->retry_after_ns = inc > tau ? TALLY_NEVER : sub0(after, tau - inc);
+    return 0;
+}
+
+int tally__concurrency_release(const tally__limit *l, tally__state cur, uint64_t now,
+                               uint64_t cost, tally__state *next)
+{
+    uint64_t mark = cur.w0 & TALLY__MARK, last = cur.w0 & ~TALLY__MARK;
+    uint64_t holders = cur.w1 & CONC_HOLDERS_MASK;
+
+    if (now < last)
+        now = last;
+    if (holders == 0 || now - last >= l->spec.period_ns || cost > holders)
+        return TALLY_ENOENT;
+    holders -= cost;
+    /* the lease keeps counting from the latest acquire */
+    next->w0 = (holders ? mark : 0) | last;
+    next->w1 = (cur.w1 & ~CONC_HOLDERS_MASK) | holders;
+    return 0;
 }
 
 bool tally__algo_expired(const tally__limit *l, tally__state s, uint64_t now)
@@ -217,6 +288,10 @@ bool tally__algo_expired(const tally__limit *l, tally__state s, uint64_t now)
         uint64_t idx = now / spec->period_ns;
         uint64_t full = sliding_full_idx(sliding_decode(s).idx, idx);
         return full < idx && idx - full >= 2;
+    }
+    case TALLY_CONCURRENCY: {
+        uint64_t last = s.w0 & ~TALLY__MARK;
+        return (s.w1 & CONC_HOLDERS_MASK) == 0 || (now >= last && now - last >= spec->period_ns);
     }
     default:                                  /* GCRA: nothing in use at now */
         return s.w1 <= sub0(now, s.w0 & ~TALLY__MARK);
@@ -240,6 +315,10 @@ void tally__algo_counter(const tally__limit *l, tally__state s, uint64_t now, ta
         out->window_start_ns = 0;
         break;
     }
+    case TALLY_CONCURRENCY:
+        out->used = s.w1 & CONC_HOLDERS_MASK;
+        out->window_start_ns = 0;
+        break;
     default:
         out->used = s.w0 & ~TALLY__MARK;
         out->window_start_ns = s.w1;

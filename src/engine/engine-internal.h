@@ -22,6 +22,8 @@
  *                    w1 = 0 | prev (44) | idx_lo (19)    idx = window number mod 2^38
  *   GCRA:            w0 = mark | last hit ns (63)   w1 = ns in use as of the last hit
  *                    = max(theoretical arrival time - last hit, 0), at most INT64_MAX
+ *   concurrency:     w0 = mark | last acquire ns (63)
+ *                    w1 = 0 | expiries (31) | holders (32)   expiries mod 2^31
  * {0, 0} is the empty state for every algorithm. Every encoding keeps w1 at
  * most INT64_MAX, so w1 == UINT64_MAX is free to mean "slot being reclaimed".
  */
@@ -70,6 +72,24 @@ typedef struct tally__remote {
 
 /* Validate @l and derive its algorithm constants into @out. Return 0 or TALLY_EINVAL. */
 int tally__limit_compile(const tally_limit *l, tally__limit *out);
+
+/* @l with its max replaced by @max (0: kept), derived again into @out.
+   Return 0 or TALLY_EINVAL (a max tally__limit_compile() refuses). */
+int tally__limit_with_max(const tally__limit *l, uint64_t max, tally__limit *out);
+
+/* True when the states of @from keep their meaning under @to (a policy
+   update may replace one by the other). */
+bool tally__limit_state_compatible(const tally__limit *from, const tally__limit *to);
+
+/* A reservation's step for GCRA limit @l was taken against a tolerance
+   widened by the caller's delay: report it against @l's own (remaining,
+   retry_after). Return the wait before the booked hit conforms. */
+uint64_t tally__gcra_reserve_report(const tally__limit *l, uint64_t cost, tally__step *r);
+
+/* Release @cost holds of concurrency limit @l from @cur at @now into *@next.
+   Return 0, or TALLY_ENOENT when fewer than @cost (or no) holds live at @now. */
+int tally__concurrency_release(const tally__limit *l, tally__state cur, uint64_t now,
+                               uint64_t cost, tally__state *next);
 
 /* The pure function state x now x cost -> state, and what the caller reports.
    @rem: other engines' cost (NULL: none), counted in the decision. */
@@ -153,8 +173,9 @@ struct tally__table {
     size_t          n_slots;
     size_t          stride;       /* bytes per slot */
     unsigned        n_limits;
-    const tally__limit *limits;
+    const tally__limit *_Atomic limits; /* the policy's current limits (engine.c) */
     unsigned char  *mem;
+    _Atomic uint64_t *ctrl;       /* n_slots / 8 words: a control byte per slot (table.c) */
     _Atomic uint64_t res;         /* capacity reservations (table.c): live | holders */
     _Atomic size_t  sweep;        /* cursor of the reclaim sweep */
     size_t          sweep_max;    /* most slots a reclaim sweeps */
@@ -166,7 +187,6 @@ struct tally__table {
     tally__watch_slot *_Atomic watch; /* n_slots, once the policy has a watch */
     _Atomic uint64_t *gen;        /* n_slots: the state instance of each slot (table.c) */
     _Atomic uint32_t *ovf;        /* n_slots / TALLY__GROUP: keys placed past each group */
-    _Atomic uint64_t *ctrl;       /* n_slots / 8 words: a control byte per slot (table.c) */
     _Atomic uint64_t gen_next;    /* next unused instance number (even, never reused) */
     struct tally__notes *notes;   /* where deltas of reclaimed slots are spilled */
     uint32_t        policy;       /* id of the owning policy */
@@ -275,11 +295,24 @@ static inline uint64_t tally__table_gen_fresh(tally__table *t)
 
 /* ---- Engine ------------------------------------------------------------- */
 
+/* A policy's limits and flags as one immutable block: tally_policy_update()
+   publishes a new one whole, so that a call that loaded the block once
+   decides every limit under one version of the policy. */
+typedef struct tally__cfg {
+    unsigned     flags;
+    unsigned     how;             /* TALLY__ADD_* of a hit under these flags */
+    int          conc;            /* index of the TALLY_CONCURRENCY limit, or -1 */
+    bool         all_gcra;        /* every limit is GCRA: reservations are possible */
+    tally__limit limits[TALLY_MAX_LIMITS];
+    struct tally__cfg *older;     /* the block this one replaced, freed at close: the
+                                     flusher reads limits outside RCU */
+} tally__cfg;
+
 typedef struct tally__policy {
     char         name[TALLY_MAX_POLICY_NAME + 1];
-    unsigned     n_limits;
-    unsigned     flags;
-    tally__limit limits[TALLY_MAX_LIMITS];
+    unsigned     n_limits;        /* never changes */
+    tally__cfg *_Atomic cfg;      /* the current block (engine.c) */
+    const tally__limit *_Atomic limits;  /* cfg->limits, for the readers outside hit.c */
     tally__table table;
     pthread_mutex_t reset_lock;   /* serialises tally_reset_if on this policy */
     tally__limit watch_rule;      /* sliding window of denied cost, max = threshold */

@@ -1,6 +1,6 @@
 /*
  * The engine: options, open and the last steps of close, and the policy
- * registry. The hot path that runs on it is hit.c.
+ * registry with its updates. The hot path that runs on it is hit.c.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -79,6 +79,10 @@ void tally__engine_free(tally_engine *e)
         tally__policy *p = atomic_load_explicit(&e->policies[i], memory_order_relaxed);
         tally__table_destroy(&p->table);
         pthread_mutex_destroy(&p->reset_lock);
+        for (tally__cfg *c = atomic_load_explicit(&p->cfg, memory_order_relaxed), *o; c; c = o) {
+            o = c->older;
+            free(c);
+        }
         free(p);
     }
     tally__notes_drain(&e->notes);
@@ -89,9 +93,46 @@ void tally__engine_free(tally_engine *e)
 
 /* ---- Policies ------------------------------------------------------------ */
 
+#define KNOWN_FLAGS (TALLY_SHADOW | TALLY_COUNT_REJECTED | TALLY_ALIGNED | TALLY_EVICT_LRU)
+
+/* Validate @p's limits and flags into a new block (*@out, to be freed by the
+   caller). Return 0, TALLY_EINVAL or TALLY_ENOMEM. */
+static int cfg_build(const tally_policy *p, tally__cfg **out)
+{
+    if (p->n_limits == 0 || p->n_limits > TALLY_MAX_LIMITS)
+        return TALLY_EINVAL;
+    if (p->flags & ~(unsigned)KNOWN_FLAGS)
+        return TALLY_EINVAL;
+    tally__cfg *c = calloc(1, sizeof(*c));
+    if (!c)
+        return TALLY_ENOMEM;
+    c->flags = p->flags;
+    c->how = (p->flags & (TALLY_SHADOW | TALLY_COUNT_REJECTED)) ? TALLY__ADD_ALWAYS
+                                                                : TALLY__ADD_IF_FITS;
+    c->conc = -1;
+    c->all_gcra = true;
+    for (unsigned i = 0; i < p->n_limits; i++) {
+        int rc = tally__limit_compile(&p->limits[i], &c->limits[i]);
+        if (!rc && p->limits[i].algo == TALLY_CONCURRENCY) {
+            /* one holder count a key: a release is then one CAS */
+            rc = c->conc >= 0 ? TALLY_EINVAL : 0;
+            c->conc = (int)i;
+        }
+        if (rc) {
+            free(c);
+            return rc;
+        }
+        c->limits[i].aligned = (p->flags & TALLY_ALIGNED) != 0;
+        c->all_gcra &= p->limits[i].algo == TALLY_GCRA;
+    }
+    *out = c;
+    return 0;
+}
+
 int tally_policy_add(tally_engine *e, const tally_policy *p, uint32_t *id_out)
 {
     tally__policy *np;
+    tally__cfg *cfg;
     size_t name_len;
     int rc;
 
@@ -100,25 +141,19 @@ int tally_policy_add(tally_engine *e, const tally_policy *p, uint32_t *id_out)
     name_len = strnlen(p->name, TALLY_MAX_POLICY_NAME + 1);
     if (name_len == 0 || name_len > TALLY_MAX_POLICY_NAME)
         return TALLY_EINVAL;
-    if (p->n_limits == 0 || p->n_limits > TALLY_MAX_LIMITS)
-        return TALLY_EINVAL;
-    if (p->flags & ~(unsigned)(TALLY_SHADOW | TALLY_COUNT_REJECTED | TALLY_ALIGNED))
-        return TALLY_EINVAL;
+    if ((rc = cfg_build(p, &cfg)) != 0)
+        return rc;
 
     np = calloc(1, sizeof(*np));
-    if (!np)
+    if (!np) {
+        free(cfg);
         return TALLY_ENOMEM;
+    }
     memcpy(np->name, p->name, name_len);
     np->n_limits = p->n_limits;
-    np->flags = p->flags;
-    for (unsigned i = 0; i < p->n_limits; i++) {
-        rc = tally__limit_compile(&p->limits[i], &np->limits[i]);
-        if (rc) {
-            free(np);
-            return rc;
-        }
-        np->limits[i].aligned = (p->flags & TALLY_ALIGNED) != 0;
-    }
+    /* relaxed: published with the policy, by the release stores below */
+    atomic_store_explicit(&np->cfg, cfg, memory_order_relaxed);
+    atomic_store_explicit(&np->limits, cfg->limits, memory_order_relaxed);
 
     pthread_mutex_lock(&e->add_lock);
     /* relaxed: the policies change only under add_lock; closing is only a
@@ -130,7 +165,7 @@ int tally_policy_add(tally_engine *e, const tally_policy *p, uint32_t *id_out)
         if (strcmp(atomic_load_explicit(&e->policies[i], memory_order_relaxed)->name, np->name) == 0)
             rc = TALLY_EINVAL;
     if (!rc)
-        rc = tally__table_init(&np->table, e->opts.capacity, np->n_limits, np->limits,
+        rc = tally__table_init(&np->table, e->opts.capacity, np->n_limits, cfg->limits,
                                !e->opts.digest_only);
     np->table.notes = &e->notes;
     np->table.policy = n;
@@ -147,8 +182,53 @@ int tally_policy_add(tally_engine *e, const tally_policy *p, uint32_t *id_out)
         *id_out = n;
     }
     pthread_mutex_unlock(&e->add_lock);
-    if (rc)
+    if (rc) {
+        free(cfg);
         free(np);
+    }
+    return rc;
+}
+
+int tally_policy_update(tally_engine *e, uint32_t id, const tally_policy *p)
+{
+    tally__cfg *cfg;
+    int rc;
+
+    if (!e || !p || !p->name)
+        return TALLY_EINVAL;
+    tally__policy *pol = tally__policy_get(e, id);
+    if (!pol || p->n_limits != pol->n_limits
+        || strnlen(p->name, TALLY_MAX_POLICY_NAME + 1) > TALLY_MAX_POLICY_NAME
+        || strcmp(p->name, pol->name) != 0)
+        return TALLY_EINVAL;
+    if ((rc = cfg_build(p, &cfg)) != 0)
+        return rc;
+
+    /* add_lock: one update of the engine's policies at a time, so that each
+       block's older chain is the blocks it replaced, in order */
+    pthread_mutex_lock(&e->add_lock);
+    /* relaxed: the blocks change only under add_lock */
+    tally__cfg *old = atomic_load_explicit(&pol->cfg, memory_order_relaxed);
+    /* relaxed: a diagnostic, as in tally_policy_add() */
+    rc = atomic_load_explicit(&e->closing, memory_order_relaxed) ? TALLY_ESTATE : 0;
+    for (unsigned i = 0; i < p->n_limits && !rc; i++)
+        if (!tally__limit_state_compatible(&old->limits[i], &cfg->limits[i]))
+            rc = TALLY_EINVAL;
+    if (!rc) {
+        cfg->older = old;
+        /* One pointer names the whole block, so a call decides under the
+           old block or the new one, never a mix; states are not touched, as
+           both blocks read them alike (tally__limit_state_compatible()).
+           release: the block's contents before the pointer; paired with the
+           acquire loads of p->cfg in hit.c and of limits in the flusher,
+           reclaim and scans, which read each limit from one block */
+        atomic_store_explicit(&pol->cfg, cfg, memory_order_release);
+        atomic_store_explicit(&pol->limits, cfg->limits, memory_order_release);
+        atomic_store_explicit(&pol->table.limits, cfg->limits, memory_order_release);
+    }
+    pthread_mutex_unlock(&e->add_lock);
+    if (rc)
+        free(cfg);
     return rc;
 }
 

@@ -1,6 +1,7 @@
 /*
- * The hot path: hit, peek, read and reset_if, and the one CAS loop that
- * applies the pure algorithm steps of algo.c to the state words of table.c.
+ * The hot path: hit (and its variants with a caller's max, a reservation,
+ * a release), peek, read and reset_if, and the one CAS loop that applies
+ * the pure algorithm steps of algo.c to the state words of table.c.
  *
  * Ordering and progress guarantees of the hot path:
  *  1. Every call that touches a table runs inside an RCU read-side section;
@@ -21,6 +22,9 @@
  *  5. A hit that meets a DEAD state (its slot was reclaimed because every
  *     window in it expired) helps finish the reclaim and starts over in a
  *     fresh slot: nothing it consumed stays in the dead slot.
+ *  6. A call loads its policy's block of limits and flags once
+ *     (tally__cfg, replaced whole by tally_policy_update()) and decides every
+ *     limit under it: never under half of an update.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -115,10 +119,10 @@ static int acquire_slot(tally_engine *e, tally__table *t, tally__digest d, const
     return rc;
 }
 
-static void fill_result(const tally__policy *p, const tally__step *r, tally_result *out)
+static void fill_result(unsigned n_limits, unsigned flags, const tally__step *r, tally_result *out)
 {
-    if (TALLY__LIKELY(p->n_limits == 1)) {
-        out->allowed = r->fits || (p->flags & TALLY_SHADOW);
+    if (TALLY__LIKELY(n_limits == 1)) {
+        out->allowed = r->fits || (flags & TALLY_SHADOW);
         out->exceeded = !r->fits;
         out->first_exceeded = r->first;
         out->remaining = r->remaining;
@@ -129,7 +133,7 @@ static void fill_result(const tally__policy *p, const tally__step *r, tally_resu
     uint32_t exceeded = 0, first = 0;
     uint64_t remaining = UINT64_MAX, reset = 0, retry = 0;
 
-    for (unsigned i = 0; i < p->n_limits; i++) {
+    for (unsigned i = 0; i < n_limits; i++) {
         if (!r[i].fits) {
             exceeded |= 1u << i;
             if (r[i].retry_after_ns > retry)
@@ -143,7 +147,7 @@ static void fill_result(const tally__policy *p, const tally__step *r, tally_resu
             reset = r[i].reset_after_ns;
         }
     }
-    out->allowed = exceeded == 0 || (p->flags & TALLY_SHADOW);
+    out->allowed = exceeded == 0 || (flags & TALLY_SHADOW);
     out->exceeded = exceeded;
     out->first_exceeded = first;
     out->remaining = remaining;
@@ -156,6 +160,7 @@ enum { STEP_OK = 0, STEP_DEAD = 1 };
 /* One hit's view of its slot. */
 typedef struct hit_ctx {
     tally__policy *p;
+    const tally__limit *lim;  /* the limits this call decides under */
     tally__slot   *s;
     tally__sync   *sync;      /* the slot's entries, one per limit; NULL when not syncing */
 } hit_ctx;
@@ -191,7 +196,7 @@ static inline __attribute__((always_inline)) int apply(const hit_ctx *c, unsigne
         tally__state cur = tally__state_load(&c->s->st[i]);
         if (TALLY__UNLIKELY(tally__state_is_dead(cur)))
             return STEP_DEAD;
-        algo_step(&c->p->limits[i], cur, now, cost, how, &rem, r);
+        algo_step(&c->lim[i], cur, now, cost, how, &rem, r);
         /* The two words were loaded one by one: a step that changes nothing
            is validated by a CAS to the same words, so that no decision comes
            from a pair another hit's CAS tore apart (guarantee 2). */
@@ -220,7 +225,7 @@ static void take_back(const hit_ctx *c, unsigned i, tally__state added, uint64_t
            paired with the release store that ends tally_reset_if() */
         if (atomic_load_explicit(gen, memory_order_acquire) != g0)
             return;
-        tally__state next = tally__algo_undo(&c->p->limits[i], cur, added, now, cost);
+        tally__state next = tally__algo_undo(&c->lim[i], cur, added, now, cost);
         /* also when nothing is taken back: only an untorn pair may say so */
         if (tally__state_cas(&c->s->st[i], cur, next))
             return;
@@ -228,11 +233,12 @@ static void take_back(const hit_ctx *c, unsigned i, tally__state added, uint64_t
 }
 
 /* One attempt of a multi-limit hit on slot @s (guarantee 4). */
-static int hit_multi(const hit_ctx *c, uint64_t now, const uint64_t *costs, tally__step *r)
+static int hit_multi(const hit_ctx *c, uint64_t now, const uint64_t *costs, unsigned how,
+                     tally__step *r)
 {
     unsigned n = c->p->n_limits;
 
-    if (c->p->flags & (TALLY_SHADOW | TALLY_COUNT_REJECTED)) {
+    if (how == TALLY__ADD_ALWAYS) {
         for (unsigned i = 0; i < n; i++)
             if (apply(c, i, now, costs ? costs[i] : 1, TALLY__ADD_ALWAYS, &r[i]))
                 return STEP_DEAD;
@@ -246,7 +252,7 @@ static int hit_multi(const hit_ctx *c, uint64_t now, const uint64_t *costs, tall
             tally__state cur = tally__state_load(&c->s->st[i]);
             if (tally__state_is_dead(cur))
                 return STEP_DEAD;
-            algo_step(&c->p->limits[i], cur, now, costs ? costs[i] : 1,
+            algo_step(&c->lim[i], cur, now, costs ? costs[i] : 1,
                       TALLY__ADD_NEVER | TALLY__NO_MARK, &rem, &r[i]);
             all_fit &= r[i].fits;
         }
@@ -348,11 +354,18 @@ static bool too_stale(tally_engine *e, uint64_t now)
     return now > last && now - last > bound;
 }
 
-int tally_hit_at(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
-                 const uint64_t *costs, uint64_t now_ns, tally_result *out)
+/* What a call of the hit family adds to a plain hit; a constant in each
+   caller, so that tally_hit_at() compiles without the others' code. */
+enum { HIT_PLAIN, HIT_MAX, HIT_RESERVE };
+
+static inline __attribute__((always_inline)) int
+hit_core(tally_engine *e, uint32_t policy, const void *key, size_t key_len, const uint64_t *costs,
+         uint64_t now_ns, tally_result *out, int kind, const uint64_t *max, uint64_t max_delay,
+         uint64_t *delay)
 {
     tally__policy *p;
     tally__step r[TALLY_MAX_LIMITS];
+    tally__limit own[TALLY_MAX_LIMITS];
     int rc;
 
     if (TALLY__UNLIKELY(now_ns > TALLY__TIME_MAX))
@@ -360,6 +373,39 @@ int tally_hit_at(tally_engine *e, uint32_t policy, const void *key, size_t key_l
     rc = enter(e, policy, key, key_len, out, &p);
     if (TALLY__UNLIKELY(rc))
         return rc;
+
+    /* acquire: paired with the release store of tally_policy_update()
+       (engine.c): the block is seen whole, as it was built */
+    const tally__cfg *cfg = atomic_load_explicit(&p->cfg, memory_order_acquire);
+    unsigned how = cfg->how;
+    hit_ctx c = { .p = p, .lim = cfg->limits };
+    if (kind == HIT_MAX && max) {
+        for (unsigned i = 0; i < p->n_limits; i++)
+            if (tally__limit_with_max(&cfg->limits[i], max[i], &own[i])) {
+                tally__rcu_exit();
+                return TALLY_EINVAL;
+            }
+        c.lim = own;
+    }
+    if (kind == HIT_RESERVE) {
+        if (!cfg->all_gcra) {
+            tally__rcu_exit();
+            return TALLY_EINVAL;
+        }
+        /* The tolerance widened by the delay accepted: a hit that fits it
+           is booked now, and conforms once the bucket has drained that
+           far. A cost above max never conforms: such a call is a plain
+           hit, which denies it. */
+        bool never = false;
+        for (unsigned i = 0; i < p->n_limits; i++)
+            never |= (costs ? costs[i] : 1) > cfg->limits[i].spec.max;
+        for (unsigned i = 0; i < p->n_limits; i++) {
+            own[i] = cfg->limits[i];
+            if (!never)
+                own[i].tau_ns = sat_add(own[i].tau_ns, max_delay, TALLY__TIME_MAX);
+        }
+        c.lim = own;
+    }
 
     tally__stat_shard *st = my_shard(e);
     if (TALLY__UNLIKELY(too_stale(e, now_ns))) {
@@ -373,13 +419,10 @@ int tally_hit_at(tally_engine *e, uint32_t policy, const void *key, size_t key_l
 
     tally__digest d = tally__key_digest(e, key, key_len);
     tally__table *t = &p->table;
-    unsigned how = (p->flags & (TALLY_SHADOW | TALLY_COUNT_REJECTED)) ? TALLY__ADD_ALWAYS
-                                                                     : TALLY__ADD_IF_FITS;
     bool syncing = atomic_load_explicit(&e->syncing, memory_order_relaxed);
     /* acquire: paired with the release store in tally__table_sync_alloc()
        (table.c); NULL, while a flusher starts, is a hit before it started */
     tally__sync *sync = syncing ? atomic_load_explicit(&t->sync, memory_order_acquire) : NULL;
-    hit_ctx c = { .p = p };
     for (;;) {
         tally__probe hint;
         c.s = tally__table_find_fast(t, d, &hint);
@@ -394,9 +437,19 @@ int tally_hit_at(tally_engine *e, uint32_t policy, const void *key, size_t key_l
         c.sync = sync ? sync + tally__slot_index(t, c.s) * p->n_limits : NULL;
         int step = p->n_limits == 1
             ? apply(&c, 0, now_ns, costs ? costs[0] : 1, how, &r[0])
-            : hit_multi(&c, now_ns, costs, r);
+            : hit_multi(&c, now_ns, costs, how, r);
         if (TALLY__LIKELY(step == STEP_OK)) {
-            fill_result(p, r, out);
+            if (kind == HIT_RESERVE) {
+                uint64_t wait = 0;
+                for (unsigned i = 0; i < p->n_limits; i++) {
+                    uint64_t w = tally__gcra_reserve_report(&cfg->limits[i], costs ? costs[i] : 1, &r[i]);
+                    wait = w > wait ? w : wait;
+                }
+                fill_result(p->n_limits, cfg->flags, r, out);
+                *delay = out->allowed ? wait : 0;
+            } else {
+                fill_result(p->n_limits, cfg->flags, r, out);
+            }
             if (c.sync) {
                 for (unsigned i = 0; i < p->n_limits; i++) {
                     if (r[i].added)
@@ -424,10 +477,80 @@ int tally_hit_at(tally_engine *e, uint32_t policy, const void *key, size_t key_l
     return rc;
 }
 
+int tally_hit_at(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
+                 const uint64_t *costs, uint64_t now_ns, tally_result *out)
+{
+    return hit_core(e, policy, key, key_len, costs, now_ns, out, HIT_PLAIN, NULL, 0, NULL);
+}
+
 int tally_hit(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
               const uint64_t *costs, tally_result *out)
 {
     return tally_hit_at(e, policy, key, key_len, costs, tally_now_ns(), out);
+}
+
+int tally_hit_ex(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
+                 const tally_hit_opts *opts, tally_result *out)
+{
+    static const tally_hit_opts none = { 0 };
+    if (!opts)
+        opts = &none;
+    uint64_t now = opts->now_ns ? opts->now_ns : tally_now_ns();
+    return hit_core(e, policy, key, key_len, opts->costs, now, out, HIT_MAX, opts->max, 0, NULL);
+}
+
+int tally_reserve_at(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
+                     const uint64_t *costs, uint64_t now_ns, uint64_t max_delay_ns,
+                     uint64_t *delay_ns, tally_result *out)
+{
+    if (!delay_ns)
+        return TALLY_EINVAL;
+    uint64_t wait = 0;
+    int rc = hit_core(e, policy, key, key_len, costs, now_ns, out, HIT_RESERVE, NULL,
+                      max_delay_ns, &wait);
+    if (!rc)
+        *delay_ns = wait;
+    return rc;
+}
+
+int tally_release_at(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
+                     const uint64_t *costs, uint64_t now_ns)
+{
+    tally__policy *p;
+    int rc;
+
+    if (now_ns > TALLY__TIME_MAX)
+        return TALLY_EINVAL;
+    rc = enter(e, policy, key, key_len, e /* no output: any non-NULL */, &p);
+    if (rc)
+        return rc;
+    /* acquire: paired with the release store of tally_policy_update() (engine.c) */
+    const tally__cfg *cfg = atomic_load_explicit(&p->cfg, memory_order_acquire);
+    if (cfg->conc < 0) {
+        tally__rcu_exit();
+        return TALLY_EINVAL;
+    }
+    unsigned i = (unsigned)cfg->conc;
+    uint64_t cost = costs ? costs[i] : 1;
+    tally__slot *s = tally__table_find(&p->table, tally__key_digest(e, key, key_len));
+    rc = TALLY_ENOENT;
+    while (s) {
+        tally__state cur = tally__state_load(&s->st[i]), next;
+        if (tally__state_is_dead(cur))
+            break;                                /* reclaimed: its holds had expired */
+        rc = tally__concurrency_release(&cfg->limits[i], cur, now_ns, cost, &next);
+        /* a refusal too comes from an untorn pair (guarantee 2) */
+        if (tally__state_cas(&s->st[i], cur, rc ? cur : next))
+            break;
+    }
+    tally__rcu_exit();
+    return rc;
+}
+
+int tally_release(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
+                  const uint64_t *costs)
+{
+    return tally_release_at(e, policy, key, key_len, costs, tally_now_ns());
 }
 
 int tally_peek_at(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
@@ -443,6 +566,8 @@ int tally_peek_at(tally_engine *e, uint32_t policy, const void *key, size_t key_
     if (rc)
         return rc;
     tally__table *t = &p->table;
+    /* acquire: paired with the release store of tally_policy_update() (engine.c) */
+    const tally__cfg *cfg = atomic_load_explicit(&p->cfg, memory_order_acquire);
     /* acquire: paired with the release store in tally__table_sync_alloc() */
     tally__sync *sync = atomic_load_explicit(&e->syncing, memory_order_relaxed)
         ? atomic_load_explicit(&t->sync, memory_order_acquire) : NULL;
@@ -456,9 +581,9 @@ int tally_peek_at(tally_engine *e, uint32_t policy, const void *key, size_t key_
             cur = tally__state_load_atomic(&c.s->st[i]);
         if (tally__state_is_dead(cur))
             cur = (tally__state){ 0, 0 };         /* being reclaimed: it had expired */
-        algo_step(&p->limits[i], cur, now_ns, 1, TALLY__ADD_NEVER | TALLY__NO_MARK, &rem, &r[i]);
+        algo_step(&cfg->limits[i], cur, now_ns, 1, TALLY__ADD_NEVER | TALLY__NO_MARK, &rem, &r[i]);
     }
-    fill_result(p, r, out);
+    fill_result(p->n_limits, cfg->flags, r, out);
     tally__rcu_exit();
     return 0;
 }
@@ -472,7 +597,8 @@ int tally_peek_at(tally_engine *e, uint32_t policy, const void *key, size_t key_
  * (table.c guarantee 6). A reset running all the while leaves the instance
  * odd: resetting from that snapshot conflicts, and reading never waits.
  */
-static int read_instance(tally__table *t, tally__slot *s, uint64_t now, tally_snapshot *snap)
+static int read_instance(tally__table *t, const tally__limit *lim, tally__slot *s, uint64_t now,
+                         tally_snapshot *snap)
 {
     _Atomic uint64_t *gen = &t->gen[tally__slot_index(t, s)];
     for (unsigned tries = 0;; tries++) {
@@ -482,7 +608,7 @@ static int read_instance(tally__table *t, tally__slot *s, uint64_t now, tally_sn
             tally__state cur = tally__state_load_atomic(&s->st[i]);
             if (tally__state_is_dead(cur))
                 return TALLY_ENOENT;
-            tally__algo_counter(&t->limits[i], cur, now, &snap->c[i]);
+            tally__algo_counter(&lim[i], cur, now, &snap->c[i]);
         }
         /* the states are read before the instance is checked again; paired
            with the full barrier of the state CAS by which tally_reset_if()
@@ -509,8 +635,10 @@ int tally_read(tally_engine *e, uint32_t policy, const void *key, size_t key_len
     tally__slot *s = tally__table_find(t, tally__key_digest(e, key, key_len));
     uint64_t now = tally_now_ns();
     rc = s ? 0 : TALLY_ENOENT;
+    /* acquire: paired with the release store of tally_policy_update() (engine.c) */
+    const tally__cfg *cfg = atomic_load_explicit(&p->cfg, memory_order_acquire);
     if (s)
-        rc = read_instance(t, s, now, &snap);
+        rc = read_instance(t, cfg->limits, s, now, &snap);
     tally__rcu_exit();
     if (!rc)
         *out = snap;

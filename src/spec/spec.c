@@ -60,7 +60,7 @@ static char lower(char c)
     return (c >= 'A' && c <= 'Z') ? (char)(c - 'A' + 'a') : c;
 }
 
-/* A word: letters and '-' (for count-rejected). Returns its length at pos. */
+/* A word: letters and '-' (for count-rejected, evict-lru). Returns its length at pos. */
 static size_t word_len(const struct parser *p)
 {
     size_t n = 0;
@@ -229,11 +229,25 @@ static bool parse_limit(struct parser *p, tally_limit *l)
         return false;
     if (count == 0)
         return fail_at(p, count_at, "the count must be at least 1");
+    if (accept_word(p, "concurrent")) {
+        if (count > TALLY_CONCURRENCY_MAX_COUNT)
+            return fail_at(p, count_at, "the count is above %llu, the most concurrent holders",
+                           (unsigned long long)TALLY_CONCURRENCY_MAX_COUNT);
+        if (!accept_word(p, "lease"))
+            return fail_at(p, p->pos, "expected 'lease' and a duration after 'concurrent'");
+        struct period lease;
+        if (!parse_period(p, &lease))
+            return false;
+        if (lease.ns == 0)
+            return fail_at(p, lease.at, "a lease is a duration, not a month");
+        *l = (tally_limit){ .algo = TALLY_CONCURRENCY, .max = count, .period_ns = lease.ns };
+        return true;
+    }
     skip_ws(p);
     if (p->s[p->pos] == '/')
         p->pos++;
     else if (!accept_word(p, "per"))
-        return fail_at(p, p->pos, "expected 'per' or '/' after the count");
+        return fail_at(p, p->pos, "expected 'per', '/' or 'concurrent' after the count");
     struct period per;
     if (!parse_period(p, &per))
         return false;
@@ -323,8 +337,10 @@ static bool parse_flag(struct parser *p, unsigned *flags)
         f = TALLY_COUNT_REJECTED;
     else if (accept_word(p, "aligned"))
         f = TALLY_ALIGNED;
+    else if (accept_word(p, "evict-lru"))
+        f = TALLY_EVICT_LRU;
     else
-        return fail_at(p, at, "expected a flag: shadow, count-rejected or aligned");
+        return fail_at(p, at, "expected a flag: shadow, count-rejected, aligned or evict-lru");
     if (*flags & f)
         return fail_at(p, at, "the flag is given twice");
     *flags |= f;
@@ -349,8 +365,16 @@ int tally_policy_parse(const char *text, tally_policy *out, char *name_buf, size
             fail_at(&p, p.pos, "more than %d limits", TALLY_MAX_LIMITS);
             return TALLY_EINVAL;
         }
+        skip_ws(&p);
+        size_t limit_at = p.pos;
         if (!parse_limit(&p, &pol.limits[pol.n_limits++]))
             return TALLY_EINVAL;
+        for (unsigned i = 0; i + 1 < pol.n_limits; i++)
+            if (pol.limits[i].algo == TALLY_CONCURRENCY
+                && pol.limits[pol.n_limits - 1].algo == TALLY_CONCURRENCY) {
+                fail_at(&p, limit_at, "a policy has at most one concurrent limit");
+                return TALLY_EINVAL;
+            }
         skip_ws(&p);
         if (p.s[p.pos] != ',')
             break;

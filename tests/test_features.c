@@ -1,0 +1,574 @@
+/*
+ * The limiter features through the public API, single-threaded: a caller's
+ * max per hit (tally_hit_ex), replacing a policy's limits while keys keep
+ * their usage (tally_policy_update), GCRA reservations (tally_reserve_at),
+ * and concurrency limits with their releases and leases.
+ */
+#include "test.h"
+#include <inttypes.h>
+#include <string.h>
+
+#include "tally.h"
+
+#define MS  UINT64_C(1000000)
+#define SEC UINT64_C(1000000000)
+#define T0  (UINT64_C(1700000000) * SEC)
+
+static tally_engine *open_engine(size_t capacity)
+{
+    tally_options o;
+    tally_engine *e;
+    tally_options_init(&o);
+    o.capacity = capacity;
+    cr_assert_eq(tally_open(&o, &e), 0);
+    return e;
+}
+
+static tally_policy policy_of(const char *name, unsigned flags, unsigned n, const tally_limit *l)
+{
+    tally_policy p = { .name = name, .n_limits = n, .flags = flags };
+    memcpy(p.limits, l, n * sizeof(*l));
+    return p;
+}
+
+static uint32_t add(tally_engine *e, const char *name, unsigned flags, unsigned n, const tally_limit *l)
+{
+    tally_policy p = policy_of(name, flags, n, l);
+    uint32_t id;
+    cr_assert_eq(tally_policy_add(e, &p, &id), 0);
+    return id;
+}
+
+static tally_result hit(tally_engine *e, uint32_t pol, const char *key, const uint64_t *costs, uint64_t now)
+{
+    tally_result r;
+    memset(&r, 0xab, sizeof(r));
+    cr_assert_eq(tally_hit_at(e, pol, key, strlen(key), costs, now, &r), 0);
+    return r;
+}
+
+static tally_result hit_max(tally_engine *e, uint32_t pol, const char *key, const uint64_t *max,
+                            uint64_t now)
+{
+    tally_hit_opts o = { .max = max, .now_ns = now };
+    tally_result r;
+    memset(&r, 0xab, sizeof(r));
+    cr_assert_eq(tally_hit_ex(e, pol, key, strlen(key), &o, &r), 0);
+    return r;
+}
+
+static uint64_t used(tally_engine *e, uint32_t pol, const char *key, unsigned limit)
+{
+    tally_snapshot s;
+    cr_assert_eq(tally_read(e, pol, key, strlen(key), &s), 0);
+    return s.c[limit].used;
+}
+
+static const tally_limit FIXED10 = { .algo = TALLY_FIXED_WINDOW, .max = 10, .period_ns = 10 * SEC };
+
+/* ---- tally_hit_ex: a caller's max ------------------------------------------ */
+
+Test(features, hit_ex_decides_the_keys_usage_against_each_calls_max)
+{
+    tally_engine *e = open_engine(64);
+    uint32_t p = add(e, "plan", 0, 1, &FIXED10);
+    uint64_t three[1] = { 3 }, five[1] = { 5 };
+
+    for (int i = 0; i < 3; i++) {
+        tally_result r = hit_max(e, p, "k", three, T0);
+        cr_assert(r.allowed, "hit %d of a max of 3", i);
+        cr_assert_eq(r.remaining, (uint64_t)(2 - i));
+    }
+    tally_result r = hit_max(e, p, "k", three, T0);
+    cr_assert_not(r.allowed);
+    cr_assert_eq(r.exceeded, 1u);
+    cr_assert_eq(r.retry_after_ns, 10 * SEC);
+    /* the same usage, a larger plan: two more fit */
+    cr_assert(hit_max(e, p, "k", five, T0).allowed);
+    r = hit_max(e, p, "k", five, T0);
+    cr_assert(r.allowed);
+    cr_assert_eq(r.remaining, 0);
+    cr_assert_not(hit_max(e, p, "k", five, T0).allowed);
+    /* and the policy's own max of 10 for tally_hit_at */
+    r = hit(e, p, "k", NULL, T0);
+    cr_assert(r.allowed);
+    cr_assert_eq(r.remaining, 4);
+    cr_assert_eq(used(e, p, "k", 0), 6);
+    tally_close(e);
+}
+
+Test(features, hit_ex_null_max_and_zero_entries_mean_the_policys_max)
+{
+    tally_engine *e = open_engine(64);
+    tally_limit l[2] = { { .algo = TALLY_FIXED_WINDOW, .max = 2, .period_ns = SEC },
+                         { .algo = TALLY_FIXED_WINDOW, .max = 100, .period_ns = 60 * SEC } };
+    uint32_t p = add(e, "two", 0, 2, l);
+    uint64_t zero_and_three[2] = { 0, 3 };
+
+    cr_assert(hit_max(e, p, "a", NULL, T0).allowed);
+    tally_result r = hit_max(e, p, "a", zero_and_three, T0);
+    cr_assert(r.allowed);
+    cr_assert_eq(r.remaining, 0, "limit 0 keeps its max of 2; limit 1 is at 2 of 3");
+    r = hit_max(e, p, "a", zero_and_three, T0);
+    cr_assert_not(r.allowed);
+    cr_assert_eq(r.exceeded, 1u, "only limit 0 is over");
+    /* limit 1 at 2 of a max of 3: a second key shows it binds alone */
+    uint64_t big_and_one[2] = { 50, 1 };
+    cr_assert(hit_max(e, p, "b", big_and_one, T0).allowed);
+    r = hit_max(e, p, "b", big_and_one, T0);
+    cr_assert_not(r.allowed);
+    cr_assert_eq(r.exceeded, 2u);
+    cr_assert_eq(used(e, p, "b", 0), 1, "all or none: limit 0 gave back the denied hit");
+
+    /* NULL opts: cost 1 at tally_now_ns() */
+    r.allowed = false;
+    cr_assert_eq(tally_hit_ex(e, p, "c", 1, NULL, &r), 0);
+    cr_assert(r.allowed);
+    tally_snapshot s;
+    cr_assert_eq(tally_read(e, p, "c", 1, &s), 0);
+    cr_assert_geq(s.c[0].window_start_ns, T0, "the engine's clock, not 0");
+    tally_close(e);
+}
+
+Test(features, hit_ex_costs_and_gcra_emission_of_the_calls_max)
+{
+    tally_engine *e = open_engine(64);
+    /* burst 10, refilled in 10 s: T = 1 s */
+    tally_limit g = { .algo = TALLY_GCRA, .max = 10, .period_ns = 10 * SEC };
+    uint32_t p = add(e, "g", 0, 1, &g);
+    uint64_t five[1] = { 5 }, two[1] = { 2 };
+
+    /* a max of 5 over the same period: T = 2 s, cost 2 takes 4 s of the 10 */
+    tally_hit_opts o = { .costs = two, .max = five, .now_ns = T0 };
+    tally_result r;
+    cr_assert_eq(tally_hit_ex(e, p, "k", 1, &o, &r), 0);
+    cr_assert(r.allowed);
+    cr_assert_eq(r.remaining, 3);
+    cr_assert_eq(r.reset_after_ns, 4 * SEC);
+    cr_assert_eq(tally_hit_ex(e, p, "k", 1, &o, &r), 0);
+    cr_assert_eq(tally_hit_ex(e, p, "k", 1, &o, &r), 0);
+    cr_assert_not(r.allowed, "12 s would be in use, above the 10 s tolerance");
+    cr_assert_eq(r.retry_after_ns, 2 * SEC);
+    /* the policy's max reads the same 8 s in use as 8 of 10 cells */
+    r = hit(e, p, "k", NULL, T0);
+    cr_assert(r.allowed);
+    cr_assert_eq(r.remaining, 1);
+    tally_close(e);
+}
+
+Test(features, hit_ex_refuses_a_max_out_of_bounds_and_changes_nothing)
+{
+    tally_engine *e = open_engine(64);
+    tally_limit l[2] = { FIXED10, { .algo = TALLY_GCRA, .max = 10, .period_ns = 1000 } };
+    uint32_t p = add(e, "b", 0, 2, l);
+    uint64_t over_fixed[2] = { TALLY_MAX_COUNT + 1, 0 };
+    uint64_t over_period[2] = { 1, 1001 };     /* GCRA: emission interval 1000/1001 = 0 */
+    tally_hit_opts o = { .max = over_fixed, .now_ns = T0 };
+    tally_result r;
+    tally_snapshot s;
+
+    cr_assert_eq(tally_hit_ex(e, p, "k", 1, &o, &r), TALLY_EINVAL);
+    o.max = over_period;
+    cr_assert_eq(tally_hit_ex(e, p, "k", 1, &o, &r), TALLY_EINVAL);
+    cr_assert_eq(tally_read(e, p, "k", 1, &s), TALLY_ENOENT, "no slot was taken");
+    o.max = NULL;
+    o.now_ns = (uint64_t)INT64_MAX + 1;
+    cr_assert_eq(tally_hit_ex(e, p, "k", 1, &o, &r), TALLY_EINVAL);
+    cr_assert_eq(tally_hit_ex(e, 99, "k", 1, NULL, &r), TALLY_EINVAL);
+    cr_assert_eq(tally_hit_ex(e, p, "k", 1, NULL, NULL), TALLY_EINVAL);
+    cr_assert_eq(tally_hit_ex(NULL, p, "k", 1, NULL, &r), TALLY_EINVAL);
+    cr_assert_eq(tally_read(e, p, "k", 1, &s), TALLY_ENOENT);
+    tally_close(e);
+}
+
+/* ---- tally_policy_update ----------------------------------------------------- */
+
+Test(features, update_of_max_keeps_every_keys_usage)
+{
+    tally_engine *e = open_engine(64);
+    tally_limit l = { .algo = TALLY_FIXED_WINDOW, .max = 5, .period_ns = 10 * SEC };
+    uint32_t p = add(e, "u", 0, 1, &l);
+    for (int i = 0; i < 3; i++)
+        cr_assert(hit(e, p, "k", NULL, T0).allowed);
+    cr_assert(hit(e, p, "other", NULL, T0).allowed);
+
+    l.max = 10;
+    tally_policy np = policy_of("u", 0, 1, &l);
+    cr_assert_eq(tally_policy_update(e, p, &np), 0);
+    tally_result r = hit(e, p, "k", NULL, T0 + SEC);
+    cr_assert(r.allowed);
+    cr_assert_eq(r.remaining, 6, "new max 10 - used 4");
+    cr_assert_eq(used(e, p, "other", 0), 1);
+
+    np.limits[0].max = 2;
+    cr_assert_eq(tally_policy_update(e, p, &np), 0);
+    r = hit(e, p, "k", NULL, T0 + SEC);
+    cr_assert_not(r.allowed);
+    cr_assert_eq(r.remaining, 0, "used 4 is above the new max: 0, never negative");
+    cr_assert_eq(r.retry_after_ns, 9 * SEC);
+    cr_assert(hit(e, p, "other", NULL, T0 + SEC).allowed, "1 of 2");
+    cr_assert_not(hit(e, p, "other", NULL, T0 + SEC).allowed);
+    tally_close(e);
+}
+
+Test(features, update_flags_apply_to_the_next_hit)
+{
+    tally_engine *e = open_engine(64);
+    tally_limit l = { .algo = TALLY_FIXED_WINDOW, .max = 1, .period_ns = 10 * SEC };
+    uint32_t p = add(e, "f", 0, 1, &l);
+    cr_assert(hit(e, p, "k", NULL, T0).allowed);
+    cr_assert_not(hit(e, p, "k", NULL, T0).allowed);
+
+    tally_policy np = policy_of("f", TALLY_SHADOW, 1, &l);
+    cr_assert_eq(tally_policy_update(e, p, &np), 0);
+    tally_result r = hit(e, p, "k", NULL, T0);
+    cr_assert(r.allowed, "shadow: reported, not denied");
+    cr_assert_eq(r.exceeded, 1u);
+    cr_assert_eq(used(e, p, "k", 0), 2, "shadow hits consume");
+
+    np.flags = TALLY_EVICT_LRU;
+    cr_assert_eq(tally_policy_update(e, p, &np), 0);
+    cr_assert_not(hit(e, p, "k", NULL, T0).allowed, "back to denying");
+    cr_assert_eq(used(e, p, "k", 0), 2, "a denied hit consumes nothing again");
+    tally_close(e);
+}
+
+Test(features, update_refuses_bad_input_and_changes_nothing)
+{
+    tally_engine *e = open_engine(64);
+    tally_limit l[2] = { { .algo = TALLY_FIXED_WINDOW, .max = 1, .period_ns = 10 * SEC },
+                         { .algo = TALLY_SLIDING_WINDOW, .max = 5, .period_ns = SEC } };
+    uint32_t p = add(e, "x", 0, 2, l);
+    cr_assert(hit(e, p, "k", NULL, T0).allowed);
+
+    tally_policy np = policy_of("x", 0, 2, l);
+    np.limits[0].max = 100;
+    tally_policy bad = np;
+    bad.name = "y";
+    cr_assert_eq(tally_policy_update(e, p, &bad), TALLY_EINVAL, "another name");
+    bad = np;
+    bad.n_limits = 1;
+    cr_assert_eq(tally_policy_update(e, p, &bad), TALLY_EINVAL, "another limit count");
+    bad = np;
+    bad.limits[0].algo = TALLY_GCRA;
+    cr_assert_eq(tally_policy_update(e, p, &bad), TALLY_EINVAL, "fixed to GCRA");
+    bad = np;
+    bad.limits[1].period_ns = 2 * SEC;
+    cr_assert_eq(tally_policy_update(e, p, &bad), TALLY_EINVAL, "a sliding window's period");
+    bad = np;
+    bad.limits[1].algo = TALLY_FIXED_WINDOW;
+    cr_assert_eq(tally_policy_update(e, p, &bad), TALLY_EINVAL, "sliding to fixed");
+    bad = np;
+    bad.limits[0].max = 0;
+    cr_assert_eq(tally_policy_update(e, p, &bad), TALLY_EINVAL, "a limit add would refuse");
+    bad = np;
+    bad.flags = 1u << 9;
+    cr_assert_eq(tally_policy_update(e, p, &bad), TALLY_EINVAL, "unknown flag");
+    bad = np;
+    bad.name = NULL;
+    cr_assert_eq(tally_policy_update(e, p, &bad), TALLY_EINVAL);
+    cr_assert_eq(tally_policy_update(e, p + 1, &np), TALLY_EINVAL, "unknown id");
+    cr_assert_eq(tally_policy_update(e, p, NULL), TALLY_EINVAL);
+    cr_assert_eq(tally_policy_update(NULL, p, &np), TALLY_EINVAL);
+
+    cr_assert_not(hit(e, p, "k", NULL, T0).allowed, "still the max of 1");
+    cr_assert_eq(tally_policy_update(e, p, &np), 0);
+    cr_assert(hit(e, p, "k", NULL, T0).allowed, "now the max of 100");
+    tally_close(e);
+}
+
+Test(features, update_of_a_fixed_period_keeps_the_window_start)
+{
+    tally_engine *e = open_engine(64);
+    tally_limit l = { .algo = TALLY_FIXED_WINDOW, .max = 1, .period_ns = 10 * SEC };
+    uint32_t p = add(e, "w", 0, 1, &l);
+    cr_assert(hit(e, p, "k", NULL, T0).allowed);
+
+    l.period_ns = 20 * SEC;
+    tally_policy np = policy_of("w", 0, 1, &l);
+    cr_assert_eq(tally_policy_update(e, p, &np), 0);
+    tally_result r = hit(e, p, "k", NULL, T0 + 15 * SEC);
+    cr_assert_not(r.allowed, "the window [T0, T0 + 20 s) still holds the hit");
+    cr_assert_eq(r.retry_after_ns, 5 * SEC);
+    cr_assert(hit(e, p, "k", NULL, T0 + 20 * SEC).allowed);
+    tally_close(e);
+}
+
+Test(features, update_between_fixed_and_calendar_reads_the_window_start)
+{
+    tally_engine *e = open_engine(64);
+    uint64_t minute = T0 - T0 % (60 * SEC);
+    tally_limit l = { .algo = TALLY_FIXED_WINDOW, .max = 3, .period_ns = 60 * SEC };
+    uint32_t p = add(e, "c", TALLY_ALIGNED, 1, &l);
+    cr_assert(hit(e, p, "k", NULL, minute + SEC).allowed);
+    cr_assert(hit(e, p, "late", NULL, minute + 59 * SEC).allowed);
+
+    tally_limit cal = { .algo = TALLY_CALENDAR_WINDOW, .max = 2, .unit = TALLY_MINUTE };
+    tally_policy np = policy_of("c", 0, 1, &cal);
+    cr_assert_eq(tally_policy_update(e, p, &np), 0);
+    /* the stored start is the calendar minute's start: the count stays */
+    tally_result r = hit(e, p, "k", NULL, minute + 2 * SEC);
+    cr_assert(r.allowed);
+    cr_assert_eq(r.remaining, 0);
+    cr_assert_not(hit(e, p, "k", NULL, minute + 3 * SEC).allowed);
+
+    /* and back: the calendar minute is a fixed window of 120 s from its start */
+    tally_limit fx = { .algo = TALLY_FIXED_WINDOW, .max = 2, .period_ns = 120 * SEC };
+    np = policy_of("c", 0, 1, &fx);
+    cr_assert_eq(tally_policy_update(e, p, &np), 0);
+    cr_assert_not(hit(e, p, "k", NULL, minute + 119 * SEC).allowed);
+    cr_assert(hit(e, p, "k", NULL, minute + 120 * SEC).allowed);
+    tally_close(e);
+}
+
+Test(features, update_of_a_gcra_burst_at_the_same_rate_keeps_used)
+{
+    tally_engine *e = open_engine(64);
+    /* 1/s burst 4, then burst 8: the emission interval stays 1 s */
+    tally_limit g = { .algo = TALLY_GCRA, .max = 4, .period_ns = 4 * SEC };
+    uint32_t p = add(e, "g", 0, 1, &g);
+    for (int i = 0; i < 4; i++)
+        cr_assert(hit(e, p, "k", NULL, T0).allowed);
+    cr_assert_not(hit(e, p, "k", NULL, T0).allowed);
+
+    g.max = 8;
+    g.period_ns = 8 * SEC;
+    tally_policy np = policy_of("g", 0, 1, &g);
+    cr_assert_eq(tally_policy_update(e, p, &np), 0);
+    cr_assert_eq(used(e, p, "k", 0), 4);
+    tally_result r = hit(e, p, "k", NULL, T0);
+    cr_assert(r.allowed);
+    cr_assert_eq(r.remaining, 3, "new max 8 - used 5");
+    tally_close(e);
+}
+
+/* ---- tally_reserve_at ----------------------------------------------------------- */
+
+Test(features, reserve_books_each_hit_at_the_first_time_it_conforms)
+{
+    tally_engine *e = open_engine(64);
+    /* burst 2, one cell a second */
+    tally_limit g = { .algo = TALLY_GCRA, .max = 2, .period_ns = 2 * SEC };
+    uint32_t p = add(e, "r", 0, 1, &g);
+    uint64_t d = 77;
+    tally_result r;
+
+    for (uint64_t i = 0; i < 6; i++) {
+        cr_assert_eq(tally_reserve_at(e, p, "k", 1, NULL, T0, 4 * SEC, &d, &r), 0);
+        cr_assert(r.allowed, "reservation %" PRIu64, i);
+        cr_assert_eq(d, i < 2 ? 0 : (i - 1) * SEC, "reservation %" PRIu64, i);
+        cr_assert_eq(r.retry_after_ns, 0);
+        cr_assert_eq(r.exceeded, 0);
+    }
+    /* a fifth second of delay is above 4 s: nothing is booked */
+    tally_snapshot before, after;
+    cr_assert_eq(tally_read(e, p, "k", 1, &before), 0);
+    cr_assert_eq(tally_reserve_at(e, p, "k", 1, NULL, T0, 4 * SEC, &d, &r), 0);
+    cr_assert_not(r.allowed);
+    cr_assert_eq(d, 0);
+    cr_assert_eq(r.exceeded, 1u);
+    cr_assert_eq(r.first_exceeded, 1u);
+    cr_assert_eq(r.retry_after_ns, 5 * SEC, "as a denied hit: until the hit itself conforms");
+    cr_assert_eq(r.remaining, 0);
+    cr_assert_eq(tally_read(e, p, "k", 1, &after), 0);
+    cr_assert(after.c[0].raw[1] == before.c[0].raw[1], "nothing consumed");
+    /* hits see the bookings: the bucket is 4 s past full */
+    r = hit(e, p, "k", NULL, T0 + 3 * SEC);
+    cr_assert_not(r.allowed);
+    cr_assert_eq(r.retry_after_ns, 2 * SEC);
+    /* a reservation a second later books the next second */
+    cr_assert_eq(tally_reserve_at(e, p, "k", 1, NULL, T0 + SEC, 4 * SEC, &d, &r), 0);
+    cr_assert(r.allowed);
+    cr_assert_eq(d, 4 * SEC);
+    tally_close(e);
+}
+
+Test(features, reserve_without_delay_is_a_hit_and_a_cost_above_max_is_never_booked)
+{
+    tally_engine *e = open_engine(64);
+    tally_limit g = { .algo = TALLY_GCRA, .max = 2, .period_ns = 2 * SEC };
+    uint32_t p = add(e, "r", 0, 1, &g);
+    uint64_t d, three[1] = { 3 };
+    tally_result r;
+
+    for (int i = 0; i < 2; i++) {
+        cr_assert_eq(tally_reserve_at(e, p, "k", 1, NULL, T0, 0, &d, &r), 0);
+        cr_assert(r.allowed);
+        cr_assert_eq(d, 0);
+    }
+    cr_assert_eq(tally_reserve_at(e, p, "k", 1, NULL, T0, 0, &d, &r), 0);
+    cr_assert_not(r.allowed);
+    cr_assert_eq(r.retry_after_ns, SEC);
+
+    cr_assert_eq(tally_reserve_at(e, p, "big", 3, three, T0, 1000 * SEC, &d, &r), 0);
+    cr_assert_not(r.allowed, "3 cells never fit a burst of 2, whatever the wait");
+    cr_assert_eq(r.retry_after_ns, TALLY_NEVER);
+    cr_assert_eq(d, 0);
+    cr_assert(hit(e, p, "big", NULL, T0).allowed);
+    cr_assert(hit(e, p, "big", NULL, T0).allowed);
+    tally_close(e);
+}
+
+Test(features, reserve_on_several_gcra_limits_waits_for_the_slowest)
+{
+    tally_engine *e = open_engine(64);
+    tally_limit g[2] = { { .algo = TALLY_GCRA, .max = 1, .period_ns = SEC },
+                         { .algo = TALLY_GCRA, .max = 1, .period_ns = 3 * SEC } };
+    uint32_t p = add(e, "two", 0, 2, g);
+    uint64_t d;
+    tally_result r;
+
+    cr_assert_eq(tally_reserve_at(e, p, "k", 1, NULL, T0, 10 * SEC, &d, &r), 0);
+    cr_assert(r.allowed);
+    cr_assert_eq(d, 0);
+    cr_assert_eq(tally_reserve_at(e, p, "k", 1, NULL, T0, 10 * SEC, &d, &r), 0);
+    cr_assert(r.allowed);
+    cr_assert_eq(d, 3 * SEC, "limit 1 conforms after 3 s, limit 0 after 1 s");
+    cr_assert_eq(tally_reserve_at(e, p, "k", 1, NULL, T0, 5 * SEC, &d, &r), 0);
+    cr_assert_not(r.allowed, "6 s is above 5 s");
+    cr_assert_eq(r.exceeded, 2u, "limit 0 would wait 2 s only");
+    tally_close(e);
+}
+
+Test(features, reserve_refuses_policies_that_are_not_all_gcra)
+{
+    tally_engine *e = open_engine(64);
+    tally_limit l[2] = { { .algo = TALLY_GCRA, .max = 1, .period_ns = SEC }, FIXED10 };
+    uint32_t mixed = add(e, "mixed", 0, 2, l);
+    uint32_t fixed = add(e, "fixed", 0, 1, &FIXED10);
+    uint32_t gcra = add(e, "gcra", 0, 1, l);
+    uint64_t d = 5;
+    tally_result r;
+    tally_snapshot s;
+
+    cr_assert_eq(tally_reserve_at(e, mixed, "k", 1, NULL, T0, SEC, &d, &r), TALLY_EINVAL);
+    cr_assert_eq(tally_reserve_at(e, fixed, "k", 1, NULL, T0, SEC, &d, &r), TALLY_EINVAL);
+    cr_assert_eq(tally_reserve_at(e, gcra, "k", 1, NULL, T0, SEC, NULL, &r), TALLY_EINVAL);
+    cr_assert_eq(tally_reserve_at(e, gcra, "k", 1, NULL, (uint64_t)INT64_MAX + 1, SEC, &d, &r),
+                 TALLY_EINVAL);
+    cr_assert_eq(d, 5, "untouched on failure");
+    cr_assert_eq(tally_read(e, mixed, "k", 1, &s), TALLY_ENOENT);
+    cr_assert_eq(tally_read(e, gcra, "k", 1, &s), TALLY_ENOENT);
+    tally_close(e);
+}
+
+/* ---- TALLY_CONCURRENCY ------------------------------------------------------------ */
+
+static const tally_limit CONC2 = { .algo = TALLY_CONCURRENCY, .max = 2, .period_ns = 30 * SEC };
+
+Test(features, concurrency_admits_max_holders_and_releases_give_back)
+{
+    tally_engine *e = open_engine(64);
+    uint32_t p = add(e, "c", 0, 1, &CONC2);
+
+    cr_assert_eq(tally_release_at(e, p, "k", 1, NULL, T0), TALLY_ENOENT, "untracked");
+    tally_result r = hit(e, p, "k", NULL, T0);
+    cr_assert(r.allowed);
+    cr_assert_eq(r.remaining, 1);
+    cr_assert_eq(r.reset_after_ns, 30 * SEC);
+    cr_assert(hit(e, p, "k", NULL, T0 + SEC).allowed);
+    r = hit(e, p, "k", NULL, T0 + 2 * SEC);
+    cr_assert_not(r.allowed);
+    cr_assert_eq(r.first_exceeded, 1u);
+    cr_assert_eq(r.retry_after_ns, 29 * SEC, "until the holds' lease ends");
+    cr_assert_eq(hit(e, p, "k", NULL, T0 + 2 * SEC).first_exceeded, 0u, "once per episode");
+
+    cr_assert_eq(tally_release_at(e, p, "k", 1, NULL, T0 + 3 * SEC), 0);
+    cr_assert_eq(used(e, p, "k", 0), 1);
+    cr_assert(hit(e, p, "k", NULL, T0 + 3 * SEC).allowed, "the released hold is free again");
+    uint64_t three[1] = { 3 };
+    cr_assert_eq(tally_release_at(e, p, "k", 1, three, T0 + 3 * SEC), TALLY_ENOENT,
+                 "more than is held");
+    cr_assert_eq(used(e, p, "k", 0), 2, "nothing changed");
+    cr_assert_eq(tally_release_at(e, p, "k", 1, NULL, T0 + 4 * SEC), 0);
+    cr_assert_eq(tally_release_at(e, p, "k", 1, NULL, T0 + 4 * SEC), 0);
+    cr_assert_eq(tally_release_at(e, p, "k", 1, NULL, T0 + 4 * SEC), TALLY_ENOENT,
+                 "holds nothing: never negative");
+    cr_assert_eq(used(e, p, "k", 0), 0);
+    /* an episode ended with the last hold: a new one marks again */
+    hit(e, p, "k", NULL, T0 + 5 * SEC);
+    hit(e, p, "k", NULL, T0 + 5 * SEC);
+    cr_assert_eq(hit(e, p, "k", NULL, T0 + 5 * SEC).first_exceeded, 1u);
+    tally_close(e);
+}
+
+Test(features, concurrency_holds_expire_a_lease_after_the_latest_acquire)
+{
+    tally_engine *e = open_engine(64);
+    uint32_t p = add(e, "c", 0, 1, &CONC2);
+    hit(e, p, "k", NULL, T0);
+    hit(e, p, "k", NULL, T0 + 10 * SEC);
+
+    cr_assert_not(hit(e, p, "k", NULL, T0 + 40 * SEC - 1).allowed, "both still held");
+    tally_result r = hit(e, p, "k", NULL, T0 + 40 * SEC);
+    cr_assert(r.allowed, "a lease after the latest acquire, every hold expired");
+    cr_assert_eq(r.remaining, 1);
+    cr_assert_eq(tally_release_at(e, p, "k", 1, NULL, T0 + 70 * SEC), TALLY_ENOENT,
+                 "that hold expired too");
+    cr_assert_eq(tally_release_at(e, p, "k", 1, NULL, T0 + 70 * SEC - 1), 0);
+    tally_close(e);
+}
+
+Test(features, concurrency_with_a_rate_limit_is_all_or_none)
+{
+    tally_engine *e = open_engine(64);
+    tally_limit l[2] = { { .algo = TALLY_FIXED_WINDOW, .max = 3, .period_ns = 60 * SEC }, CONC2 };
+    uint32_t p = add(e, "both", 0, 2, l);
+    uint64_t costs[2] = { 1, 1 };
+
+    cr_assert(hit(e, p, "k", costs, T0).allowed);
+    cr_assert(hit(e, p, "k", costs, T0).allowed);
+    tally_result r = hit(e, p, "k", costs, T0);
+    cr_assert_not(r.allowed);
+    cr_assert_eq(r.exceeded, 2u);
+    cr_assert_eq(used(e, p, "k", 0), 2, "the rate limit gave the denied hit back");
+    cr_assert_eq(tally_release_at(e, p, "k", 1, costs, T0), 0);
+    cr_assert(hit(e, p, "k", costs, T0).allowed);
+    cr_assert_eq(tally_release_at(e, p, "k", 1, costs, T0), 0);
+    r = hit(e, p, "k", costs, T0);
+    cr_assert_not(r.allowed);
+    cr_assert_eq(r.exceeded, 1u, "the rate limit is out");
+    cr_assert_eq(used(e, p, "k", 1), 1, "no hold was taken by the denied hit");
+    tally_close(e);
+}
+
+Test(features, concurrency_bad_input)
+{
+    tally_engine *e = open_engine(64);
+    uint32_t fixed = add(e, "fixed", 0, 1, &FIXED10);
+    tally_limit two[2] = { CONC2, CONC2 };
+    tally_policy p2 = policy_of("two", 0, 2, two);
+    uint32_t id;
+    cr_assert_eq(tally_policy_add(e, &p2, &id), TALLY_EINVAL, "one concurrency limit a policy");
+    tally_limit big = CONC2;
+    big.max = TALLY_CONCURRENCY_MAX_COUNT + 1;
+    tally_policy pb = policy_of("big", 0, 1, &big);
+    cr_assert_eq(tally_policy_add(e, &pb, &id), TALLY_EINVAL);
+    big.max = 1;
+    big.period_ns = 0;
+    pb = policy_of("big", 0, 1, &big);
+    cr_assert_eq(tally_policy_add(e, &pb, &id), TALLY_EINVAL, "a lease of 0");
+
+    hit(e, fixed, "k", NULL, T0);
+    cr_assert_eq(tally_release_at(e, fixed, "k", 1, NULL, T0), TALLY_EINVAL, "no concurrency limit");
+    cr_assert_eq(used(e, fixed, "k", 0), 1);
+    uint32_t c = add(e, "c", 0, 1, &CONC2);
+    cr_assert_eq(tally_release_at(e, c, "k", 0, NULL, T0), TALLY_EINVAL);
+    cr_assert_eq(tally_release_at(e, c, NULL, 1, NULL, T0), TALLY_EINVAL);
+    cr_assert_eq(tally_release_at(NULL, c, "k", 1, NULL, T0), TALLY_EINVAL);
+    cr_assert_eq(tally_release_at(e, c, "k", 1, NULL, (uint64_t)INT64_MAX + 1), TALLY_EINVAL);
+    cr_assert_eq(tally_release(e, c, "k", 1, NULL), TALLY_ENOENT);
+
+    /* an update keeps the holds: a smaller max denies until they are given back */
+    hit(e, c, "k", NULL, T0);
+    hit(e, c, "k", NULL, T0);
+    tally_limit one = CONC2;
+    one.max = 1;
+    tally_policy np = policy_of("c", 0, 1, &one);
+    cr_assert_eq(tally_policy_update(e, c, &np), 0);
+    cr_assert_eq(tally_release_at(e, c, "k", 1, NULL, T0), 0);
+    cr_assert_not(hit(e, c, "k", NULL, T0).allowed, "1 held of a max of 1");
+    cr_assert_eq(tally_release_at(e, c, "k", 1, NULL, T0), 0);
+    cr_assert(hit(e, c, "k", NULL, T0).allowed);
+    tally_close(e);
+}
