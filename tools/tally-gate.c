@@ -61,6 +61,15 @@ static const char usage_text[] =
 "GET /metrics answers the counters in the Prometheus format (not limited).\n"
 "\n"
 "  -p, --policy SPEC       the policy, e.g. 'api: 10/s burst 20 gcra' (docs/TOOLS.md)\n"
+"      --policy-file FILE  read the policy from FILE (its first line that is not\n"
+"                          empty or a # comment) instead; SIGHUP reads it again\n"
+"                          and updates the policy of the same name, keeping every\n"
+"                          key's usage; a file that cannot be read, parsed or\n"
+"                          applied changes nothing and is logged\n"
+"      --delay-max DURATION\n"
+"                          GCRA policies: delay a request that conforms within\n"
+"                          DURATION (e.g. 500ms, 2s) instead of answering 429;\n"
+"                          the delay holds the worker thread that answers it\n"
 "  -l, --listen ADDR:PORT  where to listen (default 127.0.0.1:8080; port 0 picks\n"
 "                          a free one)\n"
 "  -t, --threads N         worker threads, each with its own event loop (default 2)\n"
@@ -73,8 +82,12 @@ static const char usage_text[] =
 "                          answer 504 when the upstream has not answered N ms\n"
 "                          after the request was forwarded (default "
                           STR(UPSTREAM_TIMEOUT_MS) ")\n"
-"  -r, --redis H:PORT      share the counters through Redis (the flusher)\n"
+"  -r, --redis ADDR        share the counters through Redis (the flusher); ADDR is\n"
+"                          H:PORT, cluster:H:PORT[,H:PORT]... (seed nodes of a\n"
+"                          Redis Cluster) or sentinel:NAME@H:PORT[,H:PORT]...\n"
+"                          (the sentinels of the master NAME)\n"
 "      --redis-prefix P    Redis key prefix (default tally:)\n"
+"      --redis-wait N      a flush counts only once N replicas have it (WAIT)\n"
 "      --flush-ms N        flush interval in ms (default 1000)\n"
 "      --capacity N        most keys tracked at once (default 1048576)\n"
 "      --port-file FILE    write the port listened on to FILE once ready\n"
@@ -97,6 +110,10 @@ static const char usage_text[] =
 "refused connection, or an upstream that closes without a response, is\n"
 "answered 502; no response within --upstream-timeout-ms, 504.\n"
 "\n"
+"A policy with a concurrent limit (N concurrent lease D) counts requests in\n"
+"flight per key: each allowed request holds its key until its answer is\n"
+"produced (with -u, until the upstream exchange ends).\n"
+"\n"
 "SIGTERM or SIGINT stops it cleanly: the workers close their connections, the\n"
 "flusher pushes what is pending, and it exits 0.\n"
 "Exit status: 0 stopped by a signal; 1 it could not start (address in use,\n"
@@ -110,7 +127,11 @@ struct counters {                   /* one per worker; summed by /metrics */
 struct gate {
     tally_engine *engine;
     uint32_t policy;
-    tally_policy pol;
+    tally_policy pol;               /* as started; a reload changes the maxes below */
+    _Atomic uint64_t limit_max[TALLY_MAX_LIMITS];   /* RateLimit-Limit of each limit */
+    const char *policy_file;
+    uint64_t delay_max_ns;          /* --delay-max: reserve instead of hit */
+    bool holds;                     /* the policy has a concurrent limit: release */
     const char *key_header;
     size_t key_header_len;
     size_t max_key_len;             /* the engine's: a longer key header is refused */
@@ -172,6 +193,8 @@ struct conn {
     bool draining;                  /* answered and shut for writing: reading to EOF */
     size_t drained;                 /* bytes dropped while draining */
     struct upstream up;
+    char held[257];                 /* the key a concurrent limit holds for the exchange */
+    size_t held_len;                /* 0: none held */
     /* On the worker's linger list while draining, on its upstream list while
        up.fd is open: never both, the linger starts after the last answer. */
     struct timeouts *timer;
@@ -511,10 +534,14 @@ static void up_error(struct worker *w, struct conn *c, bool timeout, const char 
         simple_response(c, 502, "Bad Gateway", rl, "upstream failed\n");
 }
 
-/* Ends the exchange: its fd, its deadline, its buffers. */
+/* Ends the exchange: its fd, its deadline, its buffers, the hold of its key. */
 static void up_close(struct worker *w, struct conn *c)
 {
     struct upstream *u = &c->up;
+    if (c->held_len) {
+        tally_release(w->g->engine, w->g->policy, c->held, c->held_len, NULL);
+        c->held_len = 0;
+    }
     if (u->fd >= 0) {
         epoll_ctl(w->ep, EPOLL_CTL_DEL, u->fd, NULL);
         close(u->fd);
@@ -691,7 +718,11 @@ static void handle(struct worker *w, struct conn *c, const char *req, const stru
     const char *key = r->key ? r->key : c->peer;
     size_t key_len = r->key ? r->key_len : strlen(c->peer);
     tally_result res;
-    int rc = key_len ? tally_hit(g->engine, g->policy, key, key_len, NULL, &res) : TALLY_EINVAL;
+    uint64_t delay = 0;
+    int rc = !key_len ? TALLY_EINVAL
+        : g->delay_max_ns ? tally_reserve_at(g->engine, g->policy, key, key_len, NULL, tally_now_ns(),
+                                             g->delay_max_ns, &delay, &res)
+        : tally_hit(g->engine, g->policy, key, key_len, NULL, &res);
     if (rc != 0) {
         atomic_fetch_add_explicit(&k->errors, 1, memory_order_relaxed);
         char body[128];
@@ -703,7 +734,8 @@ static void handle(struct worker *w, struct conn *c, const char *req, const stru
     unsigned bind = res.exceeded ? (unsigned)__builtin_ctz(res.exceeded) : 0;
     char rl[256];
     int n = snprintf(rl, sizeof rl, "RateLimit-Limit: %" PRIu64 "\r\nRateLimit-Remaining: %" PRIu64
-                     "\r\nRateLimit-Reset: %" PRIu64 "\r\n", g->pol.limits[bind].max, res.remaining,
+                     "\r\nRateLimit-Reset: %" PRIu64 "\r\n",
+                     atomic_load_explicit(&g->limit_max[bind], memory_order_relaxed), res.remaining,
                      ceil_s(res.reset_after_ns));
     if (!res.allowed) {
         atomic_fetch_add_explicit(&k->denied, 1, memory_order_relaxed);
@@ -714,9 +746,18 @@ static void handle(struct worker *w, struct conn *c, const char *req, const stru
         return;
     }
     atomic_fetch_add_explicit(&k->allowed, 1, memory_order_relaxed);
+    if (delay)
+        nanosleep(&(struct timespec){ .tv_sec = (time_t)(delay / SEC), .tv_nsec = (long)(delay % SEC) },
+                  NULL);
     if (!g->has_upstream) {
         simple_response(c, 200, "OK", rl, "ok\n");
+        if (g->holds)
+            tally_release(g->engine, g->policy, key, key_len, NULL);
         return;
+    }
+    if (g->holds) {
+        memcpy(c->held, key, key_len);        /* at most max_key_len (256) bytes */
+        c->held_len = key_len;
     }
     if (!up_start(w, c, req, r, rl))
         up_error(w, c, false, rl);
@@ -970,6 +1011,72 @@ static void *worker_main(void *arg)
 
 /* ---- start-up ---------------------------------------------------------- */
 
+/* The spec of a policy file: its first line that is not empty or a comment,
+   into @buf. NULL and errno, or a message in @why, when there is none. */
+static const char *policy_file_spec(const char *path, char *buf, size_t len, const char **why)
+{
+    FILE *f = fopen(path, "r");
+    *why = NULL;
+    if (!f)
+        return NULL;
+    const char *spec = NULL;
+    while (!spec && fgets(buf, (int)len, f)) {
+        size_t n = strlen(buf);
+        if (n == len - 1 && buf[n - 1] != '\n') {
+            *why = "a line longer than 4 KiB";
+            break;
+        }
+        while (n && (buf[n - 1] == '\n' || buf[n - 1] == '\r' || buf[n - 1] == ' '))
+            buf[--n] = '\0';
+        char *p = buf + strspn(buf, " \t");
+        if (*p && *p != '#')
+            spec = p;
+    }
+    if (!spec && !*why)
+        *why = ferror(f) ? "a read error" : "no policy line";
+    fclose(f);
+    return spec;
+}
+
+static void publish_maxes(struct gate *g, const tally_policy *p)
+{
+    for (unsigned i = 0; i < p->n_limits; i++)
+        atomic_store_explicit(&g->limit_max[i], p->limits[i].max, memory_order_relaxed);
+}
+
+/* SIGHUP: read the policy file again and update the policy, or log why not. */
+static void reload(struct gate *g)
+{
+    char buf[4096], name[TALLY_MAX_POLICY_NAME + 1];
+    const char *why;
+    if (!g->policy_file) {
+        fputs("tally-gate: SIGHUP: no --policy-file to reload\n", stderr);
+        return;
+    }
+    const char *spec = policy_file_spec(g->policy_file, buf, sizeof buf, &why);
+    if (!spec) {
+        fprintf(stderr, "tally-gate: reload of %s failed, policy unchanged: %s\n", g->policy_file,
+                why ? why : strerror(errno));
+        return;
+    }
+    tally_policy p;
+    tally_spec_error err;
+    if (tally_policy_parse(spec, &p, name, sizeof name, &err) != 0) {
+        fprintf(stderr, "tally-gate: reload of %s failed, policy unchanged: bad spec at offset "
+                        "%zu: %s\n", g->policy_file, err.offset, err.message);
+        return;
+    }
+    int rc = tally_policy_update(g->engine, g->policy, &p);
+    if (rc != 0) {
+        fprintf(stderr, "tally-gate: reload of %s failed, policy unchanged: %s (the name, the "
+                        "number of limits and each limit's algorithm must stay)\n",
+                g->policy_file, tally_strerror(rc));
+        return;
+    }
+    publish_maxes(g, &p);
+    fprintf(stderr, "tally-gate: reloaded %s: %s\n", g->policy_file, spec);
+}
+
 static bool resolve(const char *hostport, int socktype, bool passive, struct sockaddr_storage *ss,
                     socklen_t *len)
 {
@@ -1032,12 +1139,61 @@ static bool num_option(const char *name, const char *arg, uint64_t hi, uint64_t 
     return false;
 }
 
+/* --delay-max: a number and a unit, ms or s (at most an hour). */
+static bool duration_option(const char *arg, uint64_t *ns)
+{
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(arg, &end, 10);
+    uint64_t unit = strcmp(end, "ms") == 0 ? 1000000 : strcmp(end, "s") == 0 ? SEC : 0;
+    if (errno || end == arg || !unit || v == 0 || v > 3600 * SEC / unit) {
+        fprintf(stderr, "tally-gate: bad --delay-max '%s' (want N ms or N s, up to 3600 s)\n", arg);
+        return false;
+    }
+    *ns = v * unit;
+    return true;
+}
+
+#define REDIS_FORMS "H:PORT, cluster:H:PORT[,H:PORT]... or sentinel:NAME@H:PORT[,H:PORT]..."
+
+/* --redis ADDR into @ro (@buf keeps a host or a master name). The library
+   checks a node list, so a bad one is refused before anything starts. */
+static bool redis_option(const char *arg, tally_redis_options *ro, char *buf, size_t len)
+{
+    const char *at;
+    uint64_t port;
+    if (strncmp(arg, "cluster:", 8) == 0) {
+        ro->mode = TALLY_REDIS_CLUSTER;
+        ro->nodes = arg + 8;
+        return true;
+    }
+    if (strncmp(arg, "sentinel:", 9) == 0) {
+        arg += 9;
+        if (!(at = strchr(arg, '@')) || at == arg || (size_t)(at - arg) >= len)
+            return false;
+        memcpy(buf, arg, (size_t)(at - arg));
+        buf[at - arg] = '\0';
+        ro->mode = TALLY_REDIS_SENTINEL;
+        ro->master_name = buf;
+        ro->nodes = at + 1;
+        return true;
+    }
+    const char *colon = strrchr(arg, ':');
+    if (!colon || colon == arg || (size_t)(colon - arg) >= len || !parse_num(colon + 1, 1, 65535, &port))
+        return false;
+    memcpy(buf, arg, (size_t)(colon - arg));
+    buf[colon - arg] = '\0';
+    ro->host = buf;
+    ro->port = (int)port;
+    return true;
+}
+
 int main(int argc, char **argv)
 {
     const char *spec = NULL, *listen_addr = "127.0.0.1:8080", *upstream = NULL, *redis = NULL;
     const char *redis_prefix = NULL, *port_file = NULL;
     uint64_t threads = 2, flush_ms = 1000, capacity = 1 << 20;
-    uint64_t upstream_timeout_ms = UPSTREAM_TIMEOUT_MS;
+    uint64_t upstream_timeout_ms = UPSTREAM_TIMEOUT_MS, redis_wait = 0;
     struct gate g = { .stop_fd = -1 };
     static const struct option longopts[] = {
         { "policy", required_argument, 0, 'p' },   { "listen", required_argument, 0, 'l' },
@@ -1046,12 +1202,19 @@ int main(int argc, char **argv)
         { "redis-prefix", required_argument, 0, 'P' }, { "flush-ms", required_argument, 0, 'F' },
         { "capacity", required_argument, 0, 'C' }, { "port-file", required_argument, 0, 'W' },
         { "upstream-timeout-ms", required_argument, 0, 'U' },
+        { "redis-wait", required_argument, 0, 'R' },
+        { "policy-file", required_argument, 0, 'Y' }, { "delay-max", required_argument, 0, 'D' },
         { "help", no_argument, 0, 'h' },           { 0, 0, 0, 0 },
     };
     int c;
     while ((c = getopt_long(argc, argv, "p:l:t:H:u:r:h", longopts, NULL)) != -1) {
         switch (c) {
         case 'p': spec = optarg; break;
+        case 'Y': g.policy_file = optarg; break;
+        case 'D':
+            if (!duration_option(optarg, &g.delay_max_ns))
+                return EXIT_USAGE;
+            break;
         case 'l': listen_addr = optarg; break;
         case 'H':
             g.key_header = optarg;
@@ -1081,6 +1244,10 @@ int main(int argc, char **argv)
             if (!num_option("upstream-timeout-ms", optarg, 3600000, &upstream_timeout_ms))
                 return EXIT_USAGE;
             break;
+        case 'R':
+            if (!num_option("redis-wait", optarg, 1000, &redis_wait))
+                return EXIT_USAGE;
+            break;
         case 'h': fputs(usage_text, stdout); return 0;
         default:
             fputs("Try 'tally-gate --help'.\n", stderr);
@@ -1090,6 +1257,19 @@ int main(int argc, char **argv)
     if (optind < argc) {
         fprintf(stderr, "tally-gate: unexpected argument '%s'\nTry 'tally-gate --help'.\n", argv[optind]);
         return EXIT_USAGE;
+    }
+    char spec_buf[4096];
+    if (spec && g.policy_file) {
+        fputs("tally-gate: --policy and --policy-file exclude each other\n", stderr);
+        return EXIT_USAGE;
+    }
+    if (g.policy_file) {
+        const char *why;
+        if (!(spec = policy_file_spec(g.policy_file, spec_buf, sizeof spec_buf, &why))) {
+            fprintf(stderr, "tally-gate: cannot read a policy from %s: %s\n", g.policy_file,
+                    why ? why : strerror(errno));
+            return EXIT_USAGE;
+        }
     }
     if (!spec) {
         fputs("tally-gate: missing --policy SPEC\nTry 'tally-gate --help'.\n", stderr);
@@ -1102,6 +1282,14 @@ int main(int argc, char **argv)
                 err.offset, err.message, spec, (int)err.offset, "");
         return EXIT_USAGE;
     }
+    for (unsigned i = 0; i < g.pol.n_limits; i++) {
+        g.holds |= g.pol.limits[i].algo == TALLY_CONCURRENCY;
+        if (g.delay_max_ns && g.pol.limits[i].algo != TALLY_GCRA) {
+            fputs("tally-gate: --delay-max needs a policy of GCRA limits only\n", stderr);
+            return EXIT_USAGE;
+        }
+    }
+    publish_maxes(&g, &g.pol);
     struct sockaddr_storage laddr;
     socklen_t llen;
     if (!resolve(listen_addr, SOCK_STREAM, true, &laddr, &llen)) {
@@ -1117,20 +1305,14 @@ int main(int argc, char **argv)
         g.upstream_timeout_ns = upstream_timeout_ms * 1000000;
     }
     tally_redis_options ro = { 0 };
-    char redis_host[256];
+    char redis_buf[256];
     if (redis) {
-        const char *colon = strrchr(redis, ':');
-        uint64_t port;
-        if (!colon || colon == redis || (size_t)(colon - redis) >= sizeof redis_host ||
-            !parse_num(colon + 1, 1, 65535, &port)) {
-            fprintf(stderr, "tally-gate: bad --redis address '%s' (want HOST:PORT)\n", redis);
+        if (!redis_option(redis, &ro, redis_buf, sizeof redis_buf)) {
+            fprintf(stderr, "tally-gate: bad --redis address '%s' (want " REDIS_FORMS ")\n", redis);
             return EXIT_USAGE;
         }
-        memcpy(redis_host, redis, (size_t)(colon - redis));
-        redis_host[colon - redis] = '\0';
-        ro.host = redis_host;
-        ro.port = (int)port;
         ro.key_prefix = redis_prefix;
+        ro.wait_replicas = (unsigned)redis_wait;
     }
 
     /* Signals are taken by sigwait in this thread only. */
@@ -1138,6 +1320,7 @@ int main(int argc, char **argv)
     sigemptyset(&sigs);
     sigaddset(&sigs, SIGTERM);
     sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGHUP);
     pthread_sigmask(SIG_BLOCK, &sigs, NULL);
 
     tally_options o;
@@ -1154,7 +1337,17 @@ int main(int argc, char **argv)
         tally_flusher_options_init(&fo);
         fo.interval_ms = (uint32_t)flush_ms;
         fo.redis = &ro;
-        if ((rc = tally_flusher_start(g.engine, &fo)) != 0)
+        /* here only the Redis options can be invalid: a bad node list, or a
+           prefix with braces in cluster mode (where the slot's hash tag must
+           be the first braces of a key name) */
+        if ((rc = tally_flusher_start(g.engine, &fo)) == TALLY_EINVAL) {
+            fprintf(stderr, "tally-gate: bad --redis address '%s'%s: the library refused it (want "
+                            REDIS_FORMS ", each PORT 1..65535, at most 16 nodes)\n", redis,
+                    redis_prefix ? " with this --redis-prefix" : "");
+            tally_close(g.engine);
+            return EXIT_USAGE;
+        }
+        if (rc != 0)
             die("cannot start the flusher: %s", tally_strerror(rc));
     }
 
@@ -1196,7 +1389,8 @@ int main(int argc, char **argv)
             (unsigned)threads, spec);
 
     int sig;
-    sigwait(&sigs, &sig);
+    while (sigwait(&sigs, &sig) == 0 && sig == SIGHUP)
+        reload(&g);
     uint64_t one = 1;
     if (write(g.stop_fd, &one, sizeof one) != sizeof one)
         die("cannot signal the workers: %s", strerror(errno));

@@ -38,6 +38,18 @@ static const char usage_text[] =
 "  -d, --decisions       also print the decision of every line\n"
 "  -j, --json            print the report as one JSON object\n"
 "      --capacity N      most keys tracked at once (default 1048576)\n"
+"      --delay-max SECONDS  GCRA policies: reserve each line, delaying it up to\n"
+"                        SECONDS instead of denying (tally_reserve_at)\n"
+"      --hold SECONDS    concurrency limits: give each admitted line's holds back\n"
+"                        SECONDS after its time (default: never; they expire\n"
+"                        with the lease)\n"
+"  -r, --redis ADDR      also share the counts through Redis, as one more engine\n"
+"                        would (flushed every 100 ms and at the end); ADDR is\n"
+"                        H:PORT, cluster:H:PORT[,H:PORT]... (seed nodes of a\n"
+"                        Redis Cluster) or sentinel:NAME@H:PORT[,H:PORT]...\n"
+"                        (the sentinels of the master NAME)\n"
+"      --redis-prefix P  Redis key prefix (default tally:)\n"
+"      --redis-wait N    a flush counts only once N replicas have it (WAIT)\n"
 "  -q, --quiet           no progress bar (it is shown on a terminal for traces\n"
 "                        of 16 MiB and more)\n"
 "  -h, --help            this text\n"
@@ -45,7 +57,8 @@ static const char usage_text[] =
 "The cost of a line is taken from every limit of the policy.\n"
 "Exit status: 0 every line replayed; 1 some lines were malformed and skipped\n"
 "(the report counts them); 2 bad arguments or policy spec; 3 the trace cannot\n"
-"be read; 4 the engine refused hits (more keys than --capacity).\n";
+"be read; 4 the engine refused hits (more keys than --capacity), or the final\n"
+"flush to Redis failed.\n";
 
 enum format { FMT_TSV, FMT_COMMON, FMT_COMBINED };
 enum field { F_HOST, F_IDENT, F_USER, F_REQUEST, F_PATH, F_STATUS, F_REFERER, F_AGENT };
@@ -180,6 +193,40 @@ static bool parse_uint(const char *s, size_t n, uint64_t *out)
         v = v * 10 + (uint64_t)(s[i] - '0');
     }
     *out = v;
+    return true;
+}
+
+#define REDIS_FORMS "H:PORT, cluster:H:PORT[,H:PORT]... or sentinel:NAME@H:PORT[,H:PORT]..."
+
+/* --redis ADDR into @ro (@buf keeps a host or a master name). The library
+   checks a node list, so a bad one is refused before anything starts. */
+static bool redis_option(const char *arg, tally_redis_options *ro, char *buf, size_t len)
+{
+    const char *at, *colon;
+    uint64_t port;
+    if (strncmp(arg, "cluster:", 8) == 0) {
+        ro->mode = TALLY_REDIS_CLUSTER;
+        ro->nodes = arg + 8;
+        return true;
+    }
+    if (strncmp(arg, "sentinel:", 9) == 0) {
+        arg += 9;
+        if (!(at = strchr(arg, '@')) || at == arg || (size_t)(at - arg) >= len)
+            return false;
+        memcpy(buf, arg, (size_t)(at - arg));
+        buf[at - arg] = '\0';
+        ro->mode = TALLY_REDIS_SENTINEL;
+        ro->master_name = buf;
+        ro->nodes = at + 1;
+        return true;
+    }
+    if (!(colon = strrchr(arg, ':')) || colon == arg || (size_t)(colon - arg) >= len ||
+        !parse_uint(colon + 1, strlen(colon + 1), &port) || port < 1 || port > 65535)
+        return false;
+    memcpy(buf, arg, (size_t)(colon - arg));
+    buf[colon - arg] = '\0';
+    ro->host = buf;
+    ro->port = (int)port;
     return true;
 }
 
@@ -356,6 +403,10 @@ static void describe_limit(const tally_limit *l, char *buf, size_t len)
         snprintf(buf, len, "burst %" PRIu64 " refilled in %" PRIu64 "ms gcra", l->max,
                  l->period_ns / 1000000);
         break;
+    case TALLY_CONCURRENCY:
+        snprintf(buf, len, "%" PRIu64 " concurrent lease %" PRIu64 "ms", l->max,
+                 l->period_ns / 1000000);
+        break;
     }
 }
 
@@ -373,10 +424,43 @@ static int entry_cmp(const void *a, const void *b)
 
 struct report {
     uint64_t lines, hits, allowed, denied, shadow_denied, malformed, refused;
+    uint64_t delayed, delay_ns;
     uint64_t limit_denied[TALLY_MAX_LIMITS], limit_first[TALLY_MAX_LIMITS];
     uint64_t base_ts, min_ts, max_ts;
     bool any_ts;
 };
+
+/* Holds to give back, in the order of their times (one hold time for all). */
+struct hold {
+    uint64_t at, cost;
+    char *key;
+    size_t len;
+};
+
+struct holds {
+    struct hold *h;
+    size_t head, n, cap;
+};
+
+static void holds_push(struct holds *q, uint64_t at, uint64_t cost, const char *key, size_t len)
+{
+    if (q->head + q->n == q->cap) {
+        if (q->head) {
+            memmove(q->h, q->h + q->head, q->n * sizeof *q->h);
+            q->head = 0;
+        } else {
+            q->cap = q->cap ? 2 * q->cap : 1024;
+            q->h = realloc(q->h, q->cap * sizeof *q->h);
+            if (!q->h) {
+                fputs("tally-replay: out of memory\n", stderr);
+                exit(EXIT_ENGINE);
+            }
+        }
+    }
+    char *k = xcalloc(1, len + 1);
+    memcpy(k, key, len);
+    q->h[q->head + q->n++] = (struct hold){ at, cost, k, len };
+}
 
 static void progress(off_t done, off_t total, uint64_t lines, bool last)
 {
@@ -390,23 +474,28 @@ static void progress(off_t done, off_t total, uint64_t lines, bool last)
 
 int main(int argc, char **argv)
 {
-    const char *spec = NULL, *path = NULL;
+    const char *spec = NULL, *path = NULL, *redis = NULL, *redis_prefix = NULL;
     enum format fmt = FMT_TSV;
     enum field key = F_HOST;
     bool cost_bytes = false, decisions = false, json = false, quiet = false;
-    uint64_t top = 10, bucket_s = 60, capacity = 1 << 20;
+    uint64_t top = 10, bucket_s = 60, capacity = 1 << 20, redis_wait = 0;
+    uint64_t delay_max = 0, hold_ns = 0;
+    bool reserve = false;
     static const struct option longopts[] = {
         { "policy", required_argument, 0, 'p' }, { "format", required_argument, 0, 'f' },
         { "key", required_argument, 0, 'k' },    { "cost", required_argument, 0, 'c' },
         { "top", required_argument, 0, 'n' },    { "bucket", required_argument, 0, 'b' },
         { "decisions", no_argument, 0, 'd' },    { "json", no_argument, 0, 'j' },
         { "capacity", required_argument, 0, 'C' }, { "quiet", no_argument, 0, 'q' },
+        { "redis", required_argument, 0, 'r' },  { "redis-prefix", required_argument, 0, 'P' },
+        { "redis-wait", required_argument, 0, 'W' },
+        { "delay-max", required_argument, 0, 'D' }, { "hold", required_argument, 0, 'H' },
         { "help", no_argument, 0, 'h' },         { 0, 0, 0, 0 },
     };
     static const char *const field_names[] = { "host", "ident", "user", "request", "path",
                                                "status", "referer", "agent" };
     int c;
-    while ((c = getopt_long(argc, argv, "p:f:k:c:n:b:djqh", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "p:f:k:c:n:b:r:djqh", longopts, NULL)) != -1) {
         switch (c) {
         case 'p': spec = optarg; break;
         case 'f':
@@ -451,6 +540,26 @@ int main(int argc, char **argv)
             *(c == 'n' ? &top : c == 'b' ? &bucket_s : &capacity) = v;
             break;
         }
+        case 'r': redis = optarg; break;
+        case 'P': redis_prefix = optarg; break;
+        case 'W':
+            if (!parse_uint(optarg, strlen(optarg), &redis_wait) || redis_wait < 1 || redis_wait > 1000) {
+                fprintf(stderr, "tally-replay: bad value '%s' for --redis-wait (1..1000)\n", optarg);
+                return EXIT_USAGE;
+            }
+            break;
+        case 'D':
+        case 'H': {
+            uint64_t v;
+            if (!parse_ts(optarg, strlen(optarg), &v) || (c == 'H' && v == 0)) {
+                fprintf(stderr, "tally-replay: bad duration '%s' for %s (seconds, up to 9 "
+                                "decimals)\n", optarg, c == 'D' ? "--delay-max" : "--hold");
+                return EXIT_USAGE;
+            }
+            *(c == 'D' ? &delay_max : &hold_ns) = v;
+            reserve |= c == 'D';
+            break;
+        }
         case 'd': decisions = true; break;
         case 'j': json = true; break;
         case 'q': quiet = true; break;
@@ -484,6 +593,29 @@ int main(int argc, char **argv)
         return EXIT_USAGE;
     }
 
+    bool has_conc = false, all_gcra = true;
+    for (unsigned i = 0; i < pol.n_limits; i++) {
+        has_conc |= pol.limits[i].algo == TALLY_CONCURRENCY;
+        all_gcra &= pol.limits[i].algo == TALLY_GCRA;
+    }
+    if (reserve && !all_gcra) {
+        fputs("tally-replay: --delay-max needs a policy of GCRA limits only\n", stderr);
+        return EXIT_USAGE;
+    }
+    if (hold_ns && !has_conc) {
+        fputs("tally-replay: --hold needs a policy with a concurrent limit\n", stderr);
+        return EXIT_USAGE;
+    }
+
+    tally_redis_options ro = { 0 };
+    char redis_buf[256];
+    if (redis && !redis_option(redis, &ro, redis_buf, sizeof redis_buf)) {
+        fprintf(stderr, "tally-replay: bad --redis address '%s' (want " REDIS_FORMS ")\n", redis);
+        return EXIT_USAGE;
+    }
+    ro.key_prefix = redis_prefix;
+    ro.wait_replicas = (unsigned)redis_wait;
+
     FILE *in = path ? fopen(path, "r") : stdin;
     if (!in) {
         fprintf(stderr, "tally-replay: cannot open '%s': %s\n", path, strerror(errno));
@@ -508,8 +640,30 @@ int main(int argc, char **argv)
         fprintf(stderr, "tally-replay: cannot start the engine: %s\n", tally_strerror(rc));
         return EXIT_ENGINE;
     }
+    if (redis) {
+        tally_flusher_options fo;
+        tally_flusher_options_init(&fo);
+        fo.interval_ms = 100;
+        fo.redis = &ro;
+        /* here only the Redis options can be invalid: a bad node list, or a
+           prefix with braces in cluster mode (where the slot's hash tag must
+           be the first braces of a key name) */
+        if ((rc = tally_flusher_start(e, &fo)) != 0) {
+            if (rc == TALLY_EINVAL)
+                fprintf(stderr, "tally-replay: bad --redis address '%s'%s: the library refused it "
+                                "(want " REDIS_FORMS ", each PORT 1..65535, at most 16 nodes)\n",
+                        redis, redis_prefix ? " with this --redis-prefix" : "");
+            else
+                fprintf(stderr, "tally-replay: cannot start the flusher: %s\n", tally_strerror(rc));
+            tally_close(e);
+            if (path)
+                fclose(in);
+            return rc == TALLY_EINVAL ? EXIT_USAGE : EXIT_ENGINE;
+        }
+    }
 
     struct report r = { 0 };
+    struct holds holds = { 0 };
     struct key_map keys = { 0 };
     struct timeline tl = { 0 };
     char *buf = NULL;
@@ -538,8 +692,26 @@ int main(int argc, char **argv)
         uint64_t costs[TALLY_MAX_LIMITS];
         for (unsigned i = 0; i < TALLY_MAX_LIMITS; i++)
             costs[i] = l.cost;
+        /* the holds due by this line's time are given back first */
+        while (holds.n && holds.h[holds.head].at <= l.ts_ns) {
+            struct hold *h = &holds.h[holds.head++];
+            holds.n--;
+            uint64_t hc[TALLY_MAX_LIMITS];
+            for (unsigned i = 0; i < TALLY_MAX_LIMITS; i++)
+                hc[i] = h->cost;
+            tally_release_at(e, pid, h->key, h->len, hc, h->at);   /* ENOENT: the lease ended first */
+            free(h->key);
+        }
         tally_result res;
-        rc = tally_hit_at(e, pid, l.key, l.key_len, costs, l.ts_ns, &res);
+        uint64_t delay = 0;
+        rc = reserve ? tally_reserve_at(e, pid, l.key, l.key_len, costs, l.ts_ns, delay_max, &delay, &res)
+                     : tally_hit_at(e, pid, l.key, l.key_len, costs, l.ts_ns, &res);
+        if (rc == 0 && res.allowed && hold_ns)
+            holds_push(&holds, l.ts_ns + hold_ns, l.cost, l.key, l.key_len);
+        if (rc == 0 && delay) {
+            r.delayed++;
+            r.delay_ns += delay;
+        }
         if (rc != 0) {
             if (r.refused++ < 5)
                 fprintf(stderr, "tally-replay: line %" PRIu64 ": %s\n", r.lines, tally_strerror(rc));
@@ -574,8 +746,11 @@ int main(int argc, char **argv)
             b->denied += res.exceeded != 0;
         }
         if (decisions) {
-            const char *verdict = !res.allowed ? "deny" : res.exceeded ? "shadow-deny" : "allow";
+            const char *verdict = !res.allowed ? "deny" : res.exceeded ? "shadow-deny"
+                                : delay ? "delay" : "allow";
             double retry = res.retry_after_ns == TALLY_NEVER ? -1 : (double)res.retry_after_ns / 1e9;
+            if (delay)
+                retry = (double)delay / 1e9;      /* a delayed line: how long it waits */
             if (json) {
                 fprintf(out, "%s\n{\"line\":%" PRIu64 ",\"ts\":%" PRIu64 ".%09" PRIu64 ",\"key\":",
                         first_decision ? "" : ",", r.lines, l.ts_ns / SEC, l.ts_ns % SEC);
@@ -596,6 +771,12 @@ int main(int argc, char **argv)
     if (path)
         fclose(in);
     free(buf);
+    for (size_t i = 0; i < holds.n; i++)
+        free(holds.h[holds.head + i].key);
+    free(holds.h);
+    bool flush_failed = redis && (rc = tally_flusher_stop(e)) != 0;
+    if (flush_failed)
+        fprintf(stderr, "tally-replay: final flush to Redis failed: %s\n", tally_strerror(rc));
     tally_close(e);
     if (read_error) {
         fprintf(stderr, "tally-replay: error reading '%s'\n", path ? path : "stdin");
@@ -618,8 +799,12 @@ int main(int argc, char **argv)
         json_str(out, spec, strlen(spec));
         fprintf(out, ",\"lines\":%" PRIu64 ",\"malformed\":%" PRIu64 ",\"refused\":%" PRIu64
                      ",\"hits\":%" PRIu64 ",\"allowed\":%" PRIu64 ",\"denied\":%" PRIu64
-                     ",\"shadow_denied\":%" PRIu64 ",\"keys\":%zu,\"limits\":[",
+                     ",\"shadow_denied\":%" PRIu64 ",\"keys\":%zu",
                 r.lines, r.malformed, r.refused, r.hits, r.allowed, r.denied, r.shadow_denied, keys.n);
+        if (reserve)
+            fprintf(out, ",\"delayed\":%" PRIu64 ",\"delay_s\":%.3f", r.delayed,
+                    (double)r.delay_ns / 1e9);
+        fputs(",\"limits\":[", out);
         for (unsigned i = 0; i < pol.n_limits; i++) {
             char d[128];
             describe_limit(&pol.limits[i], d, sizeof d);
@@ -647,6 +832,9 @@ int main(int argc, char **argv)
         fprintf(out, "hits     %" PRIu64 " from %zu keys over %" PRIu64 " s\n", r.hits, keys.n,
                 r.any_ts ? (r.max_ts - r.min_ts) / SEC : 0);
         fprintf(out, "allowed  %" PRIu64 "\ndenied   %" PRIu64 "\n", r.allowed, r.denied);
+        if (reserve)
+            fprintf(out, "delayed  %" PRIu64 " of the allowed, %.3f s in all\n", r.delayed,
+                    (double)r.delay_ns / 1e9);
         if (pol.flags & TALLY_SHADOW)
             fprintf(out, "shadow   %" PRIu64 " allowed only because the policy is in shadow mode\n",
                     r.shadow_denied);
@@ -681,5 +869,5 @@ int main(int argc, char **argv)
         fprintf(stderr, "tally-replay: cannot write the report: %s\n", strerror(errno));
         return EXIT_INPUT;
     }
-    return r.refused ? EXIT_ENGINE : r.malformed ? EXIT_MALFORMED : 0;
+    return r.refused || flush_failed ? EXIT_ENGINE : r.malformed ? EXIT_MALFORMED : 0;
 }

@@ -15,7 +15,9 @@
  *     delta is 0, and a delta added after that check is spilled to the stack
  *     after the grace period (table.c).
  *  3. A store sink applies each batch once, however often it is sent
- *     (sync/redis.c, guarantee 3).
+ *     (sync/redis.c, guarantee 3): a batch carries the next sequence number
+ *     of its bucket, and a bucket forms no batch while its oldest batch of
+ *     unknown outcome would fall TALLY__SEQ_WINDOW numbers behind.
  *  4. The other engines' count of a key is written by the flusher alone into
  *     the slot's {rwin, remote} pair, with rwin as a seqlock sequence.
  *  5. No RCU read-side section is held across I/O.
@@ -371,7 +373,7 @@ void tally__sync_deliver_deltas(struct tally__flusher *f, const item *items, con
 }
 
 /* A batch Redis refused unapplied: its deltas go back to their entries, to
-   be merged with what comes next and sent under a new token. */
+   be merged with what comes next and sent under a new sequence number. */
 void tally__sync_dissolve(batch *b)
 {
     for (size_t i = 0; i < b->n; i++) {
@@ -380,50 +382,60 @@ void tally__sync_dissolve(batch *b)
     }
 }
 
-static bool has_fresh(const struct tally__flusher *f)
-{
-    for (size_t i = 0; i < f->map_size; i++)
-        for (const entry *x = f->map[i]; x; x = x->next)
-            if (x->fresh)
-                return true;
-    return false;
-}
-
-/* Form batches from the fresh cost of every entry, unless MAX_KEPT_BATCHES
-   or more batches of unknown outcome wait (guarantee 6): the cost then stays
-   merged in the entries, and *held_back says whether any did. Every batch
-   still listed was sent before. */
+/* Form batches, one bucket each, from the fresh cost of every entry. A
+   bucket with MAX_KEPT_BATCHES or more batches of unknown outcome waiting
+   (guarantee 6), or whose oldest such batch a new sequence number would
+   leave TALLY__SEQ_WINDOW behind (the store could no longer tell whether it
+   ran: sync/redis.c, guarantee 3), keeps its cost merged in the entries, and
+   *held_back says whether any did. Every batch still listed was sent before. */
 int tally__sync_form_batches(struct tally__flusher *f, bool *held_back)
 {
-    batch *b = NULL;
-    size_t kept = 0;
-    for (const batch *k = f->inflight_head; k; k = k->next)
-        kept++;
+    unsigned nb = f->sink->buckets;
+    uint32_t *kept = calloc(nb, sizeof(*kept));
+    uint64_t *oldest = calloc(nb, sizeof(*oldest));
+    batch **open = calloc(nb, sizeof(*open));
+    int rc = kept && oldest && open ? 0 : TALLY_ENOMEM;
     *held_back = false;
-    if (kept >= MAX_KEPT_BATCHES) {
-        *held_back = has_fresh(f);
-        return 0;
+    for (const batch *k = f->inflight_head; k && !rc; k = k->next) {
+        kept[k->bucket]++;
+        if (!oldest[k->bucket] || k->seq < oldest[k->bucket])
+            oldest[k->bucket] = k->seq;
     }
-    for (size_t i = 0; i < f->map_size; i++) {
-        for (entry *x = f->map[i]; x; x = x->next) {
+    for (size_t i = 0; i < f->map_size && !rc; i++) {
+        for (entry *x = f->map[i]; x && !rc; x = x->next) {
             if (!x->fresh)
                 continue;
+            unsigned bk = tally__sync_bucket(f->sink, x->digest);
+            batch *b = open[bk];
             if (!b) {
+                if (kept[bk] >= MAX_KEPT_BATCHES
+                    || (oldest[bk] && f->bucket_seq[bk] + 1 - oldest[bk] >= TALLY__SEQ_WINDOW)) {
+                    *held_back = true;
+                    continue;
+                }
                 b = calloc(1, sizeof(*b));
-                if (!b)
-                    return TALLY_ENOMEM;
-                b->token = ++f->next_token;
+                if (!b) {
+                    rc = TALLY_ENOMEM;
+                    break;
+                }
+                b->seq = ++f->bucket_seq[bk];
+                b->bucket = bk;
+                b->ask = -1;
                 *f->inflight_tail = b;
                 f->inflight_tail = &b->next;
+                open[bk] = b;
             }
             b->items[b->n++] = (item){ x, x->fresh };
             x->fresh = 0;
             x->inflight++;
             if (b->n == CHUNK_KEYS)
-                b = NULL;
+                open[bk] = NULL;
         }
     }
-    return 0;
+    free(kept);
+    free(oldest);
+    free(open);
+    return rc;
 }
 
 void tally__sync_deliver_note(struct tally__flusher *f, const tally__note *n)
@@ -500,7 +512,7 @@ static void local_destroy(tally__sink *s)
 }
 
 static const tally__sink_ops local_ops = { .push = local_push, .destroy = local_destroy };
-tally__sink tally__sink_local = { .ops = &local_ops };
+tally__sink tally__sink_local = { .ops = &local_ops, .buckets = 1 };
 
 /* Forget entries whose window ended and that hold nothing. */
 static void prune(struct tally__flusher *f)
@@ -647,12 +659,15 @@ static void flusher_free(struct tally__flusher *f)
     }
     free(f->cb);
     free(f->refresh);
+    free(f->bucket_seq);
     pthread_mutex_destroy(&f->lock);
     pthread_cond_destroy(&f->cond);
     pthread_mutex_destroy(&f->err_lock);
     free(f);
 }
 
+/* The Redis options a library with or without Redis refuses alike; the
+   sink parses the node list (sync/redis.c), also before anything starts. */
 static int check_options(const tally_flusher_options *o)
 {
     if (o->interval_ms == 0 || o->cpu < -1 || o->cpu >= CPU_SETSIZE)
@@ -660,10 +675,27 @@ static int check_options(const tally_flusher_options *o)
     const tally_redis_options *r = o->redis;
     if (!r)
         return 0;
-    if (!r->unix_path && (!r->host || !r->host[0] || r->port <= 0 || r->port > 65535))
+    switch (r->mode) {
+    case TALLY_REDIS_STANDALONE:
+        if (!r->unix_path && (!r->host || !r->host[0] || r->port <= 0 || r->port > 65535))
+            return TALLY_EINVAL;
+        if (r->unix_path && !r->unix_path[0])
+            return TALLY_EINVAL;
+        break;
+    case TALLY_REDIS_CLUSTER:
+        /* a cluster has database 0 only, and the slot tag must be the first
+           braces of every key name */
+        if (!r->nodes || !r->nodes[0] || r->db != 0
+            || (r->key_prefix && strpbrk(r->key_prefix, "{}")))
+            return TALLY_EINVAL;
+        break;
+    case TALLY_REDIS_SENTINEL:
+        if (!r->nodes || !r->nodes[0] || !r->master_name || !r->master_name[0])
+            return TALLY_EINVAL;
+        break;
+    default:
         return TALLY_EINVAL;
-    if (r->unix_path && !r->unix_path[0])
-        return TALLY_EINVAL;
+    }
     if (r->db < 0 || (r->key_prefix && strlen(r->key_prefix) > 256))
         return TALLY_EINVAL;
     return 0;
@@ -700,6 +732,11 @@ int tally__flusher_start(tally_engine *e, const tally_flusher_options *o)
             flusher_free(f);
             return rc;
         }
+    }
+    f->bucket_seq = calloc(f->sink->buckets, sizeof(*f->bucket_seq));
+    if (!f->bucket_seq) {
+        flusher_free(f);
+        return TALLY_ENOMEM;
     }
     uint8_t rnd[8];
     if (getrandom(rnd, sizeof(rnd), 0) == (ssize_t)sizeof(rnd))

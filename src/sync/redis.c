@@ -1,26 +1,39 @@
 /*
- * The Redis sink: one connection (TCP or a unix socket, AUTH, SELECT,
- * timeouts, reconnects with a capped backoff) over which each flush is one
- * pipeline of Lua batch scripts, event and flag commands, and the MGET
- * read-back of live keys. It keeps guarantees 3 and 6 of sync/flusher.c:
+ * The Redis sink: links to Redis (TCP or a unix socket, AUTH, SELECT,
+ * timeouts, reconnects with a capped backoff; one link in STANDALONE and
+ * SENTINEL mode, one per master in CLUSTER mode: sync/redis-internal.h),
+ * over which each flush is one pipeline per link of Lua batch scripts, event
+ * and flag commands, the MGET read-back of live keys and, with
+ * wait_replicas, a WAIT. It keeps guarantees 3 and 6 of sync/flusher.c:
  *
- *  3. Redis gets each batch as a Lua script that first sets a one-time token
- *     (SET NX) and only then runs the INCRBYs: a batch whose reply was lost is
- *     sent again with the same token and the same content, and Redis applies
- *     it once. The script runs atomically: a batch is applied wholly, but for
- *     keys Redis refuses inside it (guarantee 6).
+ *  3. Each batch carries the next sequence number of its bucket. The script
+ *     checks it against the engine instance's record for that bucket (a
+ *     string: the highest sequence applied, then a bitmap of the last
+ *     TALLY__SEQ_WINDOW), sets its bit, and only then runs the INCRBYs: a
+ *     batch whose reply was lost is sent again with the same number and
+ *     content, and Redis applies it once, even after later batches ran. The
+ *     record lives next to the counts it guards (the same slot in a cluster),
+ *     so a replica that takes over holds both as of one moment, and answers
+ *     a resend for what it holds. One record per engine instance and bucket,
+ *     refreshed on use, expiring a day after the last: the bookkeeping stays
+ *     a fixed number of keys whatever the number of batches. The script runs
+ *     atomically: a batch is applied wholly, but for keys Redis refuses
+ *     inside it (guarantee 6).
  *  6. Every reply is paired with the command it answers, in pipeline order.
  *     An error reply by which Redis refused a batch before running it (BUSY,
  *     OOM, LOADING, READONLY, MOVED, CROSSSLOT, ...: see refused_unapplied)
  *     puts its deltas back into their entries, merged per key and window,
- *     to be sent in a later batch under a new token. A batch whose outcome is
- *     unknown (its reply was lost, or an unexpected error) is kept with its
- *     token and resent as it was; a refusal of a resend keeps it too, since
- *     an earlier send may have run. The script never stops half-way: a key
- *     Redis refused inside it (WRONGTYPE, overflow, an ACL) is answered with
- *     its error and goes back to its entry alone. While MAX_KEPT_BATCHES or
- *     more kept batches wait, no new batch is formed, so what is sent per
- *     flush is bounded by the pending keys whatever Redis answers.
+ *     to be sent in a later batch under a new number. A batch whose outcome
+ *     is unknown (its reply was lost, or an unexpected error; with
+ *     wait_replicas, a WAIT that did not confirm enough replicas) is kept
+ *     with its number and resent as it was; a refusal of a resend keeps it
+ *     too, since an earlier send may have run. In a cluster, a MOVED or ASK
+ *     keeps the batch as it is and sends it to the node named, in the same
+ *     push. The script never stops half-way: a key Redis refused inside it
+ *     (WRONGTYPE, overflow, an ACL) is answered with its error and goes back
+ *     to its entry alone. While MAX_KEPT_BATCHES or more kept batches of a
+ *     bucket wait, the bucket forms no new batch, so what is sent per flush
+ *     is bounded by the pending keys whatever Redis answers.
  */
 #include <inttypes.h>
 #include <stdio.h>
@@ -28,27 +41,22 @@
 #include <string.h>
 #include <sys/time.h>
 
-#include <hiredis/hiredis.h>
-
 #include "core/clock.h"
 #include "core/rcu.h"
-#include "sync/sync-internal.h"
+#include "sync/redis-internal.h"
 
-#define TOKEN_TTL_MS    "86400000"     /* a batch token outlives any retry */
+#define RECORD_TTL_MS   "86400000"     /* a record outlives any retry of its batches */
 #define BACKOFF_MIN_MS  50
 #define BACKOFF_MAX_MS  5000
 #define TTL_SLACK_MS    60000          /* late deltas (retries) still find their key */
 #define KEY_MAX         640            /* bytes of one Redis key name, prefix included */
+#define ROUNDS          3              /* pipelines per push: the first, then redirections */
 
-typedef struct redis_sink {
-    tally__sink          base;
-    tally_redis_options  ro;
-    char                *host, *unix_path, *password, *prefix;
-    redisContext        *rc;
-    bool                 ever_connected;
-    uint64_t             next_connect_ns;
-    uint32_t             backoff_ms;
-} redis_sink;
+#define STR_(x) #x
+#define STR(x)  STR_(x)
+
+typedef tally__redis_sink redis_sink;
+typedef tally__link       rlink;
 
 static inline redis_sink *R(struct tally__flusher *f)
 {
@@ -62,42 +70,77 @@ enum {
     REPLY_UNKNOWN      /* may or may not have run */
 };
 
+/* What a reply of a link's pipeline answers. */
+enum { EX_BATCH, EX_ASKING, EX_EVENT, EX_FLAG, EX_MGET, EX_WAIT, EX_PING };
+
 /*
- * One batch. The token's SET NX is the only command whose error stops the
- * script, and it comes before any write. After it nothing can stop the
- * script half-way: each INCRBY runs under pcall, and a key Redis refused
- * (WRONGTYPE, overflow, an ACL) is answered with its error in its place and
- * listed in the token, so that a resend of the batch (its reply was lost)
- * answers that key with an error again rather than with a total that does
- * not hold its cost.
+ * One batch. KEYS[1] is the record, KEYS[2] the keys of the record's batches
+ * that Redis refused inside the script, KEYS[3..] the counts; ARGV[1] is the
+ * sequence number, ARGV[2] the record's TTL, then a delta and a TTL a count.
+ * The record is the first write (BITFIELD), so a refusal of the script by
+ * OOM or READONLY, raised at the first write only, comes before anything
+ * changed. A sequence number above the highest clears the bits of the
+ * numbers it skips (their window is over) and forgets their refused keys; one
+ * inside the window is new when its bit is clear; one below the window is
+ * never sent (tally__sync_form_batches). The record's TTL is set on every
+ * run, a write even for a resend, so that a WAIT after a resend waits for
+ * what its first run wrote. After the record nothing can stop the script
+ * half-way: each INCRBY runs under pcall, and a key Redis refused (WRONGTYPE,
+ * overflow, an ACL) is answered with its error in its place and kept in
+ * KEYS[2], so that a resend answers that key with an error again rather
+ * than with a total that does not hold its cost.
  */
 static const char LUA_BATCH[] =
+    "local W = " STR(TALLY__SEQ_WINDOW) "\n"
+    "local rec, refused, seq = KEYS[1], KEYS[2], tonumber(ARGV[1])\n"
+    "local hi = redis.call('BITFIELD', rec, 'GET', 'i64', 0)[1]\n"
+    "local new\n"
+    "if seq > hi then\n"
+    "  if seq - hi >= W then\n"
+    "    redis.call('SETRANGE', rec, 8, string.rep('\\0', W / 8))\n"
+    "    redis.call('DEL', refused)\n"
+    "  else\n"
+    "    for s = hi + 1, seq - 1 do redis.call('SETBIT', rec, 64 + s % W, 0) end\n"
+    "    if redis.call('EXISTS', refused) == 1 then\n"
+    "      for s = hi + 1 - W, seq - W do redis.call('HDEL', refused, s) end\n"
+    "    end\n"
+    "  end\n"
+    "  redis.call('BITFIELD', rec, 'SET', 'i64', 0, ARGV[1])\n"
+    "  redis.call('SETBIT', rec, 64 + seq % W, 1)\n"
+    "  new = true\n"
+    "elseif hi - seq < W then\n"
+    "  new = redis.call('SETBIT', rec, 64 + seq % W, 1) == 0\n"
+    "else\n"
+    "  return redis.error_reply('STALE batch below the record window')\n"
+    "end\n"
+    "redis.call('PEXPIRE', rec, ARGV[2])\n"
     "local out = {}\n"
-    "if redis.call('SET', KEYS[1], '', 'NX', 'PX', ARGV[1]) then\n"
+    "if new then\n"
     "  local failed = {}\n"
-    "  for i = 2, #KEYS do\n"
-    "    local r = redis.pcall('INCRBY', KEYS[i], ARGV[2 * i - 2])\n"
-    "    out[i - 1] = r\n"
+    "  for i = 1, #KEYS - 2 do\n"
+    "    local r = redis.pcall('INCRBY', KEYS[i + 2], ARGV[2 * i + 1])\n"
+    "    out[i] = r\n"
     "    if type(r) == 'table' then\n"
     "      failed[#failed + 1] = i\n"
     "    else\n"
-    "      redis.pcall('PEXPIRE', KEYS[i], ARGV[2 * i - 1], 'NX')\n"
+    "      redis.pcall('PEXPIRE', KEYS[i + 2], ARGV[2 * i + 2], 'NX')\n"
     "    end\n"
     "  end\n"
     "  if #failed > 0 then\n"
-    "    redis.pcall('SET', KEYS[1], table.concat(failed, ','), 'KEEPTTL')\n"
+    "    redis.pcall('HSET', refused, ARGV[1], table.concat(failed, ','))\n"
+    "    redis.pcall('PEXPIRE', refused, ARGV[2])\n"
     "  end\n"
     "else\n"
     "  local failed = {}\n"
-    "  for i in string.gmatch(redis.call('GET', KEYS[1]) or '', '%d+') do\n"
+    "  for i in string.gmatch(redis.call('HGET', refused, ARGV[1]) or '', '%d+') do\n"
     "    failed[tonumber(i)] = true\n"
     "  end\n"
-    "  for i = 2, #KEYS do\n"
+    "  for i = 1, #KEYS - 2 do\n"
     "    if failed[i] then\n"
-    "      out[i - 1] = redis.error_reply('REFUSED by Redis when the batch first ran')\n"
+    "      out[i] = redis.error_reply('REFUSED by Redis when the batch first ran')\n"
     "    else\n"
-    "      local v = redis.pcall('GET', KEYS[i])\n"
-    "      out[i - 1] = type(v) == 'string' and tonumber(v) or 0\n"
+    "      local v = redis.pcall('GET', KEYS[i + 2])\n"
+    "      out[i] = type(v) == 'string' and tonumber(v) or 0\n"
     "    end\n"
     "  end\n"
     "end\n"
@@ -113,6 +156,11 @@ static bool code_is(const char *str, size_t len, const char *code)
 {
     size_t n = strlen(code);
     return len >= n && memcmp(str, code, n) == 0 && (len == n || str[n] == ' ');
+}
+
+static bool reply_is(const redisReply *r, const char *code)
+{
+    return r && r->type == REDIS_REPLY_ERROR && r->str && code_is(r->str, r->len, code);
 }
 
 /*
@@ -145,11 +193,27 @@ static int refused_unapplied(struct tally__flusher *f, const redisReply *r)
     return REPLY_UNKNOWN;
 }
 
-static void redis_drop(struct tally__flusher *f)
+/* ---- Links --------------------------------------------------------------- */
+
+int tally__redis_link(redis_sink *r, const char *host, int port)
 {
-    if (R(f)->rc)
-        redisFree(R(f)->rc);
-    R(f)->rc = NULL;
+    for (int i = 0; i < r->n_links; i++)
+        if (r->links[i].port == port && strcmp(r->links[i].host, host) == 0)
+            return i;
+    if (r->n_links == TALLY__LINKS_MAX || strlen(host) > TALLY__NODE_HOST_MAX)
+        return -1;
+    rlink *l = &r->links[r->n_links];
+    memset(l, 0, sizeof(*l));
+    strcpy(l->host, host);
+    l->port = port;
+    return r->n_links++;
+}
+
+void tally__redis_link_drop(rlink *l)
+{
+    if (l->rc)
+        redisFree(l->rc);
+    l->rc = NULL;
 }
 
 /* One command, for AUTH and SELECT: true when the reply is not an error. */
@@ -166,81 +230,191 @@ static bool redis_simple(struct tally__flusher *f, redisContext *c, int argc, co
     return ok;
 }
 
-static bool redis_ready(struct tally__flusher *f)
+static void set_error_text(struct tally__flusher *f, const char *text)
 {
-    if (R(f)->rc)
+    tally__sync_set_error(f, text, strlen(text));
+}
+
+/* SENTINEL: the master's address, asked before each connect. */
+static bool discover(struct tally__flusher *f, rlink *l)
+{
+    char err[ERRSTR_LEN];
+    int rc = tally__sentinel_master(R(f)->nodes, R(f)->master_name, R(f)->ro.connect_timeout_ms,
+                                    l->host, sizeof(l->host), &l->port, err, sizeof(err));
+    if (rc)
+        set_error_text(f, err[0] ? err : "no sentinel answered");
+    return rc == 0;
+}
+
+bool tally__redis_link_ready(struct tally__flusher *f, rlink *l)
+{
+    redis_sink *r = R(f);
+    if (l->rc)
         return true;
     uint64_t now = tally_now_ns();
-    if (now < R(f)->next_connect_ns)
+    if (now < l->next_connect_ns)
         return false;
-    struct timeval ct = ms_tv(R(f)->ro.connect_timeout_ms);
-    redisContext *c = R(f)->unix_path ? redisConnectUnixWithTimeout(R(f)->unix_path, ct)
-                                   : redisConnectWithTimeout(R(f)->host, R(f)->ro.port, ct);
-    bool ok = c && !c->err && redisSetTimeout(c, ms_tv(R(f)->ro.command_timeout_ms)) == REDIS_OK;
-    if (!ok) {
-        const char *why = c ? c->errstr : "cannot allocate a Redis context";
-        tally__sync_set_error(f, why, strlen(why));
+    bool sentinel = r->ro.mode == TALLY_REDIS_SENTINEL;
+    bool ok = !sentinel || discover(f, l);
+    redisContext *c = NULL;
+    if (ok) {
+        struct timeval ct = ms_tv(r->ro.connect_timeout_ms);
+        bool unix_socket = r->ro.mode == TALLY_REDIS_STANDALONE && r->unix_path;
+        c = unix_socket ? redisConnectUnixWithTimeout(r->unix_path, ct)
+                        : redisConnectWithTimeout(l->host, l->port, ct);
+        /* a WAIT may hold its reply for its own timeout on top of the command's */
+        uint32_t timeout = r->ro.command_timeout_ms + (r->ro.wait_replicas ? r->ro.wait_timeout_ms : 0);
+        ok = c && !c->err && redisSetTimeout(c, ms_tv(timeout)) == REDIS_OK;
+        if (!ok)
+            set_error_text(f, c ? c->errstr : "cannot allocate a Redis context");
     }
-    if (ok && R(f)->password) {
-        const char *argv[] = { "AUTH", R(f)->password };
+    if (ok && r->password) {
+        const char *argv[] = { "AUTH", r->password };
         ok = redis_simple(f, c, 2, argv);
     }
-    if (ok && R(f)->ro.db) {
+    if (ok && r->ro.db) {
         char db[16];
-        snprintf(db, sizeof(db), "%d", R(f)->ro.db);
+        snprintf(db, sizeof(db), "%d", r->ro.db);
         const char *argv[] = { "SELECT", db };
         ok = redis_simple(f, c, 2, argv);
+    }
+    /* the sentinels' answer can be stale: never write to a demoted master */
+    if (ok && sentinel && tally__redis_is_master(c) != 1) {
+        set_error_text(f, "the address the sentinels gave is not a master");
+        ok = false;
     }
     if (!ok) {
         if (c)
             redisFree(c);
-        R(f)->backoff_ms = R(f)->backoff_ms ? R(f)->backoff_ms * 2 : BACKOFF_MIN_MS;
-        if (R(f)->backoff_ms > BACKOFF_MAX_MS)
-            R(f)->backoff_ms = BACKOFF_MAX_MS;
-        R(f)->next_connect_ns = now + (uint64_t)R(f)->backoff_ms * TALLY__NS_PER_MS;
+        l->backoff_ms = l->backoff_ms ? l->backoff_ms * 2 : BACKOFF_MIN_MS;
+        if (l->backoff_ms > BACKOFF_MAX_MS)
+            l->backoff_ms = BACKOFF_MAX_MS;
+        l->next_connect_ns = now + (uint64_t)l->backoff_ms * TALLY__NS_PER_MS;
+        if (r->ro.mode == TALLY_REDIS_CLUSTER)
+            r->map_stale = true;          /* its slots may have a new master by now */
         return false;
     }
-    if (R(f)->ever_connected)
+    if (l->ever_connected)
         atomic_fetch_add_explicit(&f->e->redis_reconnects, 1, memory_order_relaxed);
-    R(f)->ever_connected = true;
-    R(f)->backoff_ms = 0;
-    R(f)->rc = c;
+    l->ever_connected = true;
+    l->backoff_ms = 0;
+    l->rc = c;
     return true;
 }
 
-/* "<prefix><policy>:<limit>:<hash tag>:<32 hex digest>:<window start ns>"; the
-   tag ("s1", "a1": core/hash.h) keeps digests of different hashes apart. */
-static int count_key(struct tally__flusher *f, const entry *x, char *buf, size_t len)
+/* The link of a bucket's commands, or -1 when no node serves it now. */
+static int route(redis_sink *r, unsigned bucket)
 {
-    tally__policy *p = tally__policy_get(f->e, x->policy);
-    return snprintf(buf, len, "%s%s:%u:%s:%016" PRIx64 "%016" PRIx64 ":%" PRIu64, R(f)->prefix,
-                    p->name, x->limit, tally__hasher_tag(&f->e->hasher), x->digest.hi, x->digest.lo,
-                    x->win);
+    if (r->ro.mode != TALLY_REDIS_CLUSTER)
+        return 0;
+    return r->owner[r->bucket_slot[bucket]];
 }
 
-static int append_batch(struct tally__flusher *f, batch *b)
+/* The link @bucket's commands go to, connected, or NULL. */
+static rlink *link_for(struct tally__flusher *f, unsigned bucket)
 {
-    size_t argc = 5 + 3 * b->n;       /* EVAL script numkeys token keys... ttl (delta ttl)... */
+    int i = route(R(f), bucket);
+    if (i < 0)
+        return NULL;
+    rlink *l = &R(f)->links[i];
+    return tally__redis_link_ready(f, l) ? l : NULL;
+}
+
+/* Append a command to @l with the reply it waits for. A failed append (out
+   of memory) leaves neither in the pipeline. */
+static bool send_cmd(rlink *l, int kind, void *p, size_t from, size_t n, int argc, const char **argv,
+                     const size_t *argl)
+{
+    if (l->nex == l->cap) {
+        size_t cap = l->cap ? 2 * l->cap : 64;
+        tally__expect *ex = realloc(l->ex, cap * sizeof(*ex));
+        if (!ex)
+            return false;
+        l->ex = ex;
+        l->cap = cap;
+    }
+    if (redisAppendCommandArgv(l->rc, argc, argv, argl) != REDIS_OK)
+        return false;
+    l->ex[l->nex++] = (tally__expect){ .kind = kind, .p = p, .from = from, .n = n };
+    return true;
+}
+
+/* ---- Key names ----------------------------------------------------------- */
+
+/* In a cluster, "{<bucket>}" right after the prefix: the first braces of the
+   name (check_options refuses braces in the prefix), so a bucket's keys share
+   a slot. Nothing in the other modes. */
+static int slot_tag(struct tally__flusher *f, unsigned bucket, char *buf, size_t len)
+{
+    if (R(f)->ro.mode != TALLY_REDIS_CLUSTER) {
+        buf[0] = 0;
+        return 0;
+    }
+    return snprintf(buf, len, "{%u}", bucket);
+}
+
+/* "<prefix><slot tag><policy>:<limit>:<hash tag>:<32 hex digest>:<window start ns>";
+   the hash tag ("s1", "a1": core/hash.h) keeps digests of different hashes apart. */
+static int count_key(struct tally__flusher *f, uint32_t policy, unsigned limit, tally__digest d,
+                     uint64_t win, char *buf, size_t len)
+{
+    tally__policy *p = tally__policy_get(f->e, policy);
+    char tag[16];
+    slot_tag(f, tally__sync_bucket(f->sink, d), tag, sizeof(tag));
+    return snprintf(buf, len, "%s%s%s:%u:%s:%016" PRIx64 "%016" PRIx64 ":%" PRIu64, R(f)->prefix, tag,
+                    p->name, limit, tally__hasher_tag(&f->e->hasher), d.hi, d.lo, win);
+}
+
+/* "<prefix><slot tag><policy>:flag:<hash tag>:<32 hex digest>": a flag shared
+   by every engine with the same hash */
+static int flag_key(struct tally__flusher *f, uint32_t policy, tally__digest d, char *buf, size_t len)
+{
+    tally__policy *p = tally__policy_get(f->e, policy);
+    char tag[16];
+    slot_tag(f, tally__sync_bucket(f->sink, d), tag, sizeof(tag));
+    return snprintf(buf, len, "%s%s%s:flag:%s:%016" PRIx64 "%016" PRIx64, R(f)->prefix, tag, p->name,
+                    tally__hasher_tag(&f->e->hasher), d.hi, d.lo);
+}
+
+/* "<prefix><slot tag>seen:<instance>": the record of a bucket's batches. */
+static int record_key(struct tally__flusher *f, unsigned bucket, char *buf, size_t len)
+{
+    char tag[16];
+    slot_tag(f, bucket, tag, sizeof(tag));
+    return snprintf(buf, len, "%s%sseen:%016" PRIx64, R(f)->prefix, tag, f->instance);
+}
+
+/* ---- Appending ----------------------------------------------------------- */
+
+static bool append_batch(struct tally__flusher *f, rlink *l, batch *b)
+{
+    size_t argc = 7 + 3 * b->n;       /* EVAL script numkeys rec refused keys... seq ttl (delta ttl)... */
     const char **argv = malloc(argc * sizeof(*argv));
     size_t *argl = malloc(argc * sizeof(*argl));
-    char *text = malloc((b->n + 1) * KEY_MAX + 2 * b->n * 24 + 64);
-    int rc = TALLY_ENOMEM;
+    char *text = malloc((b->n + 2) * KEY_MAX + 2 * b->n * 24 + 64);
+    bool ok = false;
     if (!argv || !argl || !text)
         goto out;
     char *w = text;
     size_t k = 0;
-    char nkeys[24];
+    char nkeys[24], seqs[24];
     argv[k] = "EVAL"; argl[k++] = 4;
     argv[k] = LUA_BATCH; argl[k++] = sizeof(LUA_BATCH) - 1;
-    snprintf(nkeys, sizeof(nkeys), "%zu", b->n + 1);
+    snprintf(nkeys, sizeof(nkeys), "%zu", b->n + 2);
     argv[k] = nkeys; argl[k++] = strlen(nkeys);
-    int n = snprintf(w, KEY_MAX, "%stoken:%016" PRIx64 ":%" PRIu64, R(f)->prefix, f->instance, b->token);
+    int n = record_key(f, b->bucket, w, KEY_MAX);
+    argv[k] = w; argl[k++] = (size_t)n; w += n + 1;
+    n = record_key(f, b->bucket, w, KEY_MAX - 16);
+    n += snprintf(w + n, 16, ":refused");
     argv[k] = w; argl[k++] = (size_t)n; w += n + 1;
     for (size_t i = 0; i < b->n; i++) {
-        n = count_key(f, b->items[i].e, w, KEY_MAX);
+        const entry *x = b->items[i].e;
+        n = count_key(f, x->policy, x->limit, x->digest, x->win, w, KEY_MAX);
         argv[k] = w; argl[k++] = (size_t)n; w += n + 1;
     }
-    argv[k] = TOKEN_TTL_MS; argl[k++] = strlen(TOKEN_TTL_MS);
+    snprintf(seqs, sizeof(seqs), "%" PRIu64, b->seq);
+    argv[k] = seqs; argl[k++] = strlen(seqs);
+    argv[k] = RECORD_TTL_MS; argl[k++] = strlen(RECORD_TTL_MS);
     uint64_t now = tally_now_ns();
     for (size_t i = 0; i < b->n; i++) {
         entry *x = b->items[i].e;
@@ -250,352 +424,486 @@ static int append_batch(struct tally__flusher *f, batch *b)
         n = snprintf(w, 24, "%" PRIu64, ttl);
         argv[k] = w; argl[k++] = (size_t)n; w += n + 1;
     }
-    rc = redisAppendCommandArgv(R(f)->rc, (int)k, argv, argl) == REDIS_OK ? 0 : TALLY_EIO;
-    if (!rc)
+    if (b->ask >= 0) {
+        const char *asking[] = { "ASKING" };
+        size_t asking_len[] = { 6 };
+        if (!send_cmd(l, EX_ASKING, NULL, 0, 0, 1, asking, asking_len))
+            goto out;
+    }
+    ok = send_cmd(l, EX_BATCH, b, 0, 0, (int)k, argv, argl);
+    if (ok) {
         b->sends++;
+        b->ask = -1;
+        l->waits = R(f)->ro.wait_replicas > 0;
+    }
 out:
     free(argv);
     free(argl);
     free(text);
-    return rc;
-}
-
-/* Read a batch's reply: one of the REPLY_ values, or TALLY_EIO when the
-   connection failed (no reply to read). */
-static int read_batch(struct tally__flusher *f, batch *b)
-{
-    redisReply *r = NULL;
-    if (redisGetReply(R(f)->rc, (void **)&r) != REDIS_OK || !r) {
-        tally__sync_set_error(f, R(f)->rc->errstr, strlen(R(f)->rc->errstr));
-        return TALLY_EIO;
-    }
-    if (r->type == REDIS_REPLY_ERROR) {
-        int kind = refused_unapplied(f, r);
-        freeReplyObject(r);
-        return kind;
-    }
-    int rc = r->type == REDIS_REPLY_ARRAY && r->elements == b->n ? REPLY_OK : REPLY_UNKNOWN;
-    uint64_t totals[CHUNK_KEYS];
-    bool refused[CHUNK_KEYS];
-    for (size_t i = 0; i < b->n && rc == REPLY_OK; i++) {
-        redisReply *v = r->element[i];
-        refused[i] = v->type == REDIS_REPLY_ERROR;
-        if (refused[i])
-            refused_unapplied(f, v);              /* the key's INCRBY did not run */
-        else if (v->type != REDIS_REPLY_INTEGER || v->integer < 0)
-            rc = REPLY_UNKNOWN;
-        else
-            totals[i] = (uint64_t)v->integer;
-    }
-    freeReplyObject(r);
-    if (rc != REPLY_OK) {
-        static const char shape[] = "unexpected reply to a batch script";
-        tally__sync_set_error(f, shape, sizeof(shape) - 1);
-        return rc;
-    }
-    size_t n = 0;
-    for (size_t i = 0; i < b->n; i++) {
-        entry *x = b->items[i].e;
-        x->inflight--;
-        if (refused[i]) {
-            x->fresh += b->items[i].delta;        /* sent again, under a new token */
-            rc = REPLY_REFUSED;
-            continue;
-        }
-        x->acked += b->items[i].delta;
-        x->acked_seq = f->seq;
-        tally__sync_store_remote(f, x, totals[i] > x->acked ? totals[i] - x->acked : 0);
-        b->items[n] = b->items[i];
-        totals[n++] = totals[i];
-    }
-    tally__sync_deliver_deltas(f, b->items, totals, n);
-    return rc == REPLY_REFUSED ? REPLY_PARTLY : REPLY_OK;
-}
-
-/* "<prefix><policy>:flag:<hash tag>:<32 hex digest>": a flag shared by every
-   engine with the same hash */
-static int flag_key(struct tally__flusher *f, uint32_t policy, tally__digest d, char *buf, size_t len)
-{
-    tally__policy *p = tally__policy_get(f->e, policy);
-    return snprintf(buf, len, "%s%s:flag:%s:%016" PRIx64 "%016" PRIx64, R(f)->prefix, p->name,
-                    tally__hasher_tag(&f->e->hasher), d.hi, d.lo);
+    return ok;
 }
 
 /* Events: "<count key>:notified" SET NX with the window's TTL. Flags: SET NX
    without TTL (an operator clears them); clearings: DEL. */
-static int push_events_redis(struct tally__flusher *f)
+static bool append_event(struct tally__flusher *f, rlink *l, event *ev)
 {
-    size_t sent = 0;
-    for (event *ev = f->events; ev; ev = ev->next) {
-        const tally__note *n = ev->note;
-        tally__policy *p = tally__policy_get(f->e, n->policy);
-        char key[700], val[48], ttl[24];
-        int len, rc;
-        if (n->kind == TALLY__NOTE_EVENT) {
-            entry tmp = { .policy = n->policy, .limit = n->limit, .digest = n->digest, .win = n->win };
-            len = count_key(f, &tmp, key, sizeof(key) - 16);
-            len += snprintf(key + len, sizeof(key) - (size_t)len, ":notified");
-            uint64_t end = tally__sync_window_end(&p->limits[n->limit], n->win), now = tally_now_ns();
-            if (p->limits[n->limit].spec.algo == TALLY_GCRA)
-                end = now + p->limits[n->limit].spec.period_ns;
-            snprintf(ttl, sizeof(ttl), "%" PRIu64, (end > now ? (end - now) / TALLY__NS_PER_MS : 0) + 1);
-            const char *argv[] = { "SET", key, "1", "NX", "PX", ttl };
-            size_t argl[] = { 3, (size_t)len, 1, 2, 2, strlen(ttl) };
-            rc = redisAppendCommandArgv(R(f)->rc, 6, argv, argl);
-        } else if (n->kind == TALLY__NOTE_FLAG) {
-            len = flag_key(f, n->policy, n->digest, key, sizeof(key));
-            int vl = snprintf(val, sizeof(val), "%" PRIu64 ":%" PRIu64, n->win, n->delta);
-            const char *argv[] = { "SET", key, val, "NX" };
-            size_t argl[] = { 3, (size_t)len, (size_t)vl, 2 };
-            rc = redisAppendCommandArgv(R(f)->rc, 4, argv, argl);
-        } else {
-            len = flag_key(f, n->policy, n->digest, key, sizeof(key));
-            const char *argv[] = { "DEL", key };
-            size_t argl[] = { 3, (size_t)len };
-            rc = redisAppendCommandArgv(R(f)->rc, 2, argv, argl);
-        }
-        if (rc != REDIS_OK)
-            return TALLY_EIO;
-        sent++;
+    const tally__note *n = ev->note;
+    tally__policy *p = tally__policy_get(f->e, n->policy);
+    char key[700], val[48], ttl[24];
+    int len;
+    bool ok;
+    if (n->kind == TALLY__NOTE_EVENT) {
+        len = count_key(f, n->policy, n->limit, n->digest, n->win, key, sizeof(key) - 16);
+        len += snprintf(key + len, sizeof(key) - (size_t)len, ":notified");
+        uint64_t end = tally__sync_window_end(&p->limits[n->limit], n->win), now = tally_now_ns();
+        if (p->limits[n->limit].spec.algo == TALLY_GCRA)
+            end = now + p->limits[n->limit].spec.period_ns;
+        snprintf(ttl, sizeof(ttl), "%" PRIu64, (end > now ? (end - now) / TALLY__NS_PER_MS : 0) + 1);
+        const char *argv[] = { "SET", key, "1", "NX", "PX", ttl };
+        size_t argl[] = { 3, (size_t)len, 1, 2, 2, strlen(ttl) };
+        ok = send_cmd(l, EX_EVENT, ev, 0, 0, 6, argv, argl);
+    } else if (n->kind == TALLY__NOTE_FLAG) {
+        len = flag_key(f, n->policy, n->digest, key, sizeof(key));
+        int vl = snprintf(val, sizeof(val), "%" PRIu64 ":%" PRIu64, n->win, n->delta);
+        const char *argv[] = { "SET", key, val, "NX" };
+        size_t argl[] = { 3, (size_t)len, (size_t)vl, 2 };
+        ok = send_cmd(l, EX_EVENT, ev, 0, 0, 4, argv, argl);
+    } else {
+        len = flag_key(f, n->policy, n->digest, key, sizeof(key));
+        const char *argv[] = { "DEL", key };
+        size_t argl[] = { 3, (size_t)len };
+        ok = send_cmd(l, EX_EVENT, ev, 0, 0, 2, argv, argl);
     }
-    return (int)sent;
-}
-
-static int read_events_redis(struct tally__flusher *f, size_t sent)
-{
-    event **pp = &f->events;
-    int rc = 0;
-    for (size_t i = 0; i < sent && *pp; i++) {
-        redisReply *r = NULL;
-        if (redisGetReply(R(f)->rc, (void **)&r) != REDIS_OK || !r) {
-            tally__sync_set_error(f, R(f)->rc->errstr, strlen(R(f)->rc->errstr));
-            return TALLY_EIO;
-        }
-        event *ev = *pp;
-        if (r->type == REDIS_REPLY_ERROR) {
-            refused_unapplied(f, r);
-            rc = TALLY_EIO;                   /* keep it for the next flush */
-            pp = &ev->next;
-        } else {
-            if (r->type == REDIS_REPLY_STATUS)
-                tally__sync_deliver_note(f, ev->note);    /* OK: this process is the first to tell */
-            *pp = ev->next;
-            free(ev->note);
-            free(ev);
-        }
-        freeReplyObject(r);
-    }
-    f->events_tail = pp;
-    while (*f->events_tail)
-        f->events_tail = &(*f->events_tail)->next;
-    return rc;
+    if (ok)
+        l->waits = R(f)->ro.wait_replicas > 0;
+    return ok;
 }
 
 /* Flags other engines stored: GET the flag of every watched key pushed now. */
-static void import_flags(struct tally__flusher *f, const batch *first)
+static bool append_flag_get(struct tally__flusher *f, rlink *l, entry *x)
 {
-    size_t asked = 0;
-    for (const batch *b = first; b; b = b->next)
-        for (size_t i = 0; i < b->n; i++) {
-            const entry *x = b->items[i].e;
-            tally__policy *p = tally__policy_get(f->e, x->policy);
-            if (x->limit != 0 || !atomic_load_explicit(&p->table.watch, memory_order_relaxed))   /* only whether one exists */
-                continue;
-            char key[700];
-            int len = flag_key(f, x->policy, x->digest, key, sizeof(key));
-            const char *argv[] = { "GET", key };
-            size_t argl[] = { 3, (size_t)len };
-            if (redisAppendCommandArgv(R(f)->rc, 2, argv, argl) != REDIS_OK)
-                return;
-            asked++;
-        }
-    for (const batch *b = first; b && asked; b = b->next)
-        for (size_t i = 0; i < b->n && asked; i++) {
-            const entry *x = b->items[i].e;
-            tally__policy *p = tally__policy_get(f->e, x->policy);
-            if (x->limit != 0 || !atomic_load_explicit(&p->table.watch, memory_order_relaxed))   /* only whether one exists */
-                continue;
-            redisReply *r = NULL;
-            asked--;
-            if (redisGetReply(R(f)->rc, (void **)&r) != REDIS_OK || !r) {
-                redis_drop(f);
-                return;
-            }
-            uint64_t at, amount;
-            if (r->type == REDIS_REPLY_STRING && sscanf(r->str, "%" SCNu64 ":%" SCNu64, &at, &amount) == 2)
-                tally__watch_import(f->e, x->policy, x->digest, at, amount);
-            freeReplyObject(r);
-        }
+    char key[700];
+    int len = flag_key(f, x->policy, x->digest, key, sizeof(key));
+    const char *argv[] = { "GET", key };
+    size_t argl[] = { 3, (size_t)len };
+    return send_cmd(l, EX_FLAG, x, 0, 0, 2, argv, argl);
 }
 
-/* Read the global count of each noted live key (guarantee 7): one MGET per
-   CHUNK_KEYS keys, pipelined. Appends only; read_refresh() reads. */
-static int send_refresh(struct tally__flusher *f)
+/* The global count of noted live keys [from, from + n) of one bucket (guarantee 7). */
+static bool append_mget(struct tally__flusher *f, rlink *l, size_t from, size_t n)
 {
-    size_t chunks = 0;
-    for (size_t from = 0; from < f->refresh_n; from += CHUNK_KEYS, chunks++) {
-        size_t n = f->refresh_n - from < CHUNK_KEYS ? f->refresh_n - from : CHUNK_KEYS;
-        const char **argv = malloc((n + 1) * sizeof(*argv));
-        size_t *argl = malloc((n + 1) * sizeof(*argl));
-        char *text = malloc(n * KEY_MAX);
-        int rc = argv && argl && text ? REDIS_OK : REDIS_ERR;
-        if (rc == REDIS_OK) {
-            argv[0] = "MGET";
-            argl[0] = 4;
-            for (size_t i = 0; i < n; i++) {
-                const refresh *q = &f->refresh[from + i];
-                entry tmp = { .policy = q->policy, .limit = q->limit, .digest = q->digest, .win = q->win };
-                argv[i + 1] = text + i * KEY_MAX;
-                argl[i + 1] = (size_t)count_key(f, &tmp, text + i * KEY_MAX, KEY_MAX);
-            }
-            rc = redisAppendCommandArgv(R(f)->rc, (int)n + 1, argv, argl);
+    const char **argv = malloc((n + 1) * sizeof(*argv));
+    size_t *argl = malloc((n + 1) * sizeof(*argl));
+    char *text = malloc(n * KEY_MAX);
+    bool ok = argv && argl && text;
+    if (ok) {
+        argv[0] = "MGET";
+        argl[0] = 4;
+        for (size_t i = 0; i < n; i++) {
+            const refresh *q = &f->refresh[from + i];
+            argv[i + 1] = text + i * KEY_MAX;
+            argl[i + 1] = (size_t)count_key(f, q->policy, q->limit, q->digest, q->win,
+                                            text + i * KEY_MAX, KEY_MAX);
         }
-        free(argv);
-        free(argl);
-        free(text);
-        if (rc != REDIS_OK)
-            return -1;
+        ok = send_cmd(l, EX_MGET, NULL, from, n, (int)n + 1, argv, argl);
     }
-    return (int)chunks;
+    free(argv);
+    free(argl);
+    free(text);
+    return ok;
 }
 
-static int read_refresh(struct tally__flusher *f, size_t chunks)
+static bool append_simple(rlink *l, int kind, int argc, const char **argv)
 {
-    int rc = 0;
-    for (size_t c = 0; c < chunks; c++) {
-        redisReply *r = NULL;
-        if (redisGetReply(R(f)->rc, (void **)&r) != REDIS_OK || !r) {
-            tally__sync_set_error(f, R(f)->rc->errstr, strlen(R(f)->rc->errstr));
-            return TALLY_EIO;
-        }
-        size_t from = c * CHUNK_KEYS;
-        size_t n = f->refresh_n - from < CHUNK_KEYS ? f->refresh_n - from : CHUNK_KEYS;
-        if (r->type == REDIS_REPLY_ERROR) {
-            refused_unapplied(f, r);
-            rc = TALLY_EIO;
-        } else if (r->type == REDIS_REPLY_ARRAY && r->elements == n) {
-            for (size_t i = 0; i < n; i++) {
-                const refresh *q = &f->refresh[from + i];
-                redisReply *v = r->element[i];
-                if (v->type != REDIS_REPLY_STRING)
-                    continue;                 /* nil: nobody counted in this window yet */
-                uint64_t total = strtoull(v->str, NULL, 10);
-                entry *x = tally__sync_find(f, q->policy, q->limit, q->digest, q->win);
-                /* a batch of unknown outcome may be in the total or not: wait
-                   for its reply; a reply of this flush already told the total */
-                if (x && (x->inflight || x->acked_seq == f->seq))
-                    continue;
-                uint64_t mine = x ? x->acked : 0;
-                entry tmp = { .policy = q->policy, .limit = q->limit, .digest = q->digest, .win = q->win };
-                if (total > mine)
-                    tally__sync_store_remote(f, &tmp, total - mine);
+    return send_cmd(l, kind, NULL, 0, 0, argc, argv, NULL);
+}
+
+/* ---- Reading and settling ------------------------------------------------ */
+
+/* Write every link's pipeline before reading any, so that the masters of a
+   cluster work at once; then read each link's replies in order. A link that
+   fails leaves the rest of its replies NULL and is dropped. */
+static void exchange(struct tally__flusher *f)
+{
+    redis_sink *r = R(f);
+    for (int i = 0; i < r->n_links; i++) {
+        rlink *l = &r->links[i];
+        int done = 0;
+        while (l->nex && l->rc && !done) {
+            if (redisBufferWrite(l->rc, &done) == REDIS_ERR) {
+                set_error_text(f, l->rc->errstr);
+                tally__redis_link_drop(l);
             }
-        } else {
-            rc = TALLY_EIO;
         }
-        freeReplyObject(r);
     }
+    for (int i = 0; i < r->n_links; i++) {
+        rlink *l = &r->links[i];
+        for (size_t k = 0; k < l->nex && l->rc; k++) {
+            redisReply *rep = NULL;
+            if (redisGetReply(l->rc, (void **)&rep) != REDIS_OK || !rep) {
+                set_error_text(f, l->rc->errstr);
+                tally__redis_link_drop(l);
+                if (r->ro.mode == TALLY_REDIS_CLUSTER)
+                    r->map_stale = true;
+                break;
+            }
+            l->ex[k].r = rep;
+        }
+        /* a demoted master: ask the sentinels again before the next write */
+        for (size_t k = 0; k < l->nex && l->rc && r->ro.mode == TALLY_REDIS_SENTINEL; k++)
+            if (reply_is(l->ex[k].r, "READONLY"))
+                tally__redis_link_drop(l);
+        l->acked_by_wait = true;
+        if (l->waits) {
+            /* the WAIT is the last command of the pipeline */
+            const redisReply *w = l->ex[l->nex - 1].r;
+            l->acked_by_wait = w && w->type == REDIS_REPLY_INTEGER
+                               && (unsigned long long)w->integer >= r->ro.wait_replicas;
+            if (w && w->type == REDIS_REPLY_ERROR)
+                refused_unapplied(f, w);
+            else if (w && !l->acked_by_wait) {
+                char text[96];
+                snprintf(text, sizeof(text), "WAIT: %lld of %u replicas acknowledged",
+                         w->type == REDIS_REPLY_INTEGER ? w->integer : -1LL, r->ro.wait_replicas);
+                set_error_text(f, text);
+            }
+        }
+    }
+}
+
+/* The reply to a batch: one of the REPLY_ values. @acked: WAIT confirmed it
+   (or none was asked for). Settled batches leave the list afterwards. */
+static int settle_batch(struct tally__flusher *f, rlink *l, batch *b, const redisReply *r, bool acked)
+{
+    redis_sink *rs = R(f);
+    if (!r)
+        return REPLY_UNKNOWN;                  /* no reply: it may have run */
+    if (r->type == REDIS_REPLY_ERROR) {
+        int kind = refused_unapplied(f, r);
+        if (rs->ro.mode == TALLY_REDIS_CLUSTER) {
+            bool ask = false;
+            int to = tally__cluster_redirect(rs, r, l, &ask);
+            if (to >= 0) {
+                /* not run by this node; to be sent as it is to the one named */
+                b->ask = ask ? to : -1;
+                b->redirected = true;
+                rs->map_stale |= !ask;
+                return REPLY_UNKNOWN;
+            }
+            if (reply_is(r, "READONLY") || reply_is(r, "CLUSTERDOWN") || reply_is(r, "MASTERDOWN"))
+                rs->map_stale = true;
+        }
+        /* A refusal proves only that this send did not run: a batch sent
+           before may have run then, so it keeps its number. */
+        if (kind == REPLY_REFUSED && b->sends == 1) {
+            tally__sync_dissolve(b);
+            b->settled = true;
+            return REPLY_REFUSED;
+        }
+        return REPLY_UNKNOWN;
+    }
+    bool shape = r->type == REDIS_REPLY_ARRAY && r->elements == b->n;
+    for (size_t i = 0; i < b->n && shape; i++) {
+        const redisReply *v = r->element[i];
+        shape = v->type == REDIS_REPLY_ERROR || (v->type == REDIS_REPLY_INTEGER && v->integer >= 0);
+    }
+    if (!shape) {
+        set_error_text(f, "unexpected reply to a batch script");
+        return REPLY_UNKNOWN;
+    }
+    if (!acked)
+        return REPLY_UNKNOWN;                  /* run, but maybe on this master alone */
+    uint64_t totals[CHUNK_KEYS];
+    size_t n = 0;
+    int rc = REPLY_OK;
+    for (size_t i = 0; i < b->n; i++) {
+        entry *x = b->items[i].e;
+        const redisReply *v = r->element[i];
+        x->inflight--;
+        if (v->type == REDIS_REPLY_ERROR) {
+            refused_unapplied(f, v);           /* the key's INCRBY did not run */
+            x->fresh += b->items[i].delta;     /* sent again, under a new number */
+            rc = REPLY_PARTLY;
+            continue;
+        }
+        uint64_t total = (uint64_t)v->integer;
+        x->acked += b->items[i].delta;
+        x->acked_seq = f->seq;
+        tally__sync_store_remote(f, x, total > x->acked ? total - x->acked : 0);
+        b->items[n] = b->items[i];
+        totals[n++] = total;
+    }
+    tally__sync_deliver_deltas(f, b->items, totals, n);
+    b->settled = true;
     return rc;
 }
 
-/* Push everything in flight to Redis in one pipeline, then read the global
-   counts of the live keys back. */
-static int redis_push(tally__sink *s, struct tally__flusher *f)
+/* An event's reply: OK means this process is the first to tell. */
+static bool settle_event(struct tally__flusher *f, event *ev, const redisReply *r)
 {
-    (void)s;                                  /* the flusher's own sink: R(f) */
-    if (!redis_ready(f))
-        return TALLY_EIO;
-    batch **fresh = f->inflight_tail;          /* batches formed now start here */
-    bool held_back;
-    int rc = tally__sync_form_batches(f, &held_back);
-    if (!rc && *fresh) {
-        import_flags(f, *fresh);
-        if (!R(f)->rc)
-            return TALLY_EIO;
+    if (!r)
+        return false;
+    if (r->type == REDIS_REPLY_ERROR) {
+        refused_unapplied(f, r);
+        return false;                          /* kept for the next flush */
     }
-    size_t nb = 0;
-    for (batch *b = f->inflight_head; b && !rc; b = b->next, nb++)
-        rc = append_batch(f, b);
-    int sent = rc ? 0 : push_events_redis(f);
-    if (sent < 0)
-        rc = sent;
-    int chunks = rc ? 0 : send_refresh(f);
-    if (chunks < 0)
-        rc = TALLY_EIO;
-    /* with nothing to send, a PING: a flush counts as good only if Redis answered */
-    bool ping = !rc && nb == 0 && sent == 0 && chunks == 0;
-    if (ping && redisAppendCommand(R(f)->rc, "PING") != REDIS_OK)
-        rc = TALLY_EIO;
-    if (rc) {
-        redis_drop(f);
-        return rc;
+    if (r->type == REDIS_REPLY_STATUS)
+        tally__sync_deliver_note(f, ev->note);
+    ev->settled = true;
+    return true;
+}
+
+static void settle_flag(struct tally__flusher *f, const entry *x, const redisReply *r)
+{
+    uint64_t at, amount;
+    if (r && r->type == REDIS_REPLY_STRING && sscanf(r->str, "%" SCNu64 ":%" SCNu64, &at, &amount) == 2)
+        tally__watch_import(f->e, x->policy, x->digest, at, amount);
+}
+
+/* The read-back only freshens the view: an error is counted and kept as the
+   last error, but every cost may still have been acknowledged. */
+static void settle_mget(struct tally__flusher *f, size_t from, size_t n, const redisReply *r)
+{
+    if (!r)
+        return;
+    if (r->type == REDIS_REPLY_ERROR) {
+        refused_unapplied(f, r);
+        return;
     }
-    if (ping) {
-        redisReply *r = NULL;
-        rc = redisGetReply(R(f)->rc, (void **)&r) == REDIS_OK && r && r->type != REDIS_REPLY_ERROR
-            ? 0 : TALLY_EIO;
-        if (r && r->type == REDIS_REPLY_ERROR)
-            refused_unapplied(f, r);
-        else if (!r)
-            tally__sync_set_error(f, R(f)->rc->errstr, strlen(R(f)->rc->errstr));
-        if (r)
-            freeReplyObject(r);
-        if (rc)
-            redis_drop(f);
-        return rc;
-    }
-    /* each reply answers the batch at its place in the pipeline (guarantee 6) */
-    batch **pp = &f->inflight_head;
-    while (nb-- > 0) {
-        batch *b = *pp;
-        int r = read_batch(f, b);
-        if (r == TALLY_EIO) {                  /* the connection is gone: resend the rest */
-            redis_drop(f);
-            return TALLY_EIO;
-        }
-        /* A refusal proves only that this send did not run: a batch sent
-           before may have run then, so it keeps its token. */
-        if (r == REPLY_UNKNOWN || (r == REPLY_REFUSED && b->sends > 1)) {
-            rc = TALLY_EIO;                    /* kept as it is, token and all */
-            pp = &b->next;
+    if (r->type != REDIS_REPLY_ARRAY || r->elements != n)
+        return;
+    for (size_t i = 0; i < n; i++) {
+        const refresh *q = &f->refresh[from + i];
+        const redisReply *v = r->element[i];
+        if (v->type != REDIS_REPLY_STRING)
+            continue;                         /* nil: nobody counted in this window yet */
+        uint64_t total = strtoull(v->str, NULL, 10);
+        entry *x = tally__sync_find(f, q->policy, q->limit, q->digest, q->win);
+        /* a batch of unknown outcome may be in the total or not: wait for
+           its reply; a reply of this flush already told the total */
+        if (x && (x->inflight || x->acked_seq == f->seq))
             continue;
+        uint64_t mine = x ? x->acked : 0;
+        entry tmp = { .policy = q->policy, .limit = q->limit, .digest = q->digest, .win = q->win };
+        if (total > mine)
+            tally__sync_store_remote(f, &tmp, total - mine);
+    }
+}
+
+static bool settle_one(struct tally__flusher *f, rlink *l, tally__expect *x, bool *redirected)
+{
+    switch (x->kind) {
+    case EX_BATCH: {
+        batch *b = x->p;
+        int rc = settle_batch(f, l, b, x->r, l->acked_by_wait);
+        *redirected |= b->redirected;
+        return rc == REPLY_OK || b->redirected;
+    }
+    case EX_EVENT:
+        return settle_event(f, x->p, x->r);
+    case EX_FLAG:
+        settle_flag(f, x->p, x->r);
+        return true;
+    case EX_MGET:
+        settle_mget(f, x->from, x->n, x->r);
+        return true;
+    case EX_PING:
+        if (x->r && x->r->type == REDIS_REPLY_ERROR)
+            refused_unapplied(f, x->r);
+        return x->r && x->r->type != REDIS_REPLY_ERROR;
+    default:                                  /* ASKING, WAIT: read in exchange() */
+        return true;
+    }
+}
+
+/* Settle every reply of the round, the batches first (a read-back skips the
+   keys whose totals they told); true when all of it was acknowledged. */
+static bool settle(struct tally__flusher *f, bool *redirected)
+{
+    redis_sink *r = R(f);
+    bool ok = true;
+    for (int pass = 0; pass < 2; pass++)
+        for (int i = 0; i < r->n_links; i++) {
+            rlink *l = &r->links[i];
+            for (size_t k = 0; k < l->nex; k++)
+                if ((l->ex[k].kind == EX_BATCH) == (pass == 0))
+                    ok &= settle_one(f, l, &l->ex[k], redirected);
         }
-        if (r == REPLY_REFUSED)
-            tally__sync_dissolve(b);
-        if (r != REPLY_OK)
-            rc = TALLY_EIO;
-        *pp = b->next;
-        free(b);
+    for (int i = 0; i < r->n_links; i++) {
+        rlink *l = &r->links[i];
+        for (size_t k = 0; k < l->nex; k++)
+            if (l->ex[k].r)
+                freeReplyObject(l->ex[k].r);
+        l->nex = 0;
+        l->waits = false;
+    }
+    return ok;
+}
+
+/* Drop settled batches and events from their lists. */
+static void sweep(struct tally__flusher *f)
+{
+    batch **pp = &f->inflight_head;
+    while (*pp) {
+        batch *b = *pp;
+        if (b->settled) {
+            *pp = b->next;
+            free(b);
+        } else {
+            pp = &b->next;
+        }
     }
     f->inflight_tail = pp;
-    while (*f->inflight_tail)
-        f->inflight_tail = &(*f->inflight_tail)->next;
-    int er = read_events_redis(f, (size_t)sent);
-    if (er == TALLY_EIO && R(f)->rc->err) {
-        redis_drop(f);
-        return TALLY_EIO;
+    event **ep = &f->events;
+    while (*ep) {
+        event *ev = *ep;
+        if (ev->settled) {
+            *ep = ev->next;
+            free(ev->note);
+            free(ev);
+        } else {
+            ep = &ev->next;
+        }
     }
-    /* the read-back only freshens the view: its failure is counted and kept
-       as the last error, but every cost may still have been acknowledged */
-    if (read_refresh(f, (size_t)chunks) && R(f)->rc->err) {
-        redis_drop(f);
-        return TALLY_EIO;
+    f->events_tail = ep;
+}
+
+static int by_bucket(const void *a, const void *b, void *arg)
+{
+    const tally__sink *s = arg;
+    unsigned x = tally__sync_bucket(s, ((const refresh *)a)->digest);
+    unsigned y = tally__sync_bucket(s, ((const refresh *)b)->digest);
+    return (x > y) - (x < y);
+}
+
+/* Round 0: flags of the keys pushed now, every batch, the events and the
+   read-back; a PING when there is nothing else, so that a flush counts as
+   good only if Redis answered. Later rounds: the redirected batches. False
+   when something could not be sent. */
+static bool append_round(struct tally__flusher *f, int round, batch *fresh)
+{
+    redis_sink *r = R(f);
+    bool ok = true, any = false;
+    if (round == 0) {
+        for (batch *b = fresh; b; b = b->next)
+            for (size_t i = 0; i < b->n; i++) {
+                entry *x = b->items[i].e;
+                tally__policy *p = tally__policy_get(f->e, x->policy);
+                /* relaxed: only whether a watch exists */
+                if (x->limit != 0 || !atomic_load_explicit(&p->table.watch, memory_order_relaxed))
+                    continue;
+                rlink *l = link_for(f, b->bucket);
+                ok &= l && append_flag_get(f, l, x);
+            }
     }
-    /* cost held back while batches of unknown outcome waited is not in Redis yet */
-    if (!rc && held_back)
-        rc = TALLY_EIO;
-    return rc ? rc : er;
+    for (batch *b = f->inflight_head; b; b = b->next) {
+        if (round > 0 && !b->redirected)
+            continue;
+        b->redirected = false;
+        rlink *l = NULL;
+        if (b->ask >= 0 && tally__redis_link_ready(f, &r->links[b->ask]))
+            l = &r->links[b->ask];
+        else if (b->ask < 0)
+            l = link_for(f, b->bucket);
+        if (!l || !append_batch(f, l, b)) {
+            b->ask = -1;
+            ok = false;                        /* kept: sent with a later flush */
+            continue;
+        }
+        any = true;
+    }
+    if (round == 0) {
+        for (event *ev = f->events; ev; ev = ev->next) {
+            rlink *l = link_for(f, tally__sync_bucket(f->sink, ev->note->digest));
+            ok &= l && append_event(f, l, ev);
+            any = true;
+        }
+        if (r->ro.mode == TALLY_REDIS_CLUSTER)
+            qsort_r(f->refresh, f->refresh_n, sizeof(*f->refresh), by_bucket, f->sink);
+        for (size_t from = 0, n; from < f->refresh_n; from += n) {
+            unsigned bk = tally__sync_bucket(f->sink, f->refresh[from].digest);
+            for (n = 1; n < CHUNK_KEYS && from + n < f->refresh_n
+                        && tally__sync_bucket(f->sink, f->refresh[from + n].digest) == bk; n++)
+                ;
+            rlink *l = link_for(f, bk);
+            ok &= l && append_mget(f, l, from, n);
+            any = true;
+        }
+        if (!any) {
+            /* every master that serves a bucket */
+            bool pinged[TALLY__LINKS_MAX] = { false };
+            for (unsigned bk = 0; bk < f->sink->buckets; bk++) {
+                int i = route(r, bk);
+                if (i < 0) {
+                    ok = false;
+                    continue;
+                }
+                if (pinged[i])
+                    continue;
+                pinged[i] = true;
+                const char *argv[] = { "PING" };
+                ok &= tally__redis_link_ready(f, &r->links[i])
+                      && append_simple(&r->links[i], EX_PING, 1, argv);
+            }
+        }
+    }
+    for (int i = 0; i < r->n_links; i++) {
+        rlink *l = &r->links[i];
+        if (l->waits) {
+            char n[16], ms[16];
+            snprintf(n, sizeof(n), "%u", r->ro.wait_replicas);
+            snprintf(ms, sizeof(ms), "%" PRIu32, r->ro.wait_timeout_ms);
+            const char *argv[] = { "WAIT", n, ms };
+            if (!append_simple(l, EX_WAIT, 3, argv)) {
+                l->waits = false;             /* its batches stay unconfirmed */
+                ok = false;
+            }
+        }
+    }
+    return ok;
+}
+
+/* Push everything in flight to Redis, one pipeline per link, then read the
+   global counts of the live keys back. */
+static int redis_push(tally__sink *s, struct tally__flusher *f)
+{
+    redis_sink *r = (redis_sink *)s;
+    if (r->ro.mode == TALLY_REDIS_CLUSTER && r->map_stale)
+        tally__cluster_refresh(f, r);
+    batch **fresh = f->inflight_tail;         /* batches formed now start here */
+    bool held_back;
+    int rc = tally__sync_form_batches(f, &held_back);
+    if (rc)
+        return rc;
+    bool ok = !held_back;                     /* held-back cost is not in Redis yet */
+    batch *first = *fresh;
+    for (int round = 0; round < ROUNDS; round++) {
+        if (round > 0 && r->ro.mode == TALLY_REDIS_CLUSTER && r->map_stale)
+            tally__cluster_refresh(f, r);
+        ok &= append_round(f, round, first);
+        exchange(f);
+        bool redirected = false;
+        ok &= settle(f, &redirected);
+        sweep(f);
+        if (!redirected)
+            break;
+    }
+    return ok && !f->inflight_head && !f->events ? 0 : TALLY_EIO;
 }
 
 static void redis_destroy(tally__sink *s)
 {
     redis_sink *r = (redis_sink *)s;
-    if (r->rc)
-        redisFree(r->rc);
+    for (int i = 0; i < r->n_links; i++) {
+        tally__redis_link_drop(&r->links[i]);
+        free(r->links[i].ex);
+    }
     free(r->host);
     free(r->unix_path);
     free(r->password);
     free(r->prefix);
+    free(r->nodes);
+    free(r->master_name);
     free(r);
 }
 
@@ -608,23 +916,43 @@ static char *dup_or_null(const char *s)
 
 int tally__sink_redis_new(const tally_redis_options *ro, tally__sink **out)
 {
+    tally__node seeds[TALLY__NODES_MAX];
+    int n_seeds = 0;
+    if (ro->mode != TALLY_REDIS_STANDALONE && (n_seeds = tally__parse_nodes(ro->nodes, seeds)) < 0)
+        return TALLY_EINVAL;
     redis_sink *r = calloc(1, sizeof(*r));
     if (!r)
         return TALLY_ENOMEM;
     r->base.ops = &redis_ops;
+    r->base.buckets = ro->mode == TALLY_REDIS_CLUSTER ? TALLY__CLUSTER_BUCKETS : 1;
     r->ro = *ro;
     r->host = dup_or_null(ro->host);
     r->unix_path = dup_or_null(ro->unix_path);
     r->password = dup_or_null(ro->password);
     r->prefix = strdup(ro->key_prefix ? ro->key_prefix : "tally:");
+    r->nodes = dup_or_null(ro->nodes);
+    r->master_name = dup_or_null(ro->master_name);
+    r->ro.host = r->ro.unix_path = r->ro.password = r->ro.key_prefix = NULL;
+    r->ro.nodes = r->ro.master_name = NULL;   /* the copies above are the sink's */
     if (!r->ro.connect_timeout_ms)
         r->ro.connect_timeout_ms = 1000;
     if (!r->ro.command_timeout_ms)
         r->ro.command_timeout_ms = 1000;
-    if ((ro->host && !r->host) || (ro->unix_path && !r->unix_path)
-        || (ro->password && !r->password) || !r->prefix) {
+    if (!r->ro.wait_timeout_ms)
+        r->ro.wait_timeout_ms = 100;
+    if ((ro->host && !r->host) || (ro->unix_path && !r->unix_path) || (ro->password && !r->password)
+        || !r->prefix || (ro->nodes && !r->nodes) || (ro->master_name && !r->master_name)) {
         redis_destroy(&r->base);
         return TALLY_ENOMEM;
+    }
+    memcpy(r->seeds, seeds, (size_t)n_seeds * sizeof(*seeds));
+    r->n_seeds = n_seeds;
+    if (ro->mode == TALLY_REDIS_CLUSTER) {
+        tally__cluster_init(r);
+    } else if (tally__redis_link(r, ro->host && ro->mode == TALLY_REDIS_STANDALONE ? ro->host : "",
+                                 ro->port) < 0) {
+        redis_destroy(&r->base);
+        return TALLY_EINVAL;                  /* a host name longer than any DNS name */
     }
     *out = &r->base;
     return 0;

@@ -9,8 +9,9 @@
  * an acknowledged item adds to its entry's acked and gives the others' count
  * (tally__sync_store_remote), a refused one goes back to its entry
  * (tally__sync_dissolve). A batch left in the in-flight list is kept with
- * its token, to be sent again as it is. push returns 0 when everything taken
- * was acknowledged. The flusher knows no store; a store knows no thread.
+ * its sequence number, to be sent again as it is. push returns 0 when
+ * everything taken was acknowledged. The flusher knows no store; a store
+ * knows no thread.
  */
 #ifndef TALLY_SYNC_INTERNAL_H
 #define TALLY_SYNC_INTERNAL_H
@@ -21,8 +22,12 @@
 #include "ops/ops-internal.h"
 
 #define CHUNK_KEYS       500           /* keys per batch */
-#define MAX_KEPT_BATCHES 8             /* batches of unknown outcome before forming stops */
+#define MAX_KEPT_BATCHES 8             /* batches of unknown outcome, per bucket, before forming stops */
 #define ERRSTR_LEN       256
+/* Sequence numbers a store's record of applied batches tells apart, per
+   bucket: a batch of unknown outcome must be resent before its bucket forms
+   a batch this much younger (sync/redis.c, guarantee 3). */
+#define TALLY__SEQ_WINDOW 1024
 
 struct tally__flusher;
 struct tally__sink;
@@ -32,8 +37,12 @@ typedef struct tally__sink_ops {
     void (*destroy)(struct tally__sink *s);
 } tally__sink_ops;
 
+/* A store spreads keys over @buckets buckets by digest (tally__sync_bucket);
+   a batch holds keys of one bucket and takes the next sequence number of its
+   bucket. */
 typedef struct tally__sink {
     const tally__sink_ops *ops;
+    unsigned               buckets;
 } tally__sink;
 
 /* tally_flusher_start with the current tally_redis_options (src/abi.c binds
@@ -68,11 +77,16 @@ typedef struct item {
     uint64_t delta;
 } item;
 
-/* A batch sent (or to send) to the store under one token. */
+/* A batch sent (or to send) to the store under one sequence number of its bucket. */
 typedef struct batch {
     struct batch *next;
-    uint64_t      token;
+    uint64_t      seq;            /* its sequence number in its bucket: 1, 2, ... */
+    unsigned      bucket;
     unsigned      sends;          /* times it was sent */
+    int           ask;            /* a store's one-off redirection (sync/redis.c); -1: none */
+    bool          redirected;     /* to be sent again in this push */
+    bool          settled;        /* acknowledged or given back: leaves the list */
+    void         *reply;          /* the store's reply, until the batch is settled */
     size_t        n;
     item          items[CHUNK_KEYS];
 } batch;
@@ -80,6 +94,7 @@ typedef struct batch {
 typedef struct event {
     struct event *next;
     tally__note  *note;
+    bool          settled;        /* stored, or refused for good: leaves the list */
 } event;
 
 /* A live key in its current window, whose global count the flush reads. */
@@ -111,7 +126,8 @@ struct tally__flusher {
     size_t                refresh_n, refresh_cap;
     uint64_t              seq;         /* flushes so far */
     event                *events, **events_tail;
-    uint64_t              next_token, instance;
+    uint64_t             *bucket_seq;  /* the last sequence number of each bucket */
+    uint64_t              instance;
     tally_delta          *cb;          /* on_deltas scratch */
     uint64_t              last_flush_ns;
     size_t                cb_cap;
@@ -122,10 +138,18 @@ struct tally__flusher {
 };
 
 
+/* The bucket of a digest in @s. */
+static inline unsigned tally__sync_bucket(const tally__sink *s, tally__digest d)
+{
+    return s->buckets > 1 ? (unsigned)(d.lo % s->buckets) : 0;
+}
+
 /* Helpers for the sinks (sync/flusher.c); flusher thread only. */
 entry   *tally__sync_find(struct tally__flusher *f, uint32_t policy, unsigned limit, tally__digest d,
                           uint64_t win);
-/* *held_back: fresh cost left unbatched, so the flush cannot be complete. */
+/* *held_back: fresh cost left unbatched, so the flush cannot be complete:
+   its bucket has MAX_KEPT_BATCHES batches of unknown outcome waiting, or
+   one that a new batch would leave TALLY__SEQ_WINDOW sequence numbers behind. */
 int      tally__sync_form_batches(struct tally__flusher *f, bool *held_back);
 void     tally__sync_dissolve(batch *b);
 void     tally__sync_deliver_deltas(struct tally__flusher *f, const item *items, const uint64_t *totals,

@@ -654,6 +654,33 @@ Test(faults, refused_resend_of_a_batch_whose_reply_was_lost, .timeout = 120)
                                          .text = LOADING } } });
 }
 
+/* Each batch carries a sequence number that the engine's record in Redis
+   checks (sync/redis.c, guarantee 3). A batch whose reply was lost (the 4th
+   of the first flush: Redis ran it) and whose resend was then refused
+   (LOADING), sent again after the later batches 5..8 ran: the record must
+   tell that it ran, below its highest number, or it is applied twice. */
+Test(faults, reply_lost_then_resent_after_later_batches_ran, .timeout = 120)
+{
+    run_case(&(fault_case){ .prefix = "below:", .flushes = 3, .expect = EXPECT_FAIL_FIRST,
+                            .error_text = LOADING, .permanent = false,
+                            .rules = { { .command = "EVAL", .action = FAULT_DROP_REPLY, .skip = 3,
+                                         .count = 1 },
+                                       { .command = "EVAL", .action = FAULT_ERROR, .skip = 4,
+                                         .count = 1, .text = LOADING } } });
+}
+
+/* The other way round: the 2nd batch of the first flush never ran (an
+   unexpected error, so its outcome is unknown to the flusher) while the 3rd
+   and 4th did. Its resend is below the record's highest number and must
+   still be applied, or its cost is lost. */
+Test(faults, unknown_batch_that_never_ran_applied_after_later_batches, .timeout = 120)
+{
+    run_case(&(fault_case){ .prefix = "gap:", .flushes = 3, .expect = EXPECT_FAIL_FIRST,
+                            .error_text = "ERR injected", .permanent = true,
+                            .rules = { { .command = "EVAL", .action = FAULT_ERROR, .skip = 1,
+                                         .count = 1, .text = "ERR injected" } } });
+}
+
 Test(faults, replies_in_pieces, .timeout = 120)
 {
     run_case(&(fault_case){ .prefix = "split:", .flushes = 2, .expect = EXPECT_OK_ALL,

@@ -955,3 +955,253 @@ Test(redis, engines_with_different_hashes_keep_separate_counts, .timeout = 120)
     tally_close(e[1]);
     test_redis_stop(&r);
 }
+
+/* ---- Redis modes: options -------------------------------------------------- */
+
+/* A refused start leaves no flusher: tally_flush has none to ask. */
+static void expect_refused(tally_engine *e, const tally_redis_options *ro, const char *why)
+{
+    tally_flusher_options fo;
+    tally_flusher_options_init(&fo);
+    fo.interval_ms = 10;
+    fo.redis = ro;
+    cr_assert_eq(tally_flusher_start(e, &fo), TALLY_EINVAL, "%s", why);
+    cr_assert_eq(tally_flush(e, 10), TALLY_ESTATE, "%s: nothing started", why);
+}
+
+Test(redis, options_of_each_mode_are_checked_before_anything_starts, .timeout = 60)
+{
+    tally_engine *e = open_engine(64);
+    uint32_t pol = add_fixed(e, "modes", 10);
+    int dead = free_port();
+    char nodes[64];
+    snprintf(nodes, sizeof(nodes), "127.0.0.1:%d", dead);
+    tally_redis_options ro = { .host = "127.0.0.1", .port = dead, .mode = (tally_redis_mode)3 };
+    expect_refused(e, &ro, "mode 3");
+    ro.mode = (tally_redis_mode)-1;
+    expect_refused(e, &ro, "mode -1");
+
+    ro = (tally_redis_options){ .mode = TALLY_REDIS_CLUSTER };
+    expect_refused(e, &ro, "cluster without nodes");
+    ro.host = "127.0.0.1";
+    ro.port = dead;
+    expect_refused(e, &ro, "cluster with host and port but no nodes");
+    static const char *const bad_nodes[] = {
+        "", "127.0.0.1", "127.0.0.1:", "127.0.0.1:0", "127.0.0.1:65536", ":6379", "a:1,,b:2",
+        "a:1,", ",a:1", "a:1 ,b:2", "a:-1", "a:+1", "a:1x",
+    };
+    for (size_t i = 0; i < sizeof(bad_nodes) / sizeof(bad_nodes[0]); i++) {
+        char why[64];
+        snprintf(why, sizeof(why), "cluster nodes \"%s\"", bad_nodes[i]);
+        ro.nodes = bad_nodes[i];
+        expect_refused(e, &ro, why);
+    }
+    ro.nodes = nodes;
+    ro.db = 1;
+    expect_refused(e, &ro, "a cluster has database 0 only");
+    ro.db = 0;
+    ro.key_prefix = "pre{fix}:";
+    expect_refused(e, &ro, "braces in a cluster's prefix would move the slot tag");
+    ro.key_prefix = NULL;
+
+    ro = (tally_redis_options){ .mode = TALLY_REDIS_SENTINEL, .nodes = nodes };
+    expect_refused(e, &ro, "sentinel without master_name");
+    ro.master_name = "";
+    expect_refused(e, &ro, "sentinel with an empty master_name");
+    ro.master_name = "mymaster";
+    ro.nodes = NULL;
+    expect_refused(e, &ro, "sentinel without nodes");
+    ro.nodes = "127.0.0.1:26379,";
+    expect_refused(e, &ro, "sentinel with a bad node list");
+
+    /* well-formed but unreachable: each mode starts, fails open, flushes fail */
+    static const tally_redis_mode modes[] = { TALLY_REDIS_STANDALONE, TALLY_REDIS_CLUSTER,
+                                              TALLY_REDIS_SENTINEL };
+    for (size_t i = 0; i < 3; i++) {
+        ro = (tally_redis_options){ .host = "127.0.0.1", .port = dead, .mode = modes[i],
+                                    .nodes = nodes, .master_name = "mymaster",
+                                    .connect_timeout_ms = 200, .command_timeout_ms = 200 };
+        tally_flusher_options fo;
+        tally_flusher_options_init(&fo);
+        fo.interval_ms = 10;
+        fo.redis = &ro;
+        cr_assert_eq(tally_flusher_start(e, &fo), 0, "mode %d", (int)modes[i]);
+        tally_result r;
+        cr_assert_eq(tally_hit(e, pol, "k", 1, NULL, &r), 0);
+        cr_assert(r.allowed, "fail open");
+        cr_assert_eq(tally_flush(e, 3000), TALLY_EIO, "mode %d: nobody answers", (int)modes[i]);
+        cr_assert_gt(tally_flusher_last_error(e, NULL, 0), 0, "mode %d keeps why", (int)modes[i]);
+        cr_assert_eq(tally_flusher_stop(e), TALLY_EIO);
+    }
+    tally_close(e);
+}
+
+/* ---- WAIT ------------------------------------------------------------------ */
+
+/* A replica of @master, started and in sync. */
+static void start_replica(test_redis *replica, const test_redis *master, char *port_buf, size_t len)
+{
+    snprintf(port_buf, len, "%d", master->port);
+    replica->extra[0] = "--replicaof";
+    replica->extra[1] = "127.0.0.1";
+    replica->extra[2] = port_buf;
+    replica->extra[3] = NULL;
+    cr_assert(test_redis_start(replica), "the replica did not start");
+    redisContext *c = test_redis_connect(replica);
+    cr_assert_not_null(c);
+    bool up = false;
+    for (int i = 0; i < 500 && !up; i++) {
+        redisReply *rep = redisCommand(c, "INFO replication");
+        up = rep && rep->type == REDIS_REPLY_STRING && strstr(rep->str, "master_link_status:up");
+        freeReplyObject(rep);
+        if (!up)
+            sleep_ms(10);
+    }
+    redisFree(c);
+    cr_assert(up, "the replica never synced");
+}
+
+static int start_waiting_flusher(tally_engine *e, const test_redis *r, const char *prefix,
+                                 unsigned replicas)
+{
+    tally_redis_options ro = { .host = "127.0.0.1", .port = r->port, .key_prefix = prefix,
+                               .command_timeout_ms = 500, .connect_timeout_ms = 500,
+                               .wait_replicas = replicas, .wait_timeout_ms = 100 };
+    tally_flusher_options fo;
+    tally_flusher_options_init(&fo);
+    fo.interval_ms = 600000;                      /* flushes only when asked */
+    fo.redis = &ro;
+    return tally_flusher_start(e, &fo);
+}
+
+/* With wait_replicas, a flush succeeds only once WAIT saw the batches on
+   that many replicas. The replica stopped: Redis applied the batches, but
+   the flush must not report success, and the batches resent until the
+   replica is back must not be applied again, on the master or the replica. */
+Test(redis, wait_replicas_holds_success_until_replicas_have_every_cost, .timeout = 120)
+{
+    test_redis m = { 0 }, rep = { 0 };
+    char port[16];
+    cr_assert(test_redis_start(&m));
+    start_replica(&rep, &m, port, sizeof(port));
+    tally_engine *e = open_engine(4096), *greedy = open_engine(64);
+    uint32_t pol = add_fixed(e, "wait", UINT64_C(1) << 40), gpol = add_fixed(greedy, "wait2", 100);
+    cr_assert_eq(start_waiting_flusher(e, &m, "w1:", 1), 0);
+    cr_assert_eq(start_waiting_flusher(greedy, &m, "w2:", 2), 0);
+    static _Atomic uint64_t cost[KEYS];
+    memset(cost, 0, sizeof(cost));
+    struct load l = { .e = e, .policy = pol, .cost = cost };
+    run_load(&l, NULL, NULL);
+    cr_assert_eq(flush_until_ok(e, 20), 0);
+    /* WAIT returned: the replica has it all, without any waiting of ours */
+    assert_totals(&rep, "w1:", "wait", cost);
+    assert_totals(&m, "w1:", "wait", cost);
+
+    tally_result res;
+    cr_assert_eq(tally_hit(greedy, gpol, "k", 1, NULL, &res), 0);
+    cr_assert_eq(tally_flush(greedy, 3000), TALLY_EIO, "two replicas asked for, one exists");
+
+    test_redis_kill(&rep, SIGSTOP);
+    run_load(&l, NULL, NULL);
+    for (int i = 0; i < 3; i++)
+        cr_assert_eq(tally_flush(e, 3000), TALLY_EIO, "flush %d with the replica stopped", i);
+    tally_stats st;
+    tally_stats_read(e, &st);
+    cr_assert_gt(st.pending_cost, 0, "unconfirmed batches stay pending");
+    char text[256];
+    cr_assert_gt(tally_flusher_last_error(e, text, sizeof(text)), 0);
+    cr_assert_eq(strncmp(text, "WAIT", 4), 0, "last error: %s", text);
+    assert_totals(&m, "w1:", "wait", cost);       /* applied once, resends and all */
+
+    test_redis_kill(&rep, SIGCONT);
+    cr_assert_eq(flush_until_ok(e, 20), 0);
+    assert_totals(&m, "w1:", "wait", cost);
+    assert_totals(&rep, "w1:", "wait", cost);
+    tally_stats_read(e, &st);
+    cr_assert_eq(st.pending_cost, 0);
+    tally_close(e);
+    tally_close(greedy);
+    test_redis_stop(&rep);
+    test_redis_stop(&m);
+}
+
+/* ---- Bookkeeping ----------------------------------------------------------- */
+
+/* Keys under @prefix that are not counts of @policy. */
+static long long bookkeeping_keys(const test_redis *r, const char *prefix, const char *policy)
+{
+    redisContext *c = test_redis_connect(r);
+    cr_assert_not_null(c);
+    char pattern[64], counts[64];
+    snprintf(pattern, sizeof(pattern), "%s*", prefix);
+    snprintf(counts, sizeof(counts), "%s%s:", prefix, policy);
+    long long n = 0;
+    char cursor[32] = "0";
+    do {
+        redisReply *rep = redisCommand(c, "SCAN %s MATCH %s COUNT 1000", cursor, pattern);
+        cr_assert(rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == 2);
+        snprintf(cursor, sizeof(cursor), "%s", rep->element[0]->str);
+        for (size_t i = 0; i < rep->element[1]->elements; i++)
+            n += strncmp(rep->element[1]->element[i]->str, counts, strlen(counts)) != 0;
+        freeReplyObject(rep);
+    } while (strcmp(cursor, "0") != 0);
+    redisFree(c);
+    return n;
+}
+
+/* Hundreds of batches from two engines leave a fixed number of bookkeeping
+   keys (a record per engine instance), each with a TTL, and exact counts. */
+Test(redis, bookkeeping_keys_stay_flat, .timeout = 120)
+{
+    enum { FLUSHES = 300, PER_FLUSH = 20 };
+    test_redis r = { 0 };
+    cr_assert(test_redis_start(&r));
+    tally_engine *e[2];
+    uint32_t pol[2];
+    for (int i = 0; i < 2; i++) {
+        e[i] = open_engine(1024);
+        pol[i] = add_fixed(e[i], "flat", UINT64_C(1) << 40);
+        cr_assert_eq(start_flusher(e[i], &r, "flat:", NULL, 600000), 0);
+    }
+    static _Atomic uint64_t cost[KEYS];
+    memset(cost, 0, sizeof(cost));
+    long long after_first = -1;
+    for (int n = 0; n < FLUSHES; n++) {
+        for (int i = 0; i < 2; i++) {
+            for (int k = 0; k < PER_FLUSH; k++) {
+                int key = (n * PER_FLUSH + k) % KEYS;
+                char name[32];
+                snprintf(name, sizeof(name), "user-%d", key);
+                uint64_t costs[2] = { 1, 1 };
+                tally_result res;
+                cr_assert_eq(tally_hit(e[i], pol[i], name, strlen(name), costs, &res), 0);
+                atomic_fetch_add(&cost[key], 1);
+            }
+            cr_assert_eq(tally_flush(e[i], 3000), 0);
+        }
+        if (n == 0)
+            after_first = bookkeeping_keys(&r, "flat:", "flat");
+    }
+    long long after_all = bookkeeping_keys(&r, "flat:", "flat");
+    fprintf(stderr, "bookkeeping keys: %lld after the first flushes, %lld after %d\n", after_first,
+            after_all, 2 * FLUSHES);
+    cr_assert_gt(after_first, 0, "the engines keep a record");
+    cr_assert_leq(after_all, after_first, "bookkeeping grew with the batches");
+    assert_totals(&r, "flat:", "flat", cost);
+    /* every bookkeeping key expires */
+    redisContext *c = test_redis_connect(&r);
+    redisReply *keys = redisCommand(c, "KEYS flat:seen:*");
+    cr_assert(keys && keys->type == REDIS_REPLY_ARRAY);
+    cr_assert_eq((long long)keys->elements, after_all);
+    for (size_t i = 0; i < keys->elements; i++) {
+        redisReply *ttl = redisCommand(c, "PTTL %s", keys->element[i]->str);
+        cr_assert(ttl && ttl->type == REDIS_REPLY_INTEGER && ttl->integer > 0, "%s has no TTL",
+                  keys->element[i]->str);
+        freeReplyObject(ttl);
+    }
+    freeReplyObject(keys);
+    redisFree(c);
+    tally_close(e[0]);
+    tally_close(e[1]);
+    test_redis_stop(&r);
+}
