@@ -32,6 +32,7 @@
 #include <unistd.h>
 
 #include "tally.h"
+#include "redis-address.h"
 
 enum { EXIT_FAIL = 1, EXIT_USAGE = 2 };
 
@@ -1151,40 +1152,6 @@ static bool duration_option(const char *arg, uint64_t *ns)
         return false;
     }
     *ns = v * unit;
-    return true;
-}
-
-#define REDIS_FORMS "H:PORT, cluster:H:PORT[,H:PORT]... or sentinel:NAME@H:PORT[,H:PORT]..."
-
-/* --redis ADDR into @ro (@buf keeps a host or a master name). The library
-   checks a node list, so a bad one is refused before anything starts. */
-static bool redis_option(const char *arg, tally_redis_options *ro, char *buf, size_t len)
-{
-    const char *at;
-    uint64_t port;
-    if (strncmp(arg, "cluster:", 8) == 0) {
-        ro->mode = TALLY_REDIS_CLUSTER;
-        ro->nodes = arg + 8;
-        return true;
-    }
-    if (strncmp(arg, "sentinel:", 9) == 0) {
-        arg += 9;
-        if (!(at = strchr(arg, '@')) || at == arg || (size_t)(at - arg) >= len)
-            return false;
-        memcpy(buf, arg, (size_t)(at - arg));
-        buf[at - arg] = '\0';
-        ro->mode = TALLY_REDIS_SENTINEL;
-        ro->master_name = buf;
-        ro->nodes = at + 1;
-        return true;
-    }
-    const char *colon = strrchr(arg, ':');
-    if (!colon || colon == arg || (size_t)(colon - arg) >= len || !parse_num(colon + 1, 1, 65535, &port))
-        return false;
-    memcpy(buf, arg, (size_t)(colon - arg));
-    buf[colon - arg] = '\0';
-    ro->host = buf;
-    ro->port = (int)port;
     return true;
 }
 

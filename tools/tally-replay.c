@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "tally.h"
+#include "redis-address.h"
 
 enum { EXIT_MALFORMED = 1, EXIT_USAGE = 2, EXIT_INPUT = 3, EXIT_ENGINE = 4 };
 
@@ -193,40 +194,6 @@ static bool parse_uint(const char *s, size_t n, uint64_t *out)
         v = v * 10 + (uint64_t)(s[i] - '0');
     }
     *out = v;
-    return true;
-}
-
-#define REDIS_FORMS "H:PORT, cluster:H:PORT[,H:PORT]... or sentinel:NAME@H:PORT[,H:PORT]..."
-
-/* --redis ADDR into @ro (@buf keeps a host or a master name). The library
-   checks a node list, so a bad one is refused before anything starts. */
-static bool redis_option(const char *arg, tally_redis_options *ro, char *buf, size_t len)
-{
-    const char *at, *colon;
-    uint64_t port;
-    if (strncmp(arg, "cluster:", 8) == 0) {
-        ro->mode = TALLY_REDIS_CLUSTER;
-        ro->nodes = arg + 8;
-        return true;
-    }
-    if (strncmp(arg, "sentinel:", 9) == 0) {
-        arg += 9;
-        if (!(at = strchr(arg, '@')) || at == arg || (size_t)(at - arg) >= len)
-            return false;
-        memcpy(buf, arg, (size_t)(at - arg));
-        buf[at - arg] = '\0';
-        ro->mode = TALLY_REDIS_SENTINEL;
-        ro->master_name = buf;
-        ro->nodes = at + 1;
-        return true;
-    }
-    if (!(colon = strrchr(arg, ':')) || colon == arg || (size_t)(colon - arg) >= len ||
-        !parse_uint(colon + 1, strlen(colon + 1), &port) || port < 1 || port > 65535)
-        return false;
-    memcpy(buf, arg, (size_t)(colon - arg));
-    buf[colon - arg] = '\0';
-    ro->host = buf;
-    ro->port = (int)port;
     return true;
 }
 
