@@ -161,7 +161,8 @@ static int bucket_cmp(const void *a, const void *b)
 
 static void timeline_merge(struct timeline *t)
 {
-    qsort(t->b, t->n, sizeof *t->b, bucket_cmp);
+    if (t->n)           /* an empty timeline may have no array */
+        qsort(t->b, t->n, sizeof *t->b, bucket_cmp);
     size_t w = 0;
     for (size_t i = 0; i < t->n; i++) {
         if (w > 0 && t->b[w - 1].index == t->b[i].index) {

@@ -818,7 +818,7 @@ static bool append_round(struct tally__flusher *f, int round, batch *fresh)
             ok &= l && append_event(f, l, ev);
             any = true;
         }
-        if (r->ro.mode == TALLY_REDIS_CLUSTER)
+        if (r->ro.mode == TALLY_REDIS_CLUSTER && f->refresh_n)
             qsort_r(f->refresh, f->refresh_n, sizeof(*f->refresh), by_bucket, f->sink);
         for (size_t from = 0, n; from < f->refresh_n; from += n) {
             unsigned bk = tally__sync_bucket(f->sink, f->refresh[from].digest);
