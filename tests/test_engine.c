@@ -5,6 +5,10 @@
  */
 #include "test.h"
 #include <inttypes.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -437,5 +441,42 @@ Test(engine, reset_if_from_a_snapshot_of_a_reclaimed_slot_conflicts)
     cr_assert_eq(tally_reset_if(e, pol, "k1", 2, &old, NULL), TALLY_ECONFLICT);
     cr_assert_eq(tally_read(e, pol, "k1", 2, &now), 0);
     cr_assert_eq(now.c[0].used, 1);
+    tally_close(e);
+}
+
+/* The flusher thread takes none of the program's signals: a program (an
+   nginx worker) whose handler must run on its own thread keeps them. */
+static _Atomic pid_t usr1_tid;
+
+static void on_usr1(int sig)
+{
+    (void)sig;
+    atomic_store(&usr1_tid, (pid_t)gettid());
+}
+
+Test(engine, the_flusher_thread_takes_none_of_the_programs_signals)
+{
+    tally_engine *e;
+    tally_flusher_options fo;
+    struct sigaction sa = { .sa_handler = on_usr1 };
+    sigset_t usr1;
+
+    cr_assert_eq(tally_open(NULL, &e), 0);
+    tally_flusher_options_init(&fo);
+    fo.interval_ms = 10;
+    cr_assert_eq(tally_flusher_start(e, &fo), 0);
+    sigemptyset(&sa.sa_mask);
+    cr_assert_eq(sigaction(SIGUSR1, &sa, NULL), 0);
+    sigemptyset(&usr1);
+    sigaddset(&usr1, SIGUSR1);
+    /* only the flusher could take it now */
+    pthread_sigmask(SIG_BLOCK, &usr1, NULL);
+    kill(getpid(), SIGUSR1);
+    for (int i = 0; i < 20; i++)
+        usleep(10000);
+    cr_assert_eq(atomic_load(&usr1_tid), 0, "the flusher thread ran the program's handler");
+    pthread_sigmask(SIG_UNBLOCK, &usr1, NULL);
+    cr_assert_eq(atomic_load(&usr1_tid), (pid_t)gettid());
+    tally_flusher_stop(e);
     tally_close(e);
 }

@@ -226,10 +226,14 @@ Test(features, update_flags_apply_to_the_next_hit)
     cr_assert_eq(r.exceeded, 1u);
     cr_assert_eq(used(e, p, "k", 0), 2, "shadow hits consume");
 
-    np.flags = TALLY_EVICT_LRU;
+    np.flags = TALLY_EVICT_LRU;           /* declared, not built: refused, nothing changes */
+    cr_assert_eq(tally_policy_update(e, p, &np), TALLY_EINVAL);
+    cr_assert(hit(e, p, "k", NULL, T0).allowed, "still shadow");
+    cr_assert_eq(used(e, p, "k", 0), 3);
+    np.flags = 0;
     cr_assert_eq(tally_policy_update(e, p, &np), 0);
     cr_assert_not(hit(e, p, "k", NULL, T0).allowed, "back to denying");
-    cr_assert_eq(used(e, p, "k", 0), 2, "a denied hit consumes nothing again");
+    cr_assert_eq(used(e, p, "k", 0), 3, "a denied hit consumes nothing again");
     tally_close(e);
 }
 

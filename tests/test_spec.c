@@ -122,12 +122,11 @@ Test(spec, concurrent_limits_and_evict_lru)
     cr_assert_eq(pol.limits[0].algo, TALLY_CONCURRENCY);
     cr_assert_eq(pol.limits[0].max, 10);
     cr_assert_eq(pol.limits[0].period_ns, 30 * SEC);
-    cr_assert_eq(parse("api: 100/s gcra, 4 CONCURRENT LEASE 2m; evict-lru; shadow"), 0, "%s",
-                 err.message);
+    cr_assert_eq(parse("api: 100/s gcra, 4 CONCURRENT LEASE 2m; shadow"), 0, "%s", err.message);
     cr_assert_eq(pol.n_limits, 2);
     cr_assert_eq(pol.limits[1].algo, TALLY_CONCURRENCY);
     cr_assert_eq(pol.limits[1].period_ns, 120 * SEC);
-    cr_assert_eq(pol.flags, TALLY_EVICT_LRU | TALLY_SHADOW);
+    cr_assert_eq(pol.flags, TALLY_SHADOW);
     cr_assert_eq(parse("c: 4294967295 concurrent lease 1ms"), 0, "%s", err.message);
     refused("c: 4294967296 concurrent lease 1s", 3, "concurrent holders");
     refused("c: 10 concurrent 30s", 17, "'lease'");
@@ -135,8 +134,10 @@ Test(spec, concurrent_limits_and_evict_lru)
     refused("c: 10 concurrent lease month", 23, "not a month");
     refused("c: 10 concurrent lease 0s", 23, "longer than 0");
     refused("c: 1 concurrent lease 1s, 1/s gcra, 2 concurrent lease 1s", 36, "at most one");
-    refused("c: 10 concurrent lease 1s; evict-lru; evict-lru", 38, "twice");
+    refused("c: 10 concurrent lease 1s; shadow; shadow", 35, "twice");
     refused("c: 10 concurrent lease 1s; evict", 27, "evict-lru");
+    /* the flag of eviction is known, and refused until eviction is built */
+    refused("c: 10 concurrent lease 1s; evict-lru", 27, "not supported");
 }
 
 Test(spec, parsed_policies_are_accepted_by_the_engine)
@@ -145,7 +146,7 @@ Test(spec, parsed_policies_are_accepted_by_the_engine)
         "a: 100 per 1m fixed", "b: 100000 per day calendar utc+02:00", "c: 10/s burst 20 gcra",
         "d: 5000000 per month calendar; shadow", "e: 17592186044415 per 1s sliding",
         "f: 1000000/ms burst 4611686018427387904 gcra",
-        "g: 4294967295 concurrent lease 30s, 10/s gcra; evict-lru",
+        "g: 4294967295 concurrent lease 30s, 10/s gcra",
     };
     tally_engine *e;
     tally_options o;

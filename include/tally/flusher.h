@@ -156,7 +156,8 @@ typedef struct tally_stats {
     uint64_t lost_cost;          /* cost that could not be kept for the sinks: out of memory */
     uint64_t redis_errors;       /* error replies from Redis (a batch, event or PING refused) */
     uint64_t redis_permanent_errors; /* of those, errors a retry cannot cure by itself:
-                                    MOVED, ASK, CROSSSLOT, WRONGTYPE, NOAUTH,
+                                    MOVED and ASK (but in cluster mode, which
+                                    follows them), CROSSSLOT, WRONGTYPE, NOAUTH,
                                     NOPERM, WRONGPASS and unknown ERR replies */
 } tally_stats;
 

@@ -93,7 +93,8 @@ void tally__engine_free(tally_engine *e)
 
 /* ---- Policies ------------------------------------------------------------ */
 
-#define KNOWN_FLAGS (TALLY_SHADOW | TALLY_COUNT_REJECTED | TALLY_ALIGNED | TALLY_EVICT_LRU)
+/* TALLY_EVICT_LRU is declared but not built: refused (TALLY_EINVAL) */
+#define KNOWN_FLAGS (TALLY_SHADOW | TALLY_COUNT_REJECTED | TALLY_ALIGNED)
 
 /* Validate @p's limits and flags into a new block (*@out, to be freed by the
    caller). Return 0, TALLY_EINVAL or TALLY_ENOMEM. */

@@ -763,11 +763,14 @@ static bool kill_expired(tally__table *t, tally__slot *s, uint64_t now)
     /* acquire: paired with the flag CAS in tally__watch_feed() (watch.c) */
     if (w && atomic_load_explicit(&w[tally__slot_index(t, s)].flag_at, memory_order_acquire))
         return false;                         /* a flag stays until an operator clears it */
+    /* acquire: paired with the release store of tally_policy_update()
+       (engine.c): every limit judged under one version of the policy */
+    const tally__limit *lim = atomic_load_explicit(&t->limits, memory_order_acquire);
     for (unsigned i = 0; i < t->n_limits; i++) {
         tally__state cur = i ? tally__state_load_atomic(&s->st[i]) : first;
         if (tally__state_is_dead(cur))
             goto help;
-        if (!tally__algo_expired(&t->limits[i], cur, now))
+        if (!tally__algo_expired(&lim[i], cur, now))
             return false;
         /* a key with cost not yet pushed to the sinks stays; acquire: paired
            with the pair CAS of delta_add() (hit.c) or of the flusher's take

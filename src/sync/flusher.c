@@ -586,13 +586,6 @@ static void *flusher_main(void *arg)
 {
     struct tally__flusher *f = arg;
 
-    /* A write to a connection Redis closed must fail with EPIPE here, not
-       kill the process: block SIGPIPE in this thread (hiredis 0.14 writes
-       with write(2), which cannot be told MSG_NOSIGNAL). */
-    sigset_t pipe_set;
-    sigemptyset(&pipe_set);
-    sigaddset(&pipe_set, SIGPIPE);
-    pthread_sigmask(SIG_BLOCK, &pipe_set, NULL);
     if (f->o.cpu >= 0) {
         cpu_set_t set;
         CPU_ZERO(&set);
@@ -762,7 +755,22 @@ int tally__flusher_start(tally_engine *e, const tally_flusher_options *o)
                               memory_order_release);
         atomic_store_explicit(&e->events_on, o->on_event != NULL, memory_order_relaxed);
         atomic_store_explicit(&e->syncing, true, memory_order_relaxed);
-        if (pthread_create(&f->thread, NULL, flusher_main, f) != 0) {
+        /* The thread starts with every asynchronous signal blocked: they
+           are the program's (nginx's workers, for one, wake their event loop
+           from a handler, which must run on that loop's thread), and a write
+           to a connection Redis closed must fail with EPIPE here, not kill
+           the process with SIGPIPE (hiredis 0.14 writes with write(2), which
+           cannot be told MSG_NOSIGNAL). */
+        sigset_t all, old;
+        sigfillset(&all);
+        sigdelset(&all, SIGSEGV);
+        sigdelset(&all, SIGBUS);
+        sigdelset(&all, SIGFPE);
+        sigdelset(&all, SIGILL);
+        pthread_sigmask(SIG_BLOCK, &all, &old);
+        int created = pthread_create(&f->thread, NULL, flusher_main, f);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        if (created != 0) {
             atomic_store_explicit(&e->syncing, false, memory_order_relaxed);
             atomic_store_explicit(&e->events_on, false, memory_order_relaxed);
             atomic_store_explicit(&e->fail_closed_ns, 0, memory_order_relaxed);

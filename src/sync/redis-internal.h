@@ -43,6 +43,7 @@ typedef struct tally__link {
     tally__expect *ex;                 /* this round's replies to read */
     size_t         nex, cap;
     bool           waits;              /* a WAIT ends this round's pipeline */
+    bool           wait_lost;          /* a WAIT was due but could not be appended */
     bool           acked_by_wait;      /* it confirmed wait_replicas replicas */
 } tally__link;
 

@@ -186,6 +186,9 @@ static int refused_unapplied(struct tally__flusher *f, const redisReply *r)
     for (size_t i = 0; i < sizeof(transient) / sizeof(transient[0]); i++)
         if (code_is(str, len, transient[i]))
             return REPLY_REFUSED;
+    /* in a cluster MOVED and ASK are routing, which the sink follows */
+    if (R(f)->ro.mode == TALLY_REDIS_CLUSTER && (code_is(str, len, "MOVED") || code_is(str, len, "ASK")))
+        return REPLY_REFUSED;
     atomic_fetch_add_explicit(&f->e->redis_permanent_errors, 1, memory_order_relaxed);
     for (size_t i = 0; i < sizeof(permanent) / sizeof(permanent[0]); i++)
         if (code_is(str, len, permanent[i]))
@@ -456,7 +459,9 @@ static bool append_event(struct tally__flusher *f, rlink *l, event *ev)
         len = count_key(f, n->policy, n->limit, n->digest, n->win, key, sizeof(key) - 16);
         len += snprintf(key + len, sizeof(key) - (size_t)len, ":notified");
         uint64_t end = tally__sync_window_end(&p->limits[n->limit], n->win), now = tally_now_ns();
-        if (p->limits[n->limit].spec.algo == TALLY_GCRA)
+        /* GCRA and concurrency limits have no window: an episode's mark
+           lasts a period from now */
+        if (p->limits[n->limit].spec.algo == TALLY_GCRA || p->limits[n->limit].spec.algo == TALLY_CONCURRENCY)
             end = now + p->limits[n->limit].spec.period_ns;
         snprintf(ttl, sizeof(ttl), "%" PRIu64, (end > now ? (end - now) / TALLY__NS_PER_MS : 0) + 1);
         const char *argv[] = { "SET", key, "1", "NX", "PX", ttl };
@@ -553,7 +558,9 @@ static void exchange(struct tally__flusher *f)
         for (size_t k = 0; k < l->nex && l->rc && r->ro.mode == TALLY_REDIS_SENTINEL; k++)
             if (reply_is(l->ex[k].r, "READONLY"))
                 tally__redis_link_drop(l);
-        l->acked_by_wait = true;
+        /* wait_replicas asked for a WAIT the pipeline could not carry (out
+           of memory): nothing confirms its batches this round */
+        l->acked_by_wait = !l->wait_lost;
         if (l->waits) {
             /* the WAIT is the last command of the pipeline */
             const redisReply *w = l->ex[l->nex - 1].r;
@@ -638,13 +645,24 @@ static int settle_batch(struct tally__flusher *f, rlink *l, batch *b, const redi
     return rc;
 }
 
+/* An error reply to an event or a read-back: in a cluster, a redirect or a
+   cluster error means the slot map moved on, whether or not a batch of the
+   same slot tells it too. */
+static void refused_other(struct tally__flusher *f, const redisReply *r)
+{
+    refused_unapplied(f, r);
+    if (R(f)->ro.mode == TALLY_REDIS_CLUSTER
+        && (reply_is(r, "MOVED") || reply_is(r, "ASK") || reply_is(r, "CLUSTERDOWN")))
+        R(f)->map_stale = true;
+}
+
 /* An event's reply: OK means this process is the first to tell. */
 static bool settle_event(struct tally__flusher *f, event *ev, const redisReply *r)
 {
     if (!r)
         return false;
     if (r->type == REDIS_REPLY_ERROR) {
-        refused_unapplied(f, r);
+        refused_other(f, r);
         return false;                          /* kept for the next flush */
     }
     if (r->type == REDIS_REPLY_STATUS)
@@ -667,7 +685,7 @@ static void settle_mget(struct tally__flusher *f, size_t from, size_t n, const r
     if (!r)
         return;
     if (r->type == REDIS_REPLY_ERROR) {
-        refused_unapplied(f, r);
+        refused_other(f, r);
         return;
     }
     if (r->type != REDIS_REPLY_ARRAY || r->elements != n)
@@ -736,6 +754,7 @@ static bool settle(struct tally__flusher *f, bool *redirected)
                 freeReplyObject(l->ex[k].r);
         l->nex = 0;
         l->waits = false;
+        l->wait_lost = false;
     }
     return ok;
 }
@@ -855,7 +874,8 @@ static bool append_round(struct tally__flusher *f, int round, batch *fresh)
             snprintf(ms, sizeof(ms), "%" PRIu32, r->ro.wait_timeout_ms);
             const char *argv[] = { "WAIT", n, ms };
             if (!append_simple(l, EX_WAIT, 3, argv)) {
-                l->waits = false;             /* its batches stay unconfirmed */
+                l->waits = false;
+                l->wait_lost = true;          /* its batches stay unconfirmed */
                 ok = false;
             }
         }
