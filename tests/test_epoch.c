@@ -448,3 +448,38 @@ Test(epoch_stress, killed_readers_never_see_poison_nor_stall_the_writer, .timeou
                  (unsigned long long)atomic_load(&p->violations));
     cr_assert_gt(atomic_load(&p->reads), 1000);
 }
+
+/* A thread that exits after another domain was forgotten still gives back
+   its reader of this one. */
+static void *take_then_wait(void *arg)
+{
+    holder *h = arg;
+    atomic_store(&h->got, tally__epoch_reader_get(h->d) != NULL);
+    atomic_store(&h->phase, 1);
+    while (atomic_load(&h->phase) != 2)
+        sleep_ms(1);
+    return NULL;
+}
+
+Test(epoch, a_forget_of_another_domain_leaves_a_threads_reader_to_its_exit, .timeout = 60)
+{
+    tally__epoch *kept = shared_domain(2, 0, NULL);
+    tally__epoch *gone = shared_domain(2, 0, NULL);
+    holder h;
+
+    for (int round = 0; round < 6; round++) {
+        memset(&h, 0, sizeof(h));
+        h.d = kept;
+        cr_assert_eq(pthread_create(&h.thread, NULL, take_then_wait, &h), 0);
+        while (atomic_load(&h.phase) != 1)
+            sleep_ms(1);
+        cr_assert(atomic_load(&h.got), "round %d: no reader left in a domain of 2", round);
+        cr_assert_not_null(tally__epoch_reader_get(gone));
+        tally__epoch_forget(gone);
+        atomic_store(&h.phase, 2);
+        pthread_join(h.thread, NULL);
+        for (uint32_t i = 0; i < kept->n_readers; i++)
+            cr_assert_eq(atomic_load(&kept->readers[i].owner), 0,
+                         "round %d: an exited thread kept reader %u", round, i);
+    }
+}

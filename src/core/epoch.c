@@ -20,7 +20,14 @@
 /* ---- this process ---------------------------------------------------------- */
 
 static pthread_mutex_t proc_lock = PTHREAD_MUTEX_INITIALIZER;  /* forget vs thread exit */
-static _Atomic uint64_t proc_gen = 1;     /* bumped at fork (child) and forget */
+static _Atomic uint64_t proc_gen = 1;     /* bumped at each forget */
+#define FORGOTTEN_MAX 64
+/* The last forgets (under proc_lock): domain and the generation it began. */
+static struct forgotten {
+    const tally__epoch *d;
+    uint64_t            gen;
+} forgotten[FORGOTTEN_MAX];
+static unsigned forgotten_n;
 static pthread_once_t proc_once = PTHREAD_ONCE_INIT;
 static pthread_key_t thread_key;
 
@@ -40,25 +47,55 @@ static void give_back(tally__epoch_reader *r)
     atomic_store_explicit(&r->owner, 0, memory_order_release);
 }
 
+/* Whether @e's domain was not forgotten since @e was made (its reader is
+   still this thread's, in memory still mapped). Under proc_lock. */
+static bool entry_current(const cache_entry *e)
+{
+    uint64_t oldest = UINT64_MAX;
+    for (unsigned i = 0; i < forgotten_n && i < FORGOTTEN_MAX; i++) {
+        if (forgotten[i].d == e->d && forgotten[i].gen > e->gen)
+            return false;
+        if (forgotten[i].gen < oldest)
+            oldest = forgotten[i].gen;
+    }
+    /* older than the forgets remembered: it cannot be told, so not */
+    return forgotten_n <= FORGOTTEN_MAX || e->gen >= oldest;
+}
+
 /* At thread exit: give back the readers of domains still in use here. */
 static void thread_exit(void *arg)
 {
     (void)arg;
     pthread_mutex_lock(&proc_lock);
-    uint64_t gen = atomic_load_explicit(&proc_gen, memory_order_relaxed);   /* under proc_lock */
     for (int i = 0; i < CACHE_ENTRIES; i++) {
-        if (cache[i].d && cache[i].gen == gen)
+        if (cache[i].d && entry_current(&cache[i]))
             give_back(cache[i].r);
         cache[i].d = NULL;
     }
     pthread_mutex_unlock(&proc_lock);
 }
 
-/* In the child of a fork: the parent's readers are not ours. */
+/* In the child of a fork, where the forking thread is the only one: the
+   parent's readers are not ours. */
 static void after_fork_child(void)
 {
-    atomic_fetch_add_explicit(&proc_gen, 1, memory_order_relaxed);   /* one thread runs here */
+    memset(cache, 0, sizeof(cache));
+    forgotten_n = 0;
     pthread_mutex_init(&proc_lock, NULL);
+}
+
+/* @e, of @d, made under an older generation: still good (then brought up to
+   @gen), or emptied. */
+static bool revalidate(cache_entry *e, uint64_t gen)
+{
+    pthread_mutex_lock(&proc_lock);
+    bool ok = entry_current(e);
+    if (ok)
+        e->gen = gen;
+    else
+        e->d = NULL;
+    pthread_mutex_unlock(&proc_lock);
+    return ok;
 }
 
 static void proc_init(void)
@@ -101,9 +138,11 @@ tally__epoch_reader *tally__epoch_reader_get(tally__epoch *d)
     cache_entry *spare = NULL;
 
     for (int i = 0; i < CACHE_ENTRIES; i++) {
-        if (cache[i].d == d && cache[i].gen == gen)
+        if (cache[i].d == d && (cache[i].gen == gen || revalidate(&cache[i], gen)))
             return cache[i].r;
-        if (!spare && (!cache[i].d || cache[i].gen != gen))
+    }
+    for (int i = 0; i < CACHE_ENTRIES && !spare; i++) {
+        if (!cache[i].d || (cache[i].gen != gen && !revalidate(&cache[i], gen)))
             spare = &cache[i];
     }
     if (!spare)
@@ -196,7 +235,10 @@ void tally__epoch_forget(tally__epoch *d)
         if (atomic_load_explicit(&r->owner, memory_order_relaxed) == me)   /* only we write ours */
             give_back(r);
     }
-    /* every thread's cache entry of @d is stale from here on */
-    atomic_fetch_add_explicit(&proc_gen, 1, memory_order_relaxed);   /* under proc_lock */
+    /* every thread's cache entry of @d is stale from here on; those of
+       other domains are revalidated against this record */
+    uint64_t gen = atomic_fetch_add_explicit(&proc_gen, 1, memory_order_relaxed) + 1;   /* under proc_lock */
+    forgotten[forgotten_n % FORGOTTEN_MAX] = (struct forgotten){ .d = d, .gen = gen };
+    forgotten_n++;
     pthread_mutex_unlock(&proc_lock);
 }

@@ -22,9 +22,10 @@
  * Each thread that enters a section takes a reader of its own on first use
  * (tally__epoch_reader_get) and keeps it in a thread-local cache. It gives
  * it back when it exits; tally__epoch_forget gives back all of a process's
- * readers of a domain. A fork's child owns none of its parent's readers. A
- * thread whose cache was emptied by a forget of another domain finds its
- * readers again by owner and tid.
+ * readers of a domain, and the other domains' entries of every thread's
+ * cache stay good (checked against a record of the last 64 forgets; one
+ * older than that is dropped, and its reader found again by owner and tid).
+ * A fork's child owns none of its parent's readers.
  *
  * Ordering and progress guarantees:
  *  1. A section announces its epoch, then runs a seq_cst fence, before it
