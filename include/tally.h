@@ -313,7 +313,9 @@ TALLY_EXPORT int tally_hit_ex(tally_engine *e, uint32_t policy, const void *key,
  * later call sees it, out->allowed is true and *@delay_ns is the wait.
  * Otherwise nothing is consumed, *@delay_ns is 0 and @out is as for a hit
  * denied at @now_ns (a cost above a limit's max is never booked). The flags
- * act as on a hit (TALLY_SHADOW books and allows every call).
+ * act as on a hit: TALLY_SHADOW books and allows every call, and
+ * TALLY_COUNT_REJECTED books a call that does not conform too (it counts,
+ * and is denied), as a counted rejected hit does.
  * Return 0, TALLY_EINVAL (as tally_hit_at(); NULL @delay_ns; a limit of the
  * policy that is not TALLY_GCRA), TALLY_EFULL, TALLY_ENOMEM, TALLY_ESTATE.
  * Any thread may call it. It never blocks, but as tally_hit_at().

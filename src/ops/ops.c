@@ -234,10 +234,13 @@ static void scan_in_rcu(void *arg)
         memset(it, 0, sizeof(*it));
         it->entry.n_limits = t->n_limits;
         bool dead = false, big = c->f->min_used == 0;
+        /* acquire: paired with the release store of tally_policy_update()
+           (engine/engine.c): every limit read from one version of the policy */
+        const tally__limit *lim = atomic_load_explicit(&t->limits, memory_order_acquire);
         for (unsigned l = 0; l < t->n_limits; l++) {
             tally__state st = tally__state_load_atomic(&s->st[l]);
             dead |= tally__state_is_dead(st);
-            tally__algo_counter(&t->limits[l], st, now, &it->entry.c[l]);
+            tally__algo_counter(&lim[l], st, now, &it->entry.c[l]);
             big |= it->entry.c[l].used >= c->f->min_used;
             if (y)
                 it->entry.pending[l] = tally__word_load_relaxed(&y[i * t->n_limits + l].delta);

@@ -174,15 +174,18 @@ static void note_refresh(struct tally__flusher *f, uint32_t policy, unsigned lim
 static void collect_refresh(collect_arg *a, tally__slot *s, tally__digest d)
 {
     tally__table *t = &a->p->table;
+    /* acquire: paired with the release store of tally_policy_update()
+       (engine/engine.c): every limit read from one version of the policy */
+    const tally__limit *lim = atomic_load_explicit(&t->limits, memory_order_acquire);
     for (unsigned l = 0; l < t->n_limits; l++) {
         uint64_t win, prev;
-        if (!shared_window(&t->limits[l], a->now, &win, &prev))
+        if (!shared_window(&lim[l], a->now, &win, &prev))
             continue;
         tally__state st = tally__state_load_atomic(&s->st[l]);
         if (tally__state_is_empty(st) || tally__state_is_dead(st))
             continue;
         tally_counter c;
-        tally__algo_counter(&t->limits[l], st, a->now, &c);
+        tally__algo_counter(&lim[l], st, a->now, &c);
         if (c.window_start_ns == win || c.window_start_ns == prev)
             note_refresh(a->f, t->policy, l, d, win);
     }
@@ -219,6 +222,9 @@ static void collect_range(void *arg)
            leave the delta for the next flush rather than name it by digest. */
         if (!key && t->keys)
             continue;
+        /* acquire: paired with the release store of tally_policy_update()
+           (engine/engine.c): every limit read from one version of the policy */
+        const tally__limit *lim = atomic_load_explicit(&t->limits, memory_order_acquire);
         for (unsigned l = 0; l < t->n_limits; l++) {
             tally__state *pair = (tally__state *)&ys[l].win;
             tally__state cur = tally__state_load(pair);
@@ -226,7 +232,7 @@ static void collect_range(void *arg)
                 continue;
             /* the local count first, so that it never includes more than we take */
             tally_counter c;
-            tally__algo_counter(&t->limits[l], tally__state_load_atomic(&s->st[l]), cur.w0, &c);
+            tally__algo_counter(&lim[l], tally__state_load_atomic(&s->st[l]), cur.w0, &c);
             while (!tally__state_cas(pair, cur, (tally__state){ cur.w0, 0 })) {
                 cur = tally__state_load(pair);
                 if (!cur.w1)
