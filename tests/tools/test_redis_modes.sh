@@ -8,28 +8,8 @@
 # Prints "ok"/"FAIL" per check and "N passed, N failed"; exits 1 on a failure,
 # 77 (skipped) when redis-server or redis-cli is missing.
 set -uo pipefail
-REPLAY=$(realpath "$1")
-GATE=$(realpath "$2")
-T=$(mktemp -d)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null; done
-    wait 2>/dev/null
-    rm -rf "$T"
-}
-trap cleanup EXIT
-
-passed=0
-failed=0
-check() {   # check NAME EXPECTED ACTUAL
-    if [ "$2" == "$3" ]; then
-        passed=$((passed + 1))
-        echo "ok    $1"
-    else
-        failed=$((failed + 1))
-        echo "FAIL  $1: expected '$2', got '$3'"
-    fi
-}
+STOP_SIGNAL=KILL
+. "$(dirname "$0")/lib.sh"
 free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }

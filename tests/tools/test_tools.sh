@@ -5,28 +5,7 @@
 #   tests/tools/test_tools.sh PATH/TO/tally-replay PATH/TO/tally-gate
 # Prints "ok"/"FAIL" per check and "N passed, N failed"; exits 1 on a failure.
 set -uo pipefail
-REPLAY=$(realpath "$1")
-GATE=$(realpath "$2")
-T=$(mktemp -d)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null; done
-    wait 2>/dev/null
-    rm -rf "$T"
-}
-trap cleanup EXIT
-
-passed=0
-failed=0
-check() {   # check NAME EXPECTED ACTUAL
-    if [ "$2" == "$3" ]; then
-        passed=$((passed + 1))
-        echo "ok    $1"
-    else
-        failed=$((failed + 1))
-        echo "FAIL  $1: expected '$2', got '$3'"
-    fi
-}
+. "$(dirname "$0")/lib.sh"
 field() {   # field NAME JSON: an integer field of tally-replay's JSON report
     grep -o "\"$1\":[0-9]*" <<<"$2" | head -1 | cut -d: -f2
 }
