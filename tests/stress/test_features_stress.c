@@ -13,21 +13,9 @@
 #include <string.h>
 
 #include "tally.h"
+#include "../engine_open.h"
 
 #define THREADS 4
-#define MS      UINT64_C(1000000)
-#define SEC     UINT64_C(1000000000)
-#define T0      (UINT64_C(1700000000) * SEC)
-
-static tally_engine *open_engine(size_t capacity)
-{
-    tally_options o;
-    tally_engine *e;
-    tally_options_init(&o);
-    o.capacity = capacity;
-    cr_assert_eq(tally_open(&o, &e), 0);
-    return e;
-}
 
 /* ---- Updates racing hits ------------------------------------------------------ */
 

@@ -13,21 +13,10 @@
 #include <string.h>
 
 #include "tally.h"
+#include "../engine_open.h"
 #include "engine/engine-internal.h"
 
 #define THREADS 4
-#define SEC     UINT64_C(1000000000)
-#define T0      (UINT64_C(1700000000) * SEC)
-
-static tally_engine *open_engine(size_t capacity)
-{
-    tally_options o;
-    tally_engine *e;
-    tally_options_init(&o);
-    o.capacity = capacity;
-    cr_assert_eq(tally_open(&o, &e), 0);
-    return e;
-}
 
 static uint32_t add_policy(tally_engine *e, const char *name, tally_limit l, unsigned flags)
 {
