@@ -70,7 +70,10 @@ static const char usage_text[] =
 "      --delay-max DURATION\n"
 "                          GCRA policies: delay a request that conforms within\n"
 "                          DURATION (e.g. 500ms, 2s) instead of answering 429;\n"
-"                          the delay holds the worker thread that answers it\n"
+"                          each request is decided when it arrives, and its\n"
+"                          answer waits in the event loop: the worker's other\n"
+"                          connections go on, the connection's next requests\n"
+"                          wait their turn\n"
 "  -l, --listen ADDR:PORT  where to listen (default 127.0.0.1:8080; port 0 picks\n"
 "                          a free one)\n"
 "  -t, --threads N         worker threads, each with its own event loop (default 2)\n"
@@ -90,6 +93,10 @@ static const char usage_text[] =
 "      --redis-prefix P    Redis key prefix (default tally:)\n"
 "      --redis-wait N      a flush counts only once N replicas have it (WAIT)\n"
 "      --flush-ms N        flush interval in ms (default 1000)\n"
+"      --hash-key HEX      the engine's hash key, 32 hex digits (keep it secret);\n"
+"                          Redis names keys by their keyed digest, so gates\n"
+"                          share counts only under the same key (default: a\n"
+"                          random one, this gate's alone)\n"
 "      --capacity N        most keys tracked at once (default 1048576)\n"
 "      --port-file FILE    write the port listened on to FILE once ready\n"
 "  -h, --help              this text\n"
@@ -174,9 +181,9 @@ struct upstream {
 
 struct conn;
 
-/* Connections waiting for one kind of deadline, all set the same delay after
-   they start waiting: appending keeps the list in deadline order, so the first
-   is always the next to expire. */
+/* Connections waiting for one kind of deadline, in deadline order, so that the
+   first is always the next to expire. The linger and upstream lists set one
+   delay for all, so they only ever append; --delay-max sets each its own. */
 struct timeouts {
     struct conn *first, *last;
     uint64_t delay;                 /* ns */
@@ -196,8 +203,10 @@ struct conn {
     struct upstream up;
     char held[257];                 /* the key a concurrent limit holds for the exchange */
     size_t held_len;                /* 0: none held */
-    /* On the worker's linger list while draining, on its upstream list while
-       up.fd is open: never both, the linger starts after the last answer. */
+    bool delayed;                   /* the answer waits for its --delay-max deadline */
+    /* On the worker's delayed list while delayed, then on its upstream list
+       while up.fd is open, on its linger list while draining: one at a time,
+       the linger starts after the last answer. */
     struct timeouts *timer;
     uint64_t deadline;              /* CLOCK_MONOTONIC ns */
     struct conn *tprev, *tnext;
@@ -210,7 +219,7 @@ struct worker {
     int listen_fd, ep;
     struct conn *conns;
     struct conn *closed;            /* closed in this batch of events, to free */
-    struct timeouts linger, upstream;
+    struct timeouts linger, upstream, delayed;
     pthread_t thread;
 };
 
@@ -394,17 +403,29 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * SEC + (uint64_t)ts.tv_nsec;
 }
 
-static void timer_add(struct timeouts *t, struct conn *c)
+/* Inserts from the end: a list of one delay appends at once. */
+static void timer_at(struct timeouts *t, struct conn *c, uint64_t deadline)
 {
+    struct conn *before = t->last;
+    while (before && before->deadline > deadline)
+        before = before->tprev;
     c->timer = t;
-    c->deadline = now_ns() + t->delay;
-    c->tprev = t->last;
-    c->tnext = NULL;
-    if (t->last)
-        t->last->tnext = c;
+    c->deadline = deadline;
+    c->tprev = before;
+    c->tnext = before ? before->tnext : t->first;
+    if (c->tnext)
+        c->tnext->tprev = c;
+    else
+        t->last = c;
+    if (before)
+        before->tnext = c;
     else
         t->first = c;
-    t->last = c;
+}
+
+static void timer_add(struct timeouts *t, struct conn *c)
+{
+    timer_at(t, c, now_ns() + t->delay);
 }
 
 static void timer_del(struct conn *c)
@@ -424,13 +445,14 @@ static void timer_del(struct conn *c)
 }
 
 /* The client's fd waits for room while answers are unwritten; for nothing while
-   the upstream owes the next answer, so that the requests behind it stay in
-   the socket (and hold the client back) rather than pile up here; else for
-   requests. EPOLLERR and EPOLLHUP come whatever the interest: a client that
+   the upstream or a delay owes the next answer, so that the requests behind it
+   stay in the socket (and hold the client back) rather than pile up here; else
+   for requests. EPOLLERR and EPOLLHUP come whatever the interest: a client that
    resets its connection meanwhile is still seen. */
 static void conn_watch(struct worker *w, struct conn *c)
 {
-    uint32_t events = c->out.off < c->out.len ? EPOLLOUT : c->up.fd >= 0 ? 0 : EPOLLIN;
+    uint32_t events = c->out.off < c->out.len ? EPOLLOUT
+                    : c->up.fd >= 0 || c->delayed ? 0 : EPOLLIN;
     if (events == c->events)
         return;
     struct epoll_event ev = { .events = events, .data.ptr = c };
@@ -553,20 +575,26 @@ static void up_close(struct worker *w, struct conn *c)
     buf_free(&u->resp);
 }
 
-/* Starts the exchange for an allowed request; the worker's loop drives it
-   (up_event) and its deadline (timeouts_run). false: it could not start. */
-static bool up_start(struct worker *w, struct conn *c, const char *req, const struct request *r,
-                     const char *rl)
+/* The exchange for an allowed request, ready to start: the request is copied
+   out of the client's buffer, which moves on to the next requests meanwhile. */
+static bool up_prepare(struct conn *c, const char *req, const struct request *r, const char *rl)
 {
-    const struct gate *g = w->g;
     struct upstream *u = &c->up;
     *u = (struct upstream){
         .src = SRC_UPSTREAM, .fd = -1, .keep_alive = r->keep_alive,
         .bodiless = r->method_len == 4 && memcmp(r->method, "HEAD", 4) == 0,
     };
     snprintf(u->rl, sizeof u->rl, "%s", rl);
-    if (up_request(&u->req, req, r))
-        u->fd = socket(g->upstream.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    return up_request(&u->req, req, r);
+}
+
+/* Starts the prepared exchange; the worker's loop drives it (up_event) and its
+   deadline (timeouts_run). false: it could not start. */
+static bool up_start(struct worker *w, struct conn *c)
+{
+    const struct gate *g = w->g;
+    struct upstream *u = &c->up;
+    u->fd = socket(g->upstream.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     /* A non-blocking connect: the first EPOLLOUT says how it went (up_send). */
     struct epoll_event ev = { .events = EPOLLOUT, .data.ptr = u };
     if (u->fd < 0 ||
@@ -685,6 +713,16 @@ static void metrics(struct gate *g, struct conn *c)
     free(body);
 }
 
+/* An allowed request's answer, at once or at its --delay-max deadline: 200, or
+   the upstream's once the exchange ends. */
+static void answer(struct worker *w, struct conn *c)
+{
+    if (!w->g->has_upstream)
+        simple_response(c, 200, "OK", c->up.rl, "ok\n");
+    else if (!up_start(w, c))
+        up_error(w, c, false, c->up.rl);
+}
+
 static uint64_t ceil_s(uint64_t ns)
 {
     return ns / SEC + (ns % SEC != 0);
@@ -747,21 +785,30 @@ static void handle(struct worker *w, struct conn *c, const char *req, const stru
         return;
     }
     atomic_fetch_add_explicit(&k->allowed, 1, memory_order_relaxed);
-    if (delay)
-        nanosleep(&(struct timespec){ .tv_sec = (time_t)(delay / SEC), .tv_nsec = (long)(delay % SEC) },
-                  NULL);
     if (!g->has_upstream) {
-        simple_response(c, 200, "OK", rl, "ok\n");
-        if (g->holds)
-            tally_release(g->engine, g->policy, key, key_len, NULL);
+        snprintf(c->up.rl, sizeof c->up.rl, "%s", rl);
+    } else {
+        if (g->holds) {
+            memcpy(c->held, key, key_len);    /* at most max_key_len (256) bytes */
+            c->held_len = key_len;
+        }
+        if (!up_prepare(c, req, r, rl)) {
+            up_close(w, c);
+            up_error(w, c, false, rl);
+            return;
+        }
+    }
+    /* The answer waits in the event loop (timeouts_run), not in a sleep of the
+       worker: its other connections go on, and their requests are decided when
+       they arrive, so that none of them waits longer than --delay-max. */
+    if (delay) {
+        c->delayed = true;
+        timer_at(&w->delayed, c, now_ns() + delay);
         return;
     }
-    if (g->holds) {
-        memcpy(c->held, key, key_len);        /* at most max_key_len (256) bytes */
-        c->held_len = key_len;
-    }
-    if (!up_start(w, c, req, r, rl))
-        up_error(w, c, false, rl);
+    answer(w, c);
+    if (!g->has_upstream && g->holds)
+        tally_release(g->engine, g->policy, key, key_len, NULL);
 }
 
 /* ---- the event loop ---------------------------------------------------- */
@@ -812,8 +859,8 @@ static bool conn_flush(struct worker *w, struct conn *c)
     if (c->out.off == c->out.len)
         c->out.off = c->out.len = 0;
     /* Linger rather than close (LINGER_S says why, timeouts_run ends it), once
-       the last answer is written: not while the upstream still owes it. */
-    if (c->close_after && !c->draining && c->out.len == 0 && c->up.fd < 0) {
+       the last answer is written: not while the upstream or a delay owes it. */
+    if (c->close_after && !c->draining && c->out.len == 0 && c->up.fd < 0 && !c->delayed) {
         if (shutdown(c->fd, SHUT_WR) != 0)
             return false;
         c->draining = true;
@@ -843,11 +890,12 @@ static bool conn_drain(struct conn *c)
 }
 
 /* Answers the whole requests in the buffer in order, up to one that waits
-   for the upstream: the ones behind it wait for its answer (up_end). */
+   for the upstream or a delay: the ones behind it wait for its answer (up_end,
+   delay_end). */
 static void conn_process(struct worker *w, struct conn *c)
 {
     size_t off = 0;
-    while (!c->close_after && c->up.fd < 0) {
+    while (!c->close_after && c->up.fd < 0 && !c->delayed) {
         struct request r;
         int p = parse_request(w->g, c->in + off, c->in_len - off, &r);
         if (p == 0)
@@ -893,6 +941,17 @@ static void up_end(struct worker *w, struct conn *c, enum up_step how)
     if (how != UP_DONE)
         up_error(w, c, how == UP_TIMEOUT, c->up.rl);
     up_close(w, c);
+    conn_process(w, c);
+    if (!conn_flush(w, c))
+        conn_close(w, c);
+}
+
+/* The delayed answer is due: it, then the connection's next requests. */
+static void delay_end(struct worker *w, struct conn *c)
+{
+    timer_del(c);
+    c->delayed = false;
+    answer(w, c);
     conn_process(w, c);
     if (!conn_flush(w, c))
         conn_close(w, c);
@@ -948,11 +1007,12 @@ static void accept_all(struct worker *w)
     }
 }
 
-/* Closes the connections whose linger is over and answers 504 for the
-   exchanges whose time is up; returns epoll_wait's timeout for the next
-   deadline, in ms rounded up so that the wait does not end before it (-1:
-   none). An exchange that ends here may start the next (conn_process): its
-   deadline is later than now, so each loop ends. */
+/* Closes the connections whose linger is over, answers 504 for the exchanges
+   whose time is up and the delayed requests that are due; returns epoll_wait's
+   timeout for the next deadline, in ms rounded up so that the wait does not
+   end before it (-1: none). An exchange or a delay that ends here may start the
+   next request's (conn_process): its deadline is later than now, so each loop
+   ends. */
 static int timeouts_run(struct worker *w)
 {
     uint64_t now = now_ns();
@@ -960,11 +1020,15 @@ static int timeouts_run(struct worker *w)
         conn_close(w, w->linger.first);
     while (w->upstream.first && w->upstream.first->deadline <= now)
         up_end(w, w->upstream.first, UP_TIMEOUT);
+    while (w->delayed.first && w->delayed.first->deadline <= now)
+        delay_end(w, w->delayed.first);
     uint64_t next = UINT64_MAX;
     if (w->linger.first)
         next = w->linger.first->deadline;
     if (w->upstream.first && w->upstream.first->deadline < next)
         next = w->upstream.first->deadline;
+    if (w->delayed.first && w->delayed.first->deadline < next)
+        next = w->delayed.first->deadline;
     return next == UINT64_MAX ? -1 : (int)((next - now + 999999) / 1000000);
 }
 
@@ -1140,6 +1204,30 @@ static bool num_option(const char *name, const char *arg, uint64_t hi, uint64_t 
     return false;
 }
 
+static int hex_digit(char c)
+{
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
+         : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+/* --hash-key: 32 hex digits, not all zero (all zero asks the engine for a
+   random key, which no other engine shares). */
+static bool hash_key_option(const char *arg, uint8_t key[16])
+{
+    uint8_t any = 0;
+    bool ok = strlen(arg) == 32;
+    for (size_t i = 0; ok && i < 16; i++) {
+        int hi = hex_digit(arg[2 * i]), lo = hex_digit(arg[2 * i + 1]);
+        ok = hi >= 0 && lo >= 0;
+        key[i] = ok ? (uint8_t)(hi << 4 | lo) : 0;
+        any |= key[i];
+    }
+    if (ok && any)
+        return true;
+    fprintf(stderr, "tally-gate: bad --hash-key '%s' (want 32 hex digits, not all zero)\n", arg);
+    return false;
+}
+
 /* --delay-max: a number and a unit, ms or s (at most an hour). */
 static bool duration_option(const char *arg, uint64_t *ns)
 {
@@ -1161,6 +1249,8 @@ int main(int argc, char **argv)
     const char *redis_prefix = NULL, *port_file = NULL;
     uint64_t threads = 2, flush_ms = 1000, capacity = 1 << 20;
     uint64_t upstream_timeout_ms = UPSTREAM_TIMEOUT_MS, redis_wait = 0;
+    uint8_t hash_key[16] = { 0 };
+    bool keyed = false;
     struct gate g = { .stop_fd = -1 };
     static const struct option longopts[] = {
         { "policy", required_argument, 0, 'p' },   { "listen", required_argument, 0, 'l' },
@@ -1171,6 +1261,7 @@ int main(int argc, char **argv)
         { "upstream-timeout-ms", required_argument, 0, 'U' },
         { "redis-wait", required_argument, 0, 'R' },
         { "policy-file", required_argument, 0, 'Y' }, { "delay-max", required_argument, 0, 'D' },
+        { "hash-key", required_argument, 0, 'K' },
         { "help", no_argument, 0, 'h' },           { 0, 0, 0, 0 },
     };
     int c;
@@ -1178,6 +1269,11 @@ int main(int argc, char **argv)
         switch (c) {
         case 'p': spec = optarg; break;
         case 'Y': g.policy_file = optarg; break;
+        case 'K':
+            if (!hash_key_option(optarg, hash_key))
+                return EXIT_USAGE;
+            keyed = true;
+            break;
         case 'D':
             if (!duration_option(optarg, &g.delay_max_ns))
                 return EXIT_USAGE;
@@ -1215,7 +1311,11 @@ int main(int argc, char **argv)
             if (!num_option("redis-wait", optarg, 1000, &redis_wait))
                 return EXIT_USAGE;
             break;
-        case 'h': fputs(usage_text, stdout); return 0;
+        case 'h':
+            /* One write, not stdio's 4 KiB pieces: a reader that stops at what
+               it looks for (grep -q) would make the next piece a SIGPIPE. */
+            return write(STDOUT_FILENO, usage_text, sizeof usage_text - 1) ==
+                   (ssize_t)(sizeof usage_text - 1) ? 0 : EXIT_FAIL;
         default:
             fputs("Try 'tally-gate --help'.\n", stderr);
             return EXIT_USAGE;
@@ -1293,6 +1393,7 @@ int main(int argc, char **argv)
     tally_options o;
     tally_options_init(&o);
     o.capacity = capacity;
+    memcpy(o.hash_key, hash_key, sizeof hash_key);
     g.max_key_len = o.max_key_len;
     int rc = tally_open(&o, &g.engine);
     if (rc != 0)
@@ -1316,6 +1417,9 @@ int main(int argc, char **argv)
         }
         if (rc != 0)
             die("cannot start the flusher: %s", tally_strerror(rc));
+        if (!keyed)
+            fputs("tally-gate: -r without --hash-key: the counts in Redis are this gate's "
+                  "alone\n", stderr);
     }
 
     g.n_workers = (unsigned)threads;

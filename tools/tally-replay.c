@@ -51,6 +51,9 @@ static const char usage_text[] =
 "                        (the sentinels of the master NAME)\n"
 "      --redis-prefix P  Redis key prefix (default tally:)\n"
 "      --redis-wait N    a flush counts only once N replicas have it (WAIT)\n"
+"      --hash-key HEX    the engine's hash key, 32 hex digits: the one of the\n"
+"                        engines whose counts it shares (default: a random one,\n"
+"                        sharing nothing)\n"
 "  -q, --quiet           no progress bar (it is shown on a terminal for traces\n"
 "                        of 16 MiB and more)\n"
 "  -h, --help            this text\n"
@@ -430,6 +433,30 @@ static void holds_push(struct holds *q, uint64_t at, uint64_t cost, const char *
     q->h[q->head + q->n++] = (struct hold){ at, cost, k, len };
 }
 
+static int hex_digit(char c)
+{
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
+         : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+/* --hash-key: 32 hex digits, not all zero (all zero asks the engine for a
+   random key, which no other engine shares). */
+static bool hash_key_option(const char *arg, uint8_t key[16])
+{
+    uint8_t any = 0;
+    bool ok = strlen(arg) == 32;
+    for (size_t i = 0; ok && i < 16; i++) {
+        int hi = hex_digit(arg[2 * i]), lo = hex_digit(arg[2 * i + 1]);
+        ok = hi >= 0 && lo >= 0;
+        key[i] = ok ? (uint8_t)(hi << 4 | lo) : 0;
+        any |= key[i];
+    }
+    if (ok && any)
+        return true;
+    fprintf(stderr, "tally-replay: bad --hash-key '%s' (want 32 hex digits, not all zero)\n", arg);
+    return false;
+}
+
 static void progress(off_t done, off_t total, uint64_t lines, bool last)
 {
     int pct = total > 0 ? (int)(done * 100 / total) : 100;
@@ -449,6 +476,8 @@ int main(int argc, char **argv)
     uint64_t top = 10, bucket_s = 60, capacity = 1 << 20, redis_wait = 0;
     uint64_t delay_max = 0, hold_ns = 0;
     bool reserve = false;
+    uint8_t hash_key[16] = { 0 };
+    bool keyed = false;
     static const struct option longopts[] = {
         { "policy", required_argument, 0, 'p' }, { "format", required_argument, 0, 'f' },
         { "key", required_argument, 0, 'k' },    { "cost", required_argument, 0, 'c' },
@@ -458,6 +487,7 @@ int main(int argc, char **argv)
         { "redis", required_argument, 0, 'r' },  { "redis-prefix", required_argument, 0, 'P' },
         { "redis-wait", required_argument, 0, 'W' },
         { "delay-max", required_argument, 0, 'D' }, { "hold", required_argument, 0, 'H' },
+        { "hash-key", required_argument, 0, 'K' },
         { "help", no_argument, 0, 'h' },         { 0, 0, 0, 0 },
     };
     static const char *const field_names[] = { "host", "ident", "user", "request", "path",
@@ -510,6 +540,11 @@ int main(int argc, char **argv)
         }
         case 'r': redis = optarg; break;
         case 'P': redis_prefix = optarg; break;
+        case 'K':
+            if (!hash_key_option(optarg, hash_key))
+                return EXIT_USAGE;
+            keyed = true;
+            break;
         case 'W':
             if (!parse_uint(optarg, strlen(optarg), &redis_wait) || redis_wait < 1 || redis_wait > 1000) {
                 fprintf(stderr, "tally-replay: bad value '%s' for --redis-wait (1..1000)\n", optarg);
@@ -600,6 +635,7 @@ int main(int argc, char **argv)
     tally_options_init(&o);
     o.capacity = capacity;
     o.max_key_len = MAX_KEY;
+    memcpy(o.hash_key, hash_key, sizeof hash_key);
     uint32_t pid;
     int rc = tally_open(&o, &e);
     if (rc == 0 && (rc = tally_policy_add(e, &pol, &pid)) != 0)
@@ -628,6 +664,9 @@ int main(int argc, char **argv)
                 fclose(in);
             return rc == TALLY_EINVAL ? EXIT_USAGE : EXIT_ENGINE;
         }
+        if (!keyed)
+            fputs("tally-replay: -r without --hash-key: it shares no count with other "
+                  "engines\n", stderr);
     }
 
     struct report r = { 0 };

@@ -2,7 +2,7 @@
  * ngx_http_tally_module: rate limits and usage counts of tally in nginx's
  * preaccess phase, the phase of limit_req.
  *
- *   tally_zone NAME size=SIZE [redis=HOST:PORT] [flush=TIME];        http
+ *   tally_zone NAME size=SIZE [redis=HOST:PORT hash_key=HEX] [flush=TIME];  http
  *   tally_policy ZONE "SPEC";                                         http
  *   tally ZONE POLICY key=$var [cost=$var] [status=CODE] [dry_run];   http, server, location
  *   tally_status CODE;                        default 429             http, server, location
@@ -17,7 +17,10 @@
  * is created in the master. A zone's counts are therefore per worker: with
  * worker_processes N, a key is admitted up to N times its max unless the
  * zone syncs through Redis (redis=), which bounds the overshoot by what the
- * workers admit within one flush interval. A reload starts new workers with
+ * workers admit within one flush interval. Redis names a key by its keyed
+ * digest, so every engine that shares the counts needs the same hash key:
+ * redis= requires hash_key= (32 hex digits, a secret), the same in every
+ * nginx that shares the zone's counts. A reload starts new workers with
  * new engines: usage held only locally starts again from zero.
  *
  * A request whose key evaluates to the empty string is not counted, as in
@@ -56,6 +59,8 @@ typedef struct {
     ngx_str_t      redis_host;           /* NUL-terminated; empty: no Redis */
     ngx_int_t      redis_port;
     ngx_msec_t     flush;
+    u_char         hash_key[16];         /* tally_options.hash_key */
+    ngx_flag_t     has_hash_key;         /* else each worker's engine draws its own */
     ngx_array_t    policies;             /* of ngx_http_tally_policy_t */
     tally_engine  *engine;               /* this worker's */
 } ngx_http_tally_zone_t;
@@ -238,6 +243,20 @@ static ngx_str_t *arg_value(ngx_str_t *arg, const char *k, ngx_str_t *out)
     return out;
 }
 
+/* 32 hex digits into 16 bytes. The value is a secret: no message repeats it. */
+static ngx_int_t parse_hash_key(const ngx_str_t *v, u_char out[16])
+{
+    if (v->len != 32)
+        return NGX_ERROR;
+    for (size_t i = 0; i < 16; i++) {
+        ngx_int_t b = ngx_hextoi(v->data + 2 * i, 2);
+        if (b == NGX_ERROR)
+            return NGX_ERROR;
+        out[i] = (u_char)b;
+    }
+    return NGX_OK;
+}
+
 static char *ngx_http_tally_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
     ngx_http_tally_main_conf_t *mcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_tally_module);
@@ -288,6 +307,13 @@ static char *ngx_http_tally_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             ngx_memcpy(z->redis_host.data, v.data, z->redis_host.len);
             z->redis_host.data[z->redis_host.len] = '\0';
             z->redis_port = port;
+        } else if (arg_value(&value[i], "hash_key", &v)) {
+            if (parse_hash_key(&v, z->hash_key) != NGX_OK) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "tally zone \"%V\": invalid hash_key "
+                                   "(32 hex digits)", &z->name);
+                return NGX_CONF_ERROR;
+            }
+            z->has_hash_key = 1;
         } else if (arg_value(&value[i], "flush", &v)) {
             ngx_int_t ms = ngx_parse_time(&v, 0);
             if (ms == NGX_ERROR || ms == 0 || ms > 3600000) {
@@ -304,6 +330,12 @@ static char *ngx_http_tally_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     }
     if (z->size == 0) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "tally zone \"%V\" needs size=SIZE", &z->name);
+        return NGX_CONF_ERROR;
+    }
+    if (z->redis_host.len && !z->has_hash_key) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "tally zone \"%V\": redis= needs hash_key=HEX "
+                           "(32 hex digits, the same in every nginx that shares the counts)",
+                           &z->name);
         return NGX_CONF_ERROR;
     }
     return NGX_CONF_OK;
@@ -760,6 +792,8 @@ static ngx_int_t open_zone(ngx_cycle_t *cycle, ngx_http_tally_zone_t *z)
     if (o.capacity < TALLY_NGX_MIN_KEYS)
         o.capacity = TALLY_NGX_MIN_KEYS;
     o.digest_only = true;           /* keys may be secrets (API tokens): keep only digests */
+    if (z->has_hash_key)
+        ngx_memcpy(o.hash_key, z->hash_key, sizeof(o.hash_key));
     rc = tally_open(&o, &z->engine);
     for (ngx_uint_t i = 0; rc == 0 && i < z->policies.nelts; i++)
         rc = tally_policy_add(z->engine, &p[i].policy, &p[i].id);
