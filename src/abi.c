@@ -9,7 +9,8 @@
  *   TALLY_0.1  tally_options without hash (keys digested with SipHash)
  *   TALLY_0.2  tally_options with hash
  *   TALLY_0.3  tally_redis_options with mode, nodes, master_name,
- *              wait_replicas and wait_timeout_ms (tally_flusher_start)
+ *              wait_replicas and wait_timeout_ms (tally_flusher_start);
+ *              tally_stats with lru_evictions (tally_stats_read)
  */
 #include <stddef.h>
 #include <string.h>
@@ -146,4 +147,33 @@ SYMVER(tally__flusher_start_0_3, "tally_flusher_start@@TALLY_0.3")
 int tally__flusher_start_0_3(tally_engine *e, const tally_flusher_options *o)
 {
     return tally__flusher_start(e, o);
+}
+
+/* ---- tally_stats, as of TALLY_0.1 and TALLY_0.2 ----------------------------- */
+
+/* The 0.1 struct is the current one up to redis_permanent_errors. */
+#define STATS_0_1_SIZE (offsetof(tally_stats, redis_permanent_errors) + sizeof(uint64_t))
+_Static_assert(offsetof(tally_stats, lru_evictions) == STATS_0_1_SIZE, "lru_evictions moved");
+
+SYMVER_ATTR("tally_stats_read@TALLY_0.1") TALLY_EXPORT
+int tally__stats_read_0_1(tally_engine *e, void *out);
+SYMVER(tally__stats_read_0_1, "tally_stats_read@TALLY_0.1")
+int tally__stats_read_0_1(tally_engine *e, void *out)
+{
+    tally_stats s;
+
+    if (!out)
+        return TALLY_EINVAL;
+    int rc = tally__stats_read(e, &s);
+    if (!rc)
+        memcpy(out, &s, STATS_0_1_SIZE);
+    return rc;
+}
+
+SYMVER_ATTR("tally_stats_read@@TALLY_0.3") TALLY_EXPORT
+int tally__stats_read_0_3(tally_engine *e, tally_stats *out);
+SYMVER(tally__stats_read_0_3, "tally_stats_read@@TALLY_0.3")
+int tally__stats_read_0_3(tally_engine *e, tally_stats *out)
+{
+    return tally__stats_read(e, out);
 }

@@ -2,14 +2,17 @@
  * The limiter features through the public API, single-threaded: a caller's
  * max per hit (tally_hit_ex), replacing a policy's limits while keys keep
  * their usage (tally_policy_update), GCRA reservations (tally_reserve_at),
- * and concurrency limits with their releases and leases.
+ * concurrency limits with their releases and leases, and the eviction of
+ * the least recently hit key of a full table (TALLY_EVICT_LRU).
  */
 #include "test.h"
 #include <inttypes.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "tally.h"
 #include "engine_open.h"
+#include "engine/engine-internal.h"
 
 
 static tally_policy policy_of(const char *name, unsigned flags, unsigned n, const tally_limit *l)
@@ -214,7 +217,7 @@ Test(features, update_flags_apply_to_the_next_hit)
     cr_assert_eq(r.exceeded, 1u);
     cr_assert_eq(used(e, p, "k", 0), 2, "shadow hits consume");
 
-    np.flags = TALLY_EVICT_LRU;           /* declared, not built: refused, nothing changes */
+    np.flags = 1u << 4;                   /* no such flag: refused, nothing changes */
     cr_assert_eq(tally_policy_update(e, p, &np), TALLY_EINVAL);
     cr_assert(hit(e, p, "k", NULL, T0).allowed, "still shadow");
     cr_assert_eq(used(e, p, "k", 0), 3);
@@ -562,5 +565,221 @@ Test(features, concurrency_bad_input)
     cr_assert_not(hit(e, c, "k", NULL, T0).allowed, "1 held of a max of 1");
     cr_assert_eq(tally_release_at(e, c, "k", 1, NULL, T0), 0);
     cr_assert(hit(e, c, "k", NULL, T0).allowed);
+    tally_close(e);
+}
+
+/* ---- TALLY_EVICT_LRU: the least recently hit key makes room ------------------- */
+
+#define LRU_CAP 64                     /* keys of a full table */
+#define LRU_KEYS (LRU_CAP + 40)        /* and new ones to come */
+
+/* Names of keys whose windows all start at one home group: each key's slot is
+   in every other's window, so every key of the table is a candidate of every
+   eviction, and the least recently hit of the table is the one to go. */
+static char lru_names[LRU_KEYS][24];
+
+static void same_window_keys(tally_engine *e, uint32_t pol)
+{
+    tally__table *t = &tally__policy_get(e, pol)->table;
+    size_t home = SIZE_MAX;
+    int n = 0;
+    for (unsigned i = 0; n < LRU_KEYS; i++) {
+        char name[24];
+        snprintf(name, sizeof(name), "lru-%u", i);
+        size_t h = tally__table_home(t, tally__key_digest(e, name, strlen(name)));
+        if (home == SIZE_MAX)
+            home = h;
+        if (h == home)
+            memcpy(lru_names[n++], name, sizeof(name));
+        cr_assert_lt(i, 1000000u, "no keys share a home group");
+    }
+}
+
+static bool present(tally_engine *e, uint32_t pol, const char *key)
+{
+    tally_snapshot s;
+    int rc = tally_read(e, pol, key, strlen(key), &s);
+    cr_assert(rc == 0 || rc == TALLY_ENOENT, "read: %d", rc);
+    return rc == 0;
+}
+
+static int try_hit(tally_engine *e, uint32_t pol, const char *key, uint64_t now)
+{
+    tally_result r;
+    return tally_hit_at(e, pol, key, strlen(key), NULL, now, &r);
+}
+
+static const tally_limit HOURLY5 = { .algo = TALLY_FIXED_WINDOW, .max = 5, .period_ns = 3600 * SEC };
+
+/* A full table: key i of lru_names hit @hits times at T0 + i seconds. */
+static uint32_t full_table(tally_engine *e, unsigned flags, int hits)
+{
+    uint32_t p = add(e, "lru", flags, 1, &HOURLY5);
+    same_window_keys(e, p);
+    for (int i = 0; i < LRU_CAP; i++)
+        for (int j = 0; j < hits; j++)
+            cr_assert_eq(try_hit(e, p, lru_names[i], T0 + (uint64_t)i * SEC), 0, "key %d", i);
+    return p;
+}
+
+static tally_stats stats(tally_engine *e)
+{
+    tally_stats st;
+    cr_assert_eq(tally_stats_read(e, &st), 0);
+    return st;
+}
+
+Test(features, without_evict_lru_a_full_table_refuses_a_new_key)
+{
+    tally_engine *e = open_engine(LRU_CAP);
+    uint32_t p = full_table(e, 0, 1);
+    cr_assert_eq(try_hit(e, p, lru_names[LRU_CAP], T0 + 100 * SEC), TALLY_EFULL);
+    for (int i = 0; i < LRU_CAP; i++)
+        cr_assert(present(e, p, lru_names[i]), "key %d", i);
+    tally_stats st = stats(e);
+    cr_assert_eq(st.full_refusals, 1);
+    cr_assert_eq(st.lru_evictions, 0);
+    tally_close(e);
+}
+
+Test(features, evict_lru_admits_a_new_key_in_place_of_the_least_recently_hit)
+{
+    tally_engine *e = open_engine(LRU_CAP);
+    uint32_t p = full_table(e, TALLY_EVICT_LRU, 3);
+    /* keys 0 to 9 hit again: key 10 is now the least recently hit */
+    for (int i = 0; i < 10; i++)
+        cr_assert_eq(try_hit(e, p, lru_names[i], T0 + 100 * SEC), 0);
+    tally_result r = hit(e, p, lru_names[LRU_CAP], NULL, T0 + 200 * SEC);
+    cr_assert(r.allowed);
+    cr_assert_eq(r.remaining, 4, "the victim's count of 3 is not the new key's");
+    for (int i = 0; i < LRU_CAP; i++)
+        cr_assert_eq(present(e, p, lru_names[i]), i != 10, "key %d", i);
+    cr_assert(present(e, p, lru_names[LRU_CAP]));
+    cr_assert_eq(try_hit(e, p, lru_names[LRU_CAP + 1], T0 + 201 * SEC), 0);
+    cr_assert_not(present(e, p, lru_names[11]), "then key 11");
+    cr_assert(present(e, p, lru_names[12]));
+
+    tally_stats st = stats(e);
+    cr_assert_eq(st.lru_evictions, 2);
+    cr_assert_eq(st.evictions, 0, "no expired slot was reclaimed");
+    cr_assert_eq(st.full_refusals, 0);
+    char text[8192];
+    int n = tally_stats_prometheus(e, text, sizeof(text));
+    cr_assert(n > 0 && (size_t)n < sizeof(text));
+    cr_assert_not_null(strstr(text, "\ntally_lru_evictions 2\n"), "%s", text);
+    cr_assert_not_null(strstr(text, "# TYPE tally_lru_evictions counter\n"), "%s", text);
+    cr_assert_not_null(strstr(text, "\ntally_evictions 0\n"), "%s", text);
+    tally_close(e);
+}
+
+Test(features, evict_lru_keeps_a_recently_hit_key_while_older_ones_exist)
+{
+    tally_engine *e = open_engine(LRU_CAP);
+    uint32_t p = full_table(e, TALLY_EVICT_LRU, 1);
+    /* the oldest key, hit once more (a denial stamps too: max is 5) */
+    for (int j = 0; j < 6; j++)
+        try_hit(e, p, lru_names[0], T0 + 100 * SEC);
+    cr_assert_not(hit(e, p, lru_names[0], NULL, T0 + 100 * SEC).allowed);
+    for (int k = 0; k < 32; k++)
+        cr_assert_eq(try_hit(e, p, lru_names[LRU_CAP + k], T0 + (200 + (uint64_t)k) * SEC), 0, "new key %d", k);
+    cr_assert(present(e, p, lru_names[0]), "hit at 100 s, while keys hit at 1 to 32 s were there");
+    for (int i = 1; i < LRU_CAP; i++)
+        cr_assert_eq(present(e, p, lru_names[i]), i > 32, "key %d", i);
+    /* a key that comes back starts afresh: its count went with its slot */
+    tally_result r = hit(e, p, lru_names[1], NULL, T0 + 300 * SEC);
+    cr_assert(r.allowed);
+    cr_assert_eq(r.remaining, 4);
+    cr_assert_eq(stats(e).lru_evictions, 33);
+    tally_close(e);
+}
+
+/* A flusher that pushes only when told (no Redis): deltas wait in the slots. */
+static void start_idle_flusher(tally_engine *e)
+{
+    tally_flusher_options fo;
+    tally_flusher_options_init(&fo);
+    fo.interval_ms = 3600 * 1000;
+    cr_assert_eq(tally_flusher_start(e, &fo), 0);
+}
+
+Test(features, evict_lru_never_takes_a_key_with_unflushed_cost)
+{
+    tally_engine *e = open_engine(LRU_CAP);
+    start_idle_flusher(e);
+    uint32_t p = full_table(e, TALLY_EVICT_LRU, 1);
+    /* every key has cost for the sinks: none may go */
+    cr_assert_eq(try_hit(e, p, lru_names[LRU_CAP], T0 + 100 * SEC), TALLY_EFULL);
+    cr_assert_eq(stats(e).lru_evictions, 0);
+    cr_assert_eq(stats(e).full_refusals, 1);
+    cr_assert_eq(tally_flush(e, 5000), 0);
+    /* the oldest key gets cost again (at its old time: still the oldest) */
+    cr_assert_eq(try_hit(e, p, lru_names[0], T0), 0);
+    cr_assert_eq(try_hit(e, p, lru_names[LRU_CAP], T0 + 100 * SEC), 0);
+    cr_assert(present(e, p, lru_names[0]), "its cost is not pushed yet");
+    cr_assert_not(present(e, p, lru_names[1]), "the oldest key without pending cost went");
+    cr_assert_eq(tally_flush(e, 5000), 0);
+    cr_assert_eq(try_hit(e, p, lru_names[LRU_CAP + 1], T0 + 101 * SEC), 0);
+    cr_assert_not(present(e, p, lru_names[0]), "once pushed, the oldest goes");
+    cr_assert_eq(stats(e).lru_evictions, 2);
+    tally_close(e);
+}
+
+Test(features, evict_lru_never_takes_a_flagged_key)
+{
+    tally_engine *e = open_engine(LRU_CAP);
+    uint32_t p = full_table(e, TALLY_EVICT_LRU, 5);
+    tally_watch w = { .threshold = 1, .window_ns = 3600 * SEC };
+    cr_assert_eq(tally_watch_set(e, p, &w), 0);
+    cr_assert_not(hit(e, p, lru_names[0], NULL, T0).allowed, "a denial flags the oldest key");
+    cr_assert_eq(try_hit(e, p, lru_names[LRU_CAP], T0 + 100 * SEC), 0);
+    cr_assert(present(e, p, lru_names[0]), "a flag stays until an operator clears it");
+    cr_assert_not(present(e, p, lru_names[1]));
+    cr_assert_eq(tally_watch_clear(e, p, lru_names[0], strlen(lru_names[0])), 0);
+    cr_assert_eq(try_hit(e, p, lru_names[LRU_CAP + 1], T0 + 101 * SEC), 0);
+    cr_assert_not(present(e, p, lru_names[0]), "cleared, the oldest goes");
+    cr_assert_eq(stats(e).lru_evictions, 2);
+    tally_close(e);
+}
+
+Test(features, update_sets_and_clears_evict_lru)
+{
+    tally_engine *e = open_engine(LRU_CAP);
+    uint32_t p = full_table(e, 0, 1);
+    cr_assert_eq(try_hit(e, p, lru_names[LRU_CAP], T0 + 100 * SEC), TALLY_EFULL);
+    tally_policy np = policy_of("lru", TALLY_EVICT_LRU, 1, &HOURLY5);
+    cr_assert_eq(tally_policy_update(e, p, &np), 0);
+    /* keys hit before the flag have no stamp: older than any hit since */
+    for (int i = 0; i < LRU_CAP; i++)
+        if (i != 40)
+            cr_assert_eq(try_hit(e, p, lru_names[i], T0 + 110 * SEC), 0);
+    cr_assert_eq(try_hit(e, p, lru_names[LRU_CAP], T0 + 120 * SEC), 0);
+    for (int i = 0; i < LRU_CAP; i++)
+        cr_assert_eq(present(e, p, lru_names[i]), i != 40, "key %d", i);
+    np.flags = 0;
+    cr_assert_eq(tally_policy_update(e, p, &np), 0);
+    cr_assert_eq(try_hit(e, p, lru_names[LRU_CAP + 1], T0 + 130 * SEC), TALLY_EFULL);
+    cr_assert_eq(stats(e).lru_evictions, 1);
+    tally_close(e);
+}
+
+Test(features, evict_lru_dates_a_key_from_its_claim)
+{
+    tally_engine *e = open_engine(LRU_CAP);
+    uint32_t p = add(e, "lru", TALLY_EVICT_LRU, 1, &HOURLY5);
+    same_window_keys(e, p);
+    for (int i = 0; i < LRU_CAP - 4; i++)
+        cr_assert_eq(try_hit(e, p, lru_names[i], T0 + (uint64_t)i * SEC), 0, "key %d", i);
+    /* four keys arrive while the flag is off: no hit stamps them, their
+       claims do */
+    tally_policy np = policy_of("lru", 0, 1, &HOURLY5);
+    cr_assert_eq(tally_policy_update(e, p, &np), 0);
+    for (int i = LRU_CAP - 4; i < LRU_CAP; i++)
+        cr_assert_eq(try_hit(e, p, lru_names[i], T0 + 100 * SEC), 0, "key %d", i);
+    np.flags = TALLY_EVICT_LRU;
+    cr_assert_eq(tally_policy_update(e, p, &np), 0);
+    for (int k = 0; k < 8; k++)
+        cr_assert_eq(try_hit(e, p, lru_names[LRU_CAP + k], T0 + 200 * SEC), 0, "new key %d", k);
+    for (int i = 0; i < LRU_CAP; i++)
+        cr_assert_eq(present(e, p, lru_names[i]), i >= 8, "key %d", i);
     tally_close(e);
 }

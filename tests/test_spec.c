@@ -136,8 +136,11 @@ Test(spec, concurrent_limits_and_evict_lru)
     refused("c: 1 concurrent lease 1s, 1/s gcra, 2 concurrent lease 1s", 36, "at most one");
     refused("c: 10 concurrent lease 1s; shadow; shadow", 35, "twice");
     refused("c: 10 concurrent lease 1s; evict", 27, "evict-lru");
-    /* the flag of eviction is known, and refused until eviction is built */
-    refused("c: 10 concurrent lease 1s; evict-lru", 27, "not supported");
+    cr_assert_eq(parse("c: 10 concurrent lease 1s; evict-lru"), 0, "%s", err.message);
+    cr_assert_eq(pol.flags, TALLY_EVICT_LRU);
+    cr_assert_eq(parse("api: 10/s gcra; Evict-LRU; aligned"), 0, "%s", err.message);
+    cr_assert_eq(pol.flags, TALLY_EVICT_LRU | TALLY_ALIGNED);
+    refused("api: 10/s gcra; evict-lru; evict-lru", 27, "twice");
 }
 
 Test(spec, parsed_policies_are_accepted_by_the_engine)
@@ -147,6 +150,7 @@ Test(spec, parsed_policies_are_accepted_by_the_engine)
         "d: 5000000 per month calendar; shadow", "e: 17592186044415 per 1s sliding",
         "f: 1000000/ms burst 4611686018427387904 gcra",
         "g: 4294967295 concurrent lease 30s, 10/s gcra",
+        "h: 100 per 1m fixed; evict-lru",
     };
     tally_engine *e;
     tally_options o;

@@ -159,11 +159,15 @@ typedef struct tally_stats {
                                     MOVED and ASK (but in cluster mode, which
                                     follows them), CROSSSLOT, WRONGTYPE, NOAUTH,
                                     NOPERM, WRONGPASS and unknown ERR replies */
+    uint64_t lru_evictions;      /* live keys evicted to admit a new key (TALLY_EVICT_LRU);
+                                    not in evictions. New in 0.3 */
 } tally_stats;
 
 /*
  * tally_stats_read - the engine's counters.
  * Return 0 or TALLY_EINVAL. Any thread may call it. It never blocks.
+ * A program built against 0.1 or 0.2 binds tally_stats_read@TALLY_0.1, which
+ * writes the struct as it was then (up to redis_permanent_errors).
  */
 TALLY_EXPORT int tally_stats_read(tally_engine *e, tally_stats *out);
 

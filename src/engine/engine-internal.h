@@ -188,6 +188,10 @@ struct tally__table {
     _Atomic uint64_t *gen;        /* n_slots: the state instance of each slot (table.c) */
     _Atomic uint32_t *ovf;        /* n_slots / TALLY__GROUP: keys placed past each group */
     _Atomic uint64_t gen_next;    /* next unused instance number (even, never reused) */
+    _Atomic bool    lru;          /* the policy has TALLY_EVICT_LRU (engine.c) */
+    _Atomic uint64_t *_Atomic stamp; /* n_slots recency stamps, once the policy had
+                                     TALLY_EVICT_LRU (tally__table_touch()) */
+    _Atomic uint64_t lru_evicted; /* LIVE slots evicted for a new key */
     struct tally__notes *notes;   /* where deltas of reclaimed slots are spilled */
     uint32_t        policy;       /* id of the owning policy */
 };
@@ -232,6 +236,12 @@ tally__slot *tally__table_find(tally__table *t, tally__digest d);
 
 #define TALLY__WINDOW 256          /* probe window: a key lives in the 16 groups from its home group */
 #define TALLY__GROUP  16           /* slots of a group: one vector of control bytes, one overflow count */
+/* The first slot of @d's window, its home group's (tests place keys by it). */
+static inline size_t tally__table_home(const tally__table *t, tally__digest d)
+{
+    return (size_t)(((unsigned __int128)d.lo * (t->n_slots / TALLY__GROUP)) >> 64) * TALLY__GROUP;
+}
+
 /* Slots a reclaim examines beyond the key's window: it starts at
    TALLY__SWEEP, doubles while sweeps free at least half of what they
    examine, up to 1/TALLY__SWEEP_SHARE of the table or TALLY__SWEEP_MAX, and
@@ -246,6 +256,7 @@ tally__slot *tally__table_find(tally__table *t, tally__digest d);
    and its probes stay short. */
 typedef struct tally__batch {
     size_t n, cap;
+    size_t evicted;               /* of the n, LIVE slots evicted (tally__table_evict()) */
     size_t *idx;
     tally__digest *digest;
 } tally__batch;
@@ -263,7 +274,7 @@ void          tally__batch_free(tally__batch *b);
  * and calls again.
  */
 int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size_t key_len,
-                         const tally__probe *hint, tally__slot **out);
+                         uint64_t now, const tally__probe *hint, tally__slot **out);
 
 /*
  * Reclaim, step 1 (inside a read-side section): take slots whose state expired
@@ -272,6 +283,43 @@ int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size
  */
 size_t tally__table_reclaim_take(tally__table *t, tally__digest d, uint64_t now, tally__batch *b);
 void   tally__table_reclaim_free(tally__table *t, const tally__batch *b);
+
+/*
+ * Eviction (TALLY_EVICT_LRU), inside a read-side section, when a reclaim
+ * found nothing to take: kill the LIVE slot of @d's window hit least
+ * recently, passing over slots with cost not yet pushed to the sinks or with
+ * a watch flag, and take it into @b as a reclaim takes an expired slot.
+ * Return true when a slot was killed (@b then holds it, or another reclaim
+ * that took it first frees it), false when every candidate is protected.
+ */
+bool tally__table_evict(tally__table *t, tally__digest d, tally__batch *b);
+
+/* Allocate the recency stamps of a table (under add_lock). Return 0 or TALLY_ENOMEM. */
+int tally__table_stamp_alloc(tally__table *t);
+
+/* A recency stamp: tally__table_evict() compares them, units of 2^20 ns
+   (about a millisecond), so that a key hit all the time writes its stamp
+   about once a millisecond. */
+static inline uint64_t tally__stamp_of(uint64_t now)
+{
+    return now >> 20;
+}
+
+/* Stamp slot @i as hit at @now (a policy with TALLY_EVICT_LRU, whose stamps
+   exist: tally_policy_update() allocates them before it publishes the flag).
+   Stamps only move forward and are written only when that changes them, so
+   that the hits of a hot key mostly only read theirs. */
+static inline void tally__table_touch(tally__table *t, size_t i, uint64_t now)
+{
+    /* relaxed: the acquire load of the policy block that carried the flag
+       orders the array's allocation before us */
+    _Atomic uint64_t *at = atomic_load_explicit(&t->stamp, memory_order_relaxed) + i;
+    uint64_t v = tally__stamp_of(now);
+    /* relaxed: a heuristic; a race of two hits may keep the older of two
+       close stamps */
+    if (atomic_load_explicit(at, memory_order_relaxed) < v)
+        atomic_store_explicit(at, v, memory_order_relaxed);
+}
 
 /* Slot @i when it holds a LIVE key, with the key's digest in *d; else NULL.
    Caller is inside an RCU read-side section. */
@@ -396,6 +444,9 @@ int  tally__open(const tally_options *opts, tally_engine **out);
 /* Close, in the engine's part: mark it closing and wait until no call of
    its own runs (a grace period, and reclaims parked outside RCU); then free. */
 void tally__engine_quiesce(tally_engine *e);
+/* tally_stats_read() of the current struct (src/abi.c exports it under each
+   symbol version; src/sync/stats.c fills it). */
+int  tally__stats_read(tally_engine *e, tally_stats *out);
 void tally__engine_free(tally_engine *e);
 
 /* The policy behind @id, or NULL for an unknown id. Any thread. */

@@ -93,8 +93,7 @@ void tally__engine_free(tally_engine *e)
 
 /* ---- Policies ------------------------------------------------------------ */
 
-/* TALLY_EVICT_LRU is declared but not built: refused (TALLY_EINVAL) */
-#define KNOWN_FLAGS (TALLY_SHADOW | TALLY_COUNT_REJECTED | TALLY_ALIGNED)
+#define KNOWN_FLAGS (TALLY_SHADOW | TALLY_COUNT_REJECTED | TALLY_ALIGNED | TALLY_EVICT_LRU)
 
 /* Validate @p's limits and flags into a new block (*@out, to be freed by the
    caller). Return 0, TALLY_EINVAL or TALLY_ENOMEM. */
@@ -174,6 +173,10 @@ int tally_policy_add(tally_engine *e, const tally_policy *p, uint32_t *id_out)
     if (!rc && atomic_load_explicit(&e->syncing, memory_order_relaxed)
         && (rc = tally__table_sync_alloc(&np->table)) != 0)
         tally__table_destroy(&np->table);
+    if (!rc && (cfg->flags & TALLY_EVICT_LRU) && (rc = tally__table_stamp_alloc(&np->table)) != 0)
+        tally__table_destroy(&np->table);
+    /* relaxed: published with the policy, by the release stores below */
+    atomic_store_explicit(&np->table.lru, (cfg->flags & TALLY_EVICT_LRU) != 0, memory_order_relaxed);
     if (!rc) {
         pthread_mutex_init(&np->reset_lock, NULL);
         /* release: the policy before the count that makes its id valid;
@@ -215,6 +218,10 @@ int tally_policy_update(tally_engine *e, uint32_t id, const tally_policy *p)
     for (unsigned i = 0; i < p->n_limits && !rc; i++)
         if (!tally__limit_state_compatible(&old->limits[i], &cfg->limits[i]))
             rc = TALLY_EINVAL;
+    /* the stamps exist before a block with the flag does (tally__table_touch());
+       they stay when the flag is cleared, as hits of the old block may run */
+    if (!rc && (cfg->flags & TALLY_EVICT_LRU))
+        rc = tally__table_stamp_alloc(&pol->table);
     if (!rc) {
         cfg->older = old;
         /* One pointer names the whole block, so a call decides under the
@@ -226,6 +233,10 @@ int tally_policy_update(tally_engine *e, uint32_t id, const tally_policy *p)
         atomic_store_explicit(&pol->cfg, cfg, memory_order_release);
         atomic_store_explicit(&pol->limits, cfg->limits, memory_order_release);
         atomic_store_explicit(&pol->table.limits, cfg->limits, memory_order_release);
+        /* relaxed: read by acquire_slot() (hit.c) alone, which judges
+           nothing else by it; tally__table_evict() orders its own reads */
+        atomic_store_explicit(&pol->table.lru, (cfg->flags & TALLY_EVICT_LRU) != 0,
+                              memory_order_relaxed);
     }
     pthread_mutex_unlock(&e->add_lock);
     if (rc)

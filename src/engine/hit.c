@@ -61,22 +61,28 @@ static int enter(tally_engine *e, uint32_t policy, const void *key, size_t key_l
 }
 
 #define RECLAIM_TRIES 8     /* reclaims that found nothing before a key is refused */
+/* Evictions a call makes before its key is refused: each one after the first
+   lost the slot it freed to another new key, which got in, so a new key is
+   refused only when every candidate is protected or others keep winning. */
+#define EVICT_TRIES   64
 
 /*
  * Take the slot of a new key. When the key has no free slot, reclaim expired
  * slots: leave the read-side section to wait for a grace period, then retry.
- * Returns inside a read-side section whatever happens.
+ * When there are none, a policy with TALLY_EVICT_LRU evicts a key and waits
+ * for its slot in the same way. Returns inside a read-side section whatever
+ * happens.
  */
 
 static int acquire_slot(tally_engine *e, tally__table *t, tally__digest d, const void *key,
                         size_t key_len, uint64_t now, const tally__probe *hint, tally__slot **out)
 {
     tally__batch *batch = NULL;      /* large: on the heap, made on the first reclaim */
-    unsigned idle = 0;
+    unsigned idle = 0, evictions = 0;
     int rc;
 
     for (;;) {
-        rc = tally__table_acquire(t, d, key, key_len, hint, out);
+        rc = tally__table_acquire(t, d, key, key_len, now, hint, out);
         hint = NULL;                 /* stale after a reclaim */
         if (rc != TALLY_EFULL)
             break;
@@ -88,13 +94,16 @@ static int acquire_slot(tally_engine *e, tally__table *t, tally__digest d, const
             /* Nothing to take. Slots another reclaim took become FREE after
                its grace period, and slots may have been freed since we
                looked: try a few more times before giving up. */
-            if (++idle > RECLAIM_TRIES)
-                break;
-            if (atomic_load_explicit(&t->zombies, memory_order_relaxed) == 0) {
-                if (tally__res_live(atomic_load_explicit(&t->res, memory_order_relaxed)) >= t->capacity)
-                    break;
-                continue;
+            bool full = ++idle > RECLAIM_TRIES;
+            if (!full && atomic_load_explicit(&t->zombies, memory_order_relaxed) == 0) {
+                if (tally__res_live(atomic_load_explicit(&t->res, memory_order_relaxed)) < t->capacity)
+                    continue;
+                full = true;
             }
+            /* relaxed: the flag alone; tally__table_evict() orders its reads */
+            if (full && !(atomic_load_explicit(&t->lru, memory_order_relaxed)
+                          && evictions++ < EVICT_TRIES && tally__table_evict(t, d, batch)))
+                break;
         }
         /* seq_cst, with the load of closing below: paired with the store of
            closing and the load of reclaimers in tally__engine_quiesce()
@@ -450,6 +459,9 @@ hit_core(tally_engine *e, uint32_t policy, const void *key, size_t key_len, cons
             } else {
                 fill_result(p->n_limits, cfg->flags, r, out);
             }
+            /* the recency an eviction judges by; a denial stamps too */
+            if (cfg->flags & TALLY_EVICT_LRU)
+                tally__table_touch(t, tally__slot_index(t, c.s), now_ns);
             if (c.sync) {
                 for (unsigned i = 0; i < p->n_limits; i++) {
                     if (r[i].added)

@@ -67,8 +67,10 @@
  *     other, so two promotions cannot both succeed. Any thread that meets a
  *     PENDING slot of its key runs the same resolution (helping), so no thread
  *     waits on another (but at the capacity edge, guarantee 7).
- *  4. A LIVE slot dies only by a CAS of its limit-0 state from an expired
- *     value to DEAD: a hit that changed limit 0 in between makes the kill
+ *  4. A LIVE slot dies only by a CAS of its limit-0 state to DEAD from the
+ *     value its killer judged: expired (a reclaim), or the one it read when
+ *     it chose the slot as the least recently hit of a window (an eviction,
+ *     guarantee 9). A hit that changed limit 0 in between makes the kill
  *     fail, and a hit that comes after sees DEAD and moves to a fresh slot.
  *  5. A slot is reused only after an RCU grace period that began after it
  *     died, so a reader holding a pointer to it never sees it hold another
@@ -123,6 +125,17 @@
  *     would retry that slot until its owner stored the tag, a wait on
  *     another thread. A claimant that wins the byte and stalls holds up no
  *     one: others take the next claimable byte. (tests/model/ctrl.pml)
+ *  9. Eviction (TALLY_EVICT_LRU) runs only where a reclaim found nothing to
+ *     take, and kills a LIVE slot by guarantee 4's CAS, so everything after
+ *     the kill is the reclaim's: the victim's reservation is given back with
+ *     its digest CAS to DEAD, its slot is reused only after a grace period,
+ *     with zeroed states, and a delta a hit added after the evictor looked
+ *     is spilled to the flusher then. The victim is the slot of the new key's
+ *     window with the oldest recency stamp (stamp[i], written by hits of the
+ *     policy and by the claim before the promotion, so a key is never older
+ *     than its claim), among those with no cost waiting for the sinks and no
+ *     watch flag: a key hit since the evictor chose fails the kill's CAS,
+ *     and the evictor chooses again.
  */
 #include <emmintrin.h>
 #include <sched.h>
@@ -140,7 +153,7 @@ static inline tally__slot *slot_at(const tally__table *t, size_t i)
 /* The first slot of @d's home group: window position 0. */
 static inline size_t home_of(const tally__table *t, tally__digest d)
 {
-    return (size_t)(((unsigned __int128)d.lo * (t->n_slots / TALLY__GROUP)) >> 64) * TALLY__GROUP;
+    return tally__table_home(t, d);
 }
 
 static inline size_t wrap(const tally__table *t, size_t i)
@@ -384,6 +397,8 @@ void tally__table_destroy(tally__table *t)
     atomic_store_explicit(&t->sync, NULL, memory_order_relaxed);
     free(atomic_load_explicit(&t->watch, memory_order_relaxed));
     atomic_store_explicit(&t->watch, NULL, memory_order_relaxed);
+    free(atomic_load_explicit(&t->stamp, memory_order_relaxed));
+    atomic_store_explicit(&t->stamp, NULL, memory_order_relaxed);
     if (t->keys) {
         for (size_t i = 0; i < t->n_slots; i++)
             free(atomic_load_explicit(&t->keys[i], memory_order_relaxed));
@@ -402,8 +417,27 @@ void tally__table_destroy(tally__table *t)
 
 size_t tally__table_bytes(const tally__table *t)
 {
+    /* relaxed: a size, read by tests and benchmarks at rest */
+    bool stamps = atomic_load_explicit(&t->stamp, memory_order_relaxed) != NULL;
     return t->n_slots * (t->stride + sizeof(*t->gen) + 1) + t->n_slots / TALLY__GROUP * sizeof(*t->ovf)
-        + (t->keys ? t->n_slots * sizeof(*t->keys) : 0);
+        + (t->keys ? t->n_slots * sizeof(*t->keys) : 0)
+        + (stamps ? t->n_slots * sizeof(*t->stamp) : 0);
+}
+
+int tally__table_stamp_alloc(tally__table *t)
+{
+    /* relaxed: under add_lock, as is the only store */
+    if (atomic_load_explicit(&t->stamp, memory_order_relaxed))
+        return 0;
+    _Atomic uint64_t *a = calloc(t->n_slots, sizeof(*a));
+    if (!a)
+        return TALLY_ENOMEM;
+    /* release: the zeroed array before a claim or an eviction uses it;
+       paired with the acquire loads in tally__table_acquire() and
+       tally__table_evict(), and before the policy block that carries the
+       flag, for tally__table_touch() */
+    atomic_store_explicit(&t->stamp, a, memory_order_release);
+    return 0;
 }
 
 tally__slot *tally__table_find_fast(tally__table *t, tally__digest d, tally__probe *hint)
@@ -624,7 +658,7 @@ static void *key_copy(const void *key, size_t len)
 }
 
 int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size_t key_len,
-                         const tally__probe *hint, tally__slot **out)
+                         uint64_t now, const tally__probe *hint, tally__slot **out)
 {
     size_t home = home_of(t, d);
     uint8_t tag = tag_of(d);
@@ -712,6 +746,14 @@ claim:;
            cannot fail. FREE is written to the byte after the digest. */
         digest_cas(mine, was == CTRL_EMPTY ? TALLY__LO_EMPTY : TALLY__LO_FREE, 0,
                    d.lo, hi_with(d, TALLY__PENDING));
+        /* the claim is the key's first use: stamped before its promotion, so
+           that no evictor sees it LIVE with the stamp of the slot's last key
+           (guarantee 9); acquire: paired with the release store of
+           tally__table_stamp_alloc() */
+        _Atomic uint64_t *stamp = atomic_load_explicit(&t->stamp, memory_order_acquire);
+        if (stamp)
+            /* relaxed: the promotion CAS publishes it with the slot */
+            atomic_store_explicit(&stamp[idx], tally__stamp_of(now), memory_order_relaxed);
         if (copy) {
             /* the claim made us the only writer of this slot's key;
                release: paired with the acquire load in tally__table_key() */
@@ -792,6 +834,7 @@ tally__batch *tally__batch_new(const tally__table *t)
     if (!b)
         return NULL;
     b->n = 0;
+    b->evicted = 0;
     b->cap = cap;
     b->idx = malloc(cap * sizeof(*b->idx));
     b->digest = malloc(cap * sizeof(*b->digest));
@@ -852,6 +895,7 @@ size_t tally__table_reclaim_take(tally__table *t, tally__digest d, uint64_t now,
     size_t sweep = atomic_fetch_add_explicit(&t->sweep, len, memory_order_relaxed) % t->n_slots;
 
     b->n = 0;
+    b->evicted = 0;
     for (size_t k = 0; k < TALLY__WINDOW; k++)
         consider(t, wrap(t, home + k), now, b);
     size_t in_window = b->n;
@@ -862,6 +906,89 @@ size_t tally__table_reclaim_take(tally__table *t, tally__digest d, uint64_t now,
     atomic_store_explicit(&t->sweep_len, next > t->sweep_max ? t->sweep_max : next < min ? min : next,
                           memory_order_relaxed);
     return b->n;
+}
+
+/* Slot @i keeps its key whatever its age: cost not yet pushed to the sinks
+   (the sync arrays @y, NULL when no flusher started), or a watch flag (@w). */
+static bool evict_protected(const tally__table *t, size_t i, tally__sync *y, tally__watch_slot *w)
+{
+    /* acquire: paired with the flag CAS in tally__watch_feed() (watch.c) */
+    if (w && atomic_load_explicit(&w[i].flag_at, memory_order_acquire))
+        return true;
+    for (unsigned l = 0; y && l < t->n_limits; l++)
+        /* acquire: paired with the pair CAS of delta_add() (hit.c) or of
+           the flusher's take in collect_range() (sync/flusher.c) */
+        if (tally__word_load_acquire(&y[i * t->n_limits + l].delta))
+            return true;
+    return false;
+}
+
+#define CHOOSE_TRIES 4    /* choices whose kill lost to a hit before an eviction gives up */
+
+bool tally__table_evict(tally__table *t, tally__digest d, tally__batch *b)
+{
+    static const tally__state dead = { 0, TALLY__DEAD_W1 };
+    /* acquire: paired with the release store of tally__table_stamp_alloc() */
+    _Atomic uint64_t *stamp = atomic_load_explicit(&t->stamp, memory_order_acquire);
+    /* acquire: paired with the release stores in tally__table_sync_alloc()
+       and tally_watch_set() (ops/ops.c): the arrays are seen zeroed */
+    tally__sync *y = atomic_load_explicit(&t->sync, memory_order_acquire);
+    tally__watch_slot *w = atomic_load_explicit(&t->watch, memory_order_acquire);
+    size_t home = home_of(t, d);
+
+    b->n = 0;
+    b->evicted = 0;
+    if (!stamp)
+        return false;
+    for (unsigned tries = 0; tries < CHOOSE_TRIES; tries++) {
+        /* The candidates are the keys of the window: the slot freed is one
+           the new key can claim, and at a load factor of 1/2 the window
+           holds about TALLY__WINDOW / 2 keys, a sample of the table's ages. */
+        size_t victim = SIZE_MAX;
+        uint64_t oldest = UINT64_MAX;
+        for (size_t k = 0; k < TALLY__WINDOW; k += TALLY__GROUP) {
+            size_t g = wrap(t, home + k);
+            /* relaxed: a tag byte only names a slot whose digest is read
+               below, which decides (guarantee 8) */
+            __m128i v = ctrl_group(t, g, memory_order_relaxed);
+            for (unsigned m = ~(unsigned)_mm_movemask_epi8(v) & 0xffff; m; m &= m - 1) {
+                size_t i = g + (size_t)__builtin_ctz(m);
+                uint64_t lo, hi;
+                digest_load(slot_at(t, i), &lo, &hi);
+                if (status_of(hi) != TALLY__LIVE)
+                    continue;
+                /* relaxed: an age, a heuristic; read again before the kill */
+                uint64_t at = atomic_load_explicit(&stamp[i], memory_order_relaxed);
+                if (at < oldest && !evict_protected(t, i, y, w)) {
+                    oldest = at;
+                    victim = i;
+                }
+            }
+        }
+        if (victim == SIZE_MAX)
+            return false;             /* every key of the window is protected */
+        tally__slot *s = slot_at(t, victim);
+        tally__state first = tally__state_load_atomic(&s->st[0]);
+        if (tally__state_is_dead(first))
+            continue;                 /* another reclaim is killing it: choose again */
+        /* judged after the state was read, as the reclaim does: a cost added
+           after this goes to the flusher when the slot is freed (guarantee 9);
+           and a newer stamp is a hit since the choice, also one that changed
+           no state (a denial), which the CAS cannot see. relaxed: a heuristic */
+        if (evict_protected(t, victim, y, w)
+            || atomic_load_explicit(&stamp[victim], memory_order_relaxed) != oldest)
+            continue;
+        if (!tally__state_cas(&s->st[0], first, dead))
+            continue;                 /* hit since it was chosen: no longer the oldest */
+        atomic_fetch_add_explicit(&t->lru_evicted, 1, memory_order_relaxed);
+        tally__table_help_kill(t, s);
+        if (take_dead(t, s, &b->digest[0])) {
+            b->idx[0] = victim;
+            b->n = b->evicted = 1;
+        }
+        return true;
+    }
+    return false;
 }
 
 /*
@@ -923,7 +1050,8 @@ void tally__table_reclaim_free(tally__table *t, const tally__batch *b)
         tally__word_store_release(&s->d_lo, TALLY__LO_FREE);
         /* after the digest: a claimable byte means a claimable digest (guarantee 8) */
         ctrl_set(t, b->idx[j], CTRL_DEAD, CTRL_FREE);
-        atomic_fetch_add_explicit(&t->reclaimed, 1, memory_order_relaxed);
         atomic_fetch_sub_explicit(&t->zombies, 1, memory_order_relaxed);
     }
+    /* evicted slots are counted apart, when killed (lru_evicted) */
+    atomic_fetch_add_explicit(&t->reclaimed, b->n - b->evicted, memory_order_relaxed);
 }

@@ -338,7 +338,7 @@ static bool parse_flag(struct parser *p, unsigned *flags)
     else if (accept_word(p, "aligned"))
         f = TALLY_ALIGNED;
     else if (accept_word(p, "evict-lru"))
-        return fail_at(p, at, "evict-lru is not supported by this version: a full table refuses new keys");
+        f = TALLY_EVICT_LRU;
     else
         return fail_at(p, at, "expected a flag: shadow, count-rejected, aligned or evict-lru");
     if (*flags & f)

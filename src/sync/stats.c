@@ -6,7 +6,7 @@
 #include "core/prom.h"
 #include "sync/sync-internal.h"
 
-int tally_stats_read(tally_engine *e, tally_stats *out)
+int tally__stats_read(tally_engine *e, tally_stats *out)
 {
     if (!e || !out)
         return TALLY_EINVAL;
@@ -19,8 +19,11 @@ int tally_stats_read(tally_engine *e, tally_stats *out)
     }
     /* acquire: paired with the release store in tally_policy_add() (engine/engine.c) */
     uint32_t np = atomic_load_explicit(&e->n_policies, memory_order_acquire);
-    for (uint32_t i = 0; i < np; i++)
-        out->evictions += atomic_load_explicit(&tally__policy_get(e, i)->table.reclaimed, memory_order_relaxed);
+    for (uint32_t i = 0; i < np; i++) {
+        tally__table *t = &tally__policy_get(e, i)->table;
+        out->evictions += atomic_load_explicit(&t->reclaimed, memory_order_relaxed);
+        out->lru_evictions += atomic_load_explicit(&t->lru_evicted, memory_order_relaxed);
+    }
     out->pending_deltas = atomic_load_explicit(&e->pending_deltas, memory_order_relaxed);
     out->pending_cost = atomic_load_explicit(&e->pending_cost, memory_order_relaxed);
     out->flush_batches = atomic_load_explicit(&e->flush_batches, memory_order_relaxed);
@@ -63,7 +66,7 @@ int tally_stats_prometheus(tally_engine *e, char *buf, size_t len)
     tally_stats s;
     if (!buf && len)
         return TALLY_EINVAL;
-    if (tally_stats_read(e, &s))
+    if (tally__stats_read(e, &s))
         return TALLY_EINVAL;
     static const struct { const char *name, *type, *help; size_t off; } m[] = {
 #define M(field, type, help) { "tally_" #field, type, help, offsetof(tally_stats, field) }
@@ -71,6 +74,7 @@ int tally_stats_prometheus(tally_engine *e, char *buf, size_t len)
         M(denials, "counter", "Hits denied."),
         M(shadow_denials, "counter", "Hits a shadow-mode policy would have denied."),
         M(evictions, "counter", "Slots reclaimed from keys whose windows expired."),
+        M(lru_evictions, "counter", "Live keys evicted to admit a new key (evict-lru)."),
         M(full_refusals, "counter", "Hits refused with TALLY_EFULL."),
         M(pending_deltas, "gauge", "Deltas not yet acknowledged by every sink."),
         M(pending_cost, "gauge", "Cost of the deltas not yet acknowledged."),

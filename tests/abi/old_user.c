@@ -1,8 +1,9 @@
 /*
  * A program as it was built against the 0.1 headers, run against the
  * installed library: it binds tally_options_init@TALLY_0.1,
- * tally_open@TALLY_0.1 and tally_flusher_start@TALLY_0.1 and passes the 0.1
- * tally_options and tally_redis_options, structs without the fields added
+ * tally_open@TALLY_0.1, tally_flusher_start@TALLY_0.1 and
+ * tally_stats_read@TALLY_0.1 and passes the 0.1 tally_options,
+ * tally_redis_options and tally_stats, structs without the fields added
  * since (include/tally/export.h, "Growing structs").
  * tools/abi-check builds and runs it. The struct ends where a page ends and
  * the next page is inaccessible, so a library that reads or writes the
@@ -37,7 +38,16 @@ struct redis_options_0_1 {
     uint32_t connect_timeout_ms, command_timeout_ms;
 };
 
+/* tally_stats as the 0.1 and 0.2 headers declared it */
+struct stats_0_1 {
+    uint64_t hits, denials, shadow_denials, evictions, full_refusals;
+    uint64_t pending_deltas, pending_cost, flush_batches, flush_failures, redis_reconnects;
+    uint64_t last_flush_ok_ns, events, lost_cost, redis_errors, redis_permanent_errors;
+};
+
 void options_init_0_1(struct options_0_1 *opts);
+int  stats_read_0_1(tally_engine *e, struct stats_0_1 *out);
+__asm__(".symver stats_read_0_1, tally_stats_read@TALLY_0.1");
 int  flusher_start_0_1(tally_engine *e, const tally_flusher_options *o);
 __asm__(".symver flusher_start_0_1, tally_flusher_start@TALLY_0.1");
 int  open_0_1(const struct options_0_1 *opts, tally_engine **out);
@@ -124,6 +134,16 @@ int main(void)
         CHECK(tally_hit_at(e, api, "user-1", 6, NULL, now, &r) == 0);
         CHECK(r.allowed == (i < 2));
     }
+    /* the 0.1 statistics end where the page does: a library that wrote the
+       current struct through the old entry point would fault */
+    struct stats_0_1 *st = before_guard_page(sizeof(*st));
+    if (!st)
+        return 1;
+    memset(st, 0xff, sizeof(*st));
+    CHECK(stats_read_0_1(e, st) == 0);
+    CHECK(st->hits == 3);
+    CHECK(st->denials == 1);
+    CHECK(st->evictions == 0 && st->full_refusals == 0 && st->redis_permanent_errors == 0);
     start_flusher_with_0_1_redis_options(e);
     tally_close(e);
 
@@ -132,7 +152,7 @@ int main(void)
     CHECK(open_0_1(NULL, &e) == 0 && e != NULL);
     tally_close(e);
 
-    printf("abi old-user program: 0.1 options against the %s library, %d failed check(s)\n",
+    printf("abi old-user program: 0.1 options and statistics against the %s library, %d failed check(s)\n",
            TALLY_VERSION_STRING, failures);
     return failures != 0;
 }

@@ -53,10 +53,25 @@ int main(void)
     CHECK(tally_read(e, api, "user-1", 6, &s) == 0);
     CHECK(s.n_limits == 1 && s.c[0].used == 2);
 
+    /* a new key in a full table of an evict-lru policy takes a live key's
+       place: the statistics of 0.3 count it in their last field */
+    tally_policy lp = p;
+    lp.name = "lru";
+    lp.flags = TALLY_EVICT_LRU;
+    uint32_t lru = UINT32_MAX;
+    CHECK(tally_policy_add(e, &lp, &lru) == 0);
+    for (int i = 0; i <= 64; i++) {
+        char key[16];
+        int len = snprintf(key, sizeof(key), "k%d", i);
+        CHECK(tally_hit_at(e, lru, key, (size_t)len, NULL, now + (uint64_t)i * SEC / 1000, &r) == 0);
+    }
+
     tally_stats st;
+    memset(&st, 0xff, sizeof(st));
     CHECK(tally_stats_read(e, &st) == 0);
-    CHECK(st.hits == 3);
+    CHECK(st.hits == 3 + 65);
     CHECK(st.denials == 1);
+    CHECK(st.lru_evictions == 1);
 
     CHECK(strcmp(tally_strerror(TALLY_ENOENT), "key not tracked") == 0);
     tally_close(e);

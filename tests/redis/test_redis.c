@@ -1205,3 +1205,84 @@ Test(redis, bookkeeping_keys_stay_flat, .timeout = 120)
     tally_close(e[1]);
     test_redis_stop(&r);
 }
+
+/* ---- Eviction (TALLY_EVICT_LRU) ---------------------------------------------- */
+
+/* The Redis count of @key in policy "lru" (limit 0, fixed hourly windows, aligned). */
+static uint64_t redis_count(const test_redis *r, const char *prefix, const char *key)
+{
+    char name[256];
+    uint64_t win = tally_now_ns() / HOUR * HOUR;
+    key_name(name, sizeof(name), prefix, "lru", 0, key, win);
+    redisContext *c = test_redis_connect(r);
+    redisReply *v = redisCommand(c, "GET %s", name);
+    cr_assert(v && (v->type == REDIS_REPLY_STRING || v->type == REDIS_REPLY_NIL));
+    uint64_t n = v->type == REDIS_REPLY_STRING ? strtoull(v->str, NULL, 10) : 0;
+    freeReplyObject(v);
+    redisFree(c);
+    return n;
+}
+
+/* A key A evicted: its cost is in Redis once, and when it comes back in A's
+   table, with no count of its own, A's next read-back tells it the others'
+   count: A then admits no more than B left room for. */
+Test(redis, an_evicted_key_keeps_its_cost_in_redis_and_learns_the_others_count_back, .timeout = 120)
+{
+    test_redis r = { 0 };
+    cr_assert(test_redis_start(&r));
+    tally_engine *a = open_engine(64), *b = open_engine(64);
+    tally_policy p = { .name = "lru", .n_limits = 1, .flags = TALLY_EVICT_LRU | TALLY_ALIGNED,
+                       .limits = { { .algo = TALLY_FIXED_WINDOW, .max = 20, .period_ns = HOUR } } };
+    uint32_t pa, pb;
+    tally_result res;
+    cr_assert_eq(tally_policy_add(a, &p, &pa), 0);
+    cr_assert_eq(tally_policy_add(b, &p, &pb), 0);
+    cr_assert_eq(start_flusher(a, &r, "lru:", NULL, 10), 0);
+    cr_assert_eq(start_flusher(b, &r, "lru:", NULL, 10), 0);
+    uint64_t before = 0;
+    for (int i = 0; i < 10; i++) {
+        cr_assert_eq(tally_hit(a, pa, "back", 4, NULL, &res), 0);
+        before += res.allowed;
+    }
+    for (int i = 0; i < 5; i++) {
+        cr_assert_eq(tally_hit(b, pb, "back", 4, NULL, &res), 0);
+        before += res.allowed;
+    }
+    cr_assert_eq(before, 15);
+    cr_assert_eq(flush_until_ok(a, 20), 0);
+    cr_assert_eq(flush_until_ok(b, 20), 0);
+    /* newer keys through A's full table until "back", the least recently
+       hit, is evicted (pushed cost first: a key with cost to push stays) */
+    tally_snapshot snap;
+    int i = 0;
+    for (; i < 4000 && tally_read(a, pa, "back", 4, &snap) == 0; i++) {
+        char key[32];
+        int len = snprintf(key, sizeof(key), "newer-%d", i);
+        cr_assert_eq(tally_hit(a, pa, key, (size_t)len, NULL, &res), 0, "new key %d", i);
+        if (i % 16 == 15)
+            cr_assert_eq(flush_until_ok(a, 20), 0);
+    }
+    cr_assert_eq(tally_read(a, pa, "back", 4, &snap), TALLY_ENOENT, "not evicted after %d keys", i);
+    tally_stats st;
+    cr_assert_eq(tally_stats_read(a, &st), 0);
+    cr_assert_gt(st.lru_evictions, 0);
+    cr_assert_eq(redis_count(&r, "lru:", "back"), 15, "the evicted key's cost is in Redis, once");
+
+    /* back in A: decided locally at first, then with the others' count */
+    uint64_t after = 0;
+    cr_assert_eq(tally_hit(a, pa, "back", 4, NULL, &res), 0);
+    after += res.allowed;
+    cr_assert_eq(flush_until_ok(a, 20), 0);
+    for (int j = 0; j < 20; j++) {
+        cr_assert_eq(tally_hit(a, pa, "back", 4, NULL, &res), 0);
+        after += res.allowed;
+    }
+    cr_assert_eq(flush_until_ok(a, 20), 0);
+    fprintf(stderr, "evicted after %d new keys; back in A, %" PRIu64 " admitted of max 20 after "
+            "15; Redis %" PRIu64 "\n", i, after, redis_count(&r, "lru:", "back"));
+    cr_assert(after >= 1 && after <= 20 - 5, "A admitted %" PRIu64 " without B's 5", after);
+    cr_assert_eq(redis_count(&r, "lru:", "back"), 15 + after, "every admitted hit counted once");
+    tally_close(a);
+    tally_close(b);
+    test_redis_stop(&r);
+}

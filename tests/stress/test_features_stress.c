@@ -1,12 +1,15 @@
 /*
  * Stress tests of the limiter features: real threads racing on one key.
  * Policy updates against hits (never more admitted than the larger max),
- * reservations (exactly the slots that exist, each booked once) and
- * concurrency holds (every acquire given back, ending at exactly 0).
+ * reservations (exactly the slots that exist, each booked once),
+ * concurrency holds (every acquire given back, ending at exactly 0), and
+ * new keys sprayed into a full TALLY_EVICT_LRU table while hot keys are hit
+ * at their limit (the hot keys stay, their counts exact).
  */
 #include "../test.h"
 #include <inttypes.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -279,5 +282,124 @@ Test(features_stress, concurrent_acquires_and_releases_end_at_exactly_zero, .tim
     cr_assert_eq(s.c[1].used, 0, "every hold given back");
     cr_assert_eq(s.c[0].used, acquired, "the rate limit counts the admitted hits only");
     cr_assert_eq(tally_release_at(e, id, "k", 1, NULL, T0), TALLY_ENOENT);
+    tally_close(e);
+}
+
+/* ---- Eviction: keys sprayed into a full table beside hot keys at a limit ----- */
+
+#define LRU_CAP     2048
+#define LRU_HOT     8
+#define LRU_MAX     500          /* admitted per hot key and window */
+#define LRU_SPRAY   3000         /* new keys per sprayer */
+#define LRU_PACE    16           /* new keys a sprayer adds per round of each hitter */
+#define LRU_SIDES   2            /* hitters, and as many sprayers */
+
+struct lru_arg {
+    tally_engine    *e;
+    uint32_t         policy;
+    int              t;
+    _Atomic int     *go;
+    _Atomic int     *sprayers_left;
+    _Atomic uint64_t *rounds;    /* per hitter: rounds over every hot key */
+    uint64_t         admitted[LRU_HOT];
+    int              errors, refused;
+};
+
+static void *lru_hitter(void *p)
+{
+    struct lru_arg *a = p;
+    while (!atomic_load(a->go))
+        ;
+    do {
+        for (int k = 0; k < LRU_HOT; k++) {
+            char key[16];
+            int len = snprintf(key, sizeof(key), "hot-%d", k);
+            tally_result r;
+            if (tally_hit(a->e, a->policy, key, (size_t)len, NULL, &r) != 0)
+                a->errors++;
+            else
+                a->admitted[k] += r.allowed;
+        }
+        atomic_fetch_add(&a->rounds[a->t], 1);
+    } while (atomic_load(a->sprayers_left) > 0);
+    return NULL;
+}
+
+static void *lru_sprayer(void *p)
+{
+    struct lru_arg *a = p;
+    uint64_t seen[LRU_SIDES] = { 0 };
+    while (!atomic_load(a->go))
+        ;
+    for (int i = 0; i < LRU_SPRAY; i++) {
+        /* The hot keys are hit again every LRU_PACE new keys of each
+           sprayer, whatever the scheduler does: recency, not speed. */
+        if (i % LRU_PACE == 0)
+            for (int h = 0; h < LRU_SIDES; h++) {
+                while (atomic_load(&a->rounds[h]) == seen[h])
+                    sched_yield();
+                seen[h] = atomic_load(&a->rounds[h]);
+            }
+        char key[24];
+        int len = snprintf(key, sizeof(key), "spray-%d-%d", a->t, i);
+        tally_result r;
+        int rc = tally_hit(a->e, a->policy, key, (size_t)len, NULL, &r);
+        if (rc == TALLY_EFULL)
+            a->refused++;
+        else if (rc != 0 || !r.allowed)
+            a->errors++;
+    }
+    atomic_fetch_sub(a->sprayers_left, 1);
+    return NULL;
+}
+
+Test(features_stress, keys_sprayed_into_a_full_lru_table_leave_hot_keys_exact, .timeout = 240)
+{
+    tally_engine *e = open_engine(LRU_CAP);
+    /* two limits: the second counts every admitted hit, so that a hot key
+       evicted and back would show a count below what was admitted */
+    tally_policy p = { .name = "lru", .n_limits = 2, .flags = TALLY_EVICT_LRU,
+                       .limits = { { .algo = TALLY_FIXED_WINDOW, .max = LRU_MAX, .period_ns = 3600 * SEC },
+                                   { .algo = TALLY_FIXED_WINDOW, .max = TALLY_MAX_COUNT,
+                                     .period_ns = 7200 * SEC } } };
+    uint32_t id;
+    cr_assert_eq(tally_policy_add(e, &p, &id), 0);
+    _Atomic int go = 0, sprayers_left = LRU_SIDES;
+    _Atomic uint64_t rounds[LRU_SIDES] = { 0 };
+    struct lru_arg *args = calloc(2 * LRU_SIDES, sizeof(*args));
+    pthread_t th[2 * LRU_SIDES];
+    for (int i = 0; i < 2 * LRU_SIDES; i++) {
+        args[i] = (struct lru_arg){ .e = e, .policy = id, .t = i % LRU_SIDES, .go = &go,
+                                    .sprayers_left = &sprayers_left, .rounds = rounds };
+        cr_assert_eq(pthread_create(&th[i], NULL, i < LRU_SIDES ? lru_hitter : lru_sprayer, &args[i]), 0);
+    }
+    atomic_store(&go, 1);
+    for (int i = 0; i < 2 * LRU_SIDES; i++)
+        pthread_join(th[i], NULL);
+
+    for (int i = 0; i < 2 * LRU_SIDES; i++)
+        cr_assert_eq(args[i].errors, 0, "thread %d: a call failed, or a new key was denied", i);
+    for (int i = LRU_SIDES; i < 2 * LRU_SIDES; i++)
+        cr_assert_eq(args[i].refused, 0, "sprayer %d: a new key refused while keys could go", i);
+    for (int k = 0; k < LRU_HOT; k++) {
+        uint64_t admitted = 0;
+        for (int i = 0; i < LRU_SIDES; i++)
+            admitted += args[i].admitted[k];
+        char key[16];
+        int len = snprintf(key, sizeof(key), "hot-%d", k);
+        tally_snapshot s;
+        cr_assert_eq(tally_read(e, id, key, (size_t)len, &s), 0, "hot key %d was evicted", k);
+        cr_assert_eq(admitted, LRU_MAX, "hot key %d: %" PRIu64 " admitted in its window", k, admitted);
+        cr_assert_eq(s.c[0].used, LRU_MAX, "hot key %d", k);
+        cr_assert_eq(s.c[1].used, LRU_MAX, "hot key %d: cost lost", k);
+    }
+    tally_stats st;
+    cr_assert_eq(tally_stats_read(e, &st), 0);
+    /* nothing expires: every key beyond the capacity took a live key's place */
+    cr_assert_eq(st.lru_evictions, (uint64_t)(LRU_HOT + LRU_SIDES * LRU_SPRAY - LRU_CAP));
+    cr_assert_eq(st.full_refusals, 0);
+    fprintf(stderr, "lru spray: %" PRIu64 " evictions, %" PRIu64 " hits of the hot keys\n",
+            st.lru_evictions, st.hits - (uint64_t)(LRU_SIDES * LRU_SPRAY));
+    free(args);
     tally_close(e);
 }
