@@ -586,7 +586,7 @@ static void same_window_keys(tally_engine *e, uint32_t pol)
     for (unsigned i = 0; n < LRU_KEYS; i++) {
         char name[24];
         snprintf(name, sizeof(name), "lru-%u", i);
-        size_t h = tally__table_home(t, tally__key_digest(e, name, strlen(name)));
+        size_t h = tally__home_of(t, tally__key_digest(e, name, strlen(name)));
         if (home == SIZE_MAX)
             home = h;
         if (h == home)

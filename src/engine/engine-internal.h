@@ -217,6 +217,47 @@ static inline size_t tally__slot_index(const tally__table *t, const tally__slot 
     return (size_t)((const unsigned char *)s - t->mem) / t->stride;
 }
 
+/* Where a key lives: the table's layout arithmetic, shared by table.c and
+   the inlined first probe of the hot path (tally__table_find_pref()). */
+#define TALLY__GROUP  16           /* slots of a group: one vector of control bytes, one overflow count */
+
+static inline tally__slot *tally__slot_at(const tally__table *t, size_t i)
+{
+    return (tally__slot *)(t->mem + i * t->stride);
+}
+
+/* The first slot of @d's home group: window position 0. */
+static inline size_t tally__home_of(const tally__table *t, tally__digest d)
+{
+    return (size_t)(((unsigned __int128)d.lo * (t->n_slots / TALLY__GROUP)) >> 64) * TALLY__GROUP;
+}
+
+/* The key's preferred slot in its group: 4 digest bits above the 7 of its tag. */
+static inline unsigned tally__pref_of(tally__digest d)
+{
+    return (unsigned)(d.hi >> 7) % TALLY__GROUP;
+}
+
+/* The digest's hi word with @status in its top bits. */
+static inline uint64_t tally__hi_with(tally__digest d, unsigned status)
+{
+    return (d.hi & TALLY__DIGEST_HI_MASK) | ((uint64_t)status << TALLY__STATUS_SHIFT);
+}
+
+/* The LIVE slot of @d if it is the key's preferred slot, where most keys
+   sit; else NULL, and tally__table_find_fast() looks further. Caller is
+   inside an RCU read-side section. */
+static inline tally__slot *tally__table_find_pref(const tally__table *t, tally__digest d)
+{
+    tally__slot *p = tally__slot_at(t, tally__home_of(t, d) + tally__pref_of(d));
+    /* acquire, both: paired with the promotion CAS in resolve() (table.c),
+       so that the hit reads the states as the slot's owner left them */
+    if (tally__word_load_acquire(&p->d_hi) == tally__hi_with(d, TALLY__LIVE)
+        && tally__word_load_acquire(&p->d_lo) == d.lo)
+        return p;
+    return NULL;
+}
+
 int  tally__table_init(tally__table *t, size_t capacity, unsigned n_limits,
                        const tally__limit *limits, bool keep_keys);
 void tally__table_destroy(tally__table *t);
@@ -235,13 +276,6 @@ tally__slot *tally__table_find_fast(tally__table *t, tally__digest d, tally__pro
 tally__slot *tally__table_find(tally__table *t, tally__digest d);
 
 #define TALLY__WINDOW 256          /* probe window: a key lives in the 16 groups from its home group */
-#define TALLY__GROUP  16           /* slots of a group: one vector of control bytes, one overflow count */
-/* The first slot of @d's window, its home group's (tests place keys by it). */
-static inline size_t tally__table_home(const tally__table *t, tally__digest d)
-{
-    return (size_t)(((unsigned __int128)d.lo * (t->n_slots / TALLY__GROUP)) >> 64) * TALLY__GROUP;
-}
-
 /* Slots a reclaim examines beyond the key's window: it starts at
    TALLY__SWEEP, doubles while sweeps free at least half of what they
    examine, up to 1/TALLY__SWEEP_SHARE of the table or TALLY__SWEEP_MAX, and

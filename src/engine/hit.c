@@ -41,8 +41,9 @@
  * That is what lets close detect most calls that race with it (the contract
  * forbids them; see tally_close() in tally.h for why it cannot catch all).
  */
-static int enter(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
-                 const void *out, tally__policy **pp)
+static inline __attribute__((always_inline)) int
+enter(tally_engine *e, uint32_t policy, const void *key, size_t key_len, const void *out,
+      tally__policy **pp)
 {
     if (TALLY__UNLIKELY(!e || !key || !out || key_len == 0))
         return TALLY_EINVAL;
@@ -128,7 +129,7 @@ static int acquire_slot(tally_engine *e, tally__table *t, tally__digest d, const
     return rc;
 }
 
-static void fill_result(unsigned n_limits, unsigned flags, const tally__step *r, tally_result *out)
+static inline void fill_result(unsigned n_limits, unsigned flags, const tally__step *r, tally_result *out)
 {
     if (TALLY__LIKELY(n_limits == 1)) {
         out->allowed = r->fits || (flags & TALLY_SHADOW);
@@ -200,12 +201,16 @@ static inline __attribute__((always_inline)) int apply(const hit_ctx *c, unsigne
                                                        uint64_t cost, unsigned how, tally__step *r)
 {
     tally__remote rem;
-    load_remote(c, i, &rem);
+    const tally__remote *known = NULL;    /* a constant NULL where the caller has no sync */
+    if (c->sync) {
+        load_remote(c, i, &rem);
+        known = &rem;
+    }
     for (;;) {
         tally__state cur = tally__state_load(&c->s->st[i]);
         if (TALLY__UNLIKELY(tally__state_is_dead(cur)))
             return STEP_DEAD;
-        algo_step(&c->lim[i], cur, now, cost, how, &rem, r);
+        algo_step(&c->lim[i], cur, now, cost, how, known, r);
         /* The two words were loaded one by one: a step that changes nothing
            is validated by a CAS to the same words, so that no decision comes
            from a pair another hit's CAS tore apart (guarantee 2). */
@@ -367,10 +372,11 @@ static bool too_stale(tally_engine *e, uint64_t now)
    caller, so that tally_hit_at() compiles without the others' code. */
 enum { HIT_PLAIN, HIT_MAX, HIT_RESERVE };
 
+/* @known: the key's digest when the caller computed it already, else NULL. */
 static inline __attribute__((always_inline)) int
 hit_core(tally_engine *e, uint32_t policy, const void *key, size_t key_len, const uint64_t *costs,
          uint64_t now_ns, tally_result *out, int kind, const uint64_t *max, uint64_t max_delay,
-         uint64_t *delay)
+         uint64_t *delay, const tally__digest *known)
 {
     tally__policy *p;
     tally__step r[TALLY_MAX_LIMITS];
@@ -426,7 +432,7 @@ hit_core(tally_engine *e, uint32_t policy, const void *key, size_t key_len, cons
         return 0;
     }
 
-    tally__digest d = tally__key_digest(e, key, key_len);
+    tally__digest d = known ? *known : tally__key_digest(e, key, key_len);
     tally__table *t = &p->table;
     bool syncing = atomic_load_explicit(&e->syncing, memory_order_relaxed);
     /* acquire: paired with the release store in tally__table_sync_alloc()
@@ -489,10 +495,73 @@ hit_core(tally_engine *e, uint32_t policy, const void *key, size_t key_len, cons
     return rc;
 }
 
+/* Out of line, so that the fast path of tally_hit_at() keeps its registers. */
+static __attribute__((noinline)) int hit_plain(tally_engine *e, uint32_t policy, const void *key,
+                                               size_t key_len, const uint64_t *costs, uint64_t now_ns,
+                                               tally_result *out, const tally__digest *known)
+{
+    return hit_core(e, policy, key, key_len, costs, now_ns, out, HIT_PLAIN, NULL, 0, NULL, known);
+}
+
+/*
+ * The hit most calls make: a policy of one limit without a rejection watch,
+ * hit by a key it holds, in an engine without a flusher (nothing to record
+ * for the sinks, no remote count, no staleness bound). It decides exactly as
+ * hit_core() does, through the same apply(), with none of the code for what
+ * it leaves out; everything else (a new key, a DEAD state, the other cases)
+ * goes on in hit_core() with the digest already computed.
+ */
 int tally_hit_at(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
                  const uint64_t *costs, uint64_t now_ns, tally_result *out)
 {
-    return hit_core(e, policy, key, key_len, costs, now_ns, out, HIT_PLAIN, NULL, 0, NULL);
+    tally__policy *p;
+    tally__digest d;
+    const tally__digest *known = NULL;
+
+    if (TALLY__UNLIKELY(now_ns > TALLY__TIME_MAX) || enter(e, policy, key, key_len, out, &p))
+        goto slow;                                /* it finds the same error */
+    /* acquire: paired with the release store of tally_policy_update()
+       (engine.c): the block is seen whole, as it was built */
+    const tally__cfg *cfg = atomic_load_explicit(&p->cfg, memory_order_acquire);
+    /* relaxed, both: a flusher that starts meanwhile did not see this hit
+       begin; the acquires of hit_core() are for hits that sync */
+    tally__table *t = &p->table;
+    if (TALLY__UNLIKELY(p->n_limits != 1 || (cfg->flags & TALLY_EVICT_LRU)
+                        || atomic_load_explicit(&e->syncing, memory_order_relaxed)
+                        || atomic_load_explicit(&e->fail_closed_ns, memory_order_relaxed)
+                        || atomic_load_explicit(&t->watch, memory_order_relaxed)))
+        goto slow_exit;
+    d = tally__key_digest(e, key, key_len);
+    known = &d;
+
+    tally__slot *s = tally__table_find_pref(t, d);
+    if (TALLY__UNLIKELY(!s)) {
+        tally__probe hint;
+        if (!(s = tally__table_find_fast(t, d, &hint)))
+            goto slow_exit;
+    }
+    uint64_t cost = costs ? costs[0] : 1;
+    tally__step r;
+    /* the policy's usual flags as a constant: the step without their code */
+    hit_ctx c = { .p = p, .lim = cfg->limits, .s = s, .sync = NULL };
+    int step = cfg->how == TALLY__ADD_IF_FITS ? apply(&c, 0, now_ns, cost, TALLY__ADD_IF_FITS, &r)
+                                              : apply(&c, 0, now_ns, cost, cfg->how, &r);
+    if (TALLY__UNLIKELY(step == STEP_DEAD)) {
+        tally__table_help_kill(t, s);
+        goto slow_exit;
+    }
+    fill_result(1, cfg->flags, &r, out);
+    tally__stat_shard *st = my_shard(e);
+    stat_inc(&st->hits);
+    if (TALLY__UNLIKELY(out->exceeded))
+        stat_inc(out->allowed ? &st->shadow_denials : &st->denials);
+    tally__rcu_exit();
+    return 0;
+
+slow_exit:
+    tally__rcu_exit();
+slow:
+    return hit_plain(e, policy, key, key_len, costs, now_ns, out, known);
 }
 
 int tally_hit(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
@@ -508,7 +577,7 @@ int tally_hit_ex(tally_engine *e, uint32_t policy, const void *key, size_t key_l
     if (!opts)
         opts = &none;
     uint64_t now = opts->now_ns ? opts->now_ns : tally_now_ns();
-    return hit_core(e, policy, key, key_len, opts->costs, now, out, HIT_MAX, opts->max, 0, NULL);
+    return hit_core(e, policy, key, key_len, opts->costs, now, out, HIT_MAX, opts->max, 0, NULL, NULL);
 }
 
 int tally_reserve_at(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
@@ -519,7 +588,7 @@ int tally_reserve_at(tally_engine *e, uint32_t policy, const void *key, size_t k
         return TALLY_EINVAL;
     uint64_t wait = 0;
     int rc = hit_core(e, policy, key, key_len, costs, now_ns, out, HIT_RESERVE, NULL,
-                      max_delay_ns, &wait);
+                      max_delay_ns, &wait, NULL);
     if (!rc)
         *delay_ns = wait;
     return rc;

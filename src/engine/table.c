@@ -145,17 +145,6 @@
 #include "engine/engine-internal.h"
 #include "core/tsan.h"
 
-static inline tally__slot *slot_at(const tally__table *t, size_t i)
-{
-    return (tally__slot *)(t->mem + i * t->stride);
-}
-
-/* The first slot of @d's home group: window position 0. */
-static inline size_t home_of(const tally__table *t, tally__digest d)
-{
-    return tally__table_home(t, d);
-}
-
 static inline size_t wrap(const tally__table *t, size_t i)
 {
     return i >= t->n_slots ? i - t->n_slots : i;
@@ -174,12 +163,6 @@ _Static_assert(TALLY__WINDOW % TALLY__GROUP == 0 && TALLY__GROUP == 16, "a group
 static inline uint8_t tag_of(tally__digest d)
 {
     return (uint8_t)(d.hi & 0x7f);
-}
-
-/* The key's preferred slot in a group: 4 more bits, used by neither. */
-static inline unsigned pref_of(tally__digest d)
-{
-    return (unsigned)(d.hi >> 7) % TALLY__GROUP;
 }
 
 /* The claimable byte of mask @c that a claim takes: the key's preferred
@@ -285,11 +268,6 @@ static void pass_groups(tally__table *t, size_t home, size_t i, int delta)
         else
             atomic_fetch_sub_explicit(&t->ovf[g], 1, memory_order_relaxed);   /* no claim remains */
     }
-}
-
-static inline uint64_t hi_with(tally__digest d, unsigned status)
-{
-    return (d.hi & TALLY__DIGEST_HI_MASK) | ((uint64_t)status << TALLY__STATUS_SHIFT);
 }
 
 static inline unsigned status_of(uint64_t hi)
@@ -442,17 +420,14 @@ int tally__table_stamp_alloc(tally__table *t)
 
 tally__slot *tally__table_find_fast(tally__table *t, tally__digest d, tally__probe *hint)
 {
-    size_t home = home_of(t, d);
+    size_t home = tally__home_of(t, d);
     uint8_t tag = tag_of(d);
-    unsigned pref = pref_of(d);
-    tally__slot *p = slot_at(t, home + pref);
+    unsigned pref = tally__pref_of(d);
 
     /* Most keys sit in their preferred slot: its digest first, before any
-       control byte. acquire: paired with the promotion CAS in resolve(), as
-       the loads below */
-    if (tally__word_load_acquire(&p->d_hi) == hi_with(d, TALLY__LIVE)
-        /* acquire: paired with the promotion CAS, as the hi load */
-        && tally__word_load_acquire(&p->d_lo) == d.lo)
+       control byte */
+    tally__slot *p = tally__table_find_pref(t, d);
+    if (p)
         return p;
     hint->pos = SIZE_MAX;
     for (size_t k = 0; k < TALLY__WINDOW; k += TALLY__GROUP) {
@@ -461,10 +436,10 @@ tally__slot *tally__table_find_fast(tally__table *t, tally__digest d, tally__pro
            the digest loads below are with the promotion */
         __m128i v = ctrl_group(t, g, memory_order_acquire);
         for (unsigned m = ctrl_match(v, tag); m; m &= m - 1) {
-            tally__slot *s = slot_at(t, g + (size_t)__builtin_ctz(m));
+            tally__slot *s = tally__slot_at(t, g + (size_t)__builtin_ctz(m));
             /* acquire: paired with the promotion CAS in resolve(), so that the
                hit reads the states as the slot's owner left them */
-            if (tally__word_load_acquire(&s->d_hi) == hi_with(d, TALLY__LIVE)
+            if (tally__word_load_acquire(&s->d_hi) == tally__hi_with(d, TALLY__LIVE)
                 /* acquire: paired with the promotion CAS, as the hi load */
                 && tally__word_load_acquire(&s->d_lo) == d.lo)
                 return s;
@@ -480,7 +455,7 @@ tally__slot *tally__table_find_fast(tally__table *t, tally__digest d, tally__pro
 
 tally__slot *tally__table_find(tally__table *t, tally__digest d)
 {
-    size_t home = home_of(t, d);
+    size_t home = tally__home_of(t, d);
     uint8_t tag = tag_of(d);
 
     for (size_t k = 0; k < TALLY__WINDOW; k += TALLY__GROUP) {
@@ -489,10 +464,10 @@ tally__slot *tally__table_find(tally__table *t, tally__digest d)
            paired with the byte CAS of ctrl_claim() and the writes of ctrl_set() */
         __m128i v = ctrl_group(t, g, memory_order_seq_cst);
         for (unsigned m = ctrl_match(v, tag); m; m &= m - 1) {
-            tally__slot *s = slot_at(t, g + (size_t)__builtin_ctz(m));
+            tally__slot *s = tally__slot_at(t, g + (size_t)__builtin_ctz(m));
             uint64_t lo, hi;
             digest_load(s, &lo, &hi);
-            if (hi == hi_with(d, TALLY__LIVE) && lo == d.lo)
+            if (hi == tally__hi_with(d, TALLY__LIVE) && lo == d.lo)
                 return s;
         }
         if (ctrl_match(v, CTRL_EMPTY) || ends_probe(t, g))
@@ -504,7 +479,7 @@ tally__slot *tally__table_find(tally__table *t, tally__digest d)
 /* Kill the PENDING claim of @d in slot @i. A PENDING slot holds no reservation. */
 static bool kill_pending(tally__table *t, size_t i, tally__digest d)
 {
-    if (!digest_cas(slot_at(t, i), d.lo, hi_with(d, TALLY__PENDING), d.lo, hi_with(d, TALLY__DEAD)))
+    if (!digest_cas(tally__slot_at(t, i), d.lo, tally__hi_with(d, TALLY__PENDING), d.lo, tally__hi_with(d, TALLY__DEAD)))
         return false;
     ctrl_set(t, i, tag_of(d), CTRL_DEAD);
     return true;
@@ -554,7 +529,7 @@ static tally__slot *resolve(tally__table *t, tally__digest d, size_t home, size_
     uint8_t tag = tag_of(d);
 again:;
     size_t mine_i = wrap(t, home + me);
-    tally__slot *mine = slot_at(t, mine_i);
+    tally__slot *mine = tally__slot_at(t, mine_i);
     for (size_t k = 0; k < TALLY__WINDOW; k += TALLY__GROUP) {
         size_t g = wrap(t, home + k);
         /* seq_cst: paired with the byte's claim CAS (ctrl_claim()) of a twin
@@ -565,13 +540,13 @@ again:;
             if (j == me)
                 continue;
             uint64_t lo, hi;
-            digest_load(slot_at(t, g + (j - k)), &lo, &hi);
+            digest_load(tally__slot_at(t, g + (j - k)), &lo, &hi);
             if (!is_key(hi, lo, d))
                 continue;
             switch (status_of(hi)) {
             case TALLY__LIVE:
                 kill_pending(t, mine_i, d);
-                return slot_at(t, g + (j - k));
+                return tally__slot_at(t, g + (j - k));
             case TALLY__PENDING:
                 if (j < me) {
                     kill_pending(t, mine_i, d);
@@ -591,7 +566,7 @@ again:;
     uint64_t seen, lo, hi;
     for (;;) {
         if (reserve(t, &seen)) {
-            bool promoted = digest_cas(mine, d.lo, hi_with(d, TALLY__PENDING), d.lo, hi_with(d, TALLY__LIVE));
+            bool promoted = digest_cas(mine, d.lo, tally__hi_with(d, TALLY__PENDING), d.lo, tally__hi_with(d, TALLY__LIVE));
             settle(t, promoted);
             if (promoted)
                 return mine;
@@ -606,17 +581,17 @@ again:;
            twin's, perhaps about to be given back: learn their outcome (a few
            instructions of their holders) rather than refuse the key. */
         digest_load(mine, &lo, &hi);
-        if (lo != d.lo || hi != hi_with(d, TALLY__PENDING))
+        if (lo != d.lo || hi != tally__hi_with(d, TALLY__PENDING))
             break;
         sched_yield();
     }
     digest_load(mine, &lo, &hi);
-    return (lo == d.lo && hi == hi_with(d, TALLY__LIVE)) ? mine : NULL;
+    return (lo == d.lo && hi == tally__hi_with(d, TALLY__LIVE)) ? mine : NULL;
 }
 
 tally__slot *tally__table_live(tally__table *t, size_t i, tally__digest *d)
 {
-    tally__slot *s = slot_at(t, i);
+    tally__slot *s = tally__slot_at(t, i);
     /* acquire: paired with the promotion CAS in resolve() that made the
        slot LIVE: the caller reads its states after it */
     uint64_t hi = tally__word_load_acquire(&s->d_hi);
@@ -660,7 +635,7 @@ static void *key_copy(const void *key, size_t len)
 int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size_t key_len,
                          uint64_t now, const tally__probe *hint, tally__slot **out)
 {
-    size_t home = home_of(t, d);
+    size_t home = tally__home_of(t, d);
     uint8_t tag = tag_of(d);
     void *copy = NULL;                /* a key copy not yet stored in a slot */
 
@@ -684,7 +659,7 @@ int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size
             __m128i v = ctrl_group(t, g, memory_order_seq_cst);
             for (unsigned m = absent ? 0 : ctrl_match(v, tag); m && !found && !rescan; m &= m - 1) {
                 size_t j = k + (size_t)__builtin_ctz(m);
-                tally__slot *s = slot_at(t, g + (j - k));
+                tally__slot *s = tally__slot_at(t, g + (j - k));
                 uint64_t lo, hi;
                 digest_load(s, &lo, &hi);
                 if (!is_key(hi, lo, d))
@@ -698,7 +673,7 @@ int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size
             }
             unsigned c = ctrl_claimable(v);
             if (c && free_k == SIZE_MAX)
-                free_k = k + pick(c, pref_of(d));
+                free_k = k + pick(c, tally__pref_of(d));
             if (ctrl_match(v, CTRL_EMPTY))
                 break;                        /* guarantee 1: nothing of ours past here */
             absent = absent || ends_probe(t, g);
@@ -730,7 +705,7 @@ claim:;
         }
 
         size_t idx = wrap(t, home + free_k);
-        tally__slot *mine = slot_at(t, idx);
+        tally__slot *mine = tally__slot_at(t, idx);
         /* the copy is made before the claim, so that it is stored right
            after it: a helper that promotes the claim meanwhile is rare */
         if (t->keys && !copy && !(copy = key_copy(key, key_len)))
@@ -745,7 +720,7 @@ claim:;
         /* The byte made us the slot's one claimant (guarantee 2): the CAS
            cannot fail. FREE is written to the byte after the digest. */
         digest_cas(mine, was == CTRL_EMPTY ? TALLY__LO_EMPTY : TALLY__LO_FREE, 0,
-                   d.lo, hi_with(d, TALLY__PENDING));
+                   d.lo, tally__hi_with(d, TALLY__PENDING));
         /* the claim is the key's first use: stamped before its promotion, so
            that no evictor sees it LIVE with the stamp of the slot's last key
            (guarantee 9); acquire: paired with the release store of
@@ -869,7 +844,7 @@ static bool take_dead(tally__table *t, tally__slot *s, tally__digest *d)
 
 static void consider(tally__table *t, size_t idx, uint64_t now, tally__batch *b)
 {
-    tally__slot *s = slot_at(t, idx);
+    tally__slot *s = tally__slot_at(t, idx);
     uint64_t lo, hi;
 
     if (b->n == b->cap)
@@ -889,7 +864,7 @@ static void consider(tally__table *t, size_t idx, uint64_t now, tally__batch *b)
 
 size_t tally__table_reclaim_take(tally__table *t, tally__digest d, uint64_t now, tally__batch *b)
 {
-    size_t home = home_of(t, d);
+    size_t home = tally__home_of(t, d);
     /* relaxed: a heuristic; any length up to sweep_max fits the batch */
     size_t len = atomic_load_explicit(&t->sweep_len, memory_order_relaxed);
     size_t sweep = atomic_fetch_add_explicit(&t->sweep, len, memory_order_relaxed) % t->n_slots;
@@ -934,7 +909,7 @@ bool tally__table_evict(tally__table *t, tally__digest d, tally__batch *b)
        and tally_watch_set() (ops/ops.c): the arrays are seen zeroed */
     tally__sync *y = atomic_load_explicit(&t->sync, memory_order_acquire);
     tally__watch_slot *w = atomic_load_explicit(&t->watch, memory_order_acquire);
-    size_t home = home_of(t, d);
+    size_t home = tally__home_of(t, d);
 
     b->n = 0;
     b->evicted = 0;
@@ -954,7 +929,7 @@ bool tally__table_evict(tally__table *t, tally__digest d, tally__batch *b)
             for (unsigned m = ~(unsigned)_mm_movemask_epi8(v) & 0xffff; m; m &= m - 1) {
                 size_t i = g + (size_t)__builtin_ctz(m);
                 uint64_t lo, hi;
-                digest_load(slot_at(t, i), &lo, &hi);
+                digest_load(tally__slot_at(t, i), &lo, &hi);
                 if (status_of(hi) != TALLY__LIVE)
                     continue;
                 /* relaxed: an age, a heuristic; read again before the kill */
@@ -967,7 +942,7 @@ bool tally__table_evict(tally__table *t, tally__digest d, tally__batch *b)
         }
         if (victim == SIZE_MAX)
             return false;             /* every key of the window is protected */
-        tally__slot *s = slot_at(t, victim);
+        tally__slot *s = tally__slot_at(t, victim);
         tally__state first = tally__state_load_atomic(&s->st[0]);
         if (tally__state_is_dead(first))
             continue;                 /* another reclaim is killing it: choose again */
@@ -1004,7 +979,7 @@ void tally__table_reclaim_free(tally__table *t, const tally__batch *b)
     tally__sync *y = atomic_load_explicit(&t->sync, memory_order_acquire);
     tally__watch_slot *w = atomic_load_explicit(&t->watch, memory_order_acquire);
     for (size_t j = 0; j < b->n; j++) {
-        tally__slot *s = slot_at(t, b->idx[j]);
+        tally__slot *s = tally__slot_at(t, b->idx[j]);
         if (w) {
             tally__watch_slot *ws = &w[b->idx[j]];
             tally__word_store_relaxed(&ws->denied.w0, 0);
@@ -1041,7 +1016,7 @@ void tally__table_reclaim_free(tally__table *t, const tally__batch *b)
             atomic_store_explicit(&t->keys[b->idx[j]], NULL, memory_order_relaxed);
         }
         /* the key no longer lies past the groups before its slot (guarantee 1) */
-        pass_groups(t, home_of(t, b->digest[j]), b->idx[j], -1);
+        pass_groups(t, tally__home_of(t, b->digest[j]), b->idx[j], -1);
         /* the next key here is a new instance (guarantee 6) */
         atomic_store_explicit(&t->gen[b->idx[j]], tally__table_gen_fresh(t), memory_order_relaxed);
         /* release: the zeroed state and the fresh instance before the slot can
