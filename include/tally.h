@@ -178,9 +178,11 @@ enum { TALLY_SHADOW = 1u << 0,        /* count and report, never deny */
        TALLY_ALIGNED = 1u << 2         /* fixed windows start at multiples of period_ns since
                                           the epoch, so that engines sharing Redis agree */ };
 enum { TALLY_EVICT_LRU = 1u << 3 };  /* a full table evicts its least recently hit key
-                                        instead of refusing the new one with TALLY_EFULL.
-                                        Not supported by this version: tally_policy_add
-                                        and tally_policy_update refuse it (TALLY_EINVAL) */
+                                        instead of refusing the new one with TALLY_EFULL:
+                                        the oldest of the new key's probe window, never
+                                        one with cost not yet flushed or a watch flag
+                                        (TALLY_EFULL when every candidate is such a key);
+                                        tally_stats.lru_evictions counts them */
 
 /* Bounds of a valid limit (see tally_policy_add). */
 #define TALLY_MAX_COUNT          ((UINT64_C(1) << 63) - 1) /* fixed, calendar, GCRA max */

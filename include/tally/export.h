@@ -46,7 +46,8 @@
  * 0.1 used, so that its digests stay the same. In 0.3, tally_redis_options
  * gained mode, nodes, master_name, wait_replicas and wait_timeout_ms:
  * tally_flusher_start@TALLY_0.1 reads the Redis options as 0.1 and 0.2 had
- * them (one standalone server).
+ * them (one standalone server); and tally_stats gained lru_evictions:
+ * tally_stats_read@TALLY_0.1 writes only the fields 0.1 and 0.2 had.
  *
  * The version macros describe the headers a program was compiled against;
  * they equal meson's project version.
