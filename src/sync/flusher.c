@@ -346,29 +346,12 @@ static void store_remote_rcu(void *arg)
     uint64_t rwin = atomic_load_explicit(&ys->rwin, memory_order_relaxed);
     if (rwin > a->x->win + 1)
         return;                               /* it already knows a later window */
-    /* The others' count is Redis's total less this engine's acknowledged
-       cost, which the slot counts: all of it, unless the key was evicted
-       (TALLY_EVICT_LRU) and came back in a fresh slot. What the slot no
-       longer counts of it is counted by no one else either, so it is added
-       to the others' count; the slot's state of this very window says how
-       much that is (cost not yet acknowledged since the key came back makes
-       it an underestimate by that cost, as any count in flight is). acquire:
-       paired with the release store of tally_policy_update() (engine.c) */
-    const tally__limit *lim = atomic_load_explicit(&t->limits, memory_order_acquire);
-    tally_counter c;
-    tally__algo_counter(&lim[a->x->limit], tally__state_load_atomic(&s->st[a->x->limit]),
-                        tally_now_ns(), &c);
-    uint64_t others = a->others;
-    if (c.window_start_ns == a->x->win && c.used < a->x->acked) {
-        uint64_t lost = a->x->acked - c.used;
-        others = others > UINT64_MAX - lost ? UINT64_MAX : others + lost;
-    }
     /* seqlock write: invalidate, write the count, publish the window */
     atomic_store_explicit(&ys->rwin, 0, memory_order_relaxed);
     /* release: the zero before the count; paired with the acquire fence of
        load_remote() (engine/hit.c) */
     atomic_thread_fence(memory_order_release);
-    atomic_store_explicit(&ys->remote, others, memory_order_relaxed);
+    atomic_store_explicit(&ys->remote, a->others, memory_order_relaxed);
     /* release: the count before its window; paired with the acquire load of
        rwin in load_remote() */
     atomic_store_explicit(&ys->rwin, a->x->win + 1, memory_order_release);
