@@ -741,6 +741,31 @@ Test(features, evict_lru_never_takes_a_flagged_key)
     tally_close(e);
 }
 
+Test(features, evict_lru_never_takes_a_key_that_holds)
+{
+    static const tally_limit HOLDS[2] = {
+        { .algo = TALLY_FIXED_WINDOW, .max = 5, .period_ns = 3600 * SEC },
+        { .algo = TALLY_CONCURRENCY, .max = 2, .period_ns = 3600 * SEC },
+    };
+    tally_engine *e = open_engine(LRU_CAP);
+    uint32_t p = add(e, "lru", TALLY_EVICT_LRU, 2, HOLDS);
+    same_window_keys(e, p);
+    for (int i = 0; i < LRU_CAP; i++)
+        cr_assert_eq(try_hit(e, p, lru_names[i], T0 + (uint64_t)i * SEC), 0, "key %d", i);
+    for (int i = 1; i < LRU_CAP; i++)          /* every key but the oldest gives its hold back */
+        cr_assert_eq(tally_release_at(e, p, lru_names[i], strlen(lru_names[i]), NULL,
+                                      T0 + 90 * SEC), 0, "key %d", i);
+    cr_assert_eq(try_hit(e, p, lru_names[LRU_CAP], T0 + 100 * SEC), 0);
+    cr_assert(present(e, p, lru_names[0]), "a key that holds is never the victim");
+    cr_assert_not(present(e, p, lru_names[1]), "the oldest key that holds nothing goes");
+    cr_assert_eq(tally_release_at(e, p, lru_names[0], strlen(lru_names[0]), NULL, T0 + 101 * SEC), 0,
+                 "its hold is still there to give back");
+    cr_assert_eq(try_hit(e, p, lru_names[LRU_CAP + 1], T0 + 102 * SEC), 0);
+    cr_assert_not(present(e, p, lru_names[0]), "released, it goes");
+    cr_assert_eq(stats(e).lru_evictions, 2);
+    tally_close(e);
+}
+
 Test(features, update_sets_and_clears_evict_lru)
 {
     tally_engine *e = open_engine(LRU_CAP);

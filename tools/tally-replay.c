@@ -453,7 +453,8 @@ static bool hash_key_option(const char *arg, uint8_t key[16])
     }
     if (ok && any)
         return true;
-    fprintf(stderr, "tally-replay: bad --hash-key '%s' (want 32 hex digits, not all zero)\n", arg);
+    /* the value is a secret: never echoed */
+    fprintf(stderr, "tally-replay: bad --hash-key (want 32 hex digits, not all zero)\n");
     return false;
 }
 

@@ -243,9 +243,12 @@ static ngx_str_t *arg_value(ngx_str_t *arg, const char *k, ngx_str_t *out)
     return out;
 }
 
-/* 32 hex digits into 16 bytes. The value is a secret: no message repeats it. */
+/* 32 hex digits into 16 bytes, not all zero (tally_open would take that
+   for "draw a random key", one per worker). The value is a secret: no
+   message repeats it. */
 static ngx_int_t parse_hash_key(const ngx_str_t *v, u_char out[16])
 {
+    u_char any = 0;
     if (v->len != 32)
         return NGX_ERROR;
     for (size_t i = 0; i < 16; i++) {
@@ -253,8 +256,9 @@ static ngx_int_t parse_hash_key(const ngx_str_t *v, u_char out[16])
         if (b == NGX_ERROR)
             return NGX_ERROR;
         out[i] = (u_char)b;
+        any |= out[i];
     }
-    return NGX_OK;
+    return any ? NGX_OK : NGX_ERROR;
 }
 
 static char *ngx_http_tally_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
@@ -310,7 +314,7 @@ static char *ngx_http_tally_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         } else if (arg_value(&value[i], "hash_key", &v)) {
             if (parse_hash_key(&v, z->hash_key) != NGX_OK) {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "tally zone \"%V\": invalid hash_key "
-                                   "(32 hex digits)", &z->name);
+                                   "(32 hex digits, not all zero)", &z->name);
                 return NGX_CONF_ERROR;
             }
             z->has_hash_key = 1;

@@ -372,22 +372,28 @@ static bool too_stale(tally_engine *e, uint64_t now)
    caller, so that tally_hit_at() compiles without the others' code. */
 enum { HIT_PLAIN, HIT_MAX, HIT_RESERVE };
 
-/* @known: the key's digest when the caller computed it already, else NULL. */
+/* @known: the key's digest when the caller computed it already, else NULL.
+   @entered: the policy when the caller already entered (enter() succeeded,
+   the call is inside its read-side section), else NULL. */
 static inline __attribute__((always_inline)) int
 hit_core(tally_engine *e, uint32_t policy, const void *key, size_t key_len, const uint64_t *costs,
          uint64_t now_ns, tally_result *out, int kind, const uint64_t *max, uint64_t max_delay,
-         uint64_t *delay, const tally__digest *known)
+         uint64_t *delay, const tally__digest *known, tally__policy *entered)
 {
     tally__policy *p;
     tally__step r[TALLY_MAX_LIMITS];
     tally__limit own[TALLY_MAX_LIMITS];
     int rc;
 
-    if (TALLY__UNLIKELY(now_ns > TALLY__TIME_MAX))
-        return TALLY_EINVAL;
-    rc = enter(e, policy, key, key_len, out, &p);
-    if (TALLY__UNLIKELY(rc))
-        return rc;
+    if (entered) {
+        p = entered;
+    } else {
+        if (TALLY__UNLIKELY(now_ns > TALLY__TIME_MAX))
+            return TALLY_EINVAL;
+        rc = enter(e, policy, key, key_len, out, &p);
+        if (TALLY__UNLIKELY(rc))
+            return rc;
+    }
 
     /* acquire: paired with the release store of tally_policy_update()
        (engine.c): the block is seen whole, as it was built */
@@ -495,12 +501,13 @@ hit_core(tally_engine *e, uint32_t policy, const void *key, size_t key_len, cons
     return rc;
 }
 
-/* Out of line, so that the fast path of tally_hit_at() keeps its registers. */
-static __attribute__((noinline)) int hit_plain(tally_engine *e, uint32_t policy, const void *key,
+/* Out of line, so that the fast path of tally_hit_at() keeps its registers.
+   Called inside the read-side section tally_hit_at() entered, which it ends. */
+static __attribute__((noinline)) int hit_plain(tally_engine *e, tally__policy *p, const void *key,
                                                size_t key_len, const uint64_t *costs, uint64_t now_ns,
                                                tally_result *out, const tally__digest *known)
 {
-    return hit_core(e, policy, key, key_len, costs, now_ns, out, HIT_PLAIN, NULL, 0, NULL, known);
+    return hit_core(e, 0, key, key_len, costs, now_ns, out, HIT_PLAIN, NULL, 0, NULL, known, p);
 }
 
 /*
@@ -509,7 +516,8 @@ static __attribute__((noinline)) int hit_plain(tally_engine *e, uint32_t policy,
  * for the sinks, no remote count, no staleness bound). It decides exactly as
  * hit_core() does, through the same apply(), with none of the code for what
  * it leaves out; everything else (a new key, a DEAD state, the other cases)
- * goes on in hit_core() with the digest already computed.
+ * goes on in hit_core(), in the same read-side section, with the digest
+ * already computed.
  */
 int tally_hit_at(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
                  const uint64_t *costs, uint64_t now_ns, tally_result *out)
@@ -518,8 +526,11 @@ int tally_hit_at(tally_engine *e, uint32_t policy, const void *key, size_t key_l
     tally__digest d;
     const tally__digest *known = NULL;
 
-    if (TALLY__UNLIKELY(now_ns > TALLY__TIME_MAX) || enter(e, policy, key, key_len, out, &p))
-        goto slow;                                /* it finds the same error */
+    if (TALLY__UNLIKELY(now_ns > TALLY__TIME_MAX))
+        return TALLY_EINVAL;
+    int rc = enter(e, policy, key, key_len, out, &p);
+    if (TALLY__UNLIKELY(rc))
+        return rc;
     /* acquire: paired with the release store of tally_policy_update()
        (engine.c): the block is seen whole, as it was built */
     const tally__cfg *cfg = atomic_load_explicit(&p->cfg, memory_order_acquire);
@@ -530,7 +541,7 @@ int tally_hit_at(tally_engine *e, uint32_t policy, const void *key, size_t key_l
                         || atomic_load_explicit(&e->syncing, memory_order_relaxed)
                         || atomic_load_explicit(&e->fail_closed_ns, memory_order_relaxed)
                         || atomic_load_explicit(&t->watch, memory_order_relaxed)))
-        goto slow_exit;
+        goto slow;
     d = tally__key_digest(e, key, key_len);
     known = &d;
 
@@ -538,7 +549,7 @@ int tally_hit_at(tally_engine *e, uint32_t policy, const void *key, size_t key_l
     if (TALLY__UNLIKELY(!s)) {
         tally__probe hint;
         if (!(s = tally__table_find_fast(t, d, &hint)))
-            goto slow_exit;
+            goto slow;
     }
     uint64_t cost = costs ? costs[0] : 1;
     tally__step r;
@@ -548,7 +559,7 @@ int tally_hit_at(tally_engine *e, uint32_t policy, const void *key, size_t key_l
                                               : apply(&c, 0, now_ns, cost, cfg->how, &r);
     if (TALLY__UNLIKELY(step == STEP_DEAD)) {
         tally__table_help_kill(t, s);
-        goto slow_exit;
+        goto slow;
     }
     fill_result(1, cfg->flags, &r, out);
     tally__stat_shard *st = my_shard(e);
@@ -558,10 +569,8 @@ int tally_hit_at(tally_engine *e, uint32_t policy, const void *key, size_t key_l
     tally__rcu_exit();
     return 0;
 
-slow_exit:
-    tally__rcu_exit();
 slow:
-    return hit_plain(e, policy, key, key_len, costs, now_ns, out, known);
+    return hit_plain(e, p, key, key_len, costs, now_ns, out, known);
 }
 
 int tally_hit(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
@@ -577,7 +586,7 @@ int tally_hit_ex(tally_engine *e, uint32_t policy, const void *key, size_t key_l
     if (!opts)
         opts = &none;
     uint64_t now = opts->now_ns ? opts->now_ns : tally_now_ns();
-    return hit_core(e, policy, key, key_len, opts->costs, now, out, HIT_MAX, opts->max, 0, NULL, NULL);
+    return hit_core(e, policy, key, key_len, opts->costs, now, out, HIT_MAX, opts->max, 0, NULL, NULL, NULL);
 }
 
 int tally_reserve_at(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
@@ -588,7 +597,7 @@ int tally_reserve_at(tally_engine *e, uint32_t policy, const void *key, size_t k
         return TALLY_EINVAL;
     uint64_t wait = 0;
     int rc = hit_core(e, policy, key, key_len, costs, now_ns, out, HIT_RESERVE, NULL,
-                      max_delay_ns, &wait, NULL);
+                      max_delay_ns, &wait, NULL, NULL);
     if (!rc)
         *delay_ns = wait;
     return rc;

@@ -133,9 +133,13 @@
  *     is spilled to the flusher then. The victim is the slot of the new key's
  *     window with the oldest recency stamp (stamp[i], written by hits of the
  *     policy and by the claim before the promotion, so a key is never older
- *     than its claim), among those with no cost waiting for the sinks and no
- *     watch flag: a key hit since the evictor chose fails the kill's CAS,
- *     and the evictor chooses again.
+ *     than its claim), among those with no cost waiting for the sinks, no
+ *     watch flag and no concurrency holds when it looked: a hit since the
+ *     choice that changed limit 0 fails the kill's CAS, one that changed
+ *     nothing shows a newer stamp (read again just before the CAS), and the
+ *     evictor chooses again. A denial that raced the kill past both checks
+ *     counts as one that came just after the eviction: its watch flag, set
+ *     on the dying slot, goes with it (the flag's note is sent all the same).
  */
 #include <emmintrin.h>
 #include <sched.h>
@@ -717,18 +721,19 @@ claim:;
             pass_groups(t, home, idx, -1);
             continue;                 /* another claim took it: the byte is no longer EMPTY */
         }
-        /* The byte made us the slot's one claimant (guarantee 2): the CAS
-           cannot fail. FREE is written to the byte after the digest. */
-        digest_cas(mine, was == CTRL_EMPTY ? TALLY__LO_EMPTY : TALLY__LO_FREE, 0,
-                   d.lo, tally__hi_with(d, TALLY__PENDING));
-        /* the claim is the key's first use: stamped before its promotion, so
-           that no evictor sees it LIVE with the stamp of the slot's last key
+        /* the claim is the key's first use: stamped before the digest names
+           the key, so that no evictor sees it LIVE with the stamp of the
+           slot's last key, whoever promotes it (a twin's resolve() may)
            (guarantee 9); acquire: paired with the release store of
            tally__table_stamp_alloc() */
         _Atomic uint64_t *stamp = atomic_load_explicit(&t->stamp, memory_order_acquire);
         if (stamp)
-            /* relaxed: the promotion CAS publishes it with the slot */
+            /* relaxed: the digest CAS below, a full barrier, orders it first */
             atomic_store_explicit(&stamp[idx], tally__stamp_of(now), memory_order_relaxed);
+        /* The byte made us the slot's one claimant (guarantee 2): the CAS
+           cannot fail. FREE is written to the byte after the digest. */
+        digest_cas(mine, was == CTRL_EMPTY ? TALLY__LO_EMPTY : TALLY__LO_FREE, 0,
+                   d.lo, tally__hi_with(d, TALLY__PENDING));
         if (copy) {
             /* the claim made us the only writer of this slot's key;
                release: paired with the acquire load in tally__table_key() */
@@ -890,6 +895,15 @@ static bool evict_protected(const tally__table *t, size_t i, tally__sync *y, tal
     /* acquire: paired with the flag CAS in tally__watch_feed() (watch.c) */
     if (w && atomic_load_explicit(&w[i].flag_at, memory_order_acquire))
         return true;
+    /* Holds of a concurrency limit: forgotten, their releases would find
+       nothing and as many more holders would get in. They leave the slot by
+       release or by the expiry reclaim. acquire: paired with the release
+       store of tally_policy_update() (engine.c) */
+    const tally__limit *lim = atomic_load_explicit(&t->limits, memory_order_acquire);
+    for (unsigned l = 0; l < t->n_limits; l++)
+        if (lim[l].spec.algo == TALLY_CONCURRENCY
+            && (tally__state_load_atomic(&tally__slot_at(t, i)->st[l]).w1 & TALLY_CONCURRENCY_MAX_COUNT))
+            return true;
     for (unsigned l = 0; y && l < t->n_limits; l++)
         /* acquire: paired with the pair CAS of delta_add() (hit.c) or of
            the flusher's take in collect_range() (sync/flusher.c) */

@@ -328,7 +328,7 @@ out=$("$REPLAY" -j -p 'sync: 5 per 1h fixed; aligned' -r 127.0.0.1:$RPORT --redi
       --hash-key $HK "$T/now.tsv")
 check "redis, replay under the gates' --hash-key: adds to their count" "1 $((k1 + 2))" "$(total k1:)"
 "$GATE" -p 'x: 1/s gcra' --hash-key 0011 >/dev/null 2>"$T/err"
-check "gate bad --hash-key: exit 2" "2 tally-gate: bad --hash-key '0011' (want 32 hex digits, not all zero)" \
+check "gate bad --hash-key: exit 2, the value not echoed" "2 tally-gate: bad --hash-key (want 32 hex digits, not all zero)" \
       "$? $(cat "$T/err")"
 "$REPLAY" -p 'x: 1/s gcra' --hash-key 00000000000000000000000000000000 "$T/now.tsv" >/dev/null 2>&1
 check "replay all-zero --hash-key: exit 2" 2 $?
