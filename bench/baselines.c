@@ -14,6 +14,11 @@
  * And, for one hot key, the bare CAS add on one counter with no table at all.
  * With reclaim on, an insert into a full table first rebuilds it without the
  * keys whose state expired (what a user of such a map does: sweep when full).
+ * With BENCH_MAP_LRU, it removes instead the least recently hit of the
+ * BENCH_MAP_LRU_WINDOW occupied slots from the new key's home on (recency: the
+ * map's hit count when the slot was last hit), as a sampled LRU does, and
+ * closes the hole by backward shifting: no tombstones, so later probes stay
+ * as short as in a table that never evicted.
  */
 #include <pthread.h>
 #include <stdatomic.h>
@@ -93,7 +98,13 @@ static inline uint64_t window_of(const bench_rule *r, uint64_t now)
 int bench_rule_step(const bench_rule *r, uint64_t word, uint64_t now, uint64_t cost,
                     uint64_t *next)
 {
-    if (r->algo == BENCH_GCRA) {
+    if (r->algo != BENCH_FIXED) {       /* the fixed window, the common rule, tests once */
+        if (r->algo == BENCH_CONCURRENCY) {
+            if (word + cost > r->max)
+                return 0;
+            *next = word + cost;
+            return 1;
+        }
         uint64_t tat = word > now ? word : now;
         uint64_t new_tat = tat + cost * r->interval_ns;
         if (new_tat - now > r->period_ns)       /* tau = interval * max = period */
@@ -111,6 +122,8 @@ int bench_rule_step(const bench_rule *r, uint64_t word, uint64_t now, uint64_t c
 
 int bench_rule_expired(const bench_rule *r, uint64_t word, uint64_t now)
 {
+    if (r->algo == BENCH_CONCURRENCY)
+        return word == 0;
     if (r->algo == BENCH_GCRA)
         return word <= now;
     return (word >> WIN_SHIFT) != window_of(r, now);
@@ -123,10 +136,11 @@ uint64_t bench_rule_count(uint64_t word)
 
 /* ---- The table ---------------------------------------------------------------------- */
 
-/* One cache line: tag, the rule's word, the key bytes. */
+/* One cache line: tag, the rule's word, the recency, the key bytes. */
 typedef struct map_slot {
     _Alignas(64) uint64_t tag;     /* 0: empty; else (hash & ~0xff) | key length */
     _Atomic uint64_t word;
+    uint64_t stamp;                /* BENCH_MAP_LRU: the map's hit count at the last hit */
     char     key[BENCH_KEY_MAX];
 } map_slot;
 
@@ -139,6 +153,8 @@ typedef struct map_table {
     size_t     used;
     bench_rule rule;
     map_slot  *spare;              /* reclaim: where the live slots wait during a rebuild */
+    int        lru;                /* BENCH_MAP_LRU */
+    uint64_t   hits;               /* BENCH_MAP_LRU: the recency clock */
 } map_table;
 
 static int table_init(map_table *t, size_t capacity, bench_rule rule, int reclaim)
@@ -147,11 +163,12 @@ static int table_init(map_table *t, size_t capacity, bench_rule rule, int reclai
     t->capacity = capacity;
     t->n_slots = capacity + capacity / 2 + 1;
     t->rule = rule;
+    t->lru = reclaim == BENCH_MAP_LRU;
     size_t bytes = t->n_slots * sizeof(map_slot);
     if (posix_memalign((void **)&t->slots, 64, bytes) != 0)
         return -1;
     memset(t->slots, 0, bytes);
-    if (reclaim && !(t->spare = malloc(capacity * sizeof(map_slot)))) {
+    if (reclaim && !t->lru && !(t->spare = malloc(capacity * sizeof(map_slot)))) {
         free(t->slots);
         return -1;
     }
@@ -221,15 +238,59 @@ static void table_sweep(map_table *t, uint64_t now)
     t->used = live;
 }
 
+/* Empty slot @i, moving back each later key of its run that may take the
+   hole (its home is not cyclically after the hole) so every key stays
+   reachable from its home without a tombstone. */
+static void table_remove(map_table *t, size_t i)
+{
+    const size_t n = t->n_slots;
+    for (size_t j = i;;) {
+        if (++j == n)
+            j = 0;
+        map_slot *s = &t->slots[j];
+        if (!s->tag)
+            break;
+        size_t home = home_of(t, bench_hash(s->key, s->tag & 0xff));
+        if ((j + n - home) % n >= (j + n - i) % n) {
+            memcpy(&t->slots[i], s, sizeof(*s));
+            i = j;
+        }
+    }
+    t->slots[i].tag = 0;
+    t->used--;
+}
+
+/* BENCH_MAP_LRU: remove the least recently hit of the BENCH_MAP_LRU_WINDOW
+   occupied slots from home slot @home on (the table is full: 2/3 of its
+   slots are occupied, so the scan ends soon). */
+static void table_evict_lru(map_table *t, size_t home)
+{
+    size_t victim = home, seen = 0;
+    uint64_t oldest = UINT64_MAX;
+    for (size_t i = home; seen < BENCH_MAP_LRU_WINDOW; i = i + 1 == t->n_slots ? 0 : i + 1) {
+        const map_slot *s = &t->slots[i];
+        if (!s->tag)
+            continue;
+        seen++;
+        if (s->stamp < oldest) {
+            oldest = s->stamp;
+            victim = i;
+        }
+    }
+    table_remove(t, victim);
+}
+
 /* Insert @key at @s (from table_find); NULL when full. With reclaim, a full
-   table is swept first and the key's empty slot found again. */
+   table is swept first (BENCH_MAP_LRU: loses one key) and the key's empty
+   slot found again. */
 static map_slot *table_insert_at(map_table *t, map_slot *s, uint64_t h, const void *key,
                                  size_t len, uint64_t now)
 {
     if (t->used >= t->capacity) {
-        if (!t->spare)
-            return NULL;
-        table_sweep(t, now);
+        if (t->lru)
+            table_evict_lru(t, home_of(t, h));
+        else if (t->spare)
+            table_sweep(t, now);
         if (t->used >= t->capacity)
             return NULL;
         bool found;
@@ -276,8 +337,9 @@ size_t bench_mutex_map_bytes(const bench_mutex_map *m)
     return m->t.n_slots * sizeof(map_slot);
 }
 
-int bench_mutex_map_hit(bench_mutex_map *m, const void *key, size_t len, uint64_t cost,
-                        uint64_t now, int peek)
+static inline __attribute__((always_inline)) int
+mutex_map_hit(bench_mutex_map *m, const void *key, size_t len, uint64_t cost, uint64_t now,
+              int peek, const int stamp)
 {
     if (len == 0 || len > BENCH_KEY_MAX)
         return -1;
@@ -297,6 +359,8 @@ int bench_mutex_map_hit(bench_mutex_map *m, const void *key, size_t len, uint64_
             return -1;
         }
     }
+    if (stamp)
+        s->stamp = ++m->t.hits;
     /* under the lock: relaxed atomics are plain loads and stores */
     uint64_t w = atomic_load_explicit(&s->word, memory_order_relaxed);
     int allowed = bench_rule_step(&m->t.rule, w, now, peek ? 1 : cost, &next);
@@ -304,6 +368,45 @@ int bench_mutex_map_hit(bench_mutex_map *m, const void *key, size_t len, uint64_
         atomic_store_explicit(&s->word, next, memory_order_relaxed);
     pthread_mutex_unlock(&m->lock);
     return allowed;
+}
+
+int bench_mutex_map_hit(bench_mutex_map *m, const void *key, size_t len, uint64_t cost,
+                        uint64_t now, int peek)
+{
+    return mutex_map_hit(m, key, len, cost, now, peek, 0);
+}
+
+int bench_mutex_map_hit_lru(bench_mutex_map *m, const void *key, size_t len, uint64_t cost,
+                            uint64_t now)
+{
+    return mutex_map_hit(m, key, len, cost, now, 0, 1);
+}
+
+/* Its own copy of mutex_map_hit: bench_mutex_map_hit keeps a single caller,
+   which the compiler can then inline it into (bench_op_mutex_map). */
+int bench_mutex_map_pair(bench_mutex_map *m, const void *key, size_t len, uint64_t cost,
+                         uint64_t now)
+{
+    int a = mutex_map_hit(m, key, len, cost, now, 0, 0);
+    if (a <= 0)
+        return a;
+    /* the release is a call of its own, as tally_release is: hash, lock, find again */
+    uint64_t h = bench_hash(key, len);
+    bool found;
+    int rc = -1;
+
+    pthread_mutex_lock(&m->lock);
+    map_slot *s = table_find(&m->t, h, key, len, &found);
+    if (found) {
+        /* under the lock: relaxed atomics are plain loads and stores */
+        uint64_t w = atomic_load_explicit(&s->word, memory_order_relaxed);
+        if (w >= cost) {
+            atomic_store_explicit(&s->word, w - cost, memory_order_relaxed);
+            rc = 1;
+        }
+    }
+    pthread_mutex_unlock(&m->lock);
+    return rc;
 }
 
 int bench_mutex_map_count(bench_mutex_map *m, const void *key, size_t len, uint64_t *count)

@@ -9,7 +9,8 @@
 // errors (this row's failed calls), exact (hot: the stored count grew by the
 // allowed cost), windows, admitted_per_window, first_exceeded_per_window and
 // windows_exact (hot_limit, tally: every window admitted max and told one call
-// first_exceeded).
+// first_exceeded), holds_after (conc_pair_hot: the key's holders after the
+// run, 0 when every acquire was given back).
 #include <benchmark/benchmark.h>
 
 #include <cstdio>
@@ -35,7 +36,7 @@ void BM_hit(benchmark::State &state, bench_design d, bench_workload w)
     if (tid == 0) {
         s = fixture::prepare(d, w, state.threads());
         const bench_keys *k = s.keys;
-        counted = s.target && w.kind == BENCH_W_HOT
+        counted = s.target && (w.kind == BENCH_W_HOT || w.kind == BENCH_W_CONC_PAIR_HOT)
                   && bench_target_count(s.target, k->arena + k->ref[0].off, k->ref[0].len,
                                         &count_before) == 0;
         // at the limit the row starts on a full window: it owns the windows it opens
@@ -79,6 +80,12 @@ void BM_hit(benchmark::State &state, bench_design d, bench_workload w)
                 && after - count_before == bench_target_allowed_cost(s.target) - cost_before;
             state.counters["exact"] = exact ? 1 : 0;
         }
+        if (w.kind == BENCH_W_CONC_PAIR_HOT) {
+            uint64_t after;
+            state.counters["holds_after"] =
+                counted && bench_target_count(s.target, k->arena + k->ref[0].off, k->ref[0].len,
+                                              &after) == 0 ? double(after) : -1;
+        }
         if (windowed) {
             // the last window is filled too, so every window the row opened is whole:
             // each admitted exactly max and told exactly one call first_exceeded
@@ -120,7 +127,7 @@ void BM_memory(benchmark::State &state, size_t capacity, int digest_only)
 constexpr size_t K1 = 1024, K64 = size_t(1) << 16, M1 = size_t(1) << 20;
 
 void register_rows(bench_kind kind, std::vector<size_t> key_counts, size_t redis_keys,
-                   const std::string &redis_why)
+                   const std::string &redis_why, int max_threads = 8)
 {
     for (size_t nkeys : key_counts) {
         const bench_workload w = bench_workload_of(kind, nkeys);
@@ -137,7 +144,9 @@ void register_rows(bench_kind kind, std::vector<size_t> key_counts, size_t redis
                 redis && !redis_why.empty()
                     ? benchmark::RegisterBenchmark(name.c_str(), BM_skip, "skipped: " + redis_why)
                     : benchmark::RegisterBenchmark(name.c_str(), BM_hit, d, w);
-            b->Threads(1)->Threads(2)->Threads(4)->Threads(8)->UseRealTime();
+            for (int th = 1; th <= max_threads; th *= 2)
+                b->Threads(th);
+            b->UseRealTime();
         }
     }
 }
@@ -155,6 +164,9 @@ void register_all()
     register_rows(BENCH_W_PEEK, { K64 }, K64, redis_why);
     register_rows(BENCH_W_INSERT, { M1 }, M1, redis_why);
     register_rows(BENCH_W_HOT_LIMIT, { 1 }, 1, redis_why);
+    register_rows(BENCH_W_LRU_CHURN, { M1 }, M1, redis_why, 2);
+    register_rows(BENCH_W_CONC_PAIR, { K64 }, K64, redis_why, 2);
+    register_rows(BENCH_W_CONC_PAIR_HOT, { 1 }, 1, redis_why, 2);
     register_latency();
 
     benchmark::RegisterBenchmark("memory/tally_digest_only/1000000", BM_memory, size_t(1000000), 1)

@@ -45,10 +45,14 @@ Setup prepare(bench_design d, const bench_workload &w, int threads)
             die("cannot create the target");
         // churn: until every slot has been used once a miss may stop early at a
         // never-used slot, so a young table is cheaper than the one every later
-        // row meets; ten times the capacity in hits ages it before the first row
-        if (t && w.kind == BENCH_W_INSERT) {
+        // row meets; ten times the capacity in hits ages it before the first row.
+        // The LRU churn needs a full table: twice the capacity fills it, then
+        // evicts about as many keys as it holds (tally's evictions take tens of
+        // microseconds each, so not ten times)
+        if (t && (w.kind == BENCH_W_INSERT || w.kind == BENCH_W_LRU_CHURN)) {
             size_t pos = 0;
-            bench_target_run(t, 0, k, s.seq[0], &pos, 10 * w.capacity);
+            bench_target_run(t, 0, k, s.seq[0], &pos,
+                             (w.kind == BENCH_W_INSERT ? 10 : 2) * w.capacity);
         }
     }
     s.target = g_target = t;

@@ -66,7 +66,8 @@ void       bench_seq_free(bench_seq *s);
 
 typedef enum bench_algo {
     BENCH_FIXED,        /* fixed window: max per period */
-    BENCH_GCRA          /* GCRA: burst max, refilled in period */
+    BENCH_GCRA,         /* GCRA: burst max, refilled in period */
+    BENCH_CONCURRENCY   /* at most max holders at once; a hit acquires, a release gives back */
 } bench_algo;
 
 typedef enum bench_kind {
@@ -84,6 +85,13 @@ typedef enum bench_kind {
                            BENCH_HOT_LIMIT_LINGER more hits of its own, so most hits are
                            denied and every window must admit exactly max and tell exactly
                            one call first_exceeded (tally_hit_at only) */
+    BENCH_W_LRU_CHURN,  /* the churn of BENCH_W_INSERT with 1-hour windows: no key expires,
+                           so every new key in a full table evicts the least recently hit
+                           key of its window (tally: TALLY_EVICT_LRU; the mutex map: see
+                           bench_mutex_map_hit_lru) */
+    BENCH_W_CONC_PAIR,  /* uniform, a concurrency limit out of reach: each operation is a
+                           hit (acquire) and a release of the same key */
+    BENCH_W_CONC_PAIR_HOT, /* the same on one key for every thread */
     BENCH_N_KINDS
 } bench_kind;
 
@@ -98,14 +106,16 @@ typedef struct bench_workload {
     int        weighted;
     int        peek_mix;
     int        prefill;    /* every key is inserted before the run */
+    int        evict_lru;  /* a full table evicts its least recently hit key */
 } bench_workload;
 
 #define BENCH_HOT_LIMIT_MAX       1000
 #define BENCH_HOT_LIMIT_PERIOD_NS 1000000u
 #define BENCH_HOT_LIMIT_LINGER    (4 * BENCH_HOT_LIMIT_MAX)
 
-/* The workload @kind over @n_keys keys (BENCH_W_HOT and BENCH_W_HOT_LIMIT use 1 key,
-   BENCH_W_INSERT a table of @n_keys / 16). */
+/* The workload @kind over @n_keys keys (BENCH_W_HOT, BENCH_W_HOT_LIMIT and
+   BENCH_W_CONC_PAIR_HOT use 1 key, BENCH_W_INSERT and BENCH_W_LRU_CHURN a table of
+   @n_keys / 16). */
 bench_workload bench_workload_of(bench_kind kind, size_t n_keys);
 const char    *bench_kind_name(bench_kind kind);
 
@@ -244,7 +254,8 @@ uint64_t bench_clock_ns(void);
 /*
  * The limit a baseline checks, on one 64-bit word per key, as its users would
  * write it: fixed windows aligned to the period, word = window number (24
- * bits) << 40 | count; GCRA, word = theoretical arrival time.
+ * bits) << 40 | count; GCRA, word = theoretical arrival time; concurrency,
+ * word = holders (no lease: a hold lasts until its release).
  */
 typedef struct bench_rule {
     bench_algo algo;
@@ -265,7 +276,11 @@ int bench_rule_expired(const bench_rule *r, uint64_t word, uint64_t now);
 uint64_t bench_rule_count(uint64_t word);
 
 /* Mutex map and rwlock map: the same open-addressing table (see baselines.c).
-   @reclaim: when full, an insert first drops the keys whose state expired. */
+   @reclaim: when full, an insert first drops the keys whose state expired;
+   BENCH_MAP_LRU (mutex map only): it evicts instead the least recently hit of
+   the BENCH_MAP_LRU_WINDOW keys from the new key's home slot on. */
+#define BENCH_MAP_LRU        2
+#define BENCH_MAP_LRU_WINDOW 16
 typedef struct bench_mutex_map bench_mutex_map;
 bench_mutex_map *bench_mutex_map_new(size_t capacity, bench_rule rule, int reclaim);
 void             bench_mutex_map_free(bench_mutex_map *m);
@@ -274,6 +289,15 @@ size_t           bench_mutex_map_bytes(const bench_mutex_map *m);
    insert nothing). Return 1 allowed, 0 denied, -1 error (key too long, full). */
 int bench_mutex_map_hit(bench_mutex_map *m, const void *key, size_t len, uint64_t cost,
                         uint64_t now, int peek);
+/* bench_mutex_map_hit() that also stamps the key's slot with the map's hit
+   count, the recency a BENCH_MAP_LRU eviction judges by. */
+int bench_mutex_map_hit_lru(bench_mutex_map *m, const void *key, size_t len, uint64_t cost,
+                            uint64_t now);
+/* A concurrency pair (BENCH_CONCURRENCY): bench_mutex_map_hit() of @cost, then,
+   when allowed, the lock taken again to give @cost of the key's holds back.
+   1 allowed (and given back), 0 denied, -1 error. */
+int bench_mutex_map_pair(bench_mutex_map *m, const void *key, size_t len, uint64_t cost,
+                         uint64_t now);
 int bench_mutex_map_count(bench_mutex_map *m, const void *key, size_t len, uint64_t *count);
 
 typedef struct bench_rwlock_map bench_rwlock_map;

@@ -80,6 +80,8 @@ const char *bench_kind_name(bench_kind kind)
         [BENCH_W_UNIFORM] = "uniform", [BENCH_W_ZIPF] = "zipf",   [BENCH_W_HOT] = "hot",
         [BENCH_W_WEIGHTED] = "weighted", [BENCH_W_GCRA] = "gcra", [BENCH_W_PEEK] = "peek_mix",
         [BENCH_W_INSERT] = "insert", [BENCH_W_HOT_LIMIT] = "hot_limit",
+        [BENCH_W_LRU_CHURN] = "lru_churn", [BENCH_W_CONC_PAIR] = "conc_pair",
+        [BENCH_W_CONC_PAIR_HOT] = "conc_pair_hot",
     };
     return (unsigned)kind < BENCH_N_KINDS ? names[kind] : "?";
 }
@@ -121,6 +123,21 @@ bench_workload bench_workload_of(bench_kind kind, size_t n_keys)
         w.max = BENCH_HOT_LIMIT_MAX;
         w.period_ns = BENCH_HOT_LIMIT_PERIOD_NS;
         break;
+    case BENCH_W_LRU_CHURN:
+        w.capacity = n_keys / 16;
+        w.prefill = 0;
+        w.evict_lru = 1;
+        break;
+    case BENCH_W_CONC_PAIR:
+    case BENCH_W_CONC_PAIR_HOT:
+        if (kind == BENCH_W_CONC_PAIR_HOT) {
+            w.dist = BENCH_HOT;
+            w.n_keys = w.capacity = 1;
+        }
+        /* the lease (period_ns) outlasts every run; BENCH_MAX_THREADS holders at the most */
+        w.algo = BENCH_CONCURRENCY;
+        w.max = UINT64_C(1) << 31;
+        break;
     default:
         break;
     }
@@ -131,6 +148,8 @@ int bench_design_supports(bench_design d, const bench_workload *w)
 {
     if (w->kind == BENCH_W_HOT_LIMIT)  /* the window clock is a time tally_hit_at is given */
         return d == BENCH_TALLY_AT;
+    if (w->evict_lru || w->algo == BENCH_CONCURRENCY)    /* see bench_op_mutex_map_lru, _pair */
+        return d == BENCH_TALLY || d == BENCH_MUTEX_MAP;
     switch (d) {
     case BENCH_TALLY:
     case BENCH_MUTEX_MAP:
@@ -180,9 +199,12 @@ static int open_tally(size_t capacity, const bench_workload *w, bool digest_only
         return rc;
     tally_policy p = {
         .name = "bench",
-        .limits = { { .algo = w->algo == BENCH_GCRA ? TALLY_GCRA : TALLY_FIXED_WINDOW,
+        .limits = { { .algo = w->algo == BENCH_GCRA ? TALLY_GCRA
+                            : w->algo == BENCH_CONCURRENCY ? TALLY_CONCURRENCY
+                            : TALLY_FIXED_WINDOW,
                       .max = w->max, .period_ns = w->period_ns } },
         .n_limits = 1,
+        .flags = w->evict_lru ? TALLY_EVICT_LRU : 0,
     };
     rc = tally_policy_add(*e, &p, policy);
     if (rc) {
@@ -198,7 +220,7 @@ bench_target *bench_target_new(bench_design d, const bench_workload *w, const be
 {
     bench_target *t = calloc(1, sizeof(*t));
     bench_rule rule = bench_rule_of(w);
-    int reclaim = w->kind == BENCH_W_INSERT;
+    int reclaim = w->evict_lru ? BENCH_MAP_LRU : w->kind == BENCH_W_INSERT;
     bool made = false;
 
     if (!t)
@@ -435,6 +457,37 @@ static OP_ENTRY int bench_op_mutex_map(bench_target *t, int tid, const char *key
     return bench_mutex_map_hit(t->mutex_map, key, len, cost, now, cost == 0);
 }
 
+/* The mutex map's LRU churn: hits stamp their slot's recency (bench_mutex_map_hit_lru). */
+static OP_ENTRY int bench_op_mutex_map_lru(bench_target *t, int tid, const char *key,
+                                           size_t len, uint64_t cost, uint64_t now)
+{
+    (void)tid;
+    return bench_mutex_map_hit_lru(t->mutex_map, key, len, cost, now);
+}
+
+/* A concurrency pair: acquire by a hit, then give the hold back on the same key, as a
+   caller does around the request it admits. */
+static OP_ENTRY int bench_op_tally_pair(bench_target *t, int tid, const char *key, size_t len,
+                                        uint64_t cost, uint64_t now)
+{
+    tally_result *res = &t->thr[tid].res;
+    const uint64_t *costs = cost == 1 ? NULL : &cost;
+
+    (void)now;
+    if (tally_hit(t->engine, t->policy, key, len, costs, res) != 0)
+        return -1;
+    if (res->allowed && tally_release(t->engine, t->policy, key, len, costs) != 0)
+        return -1;
+    return res->allowed;
+}
+
+static OP_ENTRY int bench_op_mutex_map_pair(bench_target *t, int tid, const char *key,
+                                            size_t len, uint64_t cost, uint64_t now)
+{
+    (void)tid;
+    return bench_mutex_map_pair(t->mutex_map, key, len, cost, now);
+}
+
 static OP_ENTRY int bench_op_rwlock_map(bench_target *t, int tid, const char *key, size_t len,
                                         uint64_t cost, uint64_t now)
 {
@@ -489,6 +542,19 @@ static op_fn *const op_of_design[BENCH_N_DESIGNS] = {
     [BENCH_REDIS_INCR] = bench_op_redis_incr,
 };
 
+/* The operation of design @d on workload @w: the one of op_of_design but for the
+   workloads whose operation differs (see bench_design_supports). */
+static op_fn *op_for(bench_design d, const bench_workload *w)
+{
+    if (w->algo == BENCH_CONCURRENCY)
+        return d == BENCH_TALLY ? bench_op_tally_pair
+             : d == BENCH_MUTEX_MAP ? bench_op_mutex_map_pair : NULL;
+    if (w->evict_lru)
+        return d == BENCH_TALLY ? bench_op_tally
+             : d == BENCH_MUTEX_MAP ? bench_op_mutex_map_lru : NULL;
+    return (unsigned)d < BENCH_N_DESIGNS ? op_of_design[d] : NULL;
+}
+
 /* The time operation @p of design D is given: tally_hit reads its own clock, the
    practical limit and the bare CAS need none, Redis keeps its own. */
 static inline __attribute__((always_inline)) uint64_t
@@ -508,7 +574,7 @@ time_of(const bench_design D, bench_target *t, int driven, uint64_t start, uint6
 
 static int one_op(bench_target *t, int tid, const char *key, size_t len, uint64_t cost, int peek)
 {
-    op_fn *op = (unsigned)t->design < BENCH_N_DESIGNS ? op_of_design[t->design] : NULL;
+    op_fn *op = op_for(t->design, &t->w);
     uint64_t now = t->design == BENCH_TALLY_AT ? t->now : bench_clock_ns();
     return op ? op(t, tid, key, len, peek ? 0 : cost, now) : -1;
 }
@@ -537,10 +603,9 @@ static inline unsigned hist_bucket(uint64_t v)
 
 /* The loop, instantiated per design (D constant) and with or without timing. */
 static inline __attribute__((always_inline)) uint64_t
-run_loop(const bench_design D, bench_target *t, int tid, const bench_keys *k,
+run_loop(const bench_design D, op_fn *const op, bench_target *t, int tid, const bench_keys *k,
          const bench_seq *seq, size_t *pos, size_t n, bench_hist *h)
 {
-    op_fn *const op = op_of_design[D];
     bench_thread *th = &t->thr[tid];
     uint64_t allowed = 0, allowed_cost = 0, errors = 0, opened = 0, first = 0;
     const int peek_mix = t->w.peek_mix;
@@ -600,13 +665,21 @@ run_loop(const bench_design D, bench_target *t, int tid, const bench_keys *k,
 static uint64_t run(bench_target *t, int tid, const bench_keys *k, const bench_seq *seq,
                     size_t *pos, size_t n, bench_hist *h)
 {
+#define RUN_OP(D, OP) return h ? run_loop(D, OP, t, tid, k, seq, pos, n, h) \
+                               : run_loop(D, OP, t, tid, k, seq, pos, n, NULL)
+    if (t->design == BENCH_MUTEX_MAP && t->w.evict_lru)
+        RUN_OP(BENCH_MUTEX_MAP, bench_op_mutex_map_lru);
+    if (t->design == BENCH_TALLY && t->w.algo == BENCH_CONCURRENCY)
+        RUN_OP(BENCH_TALLY, bench_op_tally_pair);
+    if (t->design == BENCH_MUTEX_MAP && t->w.algo == BENCH_CONCURRENCY)
+        RUN_OP(BENCH_MUTEX_MAP, bench_op_mutex_map_pair);
     switch (t->design) {
-#define RUN(D) case D: return h ? run_loop(D, t, tid, k, seq, pos, n, h) \
-                                : run_loop(D, t, tid, k, seq, pos, n, NULL);
+#define RUN(D) case D: RUN_OP(D, op_of_design[D]);
     RUN(BENCH_TALLY) RUN(BENCH_TALLY_AT) RUN(BENCH_MUTEX_MAP) RUN(BENCH_RWLOCK_MAP)
     RUN(BENCH_RCU_LFHT) RUN(BENCH_CK_HS) RUN(BENCH_FLAT_LOCKFREE) RUN(BENCH_CAS_ADD)
     RUN(BENCH_REDIS_INCR)
 #undef RUN
+#undef RUN_OP
     case BENCH_REDIS_PIPELINED: {
         uint64_t errors = 0, cost = 0;
         uint64_t a = bench_redis_pipeline(t->redis, tid, k, seq, pos, n, &cost, &errors);
