@@ -1,5 +1,6 @@
 // Flush throughput in keys per second: tally_flush of 100K dirty keys
-// against a raw pipelined INCRBY of the same keys from the same binary.
+// against a raw pipelined INCRBY of the same keys from the same binary, and
+// redis-benchmark's pipelined INCR against the same server in the same run.
 #include <benchmark/benchmark.h>
 
 #include "flush_work.h"
@@ -26,8 +27,23 @@ static void flush_raw_incrby(benchmark::State &state)
     state.SetItemsProcessed((int64_t)state.iterations() * (int64_t)KEYS);
 }
 
+static void redis_benchmark_incr(benchmark::State &state)
+{
+    const size_t n = 1000000;
+    for (auto _ : state) {
+        double rps = flush_bench_redis_benchmark(n);
+        if (rps <= 0) {
+            state.SkipWithError("redis-benchmark did not run");
+            break;
+        }
+        state.SetIterationTime((double)n / rps);
+    }
+    state.SetItemsProcessed((int64_t)state.iterations() * (int64_t)n);
+}
+
 BENCHMARK(flush_tally)->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(5);
 BENCHMARK(flush_raw_incrby)->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(5);
+BENCHMARK(redis_benchmark_incr)->Unit(benchmark::kMillisecond)->UseManualTime()->Iterations(3);
 
 int main(int argc, char **argv)
 {

@@ -1,9 +1,11 @@
 /*
  * bench_flush: how fast the flusher empties 100K dirty keys into Redis,
  * side by side with what the same binary gets from a raw pipeline of INCRBY
- * on the same keys and the same server (the upper bound of any Redis sink).
+ * on the same keys and the same server, and with redis-benchmark's
+ * pipelined INCR (one key, 500 a round trip) against that server.
  */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "tally.h"
@@ -11,15 +13,26 @@
 #include "../tests/redis/redis_server.h"
 
 static test_redis server;
+static char host[256] = "127.0.0.1";
 static tally_engine *engine;
 static uint32_t policy;
 static size_t n_keys;
 static char (*keys)[32];
 static redisContext *raw;
 
+/* The server of $TALLY_BENCH_REDIS ("host:port", tools/bench-redis), where
+   redis-benchmark can be pointed at the same process; else one of our own. */
 int flush_bench_redis_start(void)
 {
     memset(&server, 0, sizeof(server));
+    const char *env = getenv("TALLY_BENCH_REDIS");
+    const char *colon = env ? strrchr(env, ':') : NULL;
+    if (colon && (size_t)(colon - env) < sizeof(host) && atoi(colon + 1) > 0) {
+        memcpy(host, env, (size_t)(colon - env));
+        host[colon - env] = 0;
+        server.port = atoi(colon + 1);
+        return server.port;
+    }
     return test_redis_start(&server) ? server.port : 0;
 }
 
@@ -41,7 +54,7 @@ int flush_bench_setup(size_t n)
                                      .period_ns = UINT64_C(3600000000000) } } };
     if (tally_policy_add(engine, &p, &policy))
         return -1;
-    tally_redis_options ro = { .host = "127.0.0.1", .port = server.port, .key_prefix = "bench:",
+    tally_redis_options ro = { .host = host, .port = server.port, .key_prefix = "bench:",
                                .command_timeout_ms = 10000 };
     tally_flusher_options fo;
     tally_flusher_options_init(&fo);
@@ -54,7 +67,7 @@ int flush_bench_setup(size_t n)
     for (size_t i = 0; i < n; i++)
         snprintf(keys[i], sizeof(keys[i]), "user-%08zx-key", i * 2654435761u);
     struct timeval tv = { 10, 0 };
-    raw = redisConnectWithTimeout("127.0.0.1", server.port, tv);
+    raw = redisConnectWithTimeout(host, server.port, tv);
     return raw && !raw->err ? 0 : -1;
 }
 
@@ -76,6 +89,24 @@ void flush_bench_dirty(void)
 int flush_bench_flush(void)
 {
     return tally_flush(engine, 60000);
+}
+
+double flush_bench_redis_benchmark(size_t n)
+{
+    char cmd[512];
+    snprintf(cmd, sizeof(cmd),
+             "redis-benchmark -h %s -p %d -c 1 -P 500 -t incr -n %zu --csv 2>/dev/null", host,
+             server.port, n);
+    FILE *p = popen(cmd, "r");
+    if (!p)
+        return 0;
+    char line[512];
+    double rps = 0;
+    /* "test","rps",... then "INCR","<requests per second>",... */
+    while (fgets(line, sizeof(line), p))
+        if (strncmp(line, "\"INCR\",\"", 8) == 0)
+            rps = strtod(line + 8, NULL);
+    return pclose(p) == 0 ? rps : 0;
 }
 
 int flush_bench_raw_incrby(void)

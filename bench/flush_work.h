@@ -1,4 +1,5 @@
-/* C side of bench_flush: flush throughput against a raw pipelined INCRBY. */
+/* C side of bench_flush: flush throughput against a raw pipelined INCRBY and
+   redis-benchmark's pipelined INCR. */
 #ifndef TALLY_BENCH_FLUSH_WORK_H
 #define TALLY_BENCH_FLUSH_WORK_H
 
@@ -21,6 +22,9 @@ void flush_bench_dirty(void);
 int  flush_bench_flush(void);
 /* The same keys, one INCRBY each, in one pipeline from this binary. 0 on success. */
 int  flush_bench_raw_incrby(void);
+/* redis-benchmark -c 1 -P 500 -t incr -n @n against the same server: its
+   requests per second, or 0 when it could not run. */
+double flush_bench_redis_benchmark(size_t n);
 
 #ifdef __cplusplus
 }

@@ -45,7 +45,14 @@ typedef struct tally__link {
     bool           waits;              /* a WAIT ends this round's pipeline */
     bool           wait_lost;          /* a WAIT was due but could not be appended */
     bool           acked_by_wait;      /* it confirmed wait_replicas replicas */
+    size_t         unwritten;          /* bytes appended since the pipeline was last written */
 } tally__link;
+
+/* A key of a flush's read-back (f->refresh). */
+typedef struct tally__readback {
+    entry *x;                          /* its entry, or NULL */
+    bool   held;                       /* in a batch of this push: the batch's reply tells the total */
+} tally__readback;
 
 typedef struct tally__redis_sink {
     tally__sink          base;
@@ -60,6 +67,12 @@ typedef struct tally__redis_sink {
     uint16_t             bucket_slot[TALLY__CLUSTER_BUCKETS];
     bool                 map_stale;    /* refresh the slot map before the next round */
     uint64_t             next_map_ns;  /* not before then: a refresh that failed backs off */
+    /* a push's read-back: one per f->refresh, and the ones this round reads */
+    tally__readback     *rk;
+    size_t              *rb;
+    size_t               rk_n, rk_cap, rb_n;
+    char                *cmd;          /* a command in the Redis protocol, being built */
+    size_t               cmd_cap;
 } tally__redis_sink;
 
 /* CRC16-CCITT (XMODEM) as the cluster specification defines it, and the slot

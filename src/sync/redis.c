@@ -3,8 +3,11 @@
  * timeouts, reconnects with a capped backoff; one link in STANDALONE and
  * SENTINEL mode, one per master in CLUSTER mode: sync/redis-internal.h),
  * over which each flush is one pipeline per link of Lua batch scripts, event
- * and flag commands, the MGET read-back of live keys and, with
- * wait_replicas, a WAIT. It keeps guarantees 3 and 6 of sync/flusher.c:
+ * and flag commands, the MGET read-back of the live keys that no batch
+ * tells the total of and, with wait_replicas, a WAIT. A pipeline is written
+ * while it is built (past WRITE_AHEAD bytes), so that Redis runs the first
+ * scripts while the next are formed, and read once all of it is written.
+ * It keeps guarantees 3 and 6 of sync/flusher.c:
  *
  *  3. Each batch carries the next sequence number of its bucket. The script
  *     checks it against the engine instance's record for that bucket (a
@@ -51,6 +54,7 @@
 #define TTL_SLACK_MS    60000          /* late deltas (retries) still find their key */
 #define KEY_MAX         640            /* bytes of one Redis key name, prefix included */
 #define ROUNDS          3              /* pipelines per push: the first, then redirections */
+#define WRITE_AHEAD     (256 * 1024)   /* bytes appended to a pipeline before it is written */
 
 #define STR_(x) #x
 #define STR(x)  STR_(x)
@@ -89,57 +93,65 @@ enum { EX_BATCH, EX_ASKING, EX_EVENT, EX_FLAG, EX_MGET, EX_WAIT, EX_PING };
  * overflow, an ACL) is answered with its error in its place and kept in
  * KEYS[2], so that a resend answers that key with an error again rather
  * than with a total that does not hold its cost.
+ *
+ * A count gets its TTL from the INCRBY that creates it: the one whose total
+ * is its own delta (deltas are never 0). Every other INCRBY finds a key that
+ * already has one, so the script makes one call per count, not two. NX keeps
+ * a TTL the key has: a total that only equals the delta in floating point
+ * (above 2^53) costs a PEXPIRE that changes nothing.
  */
 static const char LUA_BATCH[] =
     "local W = " STR(TALLY__SEQ_WINDOW) "\n"
     "local rec, refused, seq = KEYS[1], KEYS[2], tonumber(ARGV[1])\n"
-    "local hi = redis.call('BITFIELD', rec, 'GET', 'i64', 0)[1]\n"
+    "local call, try, tonumber, type = redis.call, redis.pcall, tonumber, type\n"
+    "local hi = call('BITFIELD', rec, 'GET', 'i64', 0)[1]\n"
     "local new\n"
     "if seq > hi then\n"
     "  if seq - hi >= W then\n"
-    "    redis.call('SETRANGE', rec, 8, string.rep('\\0', W / 8))\n"
-    "    redis.call('DEL', refused)\n"
+    "    call('SETRANGE', rec, 8, string.rep('\\0', W / 8))\n"
+    "    call('DEL', refused)\n"
     "  else\n"
-    "    for s = hi + 1, seq - 1 do redis.call('SETBIT', rec, 64 + s % W, 0) end\n"
-    "    if redis.call('EXISTS', refused) == 1 then\n"
-    "      for s = hi + 1 - W, seq - W do redis.call('HDEL', refused, s) end\n"
+    "    for s = hi + 1, seq - 1 do call('SETBIT', rec, 64 + s % W, 0) end\n"
+    "    if call('EXISTS', refused) == 1 then\n"
+    "      for s = hi + 1 - W, seq - W do call('HDEL', refused, s) end\n"
     "    end\n"
     "  end\n"
-    "  redis.call('BITFIELD', rec, 'SET', 'i64', 0, ARGV[1])\n"
-    "  redis.call('SETBIT', rec, 64 + seq % W, 1)\n"
+    "  call('BITFIELD', rec, 'SET', 'i64', 0, ARGV[1])\n"
+    "  call('SETBIT', rec, 64 + seq % W, 1)\n"
     "  new = true\n"
     "elseif hi - seq < W then\n"
-    "  new = redis.call('SETBIT', rec, 64 + seq % W, 1) == 0\n"
+    "  new = call('SETBIT', rec, 64 + seq % W, 1) == 0\n"
     "else\n"
     "  return redis.error_reply('STALE batch below the record window')\n"
     "end\n"
-    "redis.call('PEXPIRE', rec, ARGV[2])\n"
+    "call('PEXPIRE', rec, ARGV[2])\n"
     "local out = {}\n"
     "if new then\n"
     "  local failed = {}\n"
     "  for i = 1, #KEYS - 2 do\n"
-    "    local r = redis.pcall('INCRBY', KEYS[i + 2], ARGV[2 * i + 1])\n"
+    "    local k, d = KEYS[i + 2], ARGV[2 * i + 1]\n"
+    "    local r = try('INCRBY', k, d)\n"
     "    out[i] = r\n"
-    "    if type(r) == 'table' then\n"
+    "    if r == tonumber(d) then\n"
+    "      try('PEXPIRE', k, ARGV[2 * i + 2], 'NX')\n"
+    "    elseif type(r) == 'table' then\n"
     "      failed[#failed + 1] = i\n"
-    "    else\n"
-    "      redis.pcall('PEXPIRE', KEYS[i + 2], ARGV[2 * i + 2], 'NX')\n"
     "    end\n"
     "  end\n"
     "  if #failed > 0 then\n"
-    "    redis.pcall('HSET', refused, ARGV[1], table.concat(failed, ','))\n"
-    "    redis.pcall('PEXPIRE', refused, ARGV[2])\n"
+    "    try('HSET', refused, ARGV[1], table.concat(failed, ','))\n"
+    "    try('PEXPIRE', refused, ARGV[2])\n"
     "  end\n"
     "else\n"
     "  local failed = {}\n"
-    "  for i in string.gmatch(redis.call('HGET', refused, ARGV[1]) or '', '%d+') do\n"
+    "  for i in string.gmatch(call('HGET', refused, ARGV[1]) or '', '%d+') do\n"
     "    failed[tonumber(i)] = true\n"
     "  end\n"
     "  for i = 1, #KEYS - 2 do\n"
     "    if failed[i] then\n"
     "      out[i] = redis.error_reply('REFUSED by Redis when the batch first ran')\n"
     "    else\n"
-    "      local v = redis.pcall('GET', KEYS[i + 2])\n"
+    "      local v = try('GET', KEYS[i + 2])\n"
     "      out[i] = type(v) == 'string' and tonumber(v) or 0\n"
     "    end\n"
     "  end\n"
@@ -254,6 +266,10 @@ bool tally__redis_link_ready(struct tally__flusher *f, rlink *l)
     redis_sink *r = R(f);
     if (l->rc)
         return true;
+    /* Dropped in the middle of a round: the replies it waits for were lost
+       with the connection, and a new one must not answer for them. */
+    if (l->nex)
+        return false;
     uint64_t now = tally_now_ns();
     if (now < l->next_connect_ns)
         return false;
@@ -323,11 +339,30 @@ static rlink *link_for(struct tally__flusher *f, unsigned bucket)
     return tally__redis_link_ready(f, l) ? l : NULL;
 }
 
-/* Append a command to @l with the reply it waits for. A failed append (out
-   of memory) leaves neither in the pipeline. */
-static bool send_cmd(rlink *l, int kind, void *p, size_t from, size_t n, int argc, const char **argv,
-                     const size_t *argl)
+/* Write what @l's pipeline holds. A link that fails is dropped: the replies
+   of what it carried stay NULL (their outcome is unknown). */
+static bool write_out(struct tally__flusher *f, rlink *l)
 {
+    int done = 0;
+    while (!done) {
+        if (redisBufferWrite(l->rc, &done) == REDIS_ERR) {
+            set_error_text(f, l->rc->errstr);
+            tally__redis_link_drop(l);
+            return false;
+        }
+    }
+    l->unwritten = 0;
+    return true;
+}
+
+/* Room for one more reply to wait for on @l, which must still be connected
+   (a write of this round may have dropped it). Past WRITE_AHEAD bytes the
+   pipeline is written first, so that Redis runs the first commands while
+   the next ones are built; Redis keeps its replies until they are read. */
+static bool room(struct tally__flusher *f, rlink *l)
+{
+    if (!l->rc || (l->unwritten >= WRITE_AHEAD && !write_out(f, l)))
+        return false;
     if (l->nex == l->cap) {
         size_t cap = l->cap ? 2 * l->cap : 64;
         tally__expect *ex = realloc(l->ex, cap * sizeof(*ex));
@@ -336,114 +371,196 @@ static bool send_cmd(rlink *l, int kind, void *p, size_t from, size_t n, int arg
         l->ex = ex;
         l->cap = cap;
     }
-    if (redisAppendCommandArgv(l->rc, argc, argv, argl) != REDIS_OK)
+    return true;
+}
+
+/* Append a command to @l with the reply it waits for. A failed append (out
+   of memory, or the link lost) leaves neither in the pipeline. */
+static bool send_cmd(struct tally__flusher *f, rlink *l, int kind, void *p, int argc, const char **argv,
+                     const size_t *argl)
+{
+    if (!room(f, l) || redisAppendCommandArgv(l->rc, argc, argv, argl) != REDIS_OK)
         return false;
+    l->ex[l->nex++] = (tally__expect){ .kind = kind, .p = p };
+    return true;
+}
+
+/* The same for a command already in the Redis protocol (R(f)->cmd). */
+static bool send_built(struct tally__flusher *f, rlink *l, int kind, void *p, size_t from, size_t n,
+                       size_t len)
+{
+    if (!room(f, l) || redisAppendFormattedCommand(l->rc, R(f)->cmd, len) != REDIS_OK)
+        return false;
+    l->unwritten += len;
     l->ex[l->nex++] = (tally__expect){ .kind = kind, .p = p, .from = from, .n = n };
     return true;
 }
 
-/* ---- Key names ----------------------------------------------------------- */
+/* ---- Key names and commands ---------------------------------------------- */
 
-/* In a cluster, "{<bucket>}" right after the prefix: the first braces of the
-   name (check_options refuses braces in the prefix), so a bucket's keys share
-   a slot. Nothing in the other modes. */
-static int slot_tag(struct tally__flusher *f, unsigned bucket, char *buf, size_t len)
+/* The text writers below write at @w and return the end; the callers size
+   the buffer (KEY_MAX holds any name: the prefix, at most 256 bytes, a
+   policy name, at most TALLY_MAX_POLICY_NAME, and fixed-width fields). */
+static char *put(char *w, const char *s, size_t n)
 {
-    if (R(f)->ro.mode != TALLY_REDIS_CLUSTER) {
-        buf[0] = 0;
-        return 0;
-    }
-    return snprintf(buf, len, "{%u}", bucket);
+    memcpy(w, s, n);
+    return w + n;
 }
 
-/* "<prefix><slot tag><policy>:<limit>:<hash tag>:<32 hex digest>:<window start ns>";
-   the hash tag ("s1", "a1": core/hash.h) keeps digests of different hashes apart. */
-static int count_key(struct tally__flusher *f, uint32_t policy, unsigned limit, tally__digest d,
-                     uint64_t win, char *buf, size_t len)
+static char *put_u64(char *w, uint64_t v)
 {
-    tally__policy *p = tally__policy_get(f->e, policy);
-    char tag[16];
-    slot_tag(f, tally__sync_bucket(f->sink, d), tag, sizeof(tag));
-    return snprintf(buf, len, "%s%s%s:%u:%s:%016" PRIx64 "%016" PRIx64 ":%" PRIu64, R(f)->prefix, tag,
-                    p->name, limit, tally__hasher_tag(&f->e->hasher), d.hi, d.lo, win);
+    char d[20];
+    int n = 0;
+    do {
+        d[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    while (n)
+        *w++ = d[--n];
+    return w;
+}
+
+static char *put_hex64(char *w, uint64_t v)
+{
+    static const char hex[] = "0123456789abcdef";
+    for (int i = 15; i >= 0; i--, v >>= 4)
+        w[i] = hex[v & 15];
+    return w + 16;
+}
+
+/* "<prefix><slot tag>": in a cluster the tag "{<bucket>}" comes right after
+   the prefix, the first braces of the name (check_options refuses braces in
+   the prefix), so a bucket's keys share a slot. No tag in the other modes. */
+static char *put_head(struct tally__flusher *f, unsigned bucket, char *w)
+{
+    w = put(w, R(f)->prefix, strlen(R(f)->prefix));
+    if (R(f)->ro.mode == TALLY_REDIS_CLUSTER) {
+        *w++ = '{';
+        w = put_u64(w, bucket);
+        *w++ = '}';
+    }
+    return w;
+}
+
+/* "<policy>:<kind>:<hash tag>:<32 hex digest>", the digest's high word
+   first; the hash tag ("s1", "a1": core/hash.h) keeps digests of different
+   hashes apart. */
+static char *put_key(struct tally__flusher *f, const tally__policy *p, const char *kind, size_t kind_len,
+                     tally__digest d, char *w)
+{
+    const char *tag = tally__hasher_tag(&f->e->hasher);
+    w = put(w, p->name, strlen(p->name));
+    *w++ = ':';
+    w = put(w, kind, kind_len);
+    *w++ = ':';
+    w = put(w, tag, strlen(tag));
+    *w++ = ':';
+    w = put_hex64(w, d.hi);
+    return put_hex64(w, d.lo);
+}
+
+/* "<prefix><slot tag><policy>:<limit>:<hash tag>:<32 hex digest>:<window start ns>" */
+static int count_key(struct tally__flusher *f, uint32_t policy, unsigned limit, tally__digest d,
+                     uint64_t win, char *buf)
+{
+    char lim[20];
+    size_t lim_len = (size_t)(put_u64(lim, limit) - lim);
+    char *w = put_head(f, tally__sync_bucket(f->sink, d), buf);
+    w = put_key(f, tally__policy_get(f->e, policy), lim, lim_len, d, w);
+    *w++ = ':';
+    return (int)(put_u64(w, win) - buf);
 }
 
 /* "<prefix><slot tag><policy>:flag:<hash tag>:<32 hex digest>": a flag shared
    by every engine with the same hash */
-static int flag_key(struct tally__flusher *f, uint32_t policy, tally__digest d, char *buf, size_t len)
+static int flag_key(struct tally__flusher *f, uint32_t policy, tally__digest d, char *buf)
 {
-    tally__policy *p = tally__policy_get(f->e, policy);
-    char tag[16];
-    slot_tag(f, tally__sync_bucket(f->sink, d), tag, sizeof(tag));
-    return snprintf(buf, len, "%s%s%s:flag:%s:%016" PRIx64 "%016" PRIx64, R(f)->prefix, tag, p->name,
-                    tally__hasher_tag(&f->e->hasher), d.hi, d.lo);
+    char *w = put_head(f, tally__sync_bucket(f->sink, d), buf);
+    return (int)(put_key(f, tally__policy_get(f->e, policy), "flag", 4, d, w) - buf);
 }
 
-/* "<prefix><slot tag>seen:<instance>": the record of a bucket's batches. */
-static int record_key(struct tally__flusher *f, unsigned bucket, char *buf, size_t len)
+/* "<prefix><slot tag>seen:<instance>", the record of a bucket's batches,
+   then @suffix. */
+static int record_key(struct tally__flusher *f, unsigned bucket, const char *suffix, char *buf)
 {
-    char tag[16];
-    slot_tag(f, bucket, tag, sizeof(tag));
-    return snprintf(buf, len, "%s%sseen:%016" PRIx64, R(f)->prefix, tag, f->instance);
+    char *w = put(put_head(f, bucket, buf), "seen:", 5);
+    w = put_hex64(w, f->instance);
+    return (int)(put(w, suffix, strlen(suffix)) - buf);
+}
+
+/* Commands are built in the Redis protocol ("*<argc>" then "$<len>" and the
+   bytes of each argument) in R(f)->cmd, sized first by cmd_room. */
+static bool cmd_room(struct tally__flusher *f, size_t len)
+{
+    redis_sink *r = R(f);
+    if (len <= r->cmd_cap)
+        return true;
+    char *c = realloc(r->cmd, len);
+    if (!c)
+        return false;
+    r->cmd = c;
+    r->cmd_cap = len;
+    return true;
+}
+
+#define ARG_MAX_HEAD 24                /* "$<length>\r\n" and the "\r\n" after the bytes */
+
+static char *put_count(char *w, char kind, size_t n)
+{
+    *w++ = kind;
+    w = put_u64(w, n);
+    return put(w, "\r\n", 2);
+}
+
+static char *put_arg(char *w, const char *s, size_t n)
+{
+    return put(put(put_count(w, '$', n), s, n), "\r\n", 2);
+}
+
+static char *put_arg_u64(char *w, uint64_t v)
+{
+    char d[20];
+    return put_arg(w, d, (size_t)(put_u64(d, v) - d));
 }
 
 /* ---- Appending ----------------------------------------------------------- */
 
+/* EVAL script numkeys record refused count... seq record-ttl (delta ttl)... */
 static bool append_batch(struct tally__flusher *f, rlink *l, batch *b)
 {
-    size_t argc = 7 + 3 * b->n;       /* EVAL script numkeys rec refused keys... seq ttl (delta ttl)... */
-    const char **argv = malloc(argc * sizeof(*argv));
-    size_t *argl = malloc(argc * sizeof(*argl));
-    char *text = malloc((b->n + 2) * KEY_MAX + 2 * b->n * 24 + 64);
-    bool ok = false;
-    if (!argv || !argl || !text)
-        goto out;
-    char *w = text;
-    size_t k = 0;
-    char nkeys[24], seqs[24];
-    argv[k] = "EVAL"; argl[k++] = 4;
-    argv[k] = LUA_BATCH; argl[k++] = sizeof(LUA_BATCH) - 1;
-    snprintf(nkeys, sizeof(nkeys), "%zu", b->n + 2);
-    argv[k] = nkeys; argl[k++] = strlen(nkeys);
-    int n = record_key(f, b->bucket, w, KEY_MAX);
-    argv[k] = w; argl[k++] = (size_t)n; w += n + 1;
-    n = record_key(f, b->bucket, w, KEY_MAX - 16);
-    n += snprintf(w + n, 16, ":refused");
-    argv[k] = w; argl[k++] = (size_t)n; w += n + 1;
+    if (!cmd_room(f, 128 + sizeof(LUA_BATCH) + (b->n + 2) * (KEY_MAX + ARG_MAX_HEAD)
+                         + (2 * b->n + 2) * (20 + ARG_MAX_HEAD)))
+        return false;
+    char key[KEY_MAX];
+    char *w = put_count(R(f)->cmd, '*', 7 + 3 * b->n);
+    w = put_arg(w, "EVAL", 4);
+    w = put_arg(w, LUA_BATCH, sizeof(LUA_BATCH) - 1);
+    w = put_arg_u64(w, b->n + 2);
+    w = put_arg(w, key, (size_t)record_key(f, b->bucket, "", key));
+    w = put_arg(w, key, (size_t)record_key(f, b->bucket, ":refused", key));
     for (size_t i = 0; i < b->n; i++) {
         const entry *x = b->items[i].e;
-        n = count_key(f, x->policy, x->limit, x->digest, x->win, w, KEY_MAX);
-        argv[k] = w; argl[k++] = (size_t)n; w += n + 1;
+        w = put_arg(w, key, (size_t)count_key(f, x->policy, x->limit, x->digest, x->win, key));
     }
-    snprintf(seqs, sizeof(seqs), "%" PRIu64, b->seq);
-    argv[k] = seqs; argl[k++] = strlen(seqs);
-    argv[k] = RECORD_TTL_MS; argl[k++] = strlen(RECORD_TTL_MS);
+    w = put_arg_u64(w, b->seq);
+    w = put_arg(w, RECORD_TTL_MS, sizeof(RECORD_TTL_MS) - 1);
     uint64_t now = tally_now_ns();
     for (size_t i = 0; i < b->n; i++) {
-        entry *x = b->items[i].e;
-        n = snprintf(w, 24, "%" PRIu64, b->items[i].delta);
-        argv[k] = w; argl[k++] = (size_t)n; w += n + 1;
-        uint64_t ttl = (x->end_ns > now ? (x->end_ns - now) / TALLY__NS_PER_MS : 0) + TTL_SLACK_MS;
-        n = snprintf(w, 24, "%" PRIu64, ttl);
-        argv[k] = w; argl[k++] = (size_t)n; w += n + 1;
+        const entry *x = b->items[i].e;
+        w = put_arg_u64(w, b->items[i].delta);
+        w = put_arg_u64(w, (x->end_ns > now ? (x->end_ns - now) / TALLY__NS_PER_MS : 0) + TTL_SLACK_MS);
     }
     if (b->ask >= 0) {
         const char *asking[] = { "ASKING" };
-        size_t asking_len[] = { 6 };
-        if (!send_cmd(l, EX_ASKING, NULL, 0, 0, 1, asking, asking_len))
-            goto out;
+        if (!send_cmd(f, l, EX_ASKING, NULL, 1, asking, NULL))
+            return false;
     }
-    ok = send_cmd(l, EX_BATCH, b, 0, 0, (int)k, argv, argl);
-    if (ok) {
-        b->sends++;
-        b->ask = -1;
-        l->waits = R(f)->ro.wait_replicas > 0;
-    }
-out:
-    free(argv);
-    free(argl);
-    free(text);
-    return ok;
+    if (!send_built(f, l, EX_BATCH, b, 0, 0, (size_t)(w - R(f)->cmd)))
+        return false;
+    b->sends++;
+    b->ask = -1;
+    l->waits = R(f)->ro.wait_replicas > 0;
+    return true;
 }
 
 /* Events: "<count key>:notified" SET NX with the window's TTL. Flags: SET NX
@@ -452,12 +569,12 @@ static bool append_event(struct tally__flusher *f, rlink *l, event *ev)
 {
     const tally__note *n = ev->note;
     tally__policy *p = tally__policy_get(f->e, n->policy);
-    char key[700], val[48], ttl[24];
+    char key[KEY_MAX], val[48], ttl[24];
     int len;
     bool ok;
     if (n->kind == TALLY__NOTE_EVENT) {
-        len = count_key(f, n->policy, n->limit, n->digest, n->win, key, sizeof(key) - 16);
-        len += snprintf(key + len, sizeof(key) - (size_t)len, ":notified");
+        len = count_key(f, n->policy, n->limit, n->digest, n->win, key);
+        len = (int)(put(key + len, ":notified", 9) - key);
         uint64_t end = tally__sync_window_end(&p->limits[n->limit], n->win), now = tally_now_ns();
         /* GCRA and concurrency limits have no window: an episode's mark
            lasts a period from now */
@@ -466,18 +583,18 @@ static bool append_event(struct tally__flusher *f, rlink *l, event *ev)
         snprintf(ttl, sizeof(ttl), "%" PRIu64, (end > now ? (end - now) / TALLY__NS_PER_MS : 0) + 1);
         const char *argv[] = { "SET", key, "1", "NX", "PX", ttl };
         size_t argl[] = { 3, (size_t)len, 1, 2, 2, strlen(ttl) };
-        ok = send_cmd(l, EX_EVENT, ev, 0, 0, 6, argv, argl);
+        ok = send_cmd(f, l, EX_EVENT, ev, 6, argv, argl);
     } else if (n->kind == TALLY__NOTE_FLAG) {
-        len = flag_key(f, n->policy, n->digest, key, sizeof(key));
+        len = flag_key(f, n->policy, n->digest, key);
         int vl = snprintf(val, sizeof(val), "%" PRIu64 ":%" PRIu64, n->win, n->delta);
         const char *argv[] = { "SET", key, val, "NX" };
         size_t argl[] = { 3, (size_t)len, (size_t)vl, 2 };
-        ok = send_cmd(l, EX_EVENT, ev, 0, 0, 4, argv, argl);
+        ok = send_cmd(f, l, EX_EVENT, ev, 4, argv, argl);
     } else {
-        len = flag_key(f, n->policy, n->digest, key, sizeof(key));
+        len = flag_key(f, n->policy, n->digest, key);
         const char *argv[] = { "DEL", key };
         size_t argl[] = { 3, (size_t)len };
-        ok = send_cmd(l, EX_EVENT, ev, 0, 0, 2, argv, argl);
+        ok = send_cmd(f, l, EX_EVENT, ev, 2, argv, argl);
     }
     if (ok)
         l->waits = R(f)->ro.wait_replicas > 0;
@@ -487,60 +604,45 @@ static bool append_event(struct tally__flusher *f, rlink *l, event *ev)
 /* Flags other engines stored: GET the flag of every watched key pushed now. */
 static bool append_flag_get(struct tally__flusher *f, rlink *l, entry *x)
 {
-    char key[700];
-    int len = flag_key(f, x->policy, x->digest, key, sizeof(key));
+    char key[KEY_MAX];
+    int len = flag_key(f, x->policy, x->digest, key);
     const char *argv[] = { "GET", key };
     size_t argl[] = { 3, (size_t)len };
-    return send_cmd(l, EX_FLAG, x, 0, 0, 2, argv, argl);
+    return send_cmd(f, l, EX_FLAG, x, 2, argv, argl);
 }
 
-/* The global count of noted live keys [from, from + n) of one bucket (guarantee 7). */
+/* The global count of the read-back's keys rb[from, from + n), of one
+   bucket (guarantee 7). */
 static bool append_mget(struct tally__flusher *f, rlink *l, size_t from, size_t n)
 {
-    const char **argv = malloc((n + 1) * sizeof(*argv));
-    size_t *argl = malloc((n + 1) * sizeof(*argl));
-    char *text = malloc(n * KEY_MAX);
-    bool ok = argv && argl && text;
-    if (ok) {
-        argv[0] = "MGET";
-        argl[0] = 4;
-        for (size_t i = 0; i < n; i++) {
-            const refresh *q = &f->refresh[from + i];
-            argv[i + 1] = text + i * KEY_MAX;
-            argl[i + 1] = (size_t)count_key(f, q->policy, q->limit, q->digest, q->win,
-                                            text + i * KEY_MAX, KEY_MAX);
-        }
-        ok = send_cmd(l, EX_MGET, NULL, from, n, (int)n + 1, argv, argl);
+    redis_sink *r = R(f);
+    if (!cmd_room(f, 32 + n * (KEY_MAX + ARG_MAX_HEAD)))
+        return false;
+    char key[KEY_MAX];
+    char *w = put_arg(put_count(r->cmd, '*', n + 1), "MGET", 4);
+    for (size_t i = 0; i < n; i++) {
+        const refresh *q = &f->refresh[r->rb[from + i]];
+        w = put_arg(w, key, (size_t)count_key(f, q->policy, q->limit, q->digest, q->win, key));
     }
-    free(argv);
-    free(argl);
-    free(text);
-    return ok;
+    return send_built(f, l, EX_MGET, NULL, from, n, (size_t)(w - r->cmd));
 }
 
-static bool append_simple(rlink *l, int kind, int argc, const char **argv)
+static bool append_simple(struct tally__flusher *f, rlink *l, int kind, int argc, const char **argv)
 {
-    return send_cmd(l, kind, NULL, 0, 0, argc, argv, NULL);
+    return send_cmd(f, l, kind, NULL, argc, argv, NULL);
 }
 
 /* ---- Reading and settling ------------------------------------------------ */
 
-/* Write every link's pipeline before reading any, so that the masters of a
-   cluster work at once; then read each link's replies in order. A link that
-   fails leaves the rest of its replies NULL and is dropped. */
+/* Write the rest of every link's pipeline before reading any, so that the
+   masters of a cluster work at once; then read each link's replies in order.
+   A link that fails leaves the rest of its replies NULL and is dropped. */
 static void exchange(struct tally__flusher *f)
 {
     redis_sink *r = R(f);
-    for (int i = 0; i < r->n_links; i++) {
-        rlink *l = &r->links[i];
-        int done = 0;
-        while (l->nex && l->rc && !done) {
-            if (redisBufferWrite(l->rc, &done) == REDIS_ERR) {
-                set_error_text(f, l->rc->errstr);
-                tally__redis_link_drop(l);
-            }
-        }
-    }
+    for (int i = 0; i < r->n_links; i++)
+        if (r->links[i].nex && r->links[i].rc)
+            write_out(f, &r->links[i]);
     for (int i = 0; i < r->n_links; i++) {
         rlink *l = &r->links[i];
         for (size_t k = 0; k < l->nex && l->rc; k++) {
@@ -691,12 +793,13 @@ static void settle_mget(struct tally__flusher *f, size_t from, size_t n, const r
     if (r->type != REDIS_REPLY_ARRAY || r->elements != n)
         return;
     for (size_t i = 0; i < n; i++) {
-        const refresh *q = &f->refresh[from + i];
+        size_t j = R(f)->rb[from + i];
+        const refresh *q = &f->refresh[j];
         const redisReply *v = r->element[i];
         if (v->type != REDIS_REPLY_STRING)
             continue;                         /* nil: nobody counted in this window yet */
         uint64_t total = strtoull(v->str, NULL, 10);
-        entry *x = tally__sync_find(f, q->policy, q->limit, q->digest, q->win);
+        entry *x = R(f)->rk[j].x;
         /* a batch of unknown outcome may be in the total or not: wait for
            its reply; a reply of this flush already told the total */
         if (x && (x->inflight || x->acked_seq == f->seq))
@@ -795,10 +898,72 @@ static int by_bucket(const void *a, const void *b, void *arg)
     return (x > y) - (x < y);
 }
 
+/* The read-back of round 0: every noted key but those in a batch of this
+   push, whose reply tells the total (settle_mget would skip them anyway
+   while the batch's outcome is open). False when out of memory. */
+static bool plan_readback(struct tally__flusher *f)
+{
+    redis_sink *r = R(f);
+    r->rb_n = r->rk_n = 0;
+    if (f->refresh_n > r->rk_cap) {
+        tally__readback *rk = realloc(r->rk, f->refresh_n * sizeof(*rk));
+        size_t *rb = rk ? realloc(r->rb, f->refresh_n * sizeof(*rb)) : NULL;
+        if (rk)
+            r->rk = rk;
+        if (rb)
+            r->rb = rb;
+        if (!rk || !rb)
+            return false;
+        r->rk_cap = f->refresh_n;
+    }
+    for (size_t j = 0; j < f->refresh_n; j++) {
+        const refresh *q = &f->refresh[j];
+        entry *x = tally__sync_find(f, q->policy, q->limit, q->digest, q->win);
+        r->rk[j] = (tally__readback){ .x = x, .held = x && x->inflight };
+        if (!r->rk[j].held)
+            r->rb[r->rb_n++] = j;
+    }
+    r->rk_n = f->refresh_n;
+    return true;
+}
+
+/* After a round: the keys whose batch went back to their entries unapplied
+   (refused before it ran, or a key refused inside it) told no total; they
+   are read in the next round. */
+static void plan_rereads(struct tally__flusher *f)
+{
+    redis_sink *r = R(f);
+    r->rb_n = 0;
+    for (size_t j = 0; j < r->rk_n; j++) {
+        tally__readback *k = &r->rk[j];
+        if (k->held && !k->x->inflight && k->x->acked_seq != f->seq) {
+            k->held = false;
+            r->rb[r->rb_n++] = j;
+        }
+    }
+}
+
+/* MGETs of the read-back planned for this round, one bucket and at most
+   CHUNK_KEYS keys each. */
+static bool append_readback(struct tally__flusher *f)
+{
+    redis_sink *r = R(f);
+    bool ok = true;
+    for (size_t from = 0, n; from < r->rb_n; from += n) {
+        unsigned bk = tally__sync_bucket(f->sink, f->refresh[r->rb[from]].digest);
+        for (n = 1; n < CHUNK_KEYS && from + n < r->rb_n
+                    && tally__sync_bucket(f->sink, f->refresh[r->rb[from + n]].digest) == bk; n++)
+            ;
+        rlink *l = link_for(f, bk);
+        ok &= l && append_mget(f, l, from, n);
+    }
+    return ok;
+}
+
 /* Round 0: flags of the keys pushed now, every batch, the events and the
    read-back; a PING when there is nothing else, so that a flush counts as
-   good only if Redis answered. Later rounds: the redirected batches. False
-   when something could not be sent. */
+   good only if Redis answered. Later rounds: the redirected batches and the
+   keys to read again. False when something could not be sent. */
 static bool append_round(struct tally__flusher *f, int round, batch *fresh)
 {
     redis_sink *r = R(f);
@@ -839,15 +1004,11 @@ static bool append_round(struct tally__flusher *f, int round, batch *fresh)
         }
         if (r->ro.mode == TALLY_REDIS_CLUSTER && f->refresh_n)
             qsort_r(f->refresh, f->refresh_n, sizeof(*f->refresh), by_bucket, f->sink);
-        for (size_t from = 0, n; from < f->refresh_n; from += n) {
-            unsigned bk = tally__sync_bucket(f->sink, f->refresh[from].digest);
-            for (n = 1; n < CHUNK_KEYS && from + n < f->refresh_n
-                        && tally__sync_bucket(f->sink, f->refresh[from + n].digest) == bk; n++)
-                ;
-            rlink *l = link_for(f, bk);
-            ok &= l && append_mget(f, l, from, n);
-            any = true;
-        }
+        ok &= plan_readback(f);
+        any |= r->rb_n > 0;
+    }
+    ok &= append_readback(f);
+    if (round == 0) {
         if (!any) {
             /* every master that serves a bucket */
             bool pinged[TALLY__LINKS_MAX] = { false };
@@ -862,7 +1023,7 @@ static bool append_round(struct tally__flusher *f, int round, batch *fresh)
                 pinged[i] = true;
                 const char *argv[] = { "PING" };
                 ok &= tally__redis_link_ready(f, &r->links[i])
-                      && append_simple(&r->links[i], EX_PING, 1, argv);
+                      && append_simple(f, &r->links[i], EX_PING, 1, argv);
             }
         }
     }
@@ -873,7 +1034,7 @@ static bool append_round(struct tally__flusher *f, int round, batch *fresh)
             snprintf(n, sizeof(n), "%u", r->ro.wait_replicas);
             snprintf(ms, sizeof(ms), "%" PRIu32, r->ro.wait_timeout_ms);
             const char *argv[] = { "WAIT", n, ms };
-            if (!append_simple(l, EX_WAIT, 3, argv)) {
+            if (!append_simple(f, l, EX_WAIT, 3, argv)) {
                 l->waits = false;
                 l->wait_lost = true;          /* its batches stay unconfirmed */
                 ok = false;
@@ -905,7 +1066,8 @@ static int redis_push(tally__sink *s, struct tally__flusher *f)
         bool redirected = false;
         ok &= settle(f, &redirected);
         sweep(f);
-        if (!redirected)
+        plan_rereads(f);
+        if (!redirected && !r->rb_n)
             break;
     }
     return ok && !f->inflight_head && !f->events ? 0 : TALLY_EIO;
@@ -918,6 +1080,9 @@ static void redis_destroy(tally__sink *s)
         tally__redis_link_drop(&r->links[i]);
         free(r->links[i].ex);
     }
+    free(r->rk);
+    free(r->rb);
+    free(r->cmd);
     free(r->host);
     free(r->unix_path);
     free(r->password);

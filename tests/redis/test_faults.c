@@ -824,3 +824,150 @@ Test(faults, real_out_of_memory, .timeout = 120)
     expect_error_reported(s, &st, OOM, false);
     scene_close(s);
 }
+
+/* ---- What a batch refused before it ran still tells ------------------------ */
+
+static tally_engine *open_shared(uint32_t *pol)
+{
+    tally_options o;
+    tally_options_init(&o);
+    o.capacity = 64;
+    memcpy(o.hash_key, HASH_KEY, 16);
+    tally_engine *e;
+    cr_assert_eq(tally_open(&o, &e), 0);
+    tally_policy p = { .name = "shared", .n_limits = 1, .flags = TALLY_ALIGNED,
+                       .limits = { { .algo = TALLY_FIXED_WINDOW, .max = 100, .period_ns = HOUR } } };
+    cr_assert_eq(tally_policy_add(e, &p, pol), 0);
+    return e;
+}
+
+static void start_direct(tally_engine *e, const test_redis *r)
+{
+    tally_redis_options ro = { .host = "127.0.0.1", .port = r->port, .key_prefix = "refusedview:",
+                               .command_timeout_ms = TIMEOUT_MS, .connect_timeout_ms = TIMEOUT_MS };
+    tally_flusher_options fo;
+    tally_flusher_options_init(&fo);
+    fo.interval_ms = 600000;
+    fo.redis = &ro;
+    cr_assert_eq(tally_flusher_start(e, &fo), 0);
+}
+
+/* A key whose batch Redis refuses (out of memory: writes refused, reads
+   served) gets no total from the batch's reply; the flush reads its global
+   count back all the same, so the engine decides under the other engine's
+   cost, as for a key it did not push. */
+Test(faults, a_refused_batch_still_reads_the_others_count_back, .timeout = 60)
+{
+    test_redis r = { 0 };
+    cr_assert(test_redis_start(&r), "redis-server did not start");
+    uint32_t pa, pb;
+    tally_engine *a = open_shared(&pa), *b = open_shared(&pb);
+    start_direct(a, &r);
+    start_direct(b, &r);
+    tally_result res;
+    for (int i = 0; i < 90; i++) {
+        cr_assert_eq(tally_hit(b, pb, "k", 1, NULL, &res), 0);
+        cr_assert(res.allowed);
+    }
+    cr_assert_eq(tally_flush(b, 3000), 0);
+
+    redisContext *c = test_redis_connect(&r);
+    cr_assert_not_null(c);
+    redisReply *x = redisCommand(c, "CONFIG SET maxmemory-policy noeviction");
+    freeReplyObject(x);
+    x = redisCommand(c, "CONFIG SET maxmemory 1");
+    freeReplyObject(x);
+    cr_assert_eq(tally_hit(a, pa, "k", 1, NULL, &res), 0);
+    cr_assert(res.allowed, "A has not heard of B's count yet");
+    cr_assert_eq(tally_flush(a, 3000), TALLY_EIO, "A's batch is refused");
+    int allowed = 0;
+    for (int i = 0; i < 20; i++) {
+        cr_assert_eq(tally_hit(a, pa, "k", 1, NULL, &res), 0);
+        allowed += res.allowed;
+    }
+    fprintf(stderr, "after a refused flush: %d of 20 allowed (90 by B, 1 by A, max 100)\n", allowed);
+    cr_assert_eq(allowed, 9, "the refused flush did not read B's 90 back");
+
+    x = redisCommand(c, "CONFIG SET maxmemory 0");
+    freeReplyObject(x);
+    cr_assert_eq(tally_flush(a, 3000), 0);
+    uint64_t now = tally_now_ns();
+    x = redisCommand(c, "KEYS refusedview:shared:0:*:%" PRIu64, now - now % HOUR);
+    cr_assert(x && x->type == REDIS_REPLY_ARRAY && x->elements == 1);
+    redisReply *v = redisCommand(c, "GET %s", x->element[0]->str);
+    cr_assert(v && v->type == REDIS_REPLY_STRING);
+    cr_assert_eq(strtoull(v->str, NULL, 10), 100, "90 by B and 10 by A, each once");
+    freeReplyObject(v);
+    freeReplyObject(x);
+    redisFree(c);
+    tally_close(a);
+    tally_close(b);
+    test_redis_stop(&r);
+}
+
+/* The PTTL of @key's count in the current window: between the window's
+   remaining time and that plus the flusher's 60 s of slack. */
+static void expect_count_ttl(redisContext *c, const char *key)
+{
+    uint64_t now = tally_now_ns(), win = now - now % HOUR;
+    redisReply *names = redisCommand(c, "KEYS refusedview:shared:0:*:%" PRIu64, win);
+    cr_assert(names && names->type == REDIS_REPLY_ARRAY);
+    tally__hasher h;
+    cr_assert_eq(tally__hasher_init(&h, TALLY_HASH_AUTO, HASH_KEY), 0);
+    tally__digest d = tally__hasher_digest(&h, key, strlen(key));
+    char hex[40];
+    snprintf(hex, sizeof(hex), "%016" PRIx64 "%016" PRIx64, d.hi & TALLY__DIGEST_HI_MASK, d.lo);
+    const char *name = NULL;
+    for (size_t i = 0; i < names->elements; i++)
+        if (strstr(names->element[i]->str, hex))
+            name = names->element[i]->str;
+    cr_assert_not_null(name, "no count of %s in Redis", key);
+    redisReply *t = redisCommand(c, "PTTL %s", name);
+    cr_assert(t && t->type == REDIS_REPLY_INTEGER);
+    long long left_ms = (long long)((win + HOUR - tally_now_ns()) / 1000000);
+    cr_assert(t->integer >= left_ms && t->integer <= left_ms + 61000,
+              "%s: PTTL %lld, the window has %lld ms to run", key, t->integer, left_ms);
+    freeReplyObject(t);
+    freeReplyObject(names);
+}
+
+/* A count gets its TTL from the INCRBY that creates it, whichever engine and
+   delta that is; increments of a count that exists keep it; a count that
+   went away (expired, deleted) gets one again when it is created again. */
+Test(faults, every_count_gets_its_ttl_from_the_increment_that_creates_it, .timeout = 60)
+{
+    test_redis r = { 0 };
+    cr_assert(test_redis_start(&r), "redis-server did not start");
+    uint32_t pa, pb;
+    tally_engine *a = open_shared(&pa), *b = open_shared(&pb);
+    start_direct(a, &r);
+    start_direct(b, &r);
+    tally_result res;
+    cr_assert_eq(tally_hit(a, pa, "k1", 2, NULL, &res), 0);
+    cr_assert_eq(tally_flush(a, 3000), 0);
+    cr_assert_eq(tally_hit(b, pb, "k1", 2, NULL, &res), 0);
+    uint64_t three = 3;
+    cr_assert_eq(tally_hit(b, pb, "k2", 2, &three, &res), 0);
+    cr_assert_eq(tally_flush(b, 3000), 0);
+    redisContext *c = test_redis_connect(&r);
+    cr_assert_not_null(c);
+    expect_count_ttl(c, "k1");
+    expect_count_ttl(c, "k2");
+
+    redisReply *x = redisCommand(c, "KEYS refusedview:shared:0:*");
+    cr_assert(x && x->type == REDIS_REPLY_ARRAY && x->elements == 2);
+    for (size_t i = 0; i < x->elements; i++) {
+        redisReply *y = redisCommand(c, "DEL %s", x->element[i]->str);
+        freeReplyObject(y);
+    }
+    freeReplyObject(x);
+    cr_assert_eq(tally_hit(a, pa, "k1", 2, &three, &res), 0);
+    cr_assert_eq(tally_hit(a, pa, "k2", 2, NULL, &res), 0);
+    cr_assert_eq(tally_flush(a, 3000), 0);
+    expect_count_ttl(c, "k1");
+    expect_count_ttl(c, "k2");
+    redisFree(c);
+    tally_close(a);
+    tally_close(b);
+    test_redis_stop(&r);
+}
