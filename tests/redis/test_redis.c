@@ -154,18 +154,31 @@ static uint64_t run_load(struct load *base, void (*during)(void *), void *arg)
     return worst;
 }
 
-/* Every key's Redis total equals the cost its allowed hits consumed. */
-static void assert_totals(const test_redis *r, const char *prefix, const char *policy,
+/* The start of the hour window the clock is in. */
+static uint64_t this_hour(void)
+{
+    uint64_t now = tally_now_ns();
+    return now - now % HOUR;
+}
+
+/* Every key's Redis total, summed over the hour windows from @win0 to the
+   current one, equals the cost its allowed hits consumed: a load that runs
+   across the top of an hour counts in two windows' keys. */
+static void assert_totals(const test_redis *r, const char *prefix, const char *policy, uint64_t win0,
                           _Atomic uint64_t *cost)
 {
-    uint64_t now = tally_now_ns(), win = now - now % HOUR;
+    uint64_t last = this_hour();
     for (int k = 0; k < KEYS; k++) {
         char key[32], name[256];
         snprintf(key, sizeof(key), "user-%d", k);
-        int len = key_name(name, sizeof(name), prefix, policy, 0, key, win);
-        long long got = test_redis_get(r, name, (size_t)len);
+        uint64_t got = 0;
+        for (uint64_t w = win0; w <= last; w += HOUR) {
+            int len = key_name(name, sizeof(name), prefix, policy, 0, key, w);
+            long long v = test_redis_get(r, name, (size_t)len);
+            got += v < 0 ? 0 : (uint64_t)v;
+        }
         uint64_t want = atomic_load(&cost[k]);
-        cr_assert_eq((uint64_t)(got < 0 ? 0 : got), want, "key %s: redis %lld, hit %" PRIu64, key, got, want);
+        cr_assert_eq(got, want, "key %s: redis %" PRIu64 ", hit %" PRIu64, key, got, want);
     }
 }
 
@@ -179,9 +192,10 @@ Test(redis, exact_totals_key_by_key_under_load, .timeout = 120)
     static _Atomic uint64_t cost[KEYS];
     memset(cost, 0, sizeof(cost));
     struct load l = { .e = e, .policy = pol, .cost = cost };
+    uint64_t win0 = this_hour();
     run_load(&l, NULL, NULL);
     cr_assert_eq(tally_flush(e, 5000), 0);
-    assert_totals(&r, "t1:", "exact", cost);
+    assert_totals(&r, "t1:", "exact", win0, cost);
     tally_stats s;
     cr_assert_eq(tally_stats_read(e, &s), 0);
     cr_assert_eq(s.hits, (uint64_t)THREADS * HITS);
@@ -213,10 +227,11 @@ static tally_stats survive(test_redis *r, const char *name, const char *prefix,
     static _Atomic uint64_t cost[KEYS];
     memset(cost, 0, sizeof(cost));
     struct load l = { .e = e, .policy = pol, .cost = cost };
+    uint64_t win0 = this_hour();
     uint64_t worst = run_load(&l, fault, r);
     fprintf(stderr, "%s: worst tally_hit latency during the fault %.1f us\n", name, (double)worst / 1e3);
     cr_assert_eq(flush_until_ok(e, 50), 0);
-    assert_totals(r, prefix, name, cost);
+    assert_totals(r, prefix, name, win0, cost);
     tally_stats s;
     tally_stats_read(e, &s);
     tally_close(e);
@@ -258,6 +273,7 @@ Test(redis, refused_writes_then_recovery, .timeout = 120)
     static _Atomic uint64_t cost[KEYS];
     memset(cost, 0, sizeof(cost));
     struct load l = { .e = e, .policy = pol, .cost = cost };
+    uint64_t win0 = this_hour();
     run_load(&l, NULL, NULL);
     cr_assert_eq(tally_flush(e, 3000), TALLY_EIO, "nothing can be written with a wrong password");
     tally_stats s;
@@ -282,17 +298,20 @@ Test(redis, refused_writes_then_recovery, .timeout = 120)
 
     /* read back with the password */
     r.extra[0] = NULL;
-    uint64_t now = tally_now_ns(), win = now - now % HOUR;
+    uint64_t last = this_hour();
     c = test_redis_connect(&r);
     rep = redisCommand(c, "AUTH wrong");
     freeReplyObject(rep);
     for (int k = 0; k < KEYS; k++) {
         char key[32], name[256];
         snprintf(key, sizeof(key), "user-%d", k);
-        int len = key_name(name, sizeof(name), "t4:", "refused", 0, key, win);
-        rep = redisCommand(c, "GET %b", name, (size_t)len);
-        uint64_t got = rep && rep->type == REDIS_REPLY_STRING ? strtoull(rep->str, NULL, 10) : 0;
-        freeReplyObject(rep);
+        uint64_t got = 0;
+        for (uint64_t w = win0; w <= last; w += HOUR) {
+            int len = key_name(name, sizeof(name), "t4:", "refused", 0, key, w);
+            rep = redisCommand(c, "GET %b", name, (size_t)len);
+            got += rep && rep->type == REDIS_REPLY_STRING ? strtoull(rep->str, NULL, 10) : 0;
+            freeReplyObject(rep);
+        }
         cr_assert_eq(got, atomic_load(&cost[k]), "key %s", key);
     }
     redisFree(c);
@@ -1091,11 +1110,12 @@ Test(redis, wait_replicas_holds_success_until_replicas_have_every_cost, .timeout
     static _Atomic uint64_t cost[KEYS];
     memset(cost, 0, sizeof(cost));
     struct load l = { .e = e, .policy = pol, .cost = cost };
+    uint64_t win0 = this_hour();
     run_load(&l, NULL, NULL);
     cr_assert_eq(flush_until_ok(e, 20), 0);
     /* WAIT returned: the replica has it all, without any waiting of ours */
-    assert_totals(&rep, "w1:", "wait", cost);
-    assert_totals(&m, "w1:", "wait", cost);
+    assert_totals(&rep, "w1:", "wait", win0, cost);
+    assert_totals(&m, "w1:", "wait", win0, cost);
 
     tally_result res;
     cr_assert_eq(tally_hit(greedy, gpol, "k", 1, NULL, &res), 0);
@@ -1111,12 +1131,12 @@ Test(redis, wait_replicas_holds_success_until_replicas_have_every_cost, .timeout
     char text[256];
     cr_assert_gt(tally_flusher_last_error(e, text, sizeof(text)), 0);
     cr_assert_eq(strncmp(text, "WAIT", 4), 0, "last error: %s", text);
-    assert_totals(&m, "w1:", "wait", cost);       /* applied once, resends and all */
+    assert_totals(&m, "w1:", "wait", win0, cost); /* applied once, resends and all */
 
     test_redis_kill(&rep, SIGCONT);
     cr_assert_eq(flush_until_ok(e, 20), 0);
-    assert_totals(&m, "w1:", "wait", cost);
-    assert_totals(&rep, "w1:", "wait", cost);
+    assert_totals(&m, "w1:", "wait", win0, cost);
+    assert_totals(&rep, "w1:", "wait", win0, cost);
     tally_stats_read(e, &st);
     cr_assert_eq(st.pending_cost, 0);
     tally_close(e);
@@ -1166,6 +1186,7 @@ Test(redis, bookkeeping_keys_stay_flat, .timeout = 120)
     static _Atomic uint64_t cost[KEYS];
     memset(cost, 0, sizeof(cost));
     long long after_first = -1;
+    uint64_t win0 = this_hour();
     for (int n = 0; n < FLUSHES; n++) {
         for (int i = 0; i < 2; i++) {
             for (int k = 0; k < PER_FLUSH; k++) {
@@ -1187,7 +1208,7 @@ Test(redis, bookkeeping_keys_stay_flat, .timeout = 120)
             after_all, 2 * FLUSHES);
     cr_assert_gt(after_first, 0, "the engines keep a record");
     cr_assert_leq(after_all, after_first, "bookkeeping grew with the batches");
-    assert_totals(&r, "flat:", "flat", cost);
+    assert_totals(&r, "flat:", "flat", win0, cost);
     /* every bookkeeping key expires */
     redisContext *c = test_redis_connect(&r);
     redisReply *keys = redisCommand(c, "KEYS flat:seen:*");
