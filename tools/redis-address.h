@@ -4,7 +4,8 @@
  *   cluster:HOST:PORT[,HOST:PORT]...        seed nodes of a Redis Cluster
  *   sentinel:NAME@HOST:PORT[,HOST:PORT]...  the sentinels of the master NAME
  * The node lists go to the library as they are: tally_flusher_start() checks
- * them (TALLY_EINVAL), before anything starts.
+ * them (TALLY_EINVAL), before anything starts. Also the --hash-key both tools
+ * take, which engines that share Redis counts must agree on.
  */
 #ifndef TALLY_TOOLS_REDIS_ADDRESS_H
 #define TALLY_TOOLS_REDIS_ADDRESS_H
@@ -60,6 +61,28 @@ static bool redis_option(const char *arg, tally_redis_options *ro, char *buf, si
     buf[colon - arg] = '\0';
     ro->host = buf;
     return true;
+}
+
+static int hex_digit(char c)
+{
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
+         : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+/* --hash-key: 32 hex digits, not all zero (all zero asks the engine for a
+   random key, which no other engine shares). The value is a secret: the
+   caller's message about a bad one never repeats it. */
+static bool redis_hash_key(const char *arg, uint8_t key[16])
+{
+    uint8_t any = 0;
+    bool ok = strlen(arg) == 32;
+    for (size_t i = 0; ok && i < 16; i++) {
+        int hi = hex_digit(arg[2 * i]), lo = hex_digit(arg[2 * i + 1]);
+        ok = hi >= 0 && lo >= 0;
+        key[i] = ok ? (uint8_t)(hi << 4 | lo) : 0;
+        any |= key[i];
+    }
+    return ok && any;
 }
 
 #endif /* TALLY_TOOLS_REDIS_ADDRESS_H */

@@ -433,27 +433,11 @@ static void holds_push(struct holds *q, uint64_t at, uint64_t cost, const char *
     q->h[q->head + q->n++] = (struct hold){ at, cost, k, len };
 }
 
-static int hex_digit(char c)
-{
-    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
-         : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
-}
-
-/* --hash-key: 32 hex digits, not all zero (all zero asks the engine for a
-   random key, which no other engine shares). */
+/* --hash-key (redis-address.h); the message never repeats the value. */
 static bool hash_key_option(const char *arg, uint8_t key[16])
 {
-    uint8_t any = 0;
-    bool ok = strlen(arg) == 32;
-    for (size_t i = 0; ok && i < 16; i++) {
-        int hi = hex_digit(arg[2 * i]), lo = hex_digit(arg[2 * i + 1]);
-        ok = hi >= 0 && lo >= 0;
-        key[i] = ok ? (uint8_t)(hi << 4 | lo) : 0;
-        any |= key[i];
-    }
-    if (ok && any)
+    if (redis_hash_key(arg, key))
         return true;
-    /* the value is a secret: never echoed */
     fprintf(stderr, "tally-replay: bad --hash-key (want 32 hex digits, not all zero)\n");
     return false;
 }

@@ -11,22 +11,6 @@ set -uo pipefail
 field() {   # field NAME JSON: a number field of tally-replay's JSON report
     grep -o "\"$1\":[0-9.]*" <<<"$2" | head -1 | cut -d: -f2
 }
-start_gate() {   # start_gate NAME ARGS...: sets PORT, GATE_PID
-    local name=$1
-    shift
-    rm -f "$T/$name.port"
-    "$GATE" -l 127.0.0.1:0 --port-file "$T/$name.port" "$@" 2>"$T/$name.err" &
-    GATE_PID=$!
-    pids+=("$GATE_PID")
-    for _ in $(seq 100); do [ -s "$T/$name.port" ] && break; sleep 0.1; done
-    PORT=$(cat "$T/$name.port" 2>/dev/null)
-}
-stop_gate() {    # stop_gate NAME: SIGTERM, check a clean exit
-    kill -TERM "$GATE_PID"
-    wait "$GATE_PID"
-    check "gate $1: exit 0 on SIGTERM" 0 $?
-}
-code() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
 lr() {   # lr CURL_ARGS...: one request's status, RateLimit-Limit and RateLimit-Remaining
     curl -s -o /dev/null -w '%{http_code} %header{ratelimit-limit} %header{ratelimit-remaining}' "$@"
 }

@@ -85,22 +85,6 @@ check "replay bad option: exit 2" 2 $?
 check "replay --help" 0 $?
 
 # ---- tally-gate ------------------------------------------------------------
-start_gate() {   # start_gate NAME ARGS...: sets PORT, GATE_PID
-    local name=$1
-    shift
-    rm -f "$T/$name.port"
-    "$GATE" -l 127.0.0.1:0 --port-file "$T/$name.port" "$@" 2>"$T/$name.err" &
-    GATE_PID=$!
-    pids+=("$GATE_PID")
-    for _ in $(seq 100); do [ -s "$T/$name.port" ] && break; sleep 0.1; done
-    PORT=$(cat "$T/$name.port" 2>/dev/null)
-}
-stop_gate() {    # stop_gate NAME: SIGTERM, check a clean exit
-    kill -TERM "$GATE_PID"
-    wait "$GATE_PID"
-    check "gate $1: exit 0 on SIGTERM" 0 $?
-}
-code() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
 
 start_gate h -p 'api: 3 per 1m fixed' -t 2 -H X-Key
 U=http://127.0.0.1:$PORT/
