@@ -374,11 +374,14 @@ enum { HIT_PLAIN, HIT_MAX, HIT_RESERVE };
 
 /* @known: the key's digest when the caller computed it already, else NULL.
    @entered: the policy when the caller already entered (enter() succeeded,
-   the call is inside its read-side section), else NULL. */
+   the call is inside its read-side section), else NULL. @missed: what the
+   caller's tally__table_find_fast() of @known saw when it found no slot, in
+   this section, else NULL: the first lookup is not made again. */
 static inline __attribute__((always_inline)) int
 hit_core(tally_engine *e, uint32_t policy, const void *key, size_t key_len, const uint64_t *costs,
          uint64_t now_ns, tally_result *out, int kind, const uint64_t *max, uint64_t max_delay,
-         uint64_t *delay, const tally__digest *known, tally__policy *entered)
+         uint64_t *delay, const tally__digest *known, tally__policy *entered,
+         const tally__probe *missed)
 {
     tally__policy *p;
     tally__step r[TALLY_MAX_LIMITS];
@@ -446,7 +449,13 @@ hit_core(tally_engine *e, uint32_t policy, const void *key, size_t key_len, cons
     tally__sync *sync = syncing ? atomic_load_explicit(&t->sync, memory_order_acquire) : NULL;
     for (;;) {
         tally__probe hint;
-        c.s = tally__table_find_fast(t, d, &hint);
+        if (missed) {
+            hint = *missed;
+            c.s = NULL;
+            missed = NULL;
+        } else {
+            c.s = tally__table_find_fast(t, d, &hint);
+        }
         if (TALLY__UNLIKELY(!c.s)) {
             rc = acquire_slot(e, t, d, key, key_len, now_ns, &hint, &c.s);
             if (rc) {
@@ -505,9 +514,11 @@ hit_core(tally_engine *e, uint32_t policy, const void *key, size_t key_len, cons
    Called inside the read-side section tally_hit_at() entered, which it ends. */
 static __attribute__((noinline)) int hit_plain(tally_engine *e, tally__policy *p, const void *key,
                                                size_t key_len, const uint64_t *costs, uint64_t now_ns,
-                                               tally_result *out, const tally__digest *known)
+                                               tally_result *out, const tally__digest *known,
+                                               const tally__probe *missed)
 {
-    return hit_core(e, 0, key, key_len, costs, now_ns, out, HIT_PLAIN, NULL, 0, NULL, known, p);
+    return hit_core(e, 0, key, key_len, costs, now_ns, out, HIT_PLAIN, NULL, 0, NULL, known, p,
+                    missed);
 }
 
 /*
@@ -525,6 +536,8 @@ int tally_hit_at(tally_engine *e, uint32_t policy, const void *key, size_t key_l
     tally__policy *p;
     tally__digest d;
     const tally__digest *known = NULL;
+    tally__probe miss;
+    const tally__probe *missed = NULL;
 
     if (TALLY__UNLIKELY(now_ns > TALLY__TIME_MAX))
         return TALLY_EINVAL;
@@ -547,9 +560,10 @@ int tally_hit_at(tally_engine *e, uint32_t policy, const void *key, size_t key_l
 
     tally__slot *s = tally__table_find_pref(t, d);
     if (TALLY__UNLIKELY(!s)) {
-        tally__probe hint;
-        if (!(s = tally__table_find_fast(t, d, &hint)))
+        if (!(s = tally__table_find_fast(t, d, &miss))) {
+            missed = &miss;
             goto slow;
+        }
     }
     uint64_t cost = costs ? costs[0] : 1;
     tally__step r;
@@ -570,7 +584,7 @@ int tally_hit_at(tally_engine *e, uint32_t policy, const void *key, size_t key_l
     return 0;
 
 slow:
-    return hit_plain(e, p, key, key_len, costs, now_ns, out, known);
+    return hit_plain(e, p, key, key_len, costs, now_ns, out, known, missed);
 }
 
 int tally_hit(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
@@ -586,7 +600,8 @@ int tally_hit_ex(tally_engine *e, uint32_t policy, const void *key, size_t key_l
     if (!opts)
         opts = &none;
     uint64_t now = opts->now_ns ? opts->now_ns : tally_now_ns();
-    return hit_core(e, policy, key, key_len, opts->costs, now, out, HIT_MAX, opts->max, 0, NULL, NULL, NULL);
+    return hit_core(e, policy, key, key_len, opts->costs, now, out, HIT_MAX, opts->max, 0, NULL,
+                    NULL, NULL, NULL);
 }
 
 int tally_reserve_at(tally_engine *e, uint32_t policy, const void *key, size_t key_len,
@@ -597,7 +612,7 @@ int tally_reserve_at(tally_engine *e, uint32_t policy, const void *key, size_t k
         return TALLY_EINVAL;
     uint64_t wait = 0;
     int rc = hit_core(e, policy, key, key_len, costs, now_ns, out, HIT_RESERVE, NULL,
-                      max_delay_ns, &wait, NULL, NULL);
+                      max_delay_ns, &wait, NULL, NULL, NULL);
     if (!rc)
         *delay_ns = wait;
     return rc;
