@@ -390,6 +390,7 @@ hit_core(tally_engine *e, uint32_t policy, const void *key, size_t key_len, cons
 
     if (entered) {
         p = entered;
+        rc = 0;
     } else {
         if (TALLY__UNLIKELY(now_ns > TALLY__TIME_MAX))
             return TALLY_EINVAL;
