@@ -11,19 +11,9 @@
 #include <string.h>
 
 #include "tally.h"
+#include "engine_open.h"
 
-#define SEC  UINT64_C(1000000000)
 #define HOUR (3600 * SEC)
-
-static tally_engine *open_engine(size_t capacity)
-{
-    tally_options o;
-    tally_engine *e;
-    tally_options_init(&o);
-    o.capacity = capacity;
-    cr_assert_eq(tally_open(&o, &e), 0);
-    return e;
-}
 
 static uint32_t add_policy(tally_engine *e, const char *name, uint64_t max)
 {
