@@ -311,6 +311,15 @@ int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size
                          uint64_t now, const tally__probe *hint, tally__slot **out);
 
 /*
+ * True when the window of @d holds a slot on its way to FREE: taken by a
+ * reclaim that waits for its grace period, or killed since the caller's own
+ * reclaim looked. Caller is inside an RCU read-side section. A key whose
+ * window is full of such slots is not refused: once that reclaim ends they
+ * are claimable (hit.c, acquire_slot()).
+ */
+bool tally__table_window_settling(tally__table *t, tally__digest d);
+
+/*
  * Reclaim, step 1 (inside a read-side section): take slots whose state expired
  * at @now, and slots left DEAD, out of use into @b. Return how many.
  * Step 2 (after a grace period, outside): make them FREE.

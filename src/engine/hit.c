@@ -92,11 +92,15 @@ static int acquire_slot(tally_engine *e, tally__table *t, tally__digest d, const
             break;
         }
         if (tally__table_reclaim_take(t, d, now, batch) == 0) {
-            /* Nothing to take. Slots another reclaim took become FREE after
-               its grace period, and slots may have been freed since we
-               looked: try a few more times before giving up. */
-            bool full = ++idle > RECLAIM_TRIES;
-            if (!full && atomic_load_explicit(&t->zombies, memory_order_relaxed) == 0) {
+            /* Nothing to take. Slots of the window that another reclaim took
+               become FREE after its grace period: wait for them, however
+               long that reclaim takes (its thread may be preempted), rather
+               than refuse a key the table has room for. Elsewhere, slots
+               may have been freed since we looked: try a few more times
+               before giving up. */
+            bool settling = tally__table_window_settling(t, d);
+            bool full = !settling && ++idle > RECLAIM_TRIES;
+            if (!full && !settling && atomic_load_explicit(&t->zombies, memory_order_relaxed) == 0) {
                 if (tally__res_live(atomic_load_explicit(&t->res, memory_order_relaxed)) < t->capacity)
                     continue;
                 full = true;

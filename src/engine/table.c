@@ -87,7 +87,11 @@
  *     LIVE won. A holder keeps or gives back its reservation right after that
  *     one CAS. A new key is refused for capacity (TALLY_EFULL) only when a
  *     single read of res shows every reservation kept (no holder): then
- *     capacity slots are LIVE at that instant. While a holder is in flight,
+ *     capacity slots are LIVE at that instant. A key whose window has no
+ *     claimable slot is refused only when, after its own reclaim found
+ *     nothing to take, the window holds no DEAD or ZOMBIE slot either
+ *     (tally__table_window_settling()): slots another reclaim took are
+ *     waited for, never a reason to refuse. While a holder is in flight,
  *     a claimant at the capacity edge yields until the outcome is known:
  *     the only wait in the table, on a few instructions of a running
  *     promotion, and only for new keys when the table is at capacity.
@@ -886,6 +890,17 @@ size_t tally__table_reclaim_take(tally__table *t, tally__digest d, uint64_t now,
     atomic_store_explicit(&t->sweep_len, next > t->sweep_max ? t->sweep_max : next < min ? min : next,
                           memory_order_relaxed);
     return b->n;
+}
+
+bool tally__table_window_settling(tally__table *t, tally__digest d)
+{
+    size_t home = tally__home_of(t, d);
+    for (size_t k = 0; k < TALLY__WINDOW; k += TALLY__GROUP)
+        /* relaxed: whether to wait for another grace period or refuse; the
+           claim that follows reads the bytes again (seq_cst) */
+        if (ctrl_match(ctrl_group(t, wrap(t, home + k), memory_order_relaxed), CTRL_DEAD))
+            return true;
+    return false;
 }
 
 /* Slot @i keeps its key whatever its age: cost not yet pushed to the sinks

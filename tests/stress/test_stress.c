@@ -11,9 +11,11 @@
 #include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 #include "tally.h"
 #include "../engine_open.h"
+#include "core/rcu.h"
 #include "engine/engine-internal.h"
 
 #define THREADS 4
@@ -724,6 +726,8 @@ Test(stress, keys_sharing_a_group_and_a_tag_keep_one_slot_each, .timeout = 600)
     for (int r = 0; r < CT_ROUNDS; r++) {
         pthread_barrier_wait(&s.barrier);
         pthread_barrier_wait(&s.barrier);
+        /* a refused hit (TALLY_EFULL) would show as a lost count below */
+        cr_assert_eq(atomic_load(&s.errors), 0, "round %d: a hit failed or was denied", r);
         for (int j = 0; j < CT_KEYS; j++) {
             const char *k = ct_key(&s, r, j);
             tally_snapshot snap;
@@ -749,6 +753,80 @@ Test(stress, keys_sharing_a_group_and_a_tag_keep_one_slot_each, .timeout = 600)
     cr_assert_gt(past_home, 0);
     cr_assert_gt(atomic_load(&t->reclaimed), reclaimed_before);
     pthread_barrier_destroy(&s.barrier);
+    tally_close(s.e);
+}
+
+struct settle_shared {
+    tally_engine   *e;
+    uint32_t        policy;
+    const char     *key;
+    _Atomic int     freed;         /* set just before the held slots are freed */
+    int             rc, freed_at_return;
+};
+
+static void *settle_worker(void *p)
+{
+    struct settle_shared *s = p;
+    tally_result r;
+    s->rc = tally_hit_at(s->e, s->policy, s->key, strlen(s->key), NULL, T0 + 2 * SEC, &r);
+    s->freed_at_return = atomic_load(&s->freed);
+    return NULL;
+}
+
+/*
+ * A reclaim took every slot of a key's window (they wait for its grace
+ * period as ZOMBIE) and its thread is held up before it frees them, as a
+ * preempted thread is. A new key of that window is not refused: the table
+ * has room, and the slots will be FREE. Its call waits until they are,
+ * then gets one.
+ */
+Test(stress, a_new_key_waits_for_the_slots_another_reclaim_holds, .timeout = 60)
+{
+    static struct settle_shared s;
+    memset(&s, 0, sizeof(s));
+    s.e = open_engine(512);
+    tally_limit l = { .algo = TALLY_FIXED_WINDOW, .max = 10, .period_ns = SEC };
+    s.policy = add_policy(s.e, "settle", l, 0);
+    tally__table *t = &tally__policy_get(s.e, s.policy)->table;
+
+    /* TALLY__WINDOW keys of home group 0 fill its window; one more is new */
+    static char keys[TALLY__WINDOW + 1][24];
+    int n = 0;
+    for (uint64_t c = 0; n <= TALLY__WINDOW; c++) {
+        cr_assert_lt(c, UINT64_C(10000000));
+        snprintf(keys[n], sizeof(keys[n]), "st-%" PRIu64, c);
+        if (home_group_of(t, tally__key_digest(s.e, keys[n], strlen(keys[n]))) == 0)
+            n++;
+    }
+    for (int i = 0; i < TALLY__WINDOW; i++) {
+        tally_result r;
+        cr_assert_eq(tally_hit_at(s.e, s.policy, keys[i], strlen(keys[i]), NULL, T0, &r), 0, "%d", i);
+    }
+    /* a reclaim at a time when all have expired, stopped before its free */
+    s.key = keys[TALLY__WINDOW];
+    tally__batch *b = tally__batch_new(t);
+    cr_assert_not_null(b);
+    tally__rcu_enter();
+    size_t taken = tally__table_reclaim_take(t, tally__key_digest(s.e, s.key, strlen(s.key)),
+                                             T0 + 2 * SEC, b);
+    tally__rcu_exit();
+    cr_assert_geq(taken, (size_t)TALLY__WINDOW);
+
+    pthread_t th;
+    cr_assert_eq(pthread_create(&th, NULL, settle_worker, &s), 0);
+    /* long enough for a call that gives up to have given up */
+    struct timespec pause = { 0, 300 * 1000 * 1000 };
+    nanosleep(&pause, NULL);
+    atomic_store(&s.freed, 1);
+    tally__rcu_wait();
+    tally__table_reclaim_free(t, b);
+    tally__batch_free(b);
+    pthread_join(th, NULL);
+    cr_assert_eq(s.rc, 0, "the new key got %d (%s)", s.rc, tally_strerror(s.rc));
+    cr_assert(s.freed_at_return, "the call returned before the slots were free");
+    tally_snapshot snap;
+    cr_assert_eq(tally_read(s.e, s.policy, s.key, strlen(s.key), &snap), 0);
+    cr_assert_eq(snap.c[0].used, 1);
     tally_close(s.e);
 }
 
