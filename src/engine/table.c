@@ -320,11 +320,16 @@ int tally__table_init(tally__table *t, size_t capacity, unsigned n_limits,
     t->n_limits = n_limits;
     t->limits = limits;
     t->stride = sizeof(tally__slot) + n_limits * sizeof(tally__state);
-    /* Load factor at most 1/2: a key mostly lives in its home group, the
-       longest run of full groups stays far below the probe window, a miss
-       mostly ends in its home group (guarantee 1), and a table turning over
-       keeps expired slots within reach of the reclaims' sweeps. */
-    t->n_slots = 2 * capacity;
+    /* Load factor at most 2/3 (1.5 slots per unit of capacity): a key
+       mostly lives in its home group, the longest run of full groups stays
+       far below the probe window, a miss mostly ends in its home group
+       (guarantee 1), and a table turning over keeps expired slots within
+       reach of the reclaims' sweeps; a one-limit key costs under 64 bytes.
+       A window with no slot that is or will be claimable refuses a new
+       key (guarantee 7): at this load, for keys spread by the hash, that
+       is the table at its capacity (stress: capacity_edge_refuses_no_key_that_fits,
+       full_table_under_churn_loses_no_live_state). */
+    t->n_slots = capacity + capacity / 2;
     /* whole groups, and a window that cannot wrap onto its home group */
     if (t->n_slots < 2 * TALLY__WINDOW)
         t->n_slots = 2 * TALLY__WINDOW;
