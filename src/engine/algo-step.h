@@ -73,12 +73,14 @@ static inline __attribute__((always_inline)) void step_window(const tally__limit
     uint64_t used = same ? cur.w0 & ~TALLY__MARK : 0;
     uint64_t mark = same ? cur.w0 & TALLY__MARK : 0;
     uint64_t others = remote_in(rem, start);
-    uint64_t seen = sat_add(used, others, TALLY_MAX_COUNT);
+    /* used <= TALLY_MAX_COUNT: without others, seen is used */
+    uint64_t seen = others ? sat_add(used, others, TALLY_MAX_COUNT) : used;
     bool fits = seen <= s->max && cost <= s->max - seen;
     unsigned add = how & 3;
-    bool consume = add == TALLY__ADD_ALWAYS || (add == TALLY__ADD_IF_FITS && fits);
-    uint64_t new_used = consume ? sat_add(used, cost, TALLY_MAX_COUNT) : used;
-    uint64_t new_seen = sat_add(new_used, others, TALLY_MAX_COUNT);
+    /* a cost that fits lands at most at max: no saturation */
+    uint64_t new_used = fits && add != TALLY__ADD_NEVER ? used + cost
+                      : add == TALLY__ADD_ALWAYS ? sat_add(used, cost, TALLY_MAX_COUNT) : used;
+    uint64_t new_seen = others ? sat_add(new_used, others, TALLY_MAX_COUNT) : new_used;
 
     out->added = new_used - used;
     out->win = start;
