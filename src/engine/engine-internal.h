@@ -332,8 +332,10 @@ void   tally__table_reclaim_free(tally__table *t, const tally__batch *b);
  * found nothing to take: kill the LIVE slot of @d's window hit least
  * recently, passing over slots with cost not yet pushed to the sinks or with
  * a watch flag, and take it into @b as a reclaim takes an expired slot.
- * Return true when a slot was killed (@b then holds it, or another reclaim
- * that took it first frees it), false when every candidate is protected.
+ * Once a flusher started, the victim's counts in shared windows go to it as
+ * TALLY__NOTE_FORGET notes. Return true when a slot was killed (@b then
+ * holds it, or another reclaim that took it first frees it), false when
+ * every candidate is protected or the notes could not be allocated.
  */
 bool tally__table_evict(tally__table *t, tally__digest d, tally__batch *b);
 
@@ -421,12 +423,17 @@ typedef struct tally__note {
     unsigned limit;
     uint8_t  kind;                /* TALLY__NOTE_* */
     tally__digest digest;
-    uint64_t win, delta;          /* delta: a spilled cost; events: used; flags: when, denied */
-    size_t   key_len;             /* events and flags: the key (or digest) bytes follow */
+    uint64_t win, delta;          /* delta: a spilled cost; events: used; flags: when, denied;
+                                     forgets: the evicted slot's count in window win */
+    size_t   key_len;             /* the key (or digest) bytes follow */
     unsigned char key[];
 } tally__note;
 
-enum { TALLY__NOTE_DELTA, TALLY__NOTE_EVENT, TALLY__NOTE_FLAG, TALLY__NOTE_UNFLAG };
+/* TALLY__NOTE_FORGET: a LIVE key was evicted (TALLY_EVICT_LRU) while a
+   flusher may run; its count in a shared window, which no slot holds any
+   more, is the flusher's to count as others' for the key's next slot. */
+enum { TALLY__NOTE_DELTA, TALLY__NOTE_EVENT, TALLY__NOTE_FLAG, TALLY__NOTE_UNFLAG,
+       TALLY__NOTE_FORGET };
 
 /* The hand-off stack (notes.c). */
 struct tally__notes {

@@ -144,6 +144,18 @@
  *     evictor chooses again. A denial that raced the kill past both checks
  *     counts as one that came just after the eviction: its watch flag, set
  *     on the dying slot, goes with it (the flag's note is sent all the same).
+ *     Once a flusher started, the evictor also sends the flusher the count
+ *     of each limit of a shared window as the victim died, one note a limit
+ *     (TALLY__NOTE_FORGET), for the flusher to count as others' cost in the
+ *     key's next slots until the window ends. Limit 0's is the value its
+ *     kill CAS replaced: every hit that counted in the slot is in it, and a
+ *     hit since failed the CAS. The evictor then kills the other limits
+ *     itself and takes the value each CAS replaced; a hit that met the dead
+ *     limit 0 and killed one first leaves it the value read just before the
+ *     kill. A hit of several limits that passed limit 0 before the kill finds
+ *     the slot dead at its end and starts over in the next slot, counted in
+ *     both: the error is on refusing. The notes are allocated before the
+ *     kill: without memory the key is not evicted and the new key is refused.
  */
 #include <emmintrin.h>
 #include <sched.h>
@@ -934,6 +946,81 @@ static bool evict_protected(const tally__table *t, size_t i, tally__sync *y, tal
 
 #define CHOOSE_TRIES 4    /* choices whose kill lost to a hit before an eviction gives up */
 
+/* A window every engine sharing the limit agrees on: the flusher learns the
+   others' count of these alone (sync/flusher.c). */
+static bool forget_shared(const tally__limit *l)
+{
+    return l->spec.algo == TALLY_SLIDING_WINDOW || l->spec.algo == TALLY_CALENDAR_WINDOW
+        || (l->spec.algo == TALLY_FIXED_WINDOW && l->aligned);
+}
+
+static void forget_drop(const tally__table *t, tally__note **n)
+{
+    for (unsigned l = 0; l < t->n_limits; l++)
+        free(n[l]);
+}
+
+/* The notes that will carry the count of victim @i (digest @d) in each limit
+   of a shared window, made before the kill: without memory for them the key
+   is not evicted, so a count is never forgotten for want of a note. */
+static bool forget_make(tally__table *t, const tally__limit *lim, size_t i, tally__digest d,
+                        tally__note **n)
+{
+    size_t key_len = 0;
+    const void *key = tally__table_key(t, i, &key_len);
+    bool ok = true;
+    for (unsigned l = 0; l < t->n_limits; l++) {
+        n[l] = NULL;
+        if (ok && forget_shared(&lim[l]))
+            ok = (n[l] = tally__note_new(TALLY__NOTE_FORGET, t->policy, l, d, key, key_len)) != NULL;
+    }
+    tally__table_key_done(key);
+    if (!ok)
+        forget_drop(t, n);
+    return ok;
+}
+
+/* Send each limit's count as the victim died (@st) in the window it was in. */
+static void forget_send(tally__table *t, const tally__limit *lim, tally__note **n,
+                        const tally__state *st)
+{
+    uint64_t now = tally_now_ns();      /* places a sliding window's number only */
+    for (unsigned l = 0; l < t->n_limits; l++) {
+        if (!n[l])
+            continue;
+        tally_counter c;
+        tally__algo_counter(&lim[l], st[l], now, &c);
+        if (!c.used) {
+            free(n[l]);
+            continue;
+        }
+        n[l]->win = c.window_start_ns;
+        n[l]->delta = c.used;
+        tally__note_push(t->notes, n[l]);
+    }
+}
+
+/* After the kill of limit 0, the evictor kills the other limits itself, so
+   that it knows each one's state as it died, in *@st. A hit that met the
+   DEAD limit 0 may kill one first (tally__table_help_kill()): that limit
+   keeps in *@st the state the evictor read just before its kill. */
+static void kill_rest(tally__table *t, tally__slot *s, tally__state *st)
+{
+    static const tally__state dead = { 0, TALLY__DEAD_W1 };
+
+    for (unsigned i = 1; i < t->n_limits; i++) {
+        for (;;) {
+            tally__state cur = tally__state_load(&s->st[i]);
+            if (tally__state_is_dead(cur))
+                break;
+            if (tally__state_cas(&s->st[i], cur, dead)) {
+                st[i] = cur;
+                break;
+            }
+        }
+    }
+}
+
 bool tally__table_evict(tally__table *t, tally__digest d, tally__batch *b)
 {
     static const tally__state dead = { 0, TALLY__DEAD_W1 };
@@ -987,10 +1074,29 @@ bool tally__table_evict(tally__table *t, tally__digest d, tally__batch *b)
         if (evict_protected(t, victim, y, w)
             || atomic_load_explicit(&stamp[victim], memory_order_relaxed) != oldest)
             continue;
-        if (!tally__state_cas(&s->st[0], first, dead))
+        /* With a flusher, the victim's counts go to it (guarantee 9). */
+        tally__note *forget[TALLY_MAX_LIMITS];
+        tally__state st[TALLY_MAX_LIMITS];
+        /* acquire: paired with the release store of tally_policy_update()
+           (engine.c): the notes name windows of one version of the policy */
+        const tally__limit *lim = atomic_load_explicit(&t->limits, memory_order_acquire);
+        uint64_t lo, hi;
+        digest_load(s, &lo, &hi);
+        if (y && !forget_make(t, lim, victim, (tally__digest){ lo, hi & TALLY__DIGEST_HI_MASK }, forget))
+            return false;             /* refused rather than forgotten */
+        st[0] = first;
+        for (unsigned l = 1; l < t->n_limits; l++)
+            st[l] = tally__state_load_atomic(&s->st[l]);
+        if (!tally__state_cas(&s->st[0], first, dead)) {
+            if (y)
+                forget_drop(t, forget);
             continue;                 /* hit since it was chosen: no longer the oldest */
+        }
         atomic_fetch_add_explicit(&t->lru_evicted, 1, memory_order_relaxed);
+        kill_rest(t, s, st);
         tally__table_help_kill(t, s);
+        if (y)
+            forget_send(t, lim, forget, st);
         if (take_dead(t, s, &b->digest[0])) {
             b->idx[0] = victim;
             b->n = b->evicted = 1;

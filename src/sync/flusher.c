@@ -28,6 +28,17 @@
  *     each live key hit in this window or the one before, whether or not this
  *     engine pushed anything for it, so an idle engine's view of the others is
  *     at most one flush old, also at the start of a window.
+ *  8. A LIVE key evicted by TALLY_EVICT_LRU leaves the flusher its count in
+ *     each shared window (a TALLY__NOTE_FORGET, engine/table.c guarantee 9),
+ *     which no slot holds any more. The entry of (key, window) sums them in
+ *     forgot, and every others' count written for the key in that window,
+ *     after a batch's reply or a read-back alike, is the store's total less
+ *     this engine's acknowledged cost, plus forgot. The evicted slots' cost
+ *     is in the total once it is acknowledged and in acked alike, so each
+ *     counts once in the key's later slots: a second eviction adds the second
+ *     slot's own count, a take of a slot's delta that races the eviction moves
+ *     total and acked together, and a reset before the eviction left the slot
+ *     only what it counted since. forgot goes with its entry at the window's end.
  */
 #include <errno.h>
 #include <stddef.h>
@@ -122,6 +133,33 @@ static void keep(struct tally__flusher *f, uint32_t policy, unsigned limit, tall
     if (local_total > x->local_total)
         x->local_total = local_total;
     x->end_ns = tally__sync_window_end(&p->limits[limit], win);
+}
+
+/* The count of an evicted slot (TALLY__NOTE_FORGET), which no slot holds any
+   more: others' cost to the key's later slots in its window (guarantee 8).
+   Without memory for its entry the note waits on the stack for the next
+   flush. */
+static void forget(struct tally__flusher *f, tally__note *n, uint64_t now)
+{
+    tally__policy *p = tally__policy_get(f->e, n->policy);
+    uint64_t end = tally__sync_window_end(&p->limits[n->limit], n->win);
+    if (!f->redis_on || end <= now) {
+        free(n);                              /* no others' count to give, or its window is over */
+        return;
+    }
+    entry *x = map_get(f, n->policy, n->limit, n->digest, n->win, n->key, n->key_len);
+    if (!x) {
+        tally__note_push(&f->e->notes, n);
+        return;
+    }
+    x->forgot += n->delta;
+    if (end > x->end_ns)
+        x->end_ns = end;
+    /* a slot of the key that is already back learns it now, not only when
+       Redis next tells its total */
+    if (x->told)
+        tally__sync_store_remote(f, x, x->others);
+    free(n);
 }
 
 /* ---- Collecting ----------------------------------------------------------- */
@@ -251,9 +289,14 @@ static void collect(struct tally__flusher *f)
 {
     tally_engine *e = f->e;
 
-    /* spilled deltas and events first */
+    /* spilled deltas, evictions and events first */
+    uint64_t taken = tally_now_ns();
     for (tally__note *n = tally__notes_take(&e->notes), *next; n; n = next) {
         next = n->next;
+        if (n->kind == TALLY__NOTE_FORGET) {
+            forget(f, n, taken);
+            continue;
+        }
         if (n->kind != TALLY__NOTE_DELTA) {
             /* events, flags and flag clearings, delivered or stored in order */
             event *ev = malloc(sizeof(*ev));
@@ -462,8 +505,14 @@ void tally__sync_deliver_note(struct tally__flusher *f, const tally__note *n)
     }
 }
 
-void tally__sync_store_remote(struct tally__flusher *f, const entry *x, uint64_t others)
+void tally__sync_store_remote(struct tally__flusher *f, entry *x, uint64_t others)
 {
+    entry *k = x->key ? x : tally__sync_find(f, x->policy, x->limit, x->digest, x->win);
+    if (k) {
+        k->others = others;
+        k->told = true;
+        others += k->forgot;
+    }
     remote_arg a = { f, x, others };
     tally__rcu_read(store_remote_rcu, &a);
 }

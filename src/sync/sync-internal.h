@@ -64,6 +64,10 @@ typedef struct entry {
     uint64_t      win;
     uint64_t      fresh;           /* taken, not yet in a Redis batch */
     uint64_t      acked;           /* cost of this engine that Redis acknowledged */
+    uint64_t      forgot;          /* counts of this engine's evicted slots of the key:
+                                      others' cost to every later slot of it */
+    uint64_t      others;          /* the others' count last written, forgot aside */
+    bool          told;            /* others holds a count learnt from the store */
     uint64_t      local_total;     /* the key's local count in the window when last taken */
     uint64_t      end_ns;          /* when the window stops counting */
     uint64_t      acked_seq;       /* the flush that last learnt the total from a reply */
@@ -155,8 +159,11 @@ void     tally__sync_dissolve(batch *b);
 void     tally__sync_deliver_deltas(struct tally__flusher *f, const item *items, const uint64_t *totals,
                                     size_t n);
 void     tally__sync_deliver_note(struct tally__flusher *f, const tally__note *n);
-/* Write the others' count of (policy, limit, key, window) of @x into its slot. */
-void     tally__sync_store_remote(struct tally__flusher *f, const entry *x, uint64_t others);
+/* Write the others' count of (policy, limit, key, window) of @x into its
+   slot: @others, the store's total less this engine's acknowledged cost,
+   plus the forgot of the key's entry (@x itself, or the entry of its key
+   when @x is a bare entry without key bytes, as a read-back names a key). */
+void     tally__sync_store_remote(struct tally__flusher *f, entry *x, uint64_t others);
 uint64_t tally__sync_window_end(const tally__limit *l, uint64_t win);
 /* Keep @text as the sink's last error (tally_flusher_last_error()). Any thread. */
 void     tally__sync_set_error(struct tally__flusher *f, const char *text, size_t len);
