@@ -324,6 +324,32 @@ static inline void digest_load(tally__slot *s, uint64_t *lo, uint64_t *hi)
     *lo = tally__word_load_seq_cst(&s->d_lo);
 }
 
+/*
+ * A key copy is its length, then its bytes, in an allocation rounded up to
+ * KEY_ROUND bytes. A slot made FREE keeps its last copy as a spare, tagged
+ * in bit 0 of its pointer and no key to any reader: the next claimant near
+ * it takes it (key_copy_at()) and writes its own key into it when it fits,
+ * so that a table turning over reuses buffers instead of freeing and
+ * allocating one per key.
+ */
+#define KEY_ROUND 16
+
+static inline bool is_spare(const void *kp)
+{
+    return ((uintptr_t)kp & 1) != 0;
+}
+
+static inline size_t *spare_buffer(void *kp)
+{
+    return (size_t *)(void *)((uintptr_t)kp & ~(uintptr_t)1);
+}
+
+/* Bytes of an allocation for a copy of a @len-byte key. */
+static inline size_t key_alloc_size(size_t len)
+{
+    return (sizeof(size_t) + len + KEY_ROUND - 1) / KEY_ROUND * KEY_ROUND;
+}
+
 int tally__table_init(tally__table *t, size_t capacity, unsigned n_limits,
                       const tally__limit *limits, bool keep_keys)
 {
@@ -404,7 +430,7 @@ void tally__table_destroy(tally__table *t)
     atomic_store_explicit(&t->stamp, NULL, memory_order_relaxed);
     if (t->keys) {
         for (size_t i = 0; i < t->n_slots; i++)
-            free(atomic_load_explicit(&t->keys[i], memory_order_relaxed));
+            free(spare_buffer(atomic_load_explicit(&t->keys[i], memory_order_relaxed)));
         free(t->keys);
     }
     free(t->ovf);
@@ -628,11 +654,12 @@ tally__slot *tally__table_live(tally__table *t, size_t i, tally__digest *d)
     return s;
 }
 
-/* A key copy is its length, then its bytes. */
 const void *tally__table_key(tally__table *t, size_t i, size_t *len)
 {
     /* acquire: paired with the release store of the copy in tally__table_acquire() */
     const size_t *kp = t->keys ? atomic_load_explicit(&t->keys[i], memory_order_acquire) : NULL;
+    if (is_spare(kp))
+        kp = NULL;                    /* a FREE slot's spare buffer: no key */
     tally__tsan_acquire(kp);
     if (!kp)
         return NULL;
@@ -647,14 +674,51 @@ void tally__table_key_done(const void *key)
         tally__tsan_release((const size_t *)key - 1);
 }
 
-static void *key_copy(const void *key, size_t len)
+static void *key_fill(size_t *p, const void *key, size_t len)
 {
-    size_t *p = malloc(sizeof(size_t) + len);
-    if (p) {
-        *p = len;
-        memcpy(p + 1, key, len);
-    }
+    *p = len;
+    memcpy(p + 1, key, len);
     return p;
+}
+
+/*
+ * A copy of @key for a claim of slot @idx: in the slot's spare buffer when
+ * it has one that fits, which this CAS makes ours alone (whether or not the
+ * claim then wins the slot: the buffer is ours as any allocation), else a
+ * new allocation; NULL without memory.
+ */
+static void *key_copy_at(tally__table *t, size_t idx, const void *key, size_t len)
+{
+    /* relaxed: the CAS below decides */
+    void *kp = atomic_load_explicit(&t->keys[idx], memory_order_relaxed);
+    /* acquire: the buffer's last writes, by the reclaim that made it a
+       spare and the claimant before it, come first; paired with the store of
+       the spare in tally__table_reclaim_free() (with the byte and digest
+       writes after it, which the claimant's scan read) */
+    if (is_spare(kp) && atomic_compare_exchange_strong_explicit(&t->keys[idx], &kp, NULL,
+                                                                memory_order_acquire,
+                                                                memory_order_relaxed)) {
+        size_t *p = spare_buffer(kp);
+        tally__tsan_acquire(p);
+        if (key_alloc_size(*p) >= key_alloc_size(len))
+            return key_fill(p, key, len);
+        free(p);
+    }
+    size_t *p = malloc(key_alloc_size(len));
+    return p ? key_fill(p, key, len) : NULL;
+}
+
+/* Publish the copy of the key that claimed slot @idx, freeing a spare
+   buffer still there (the claimant took another). */
+static void key_publish(tally__table *t, size_t idx, void *copy)
+{
+    tally__tsan_release(copy);
+    /* release: paired with the acquire load in tally__table_key(); the
+       exchange, not a store, so that a spare left in the slot is not lost
+       to a racing key_copy_at(), whose CAS then fails */
+    void *old = atomic_exchange_explicit(&t->keys[idx], copy, memory_order_acq_rel);
+    if (is_spare(old))
+        free(spare_buffer(old));
 }
 
 int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size_t key_len,
@@ -733,7 +797,7 @@ claim:;
         tally__slot *mine = tally__slot_at(t, idx);
         /* the copy is made before the claim, so that it is stored right
            after it: a helper that promotes the claim meanwhile is rare */
-        if (t->keys && !copy && !(copy = key_copy(key, key_len)))
+        if (t->keys && !copy && !(copy = key_copy_at(t, idx, key, key_len)))
             return TALLY_ENOMEM;
         /* the groups passed count the claim before it can be seen (guarantee 1) */
         pass_groups(t, home, idx, 1);
@@ -756,10 +820,8 @@ claim:;
         digest_cas(mine, was == CTRL_EMPTY ? TALLY__LO_EMPTY : TALLY__LO_FREE, 0,
                    d.lo, tally__hi_with(d, TALLY__PENDING));
         if (copy) {
-            /* the claim made us the only writer of this slot's key;
-               release: paired with the acquire load in tally__table_key() */
-            tally__tsan_release(copy);
-            atomic_store_explicit(&t->keys[idx], copy, memory_order_release);
+            /* the claim made us the only writer of this slot's key */
+            key_publish(t, idx, copy);
             copy = NULL;
         }
         found = resolve(t, d, home, free_k);
@@ -1131,6 +1193,8 @@ void tally__table_reclaim_free(tally__table *t, const tally__batch *b)
         /* the key copy, for spilled deltas and then to free; relaxed: the
            grace period orders its store and the writes into it before here */
         size_t *kp = t->keys ? atomic_load_explicit(&t->keys[b->idx[j]], memory_order_relaxed) : NULL;
+        if (is_spare(kp))
+            kp = NULL;                /* no claimant published a copy: none to spill */
         tally__tsan_acquire(kp);
         for (unsigned i = 0; i < t->n_limits; i++) {
             tally__word_store_relaxed(&s->st[i].w0, 0);
@@ -1151,9 +1215,12 @@ void tally__table_reclaim_free(tally__table *t, const tally__batch *b)
             atomic_store_explicit(&e->rwin, 0, memory_order_relaxed);
             atomic_store_explicit(&e->remote, 0, memory_order_relaxed);
         }
-        if (t->keys) {
-            free(kp);
-            atomic_store_explicit(&t->keys[b->idx[j]], NULL, memory_order_relaxed);
+        if (kp) {
+            /* the copy stays as the slot's spare (tally__table_key() sees
+               none); relaxed: the release store of the digest below and the
+               byte's write after it publish it with the slot */
+            tally__tsan_release(kp);
+            atomic_store_explicit(&t->keys[b->idx[j]], (void *)((uintptr_t)kp | 1), memory_order_relaxed);
         }
         /* the key no longer lies past the groups before its slot (guarantee 1) */
         pass_groups(t, tally__home_of(t, b->digest[j]), b->idx[j], -1);

@@ -830,6 +830,103 @@ Test(stress, a_new_key_waits_for_the_slots_another_reclaim_holds, .timeout = 60)
     tally_close(s.e);
 }
 
+#define KB_PHASES 30
+#define KB_KEYS   300           /* per phase: about two phases fit, older keys are reclaimed */
+
+struct kb_shared {
+    tally_engine     *e;
+    uint32_t          policy;
+    pthread_barrier_t barrier;
+    _Atomic uint32_t  errors;
+};
+
+/* Key i of phase @ph: its length changes from phase to phase (1 to 60
+   bytes), so that a slot's spare buffer is sometimes big enough and
+   sometimes not. */
+static size_t kb_key(int ph, int i, char *buf)
+{
+    size_t len = 1 + (size_t)(ph * 7 + i) % 60;
+    int n = snprintf(buf, 64, "kb-%d-%d-", ph, i);
+    for (size_t j = (size_t)n; j < len; j++)
+        buf[j] = (char)('a' + j % 26);
+    return len > (size_t)n ? len : (size_t)n;
+}
+
+static void *kb_worker(void *p)
+{
+    struct kb_shared *s = p;
+    char key[64];
+    for (int ph = 0; ph < KB_PHASES; ph++) {
+        pthread_barrier_wait(&s->barrier);
+        for (int i = 0; i < KB_KEYS; i++) {
+            tally_result r;
+            size_t len = kb_key(ph, i, key);
+            if (tally_hit_at(s->e, s->policy, key, len, NULL, T0 + (uint64_t)ph * SEC, &r) != 0)
+                atomic_fetch_add(&s->errors, 1);
+        }
+        pthread_barrier_wait(&s->barrier);
+        pthread_barrier_wait(&s->barrier);      /* the main thread checks the table */
+    }
+    return NULL;
+}
+
+/*
+ * Keys of changing lengths stream through a table that keeps key copies,
+ * from 4 threads at once: freed slots keep their last copy as a spare
+ * buffer, and new keys write theirs into it. With no call running, every
+ * LIVE slot's copy is the key of that slot's digest, and each of the phase's
+ * keys counted every thread's hit.
+ */
+Test(stress, reused_key_buffers_hold_the_key_of_their_slot, .timeout = 600)
+{
+    static struct kb_shared s;
+    memset(&s, 0, sizeof(s));
+    s.e = open_engine(512);
+    tally_limit l = { .algo = TALLY_FIXED_WINDOW, .max = 1000, .period_ns = SEC };
+    s.policy = add_policy(s.e, "kb", l, 0);
+    tally__table *t = &tally__policy_get(s.e, s.policy)->table;
+    cr_assert_not_null(t->keys);
+
+    pthread_barrier_init(&s.barrier, NULL, THREADS + 1);
+    pthread_t th[THREADS];
+    for (int i = 0; i < THREADS; i++)
+        cr_assert_eq(pthread_create(&th[i], NULL, kb_worker, &s), 0);
+    size_t checked = 0, reused_before = atomic_load(&t->reclaimed);
+    char key[64];
+    for (int ph = 0; ph < KB_PHASES; ph++) {
+        pthread_barrier_wait(&s.barrier);
+        pthread_barrier_wait(&s.barrier);
+        cr_assert_eq(atomic_load(&s.errors), 0, "phase %d: a hit failed", ph);
+        for (size_t i = 0; i < t->n_slots; i++) {
+            tally__digest d;
+            if (!tally__table_live(t, i, &d))
+                continue;
+            size_t len = 0;
+            const void *k = tally__table_key(t, i, &len);
+            cr_assert_not_null(k, "phase %d: LIVE slot %zu has no key copy", ph, i);
+            tally__digest kd = tally__key_digest(s.e, k, len);
+            cr_assert(kd.lo == d.lo && kd.hi == d.hi,
+                      "phase %d: slot %zu holds the copy of another key (%zu bytes)", ph, i, len);
+            tally__table_key_done(k);
+            checked++;
+        }
+        for (int i = 0; i < KB_KEYS; i++) {
+            tally_snapshot snap;
+            size_t len = kb_key(ph, i, key);
+            cr_assert_eq(tally_read(s.e, s.policy, key, len, &snap), 0, "phase %d key %d", ph, i);
+            cr_assert_eq(snap.c[0].used, THREADS, "phase %d key %d counted %" PRIu64, ph, i,
+                         snap.c[0].used);
+        }
+        pthread_barrier_wait(&s.barrier);
+    }
+    for (int i = 0; i < THREADS; i++)
+        pthread_join(th[i], NULL);
+    cr_assert_gt(checked, (size_t)KB_KEYS);
+    cr_assert_gt(atomic_load(&t->reclaimed), reused_before);   /* slots were freed and reused */
+    pthread_barrier_destroy(&s.barrier);
+    tally_close(s.e);
+}
+
 #define CC_CAPACITY 2000
 #define CC_KEYS     600         /* per phase: three phases fit, older keys must be reclaimed */
 #define CC_PHASES   40
