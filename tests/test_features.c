@@ -3,7 +3,8 @@
  * max per hit (tally_hit_ex), replacing a policy's limits while keys keep
  * their usage (tally_policy_update), GCRA reservations (tally_reserve_at),
  * concurrency limits with their releases and leases, and the eviction of
- * the least recently hit key of a full table (TALLY_EVICT_LRU).
+ * the least recently hit keys of a full table, a batch per grace period
+ * (TALLY_EVICT_LRU).
  */
 #include "test.h"
 #include <inttypes.h>
@@ -578,21 +579,27 @@ Test(features, concurrency_bad_input)
    eviction, and the least recently hit of the table is the one to go. */
 static char lru_names[LRU_KEYS][24];
 
-static void same_window_keys(tally_engine *e, uint32_t pol)
+/* @n names "@prefix-<i>" whose keys have one home group in @pol's table. */
+static void home_group_keys(tally_engine *e, uint32_t pol, const char *prefix, char (*names)[24], int n)
 {
     tally__table *t = &tally__policy_get(e, pol)->table;
     size_t home = SIZE_MAX;
-    int n = 0;
-    for (unsigned i = 0; n < LRU_KEYS; i++) {
+    int found = 0;
+    for (unsigned i = 0; found < n; i++) {
         char name[24];
-        snprintf(name, sizeof(name), "lru-%u", i);
+        snprintf(name, sizeof(name), "%s-%u", prefix, i);
         size_t h = tally__home_of(t, tally__key_digest(e, name, strlen(name)));
         if (home == SIZE_MAX)
             home = h;
         if (h == home)
-            memcpy(lru_names[n++], name, sizeof(name));
-        cr_assert_lt(i, 1000000u, "no keys share a home group");
+            memcpy(names[found++], name, sizeof(name));
+        cr_assert_lt(i, 10000000u, "no keys share a home group");
     }
+}
+
+static void same_window_keys(tally_engine *e, uint32_t pol)
+{
+    home_group_keys(e, pol, "lru", lru_names, LRU_KEYS);
 }
 
 static bool present(tally_engine *e, uint32_t pol, const char *key)
@@ -806,5 +813,250 @@ Test(features, evict_lru_dates_a_key_from_its_claim)
         cr_assert_eq(try_hit(e, p, lru_names[LRU_CAP + k], T0 + 200 * SEC), 0, "new key %d", k);
     for (int i = 0; i < LRU_CAP; i++)
         cr_assert_eq(present(e, p, lru_names[i]), i >= 8, "key %d", i);
+    tally_close(e);
+}
+
+/* ---- TALLY_EVICT_LRU in a larger table: a batch per grace period ------------ */
+
+#define BATCH_CAP  4096                /* keys of a full table: capacity / 256 = 16 */
+#define BATCH      16                  /* keys one eviction pass takes there */
+#define BATCH_WIN  48                  /* keys homed in the new keys' home group */
+
+static char batch_names[BATCH_WIN + 2][24];
+
+static void fill_name(char *name, int i)
+{
+    snprintf(name, 24, "fill-%d", i);
+}
+
+/* Fill a table that holds the BATCH_WIN keys of batch_names with other keys,
+   all hit at @now, up to its capacity. */
+static void fill_rest(tally_engine *e, uint32_t p, uint64_t now)
+{
+    for (int i = 0; i < BATCH_CAP - BATCH_WIN; i++) {
+        char name[24];
+        fill_name(name, i);
+        cr_assert_eq(try_hit(e, p, name, now), 0, "fill key %d", i);
+    }
+}
+
+/* The keys of the table that are gone: none of the fill keys (each hit after
+   every key a batch takes), and exactly @gone of batch_names[0 .. BATCH_WIN),
+   those @expect_gone says. */
+static void check_gone(tally_engine *e, uint32_t p, bool (*expect_gone)(int), int gone)
+{
+    int n = 0;
+    for (int i = 0; i < BATCH_WIN; i++) {
+        bool there = present(e, p, batch_names[i]);
+        cr_assert_eq(there, !expect_gone(i), "window key %d", i);
+        n += !there;
+    }
+    cr_assert_eq(n, gone);
+    for (int i = 0; i < BATCH_CAP - BATCH_WIN; i++) {
+        char name[24];
+        fill_name(name, i);
+        cr_assert(present(e, p, name), "fill key %d", i);
+    }
+}
+
+static bool gone_first_batch(int i)
+{
+    return i >= 1 && i <= BATCH + 1 && i != 2;        /* keys 0 and 2 are protected */
+}
+
+static bool gone_second_batch(int i)
+{
+    return gone_first_batch(i) || (i > BATCH + 1 && i <= 2 * BATCH + 1);
+}
+
+Test(features, evict_lru_batch_takes_the_oldest_unprotected_keys_and_counts_each)
+{
+    tally_engine *e = open_engine(BATCH_CAP);
+    start_idle_flusher(e);
+    uint32_t p = add(e, "lru", TALLY_EVICT_LRU, 1, &HOURLY5);
+    tally_watch w = { .threshold = 1, .window_ns = 3600 * SEC };
+    cr_assert_eq(tally_watch_set(e, p, &w), 0);
+    home_group_keys(e, p, "batch", batch_names, BATCH_WIN + 2);
+    for (int i = 0; i < BATCH_WIN; i++)
+        cr_assert_eq(try_hit(e, p, batch_names[i], T0 + (uint64_t)i * SEC), 0, "key %d", i);
+    for (int j = 0; j < 4; j++)
+        cr_assert(hit(e, p, batch_names[2], NULL, T0 + 2 * SEC).allowed);
+    cr_assert_not(hit(e, p, batch_names[2], NULL, T0 + 2 * SEC).allowed, "a denial flags key 2");
+    fill_rest(e, p, T0 + 1000 * SEC);
+    cr_assert_eq(tally_flush(e, 5000), 0);
+    /* key 0 gets cost again, at its old time: the oldest key, not yet pushed */
+    cr_assert_eq(try_hit(e, p, batch_names[0], T0), 0);
+    tally_stats st = stats(e);
+    cr_assert_eq(st.lru_evictions, 0, "the table was filled to its capacity, no more");
+
+    /* The first new key of the window evicts the BATCH oldest keys that are
+       neither flagged nor waiting for the sinks: 1, 3, 4, ... BATCH + 1. */
+    tally_result r = hit(e, p, batch_names[BATCH_WIN], NULL, T0 + 2000 * SEC);
+    cr_assert(r.allowed);
+    cr_assert_eq(r.remaining, 4, "a new count, none of a victim's");
+    st = stats(e);
+    cr_assert_eq(st.lru_evictions, BATCH);
+    cr_assert_eq(st.evictions, 0, "no key had expired");
+    check_gone(e, p, gone_first_batch, BATCH);
+    cr_assert(present(e, p, batch_names[BATCH_WIN]));
+
+    /* The room it made takes BATCH - 1 more new keys, from anywhere, without
+       another eviction... */
+    for (int k = 0; k < BATCH - 1; k++) {
+        char name[24];
+        snprintf(name, sizeof(name), "more-%d", k);
+        cr_assert_eq(try_hit(e, p, name, T0 + 2001 * SEC), 0, "new key %d", k);
+    }
+    st = stats(e);
+    cr_assert_eq(st.lru_evictions, BATCH, "new keys that found room evicted nothing");
+    cr_assert_eq(st.full_refusals, 0);
+    /* ...and the next one evicts the next BATCH oldest */
+    cr_assert_eq(try_hit(e, p, batch_names[BATCH_WIN + 1], T0 + 2002 * SEC), 0);
+    st = stats(e);
+    cr_assert_eq(st.lru_evictions, 2 * BATCH);
+    cr_assert_eq(st.evictions, 0);
+    check_gone(e, p, gone_second_batch, 2 * BATCH);
+    cr_assert(present(e, p, batch_names[0]), "cost not yet pushed");
+    cr_assert(present(e, p, batch_names[2]), "flagged");
+    tally_close(e);
+}
+
+Test(features, evict_lru_batch_never_takes_a_key_that_holds)
+{
+    static const tally_limit HOLDS[2] = {
+        { .algo = TALLY_FIXED_WINDOW, .max = 5, .period_ns = 3600 * SEC },
+        { .algo = TALLY_CONCURRENCY, .max = 2, .period_ns = 3600 * SEC },
+    };
+    tally_engine *e = open_engine(BATCH_CAP);
+    uint32_t p = add(e, "lru", TALLY_EVICT_LRU, 2, HOLDS);
+    home_group_keys(e, p, "batch", batch_names, BATCH_WIN + 2);
+    for (int i = 0; i < BATCH_WIN; i++)
+        cr_assert_eq(try_hit(e, p, batch_names[i], T0 + (uint64_t)i * SEC), 0, "key %d", i);
+    fill_rest(e, p, T0 + 1000 * SEC);
+    /* every key gives its hold back, but keys 0 and 2 */
+    for (int i = 0; i < BATCH_WIN; i++)
+        if (i != 0 && i != 2)
+            cr_assert_eq(tally_release_at(e, p, batch_names[i], strlen(batch_names[i]), NULL,
+                                          T0 + 1500 * SEC), 0, "key %d", i);
+    for (int i = 0; i < BATCH_CAP - BATCH_WIN; i++) {
+        char name[24];
+        fill_name(name, i);
+        cr_assert_eq(tally_release_at(e, p, name, strlen(name), NULL, T0 + 1500 * SEC), 0);
+    }
+    cr_assert_eq(try_hit(e, p, batch_names[BATCH_WIN], T0 + 2000 * SEC), 0);
+    tally_stats st = stats(e);
+    cr_assert_eq(st.lru_evictions, BATCH);
+    cr_assert_eq(st.evictions, 0);
+    check_gone(e, p, gone_first_batch, BATCH);
+    cr_assert_eq(tally_release_at(e, p, batch_names[0], strlen(batch_names[0]), NULL, T0 + 2001 * SEC), 0,
+                 "its hold is still there to give back");
+    tally_close(e);
+}
+
+/* Window key 20 expires first, though its last hit is newer than any other
+   window key's: its window opened at T0, theirs at T0 + 1000 s or later. */
+static bool gone_expired(int i)
+{
+    return i == 20;
+}
+
+static bool gone_expired_then_batch(int i)
+{
+    return i == 20 || i < BATCH;
+}
+
+Test(features, evict_lru_takes_an_expired_key_of_the_window_before_any_live_one)
+{
+    tally_engine *e = open_engine(BATCH_CAP);
+    uint32_t p = add(e, "lru", TALLY_EVICT_LRU, 1, &HOURLY5);
+    home_group_keys(e, p, "batch", batch_names, BATCH_WIN + 2);
+    cr_assert_eq(try_hit(e, p, batch_names[20], T0), 0);
+    for (int i = 0; i < BATCH_WIN; i++)
+        if (i != 20)
+            cr_assert_eq(try_hit(e, p, batch_names[i], T0 + (1000 + (uint64_t)i) * SEC), 0, "key %d", i);
+    cr_assert_eq(try_hit(e, p, batch_names[20], T0 + 3000 * SEC), 0);
+    fill_rest(e, p, T0 + 2000 * SEC);
+
+    /* at T0 + 3700 s only key 20's window has ended */
+    cr_assert_eq(try_hit(e, p, batch_names[BATCH_WIN], T0 + 3700 * SEC), 0);
+    tally_stats st = stats(e);
+    cr_assert_eq(st.evictions, 1, "the expired key was reclaimed");
+    cr_assert_eq(st.lru_evictions, 0, "and no live key evicted in its stead");
+    check_gone(e, p, gone_expired, 1);
+
+    /* nothing of the window has expired now: a batch of the oldest goes */
+    cr_assert_eq(try_hit(e, p, batch_names[BATCH_WIN + 1], T0 + 3701 * SEC), 0);
+    st = stats(e);
+    cr_assert_eq(st.evictions, 1);
+    cr_assert_eq(st.lru_evictions, BATCH);
+    check_gone(e, p, gone_expired_then_batch, BATCH + 1);
+    tally_close(e);
+}
+
+/* Keys through a full table, each new: every one is admitted, the evictions
+   come out of its window and the room they make goes to keys anywhere, so no
+   region may drain until a window has no key left to give. */
+Test(features, evict_lru_churn_admits_every_new_key_and_counts_each_eviction)
+{
+    enum { KEYS = 100000 };
+    tally_engine *e = open_engine(BATCH_CAP);
+    uint32_t p = add(e, "lru", TALLY_EVICT_LRU, 1, &HOURLY5);
+    for (int i = 0; i < KEYS; i++) {
+        char name[24];
+        snprintf(name, sizeof(name), "churn-%d", i);
+        cr_assert_eq(try_hit(e, p, name, T0 + (uint64_t)i * MS), 0, "new key %d", i);
+    }
+    uint64_t left = 0;
+    for (int i = 0; i < KEYS; i++) {
+        char name[24];
+        snprintf(name, sizeof(name), "churn-%d", i);
+        left += present(e, p, name);
+    }
+    tally_stats st = stats(e);
+    cr_assert_eq(st.full_refusals, 0);
+    cr_assert_eq(st.evictions, 0, "no key expired");
+    cr_assert_eq(st.lru_evictions, KEYS - left, "each key gone is counted once");
+    cr_assert_leq(left, BATCH_CAP);
+    cr_assert_gt(left + BATCH, BATCH_CAP, "the last batch left less room than it takes");
+    tally_close(e);
+}
+
+/* A window that holds about a quarter of a full table's mean gives up about
+   a quarter of a batch: the new keys that take the room come from anywhere. */
+#define MEAN   (BATCH_CAP * 256 / (BATCH_CAP + BATCH_CAP / 2))  /* keys of a window, 1.5 slots a key */
+#define SPARSE 48
+
+static bool gone_sparse(int i)
+{
+    return i < BATCH * SPARSE / MEAN;
+}
+
+Test(features, evict_lru_batch_from_a_sparse_window_is_smaller)
+{
+    tally_engine *e = open_engine(BATCH_CAP);
+    uint32_t p = add(e, "lru", TALLY_EVICT_LRU, 1, &HOURLY5);
+    tally__table *t = &tally__policy_get(e, p)->table;
+    cr_assert_eq(t->n_slots, BATCH_CAP + BATCH_CAP / 2, "a full table's window holds MEAN keys on average");
+    home_group_keys(e, p, "batch", batch_names, BATCH_WIN + 2);
+    size_t groups = t->n_slots / 16, home = tally__home_of(t, tally__key_digest(e, batch_names[0], strlen(batch_names[0]))) / 16;
+    for (int i = 0; i < SPARSE; i++)
+        cr_assert_eq(try_hit(e, p, batch_names[i], T0 + (uint64_t)i * SEC), 0, "key %d", i);
+    /* the other keys live where none can reach the window */
+    int n = SPARSE;
+    for (unsigned i = 0; n < BATCH_CAP; i++) {
+        char name[24];
+        snprintf(name, sizeof(name), "far-%u", i);
+        size_t g = tally__home_of(t, tally__key_digest(e, name, strlen(name))) / 16;
+        if ((g + groups - home) % groups < 16 || (home + groups - g) % groups < 16)
+            continue;
+        cr_assert_eq(try_hit(e, p, name, T0 + 1000 * SEC), 0, "far key %u", i);
+        n++;
+    }
+    cr_assert_eq(try_hit(e, p, batch_names[BATCH_WIN], T0 + 2000 * SEC), 0);
+    tally_stats st = stats(e);
+    cr_assert_eq(st.lru_evictions, BATCH * SPARSE / MEAN);
+    cr_assert_lt(st.lru_evictions, BATCH);
+    for (int i = 0; i < SPARSE; i++)
+        cr_assert_eq(present(e, p, batch_names[i]), !gone_sparse(i), "window key %d", i);
     tally_close(e);
 }

@@ -328,16 +328,21 @@ size_t tally__table_reclaim_take(tally__table *t, tally__digest d, uint64_t now,
 void   tally__table_reclaim_free(tally__table *t, const tally__batch *b);
 
 /*
- * Eviction (TALLY_EVICT_LRU), inside a read-side section, when a reclaim
- * found nothing to take: kill the LIVE slot of @d's window hit least
- * recently, passing over slots with cost not yet pushed to the sinks or with
- * a watch flag, and take it into @b as a reclaim takes an expired slot.
- * Once a flusher started, the victim's counts in shared windows go to it as
- * TALLY__NOTE_FORGET notes. Return true when a slot was killed (@b then
- * holds it, or another reclaim that took it first frees it), false when
- * every candidate is protected or the notes could not be allocated.
+ * Eviction (TALLY_EVICT_LRU), inside a read-side section, when the key @d
+ * found no room: take into @b the slots of its window that a reclaim would
+ * take at @now (expired keys, slots left DEAD); when there are none, kill a
+ * batch of the LIVE slots of the window hit least recently (capacity / 256,
+ * at most 16, fewer from a window holding fewer keys than the mean),
+ * passing over slots with cost not yet pushed to the sinks, a watch flag or
+ * concurrency holds, and take them into @b as a reclaim takes an expired
+ * slot; once a flusher started, the victims' counts in shared windows go to
+ * it as TALLY__NOTE_FORGET notes. Return true when a slot was taken or killed (@b then holds it, or
+ * another reclaim that took it first frees it) or when another pass made
+ * room since (@b empty: the caller claims again at once), false when the
+ * window gave nothing: every candidate protected, its only slots on their
+ * way to FREE another reclaim's, or no memory for the first victim's notes.
  */
-bool tally__table_evict(tally__table *t, tally__digest d, tally__batch *b);
+bool tally__table_evict(tally__table *t, tally__digest d, uint64_t now, tally__batch *b);
 
 /* Allocate the recency stamps of a table (under add_lock). Return 0 or TALLY_ENOMEM. */
 int tally__table_stamp_alloc(tally__table *t);

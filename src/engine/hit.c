@@ -62,17 +62,22 @@ enter(tally_engine *e, uint32_t policy, const void *key, size_t key_len, const v
 }
 
 #define RECLAIM_TRIES 8     /* reclaims that found nothing before a key is refused */
-/* Evictions a call makes before its key is refused: each one after the first
-   lost the slot it freed to another new key, which got in, so a new key is
-   refused only when every candidate is protected or others keep winning. */
+/* Eviction passes a call makes before only reclaims are left to it: each
+   one after the first lost the room it made to other new keys, which got
+   in, so a new key is refused only when every candidate is protected or
+   others keep winning. */
 #define EVICT_TRIES   64
 
 /*
  * Take the slot of a new key. When the key has no free slot, reclaim expired
  * slots: leave the read-side section to wait for a grace period, then retry.
- * When there are none, a policy with TALLY_EVICT_LRU evicts a key and waits
- * for its slot in the same way. Returns inside a read-side section whatever
- * happens.
+ * A policy with TALLY_EVICT_LRU looks at the key's window first, where it
+ * takes the expired keys or else evicts a batch of the least recently hit,
+ * and waits for their slots in the same way: a full table of live keys pays
+ * one look at a window and one grace period per batch, not a sweep of the
+ * table per key. The sweep runs when the window gave nothing: every key in
+ * it protected, or its slots taken by another reclaim. Returns inside a
+ * read-side section whatever happens.
  */
 
 static int acquire_slot(tally_engine *e, tally__table *t, tally__digest d, const void *key,
@@ -91,7 +96,12 @@ static int acquire_slot(tally_engine *e, tally__table *t, tally__digest d, const
             rc = TALLY_ENOMEM;
             break;
         }
-        if (tally__table_reclaim_take(t, d, now, batch) == 0) {
+        /* relaxed: the flag alone; tally__table_evict() orders its reads */
+        bool lru = atomic_load_explicit(&t->lru, memory_order_relaxed) && evictions++ < EVICT_TRIES;
+        if (lru && tally__table_evict(t, d, now, batch)) {
+            if (batch->n == 0)
+                continue;            /* room made by another: no slot of ours to wait for */
+        } else if (tally__table_reclaim_take(t, d, now, batch) == 0) {
             /* Nothing to take. Slots of the window that another reclaim took
                become FREE after its grace period: wait for them, however
                long that reclaim takes (its thread may be preempted), rather
@@ -105,9 +115,7 @@ static int acquire_slot(tally_engine *e, tally__table *t, tally__digest d, const
                     continue;
                 full = true;
             }
-            /* relaxed: the flag alone; tally__table_evict() orders its reads */
-            if (full && !(atomic_load_explicit(&t->lru, memory_order_relaxed)
-                          && evictions++ < EVICT_TRIES && tally__table_evict(t, d, batch)))
+            if (full)
                 break;
         }
         /* seq_cst, with the load of closing below: paired with the store of

@@ -129,23 +129,30 @@
  *     would retry that slot until its owner stored the tag, a wait on
  *     another thread. A claimant that wins the byte and stalls holds up no
  *     one: others take the next claimable byte. (tests/model/ctrl.pml)
- *  9. Eviction (TALLY_EVICT_LRU) runs only where a reclaim found nothing to
- *     take, and kills a LIVE slot by guarantee 4's CAS, so everything after
- *     the kill is the reclaim's: the victim's reservation is given back with
- *     its digest CAS to DEAD, its slot is reused only after a grace period,
- *     with zeroed states, and a delta a hit added after the evictor looked
- *     is spilled to the flusher then. The victim is the slot of the new key's
- *     window with the oldest recency stamp (stamp[i], written by hits of the
- *     policy and by the claim before the promotion, so a key is never older
- *     than its claim), among those with no cost waiting for the sinks, no
- *     watch flag and no concurrency holds when it looked: a hit since the
- *     choice that changed limit 0 fails the kill's CAS, one that changed
- *     nothing shows a newer stamp (read again just before the CAS), and the
- *     evictor chooses again. A denial that raced the kill past both checks
- *     counts as one that came just after the eviction: its watch flag, set
- *     on the dying slot, goes with it (the flag's note is sent all the same).
+ *  9. Eviction (TALLY_EVICT_LRU) runs only where a look at the new key's
+ *     window found nothing a reclaim would take there: its expired keys and
+ *     its slots left DEAD are taken first (consider()), and only a window
+ *     without them gives up live keys. It kills LIVE slots by guarantee 4's
+ *     CAS, so everything after a kill is the reclaim's: the victim's
+ *     reservation is given back with its digest CAS to DEAD, its slot is
+ *     reused only after a grace period, with zeroed states, and a delta a
+ *     hit added after the evictor looked is spilled to the flusher then.
+ *     The victims are the slots of the window with the oldest recency
+ *     stamps (stamp[i], written by hits of the policy and by the claim
+ *     before the promotion, so a key is never older than its claim), a
+ *     batch that one grace period frees together (capacity / 256 of them,
+ *     at least 1 and at most 16, fewer from a window that holds fewer keys
+ *     than a full table's mean), among those with no cost waiting for the
+ *     sinks, no watch flag and no concurrency holds when it looked: a hit
+ *     since the choice that changed limit 0 fails the kill's CAS, one that
+ *     changed nothing shows a newer stamp (read again just before the CAS),
+ *     and that victim is passed over; when every one was, the evictor
+ *     chooses again. lru_evicted counts the kills the evictor's CAS won,
+ *     each once. A denial that raced the kill past both checks counts as one
+ *     that came just after the eviction: its watch flag, set on the dying
+ *     slot, goes with it (the flag's note is sent all the same).
  *     Once a flusher started, the evictor also sends the flusher the count
- *     of each limit of a shared window as the victim died, one note a limit
+ *     of each limit of a shared window as each victim died, one note a limit
  *     (TALLY__NOTE_FORGET), for the flusher to count as others' cost in the
  *     key's next slots until the window ends. Limit 0's is the value its
  *     kill CAS replaced: every hit that counted in the slot is in it, and a
@@ -1006,7 +1013,16 @@ static bool evict_protected(const tally__table *t, size_t i, tally__sync *y, tal
     return false;
 }
 
-#define CHOOSE_TRIES 4    /* choices whose kill lost to a hit before an eviction gives up */
+#define CHOOSE_TRIES 4    /* choices whose kills all lost to hits before an eviction gives up */
+/* Keys one eviction pass takes at most, all freed after one grace period, so
+   that the next new keys find room without a pass or a wait of their own:
+   capacity / EVICT_SHARE (HAProxy's stick tables purge as large a share of
+   their oldest entries at once), at least one, at most EVICT_BATCH, an
+   eighth of the keys a window holds. The keys evicted before they were
+   needed stay below 1/EVICT_SHARE of the table's, and a table of fewer than
+   2 * EVICT_SHARE keys evicts exactly its window's least recently hit key. */
+#define EVICT_BATCH 16
+#define EVICT_SHARE 256
 
 /* A window every engine sharing the limit agrees on: the flusher learns the
    others' count of these alone (sync/flusher.c). */
@@ -1083,7 +1099,7 @@ static void kill_rest(tally__table *t, tally__slot *s, tally__state *st)
     }
 }
 
-bool tally__table_evict(tally__table *t, tally__digest d, tally__batch *b)
+bool tally__table_evict(tally__table *t, tally__digest d, uint64_t now, tally__batch *b)
 {
     static const tally__state dead = { 0, TALLY__DEAD_W1 };
     /* acquire: paired with the release store of tally__table_stamp_alloc() */
@@ -1093,77 +1109,126 @@ bool tally__table_evict(tally__table *t, tally__digest d, tally__batch *b)
     tally__sync *y = atomic_load_explicit(&t->sync, memory_order_acquire);
     tally__watch_slot *w = atomic_load_explicit(&t->watch, memory_order_acquire);
     size_t home = tally__home_of(t, d);
+    size_t want = t->capacity / EVICT_SHARE;
+    want = want < 1 ? 1 : want > EVICT_BATCH ? EVICT_BATCH : want;
+    /* the keys a window holds in a full table, on average */
+    size_t mean = t->capacity * TALLY__WINDOW / t->n_slots;
+    mean = mean < 1 ? 1 : mean;
 
     b->n = 0;
     b->evicted = 0;
     if (!stamp)
         return false;
     for (unsigned tries = 0; tries < CHOOSE_TRIES; tries++) {
-        /* The candidates are the keys of the window: the slot freed is one
-           the new key can claim, and at a load factor of 1/2 the window
-           holds about TALLY__WINDOW / 2 keys, a sample of the table's ages. */
-        size_t victim = SIZE_MAX;
-        uint64_t oldest = UINT64_MAX;
+        /* One look at the window: its expired keys and its slots left DEAD
+           are taken as a reclaim takes them (consider()), and the oldest
+           unprotected keys of the rest, sorted by stamp, are the
+           candidates. The window is where the new key must live, and at a
+           load factor of 2/3 it holds about 170 keys, a sample of the
+           table's ages. */
+        size_t victim[EVICT_BATCH];
+        uint64_t age[EVICT_BATCH];
+        size_t n_cand = 0, n_live = 0;
+        bool room = false, settling = false;
         for (size_t k = 0; k < TALLY__WINDOW; k += TALLY__GROUP) {
             size_t g = wrap(t, home + k);
-            /* relaxed: a tag byte only names a slot whose digest is read
-               below, which decides (guarantee 8) */
+            /* relaxed: a byte only names a slot whose digest is read below,
+               which decides (guarantee 8) */
             __m128i v = ctrl_group(t, g, memory_order_relaxed);
-            for (unsigned m = ~(unsigned)_mm_movemask_epi8(v) & 0xffff; m; m &= m - 1) {
+            unsigned c = ctrl_claimable(v);
+            room = room || c;
+            for (unsigned m = ~c & 0xffff; m; m &= m - 1) {
                 size_t i = g + (size_t)__builtin_ctz(m);
+                size_t taken = b->n;
+                consider(t, i, now, b);
+                if (b->n != taken)
+                    continue;
                 uint64_t lo, hi;
                 digest_load(tally__slot_at(t, i), &lo, &hi);
-                if (status_of(hi) != TALLY__LIVE)
+                if (status_of(hi) != TALLY__LIVE) {
+                    settling = settling || status_of(hi) != TALLY__PENDING;
                     continue;
+                }
+                n_live++;
                 /* relaxed: an age, a heuristic; read again before the kill */
                 uint64_t at = atomic_load_explicit(&stamp[i], memory_order_relaxed);
-                if (at < oldest && !evict_protected(t, i, y, w)) {
-                    oldest = at;
-                    victim = i;
+                if ((n_cand == want && at >= age[n_cand - 1]) || evict_protected(t, i, y, w))
+                    continue;
+                size_t j = n_cand < want ? n_cand++ : n_cand - 1;
+                for (; j > 0 && age[j - 1] > at; j--) {
+                    age[j] = age[j - 1];
+                    victim[j] = victim[j - 1];
                 }
+                age[j] = at;
+                victim[j] = i;
             }
         }
-        if (victim == SIZE_MAX)
-            return false;             /* every key of the window is protected */
-        tally__slot *s = tally__slot_at(t, victim);
-        tally__state first = tally__state_load_atomic(&s->st[0]);
-        if (tally__state_is_dead(first))
-            continue;                 /* another reclaim is killing it: choose again */
-        /* judged after the state was read, as the reclaim does: a cost added
-           after this goes to the flusher when the slot is freed (guarantee 9);
-           and a newer stamp is a hit since the choice, also one that changed
-           no state (a denial), which the CAS cannot see. relaxed: a heuristic */
-        if (evict_protected(t, victim, y, w)
-            || atomic_load_explicit(&stamp[victim], memory_order_relaxed) != oldest)
-            continue;
-        /* With a flusher, the victim's counts go to it (guarantee 9). */
-        tally__note *forget[TALLY_MAX_LIMITS];
-        tally__state st[TALLY_MAX_LIMITS];
+        /* Expired keys go before any live one, and slots left DEAD are
+           taken: the caller waits for them and tries again. */
+        if (b->n)
+            return true;
+        /* No free slot in the window, and slots another reclaim took: they
+           are FREE after its grace period, which the caller waits for
+           (tally__table_window_settling()) rather than evict. */
+        if (n_cand == 0 || (!room && settling))
+            return false;             /* or every key of the window is protected */
+        /* Another pass made room since the caller was refused: claim it
+           rather than evict ahead of need. relaxed: a heuristic; the claim
+           decides */
+        if (room && tally__res_live(atomic_load_explicit(&t->res, memory_order_relaxed)) < t->capacity)
+            return true;
+        /* The room goes to new keys anywhere in the table, the evictions
+           come out of this window: a window holding fewer keys than a full
+           table's mean gives up fewer, so that no region drains (a window
+           with no key left could evict nothing). */
+        size_t batch = want * n_live / mean;
+        batch = batch < 1 ? 1 : batch;
+        size_t killed = 0;
         /* acquire: paired with the release store of tally_policy_update()
            (engine.c): the notes name windows of one version of the policy */
         const tally__limit *lim = atomic_load_explicit(&t->limits, memory_order_acquire);
-        uint64_t lo, hi;
-        digest_load(s, &lo, &hi);
-        if (y && !forget_make(t, lim, victim, (tally__digest){ lo, hi & TALLY__DIGEST_HI_MASK }, forget))
-            return false;             /* refused rather than forgotten */
-        st[0] = first;
-        for (unsigned l = 1; l < t->n_limits; l++)
-            st[l] = tally__state_load_atomic(&s->st[l]);
-        if (!tally__state_cas(&s->st[0], first, dead)) {
+        for (size_t j = 0; j < n_cand && killed < batch; j++) {
+            tally__slot *s = tally__slot_at(t, victim[j]);
+            tally__state first = tally__state_load_atomic(&s->st[0]);
+            if (tally__state_is_dead(first))
+                continue;             /* another reclaim is killing it */
+            /* judged after the state was read, as the reclaim does: a cost
+               added after this goes to the flusher when the slot is freed
+               (guarantee 9); and a newer stamp is a hit since the choice,
+               also one that changed no state (a denial), which the CAS
+               cannot see. relaxed: a heuristic */
+            if (evict_protected(t, victim[j], y, w)
+                || atomic_load_explicit(&stamp[victim[j]], memory_order_relaxed) != age[j])
+                continue;
+            /* With a flusher, the victim's counts go to it (guarantee 9). */
+            tally__note *forget[TALLY_MAX_LIMITS];
+            tally__state st[TALLY_MAX_LIMITS];
+            uint64_t lo, hi;
+            digest_load(s, &lo, &hi);
+            if (y && !forget_make(t, lim, victim[j], (tally__digest){ lo, hi & TALLY__DIGEST_HI_MASK },
+                                  forget))
+                break;                /* refused rather than forgotten */
+            st[0] = first;
+            for (unsigned l = 1; l < t->n_limits; l++)
+                st[l] = tally__state_load_atomic(&s->st[l]);
+            if (!tally__state_cas(&s->st[0], first, dead)) {
+                if (y)
+                    forget_drop(t, forget);
+                continue;             /* hit since it was chosen: no longer among the oldest */
+            }
+            atomic_fetch_add_explicit(&t->lru_evicted, 1, memory_order_relaxed);
+            killed++;
+            kill_rest(t, s, st);
+            tally__table_help_kill(t, s);
             if (y)
-                forget_drop(t, forget);
-            continue;                 /* hit since it was chosen: no longer the oldest */
+                forget_send(t, lim, forget, st);
+            if (take_dead(t, s, &b->digest[b->n])) {
+                b->idx[b->n++] = victim[j];
+                b->evicted++;
+            }
         }
-        atomic_fetch_add_explicit(&t->lru_evicted, 1, memory_order_relaxed);
-        kill_rest(t, s, st);
-        tally__table_help_kill(t, s);
-        if (y)
-            forget_send(t, lim, forget, st);
-        if (take_dead(t, s, &b->digest[0])) {
-            b->idx[0] = victim;
-            b->n = b->evicted = 1;
-        }
-        return true;
+        if (killed)
+            return true;
     }
     return false;
 }
