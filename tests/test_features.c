@@ -748,12 +748,14 @@ Test(features, evict_lru_never_takes_a_flagged_key)
     tally_close(e);
 }
 
+/* A window limit and a concurrency limit whose holds protect a key. */
+static const tally_limit HOLDS[2] = {
+    { .algo = TALLY_FIXED_WINDOW, .max = 5, .period_ns = 3600 * SEC },
+    { .algo = TALLY_CONCURRENCY, .max = 2, .period_ns = 3600 * SEC },
+};
+
 Test(features, evict_lru_never_takes_a_key_that_holds)
 {
-    static const tally_limit HOLDS[2] = {
-        { .algo = TALLY_FIXED_WINDOW, .max = 5, .period_ns = 3600 * SEC },
-        { .algo = TALLY_CONCURRENCY, .max = 2, .period_ns = 3600 * SEC },
-    };
     tally_engine *e = open_engine(LRU_CAP);
     uint32_t p = add(e, "lru", TALLY_EVICT_LRU, 2, HOLDS);
     same_window_keys(e, p);
@@ -923,10 +925,6 @@ Test(features, evict_lru_batch_takes_the_oldest_unprotected_keys_and_counts_each
 
 Test(features, evict_lru_batch_never_takes_a_key_that_holds)
 {
-    static const tally_limit HOLDS[2] = {
-        { .algo = TALLY_FIXED_WINDOW, .max = 5, .period_ns = 3600 * SEC },
-        { .algo = TALLY_CONCURRENCY, .max = 2, .period_ns = 3600 * SEC },
-    };
     tally_engine *e = open_engine(BATCH_CAP);
     uint32_t p = add(e, "lru", TALLY_EVICT_LRU, 2, HOLDS);
     home_group_keys(e, p, "batch", batch_names, BATCH_WIN + 2);
