@@ -9,6 +9,7 @@
 #include "test.h"
 #include <inttypes.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "tally.h"
@@ -1056,5 +1057,50 @@ Test(features, evict_lru_batch_from_a_sparse_window_is_smaller)
     cr_assert_lt(st.lru_evictions, BATCH);
     for (int i = 0; i < SPARSE; i++)
         cr_assert_eq(present(e, p, batch_names[i]), !gone_sparse(i), "window key %d", i);
+    tally_close(e);
+}
+
+static void count_deltas(void *ctx, const tally_delta *d, size_t n)
+{
+    (void)d;
+    *(size_t *)ctx += n;
+}
+
+/* Evictions after the flusher stopped leave no notes behind: nothing would
+   take them until a next start, and they would grow with every eviction. */
+Test(features, evictions_after_the_flusher_stopped_leave_no_notes)
+{
+    static const tally_limit HOURLY_ALIGNED = { .algo = TALLY_FIXED_WINDOW, .max = 5,
+                                                .period_ns = 3600 * SEC };
+    tally_engine *e = open_engine(LRU_CAP);
+    uint32_t p = add(e, "lru", TALLY_EVICT_LRU | TALLY_ALIGNED, 1, &HOURLY_ALIGNED);
+    size_t delivered = 0;
+    tally_flusher_options fo;
+    tally_flusher_options_init(&fo);
+    fo.on_deltas = count_deltas;
+    fo.ctx = &delivered;
+    cr_assert_eq(tally_flusher_start(e, &fo), 0);
+    char name[24];
+    for (int i = 0; i < LRU_CAP; i++) {
+        snprintf(name, sizeof(name), "before-%d", i);
+        cr_assert_eq(try_hit(e, p, name, T0), 0);
+    }
+    cr_assert_eq(tally_flush(e, 5000), 0);
+    cr_assert_eq(tally_flusher_stop(e), 0);
+    cr_assert_gt(delivered, 0);
+    for (int i = 0; i < 4 * LRU_CAP; i++) {
+        snprintf(name, sizeof(name), "after-%d", i);
+        cr_assert_eq(try_hit(e, p, name, T0 + SEC), 0, "key %d", i);
+    }
+    cr_assert_gt(stats(e).lru_evictions, (uint64_t)(2 * LRU_CAP));
+    size_t left = 0;
+    tally__note *n = tally__notes_take(&e->notes);
+    while (n) {
+        tally__note *next = n->next;
+        left++;
+        free(n);
+        n = next;
+    }
+    cr_assert_eq(left, 0, "%zu notes left after the flusher stopped", left);
     tally_close(e);
 }

@@ -342,7 +342,7 @@ void   tally__table_reclaim_free(tally__table *t, const tally__batch *b);
  * window gave nothing: every candidate protected, its only slots on their
  * way to FREE another reclaim's, or no memory for the first victim's notes.
  */
-bool tally__table_evict(tally__table *t, tally__digest d, uint64_t now, tally__batch *b);
+bool tally__table_evict(tally__table *t, tally__digest d, uint64_t now, bool syncing, tally__batch *b);
 
 /* Allocate the recency stamps of a table (under add_lock). Return 0 or TALLY_ENOMEM. */
 int tally__table_stamp_alloc(tally__table *t);

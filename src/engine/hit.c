@@ -26,6 +26,7 @@
  *     (tally__cfg, replaced whole by tally_policy_update()) and decides every
  *     limit under it: never under half of an update.
  */
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -97,8 +98,15 @@ static int acquire_slot(tally_engine *e, tally__table *t, tally__digest d, const
             break;
         }
         /* relaxed: the flag alone; tally__table_evict() orders its reads */
-        bool lru = atomic_load_explicit(&t->lru, memory_order_relaxed) && evictions++ < EVICT_TRIES;
-        if (lru && tally__table_evict(t, d, now, batch)) {
+        bool lru = atomic_load_explicit(&t->lru, memory_order_relaxed) && evictions < EVICT_TRIES;
+        /* relaxed: whether an evicted key's counts go to a flusher; one
+           that stops meanwhile leaves its few notes to the next start */
+        bool syncing = atomic_load_explicit(&e->syncing, memory_order_relaxed);
+        if (lru && tally__table_evict(t, d, now, syncing, batch)) {
+            /* an eviction, or room another made, counts as a try; a look
+               that took only expired keys, or a wait for a window another
+               reclaim holds, does not */
+            evictions += batch->evicted != 0 || batch->n == 0;
             if (batch->n == 0)
                 continue;            /* room made by another: no slot of ours to wait for */
         } else if (tally__table_reclaim_take(t, d, now, batch) == 0) {
@@ -110,6 +118,8 @@ static int acquire_slot(tally_engine *e, tally__table *t, tally__digest d, const
                before giving up. */
             bool settling = tally__table_window_settling(t, d);
             bool full = !settling && ++idle > RECLAIM_TRIES;
+            if (settling)
+                sched_yield();       /* the holder may need this CPU to free them */
             if (!full && !settling && atomic_load_explicit(&t->zombies, memory_order_relaxed) == 0) {
                 if (tally__res_live(atomic_load_explicit(&t->res, memory_order_relaxed)) < t->capacity)
                     continue;

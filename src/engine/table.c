@@ -698,10 +698,12 @@ static void *key_copy_at(tally__table *t, size_t idx, const void *key, size_t le
 {
     /* relaxed: the CAS below decides */
     void *kp = atomic_load_explicit(&t->keys[idx], memory_order_relaxed);
-    /* acquire: the buffer's last writes, by the reclaim that made it a
-       spare and the claimant before it, come first; paired with the store of
-       the spare in tally__table_reclaim_free() (with the byte and digest
-       writes after it, which the claimant's scan read) */
+    /* acquire: the buffer's last writes and reads, by the claimant that
+       filled it and the readers the reclaim waited for, come first; paired
+       with the release store of the spare in tally__table_reclaim_free().
+       No ABA: this call's read-side section began before its scan saw the
+       slot claimable, so the slot cannot be freed again, and its spare
+       replaced, before the CAS */
     if (is_spare(kp) && atomic_compare_exchange_strong_explicit(&t->keys[idx], &kp, NULL,
                                                                 memory_order_acquire,
                                                                 memory_order_relaxed)) {
@@ -1017,9 +1019,8 @@ static bool evict_protected(const tally__table *t, size_t i, tally__sync *y, tal
 /* Keys one eviction pass takes at most, all freed after one grace period, so
    that the next new keys find room without a pass or a wait of their own:
    capacity / EVICT_SHARE (HAProxy's stick tables purge as large a share of
-   their oldest entries at once), at least one, at most EVICT_BATCH, an
-   eighth of the keys a window holds. The keys evicted before they were
-   needed stay below 1/EVICT_SHARE of the table's, and a table of fewer than
+   their oldest entries at once), at least one, at most EVICT_BATCH, under a
+   tenth of the about 170 keys a full window holds. A table of fewer than
    2 * EVICT_SHARE keys evicts exactly its window's least recently hit key. */
 #define EVICT_BATCH 16
 #define EVICT_SHARE 256
@@ -1060,9 +1061,9 @@ static bool forget_make(tally__table *t, const tally__limit *lim, size_t i, tall
 
 /* Send each limit's count as the victim died (@st) in the window it was in. */
 static void forget_send(tally__table *t, const tally__limit *lim, tally__note **n,
-                        const tally__state *st)
+                        const tally__state *st, uint64_t now)
 {
-    uint64_t now = tally_now_ns();      /* places a sliding window's number only */
+    /* @now, the evicting call's time, places a sliding window's number only */
     for (unsigned l = 0; l < t->n_limits; l++) {
         if (!n[l])
             continue;
@@ -1099,7 +1100,7 @@ static void kill_rest(tally__table *t, tally__slot *s, tally__state *st)
     }
 }
 
-bool tally__table_evict(tally__table *t, tally__digest d, uint64_t now, tally__batch *b)
+bool tally__table_evict(tally__table *t, tally__digest d, uint64_t now, bool syncing, tally__batch *b)
 {
     static const tally__state dead = { 0, TALLY__DEAD_W1 };
     /* acquire: paired with the release store of tally__table_stamp_alloc() */
@@ -1108,6 +1109,9 @@ bool tally__table_evict(tally__table *t, tally__digest d, uint64_t now, tally__b
        and tally_watch_set() (ops/ops.c): the arrays are seen zeroed */
     tally__sync *y = atomic_load_explicit(&t->sync, memory_order_acquire);
     tally__watch_slot *w = atomic_load_explicit(&t->watch, memory_order_acquire);
+    /* the victims' counts go to a flusher that runs (guarantee 9): none is
+       left on the stack for one that stopped */
+    bool notes = y && syncing;
     size_t home = tally__home_of(t, d);
     size_t want = t->capacity / EVICT_SHARE;
     want = want < 1 ? 1 : want > EVICT_BATCH ? EVICT_BATCH : want;
@@ -1205,14 +1209,14 @@ bool tally__table_evict(tally__table *t, tally__digest d, uint64_t now, tally__b
             tally__state st[TALLY_MAX_LIMITS];
             uint64_t lo, hi;
             digest_load(s, &lo, &hi);
-            if (y && !forget_make(t, lim, victim[j], (tally__digest){ lo, hi & TALLY__DIGEST_HI_MASK },
+            if (notes && !forget_make(t, lim, victim[j], (tally__digest){ lo, hi & TALLY__DIGEST_HI_MASK },
                                   forget))
                 break;                /* refused rather than forgotten */
             st[0] = first;
             for (unsigned l = 1; l < t->n_limits; l++)
                 st[l] = tally__state_load_atomic(&s->st[l]);
             if (!tally__state_cas(&s->st[0], first, dead)) {
-                if (y)
+                if (notes)
                     forget_drop(t, forget);
                 continue;             /* hit since it was chosen: no longer among the oldest */
             }
@@ -1220,8 +1224,8 @@ bool tally__table_evict(tally__table *t, tally__digest d, uint64_t now, tally__b
             killed++;
             kill_rest(t, s, st);
             tally__table_help_kill(t, s);
-            if (y)
-                forget_send(t, lim, forget, st);
+            if (notes)
+                forget_send(t, lim, forget, st, now);
             if (take_dead(t, s, &b->digest[b->n])) {
                 b->idx[b->n++] = victim[j];
                 b->evicted++;
@@ -1282,10 +1286,10 @@ void tally__table_reclaim_free(tally__table *t, const tally__batch *b)
         }
         if (kp) {
             /* the copy stays as the slot's spare (tally__table_key() sees
-               none); relaxed: the release store of the digest below and the
-               byte's write after it publish it with the slot */
+               none); release: the buffer and the last reads of it come
+               first, paired with the acquire CAS of key_copy_at() */
             tally__tsan_release(kp);
-            atomic_store_explicit(&t->keys[b->idx[j]], (void *)((uintptr_t)kp | 1), memory_order_relaxed);
+            atomic_store_explicit(&t->keys[b->idx[j]], (void *)((uintptr_t)kp | 1), memory_order_release);
         }
         /* the key no longer lies past the groups before its slot (guarantee 1) */
         pass_groups(t, tally__home_of(t, b->digest[j]), b->idx[j], -1);

@@ -764,13 +764,22 @@ struct settle_shared {
     int             rc, freed_at_return;
 };
 
-static void *settle_worker(void *p)
+static void *settle_worker_at(struct settle_shared *s, uint64_t now)
 {
-    struct settle_shared *s = p;
     tally_result r;
-    s->rc = tally_hit_at(s->e, s->policy, s->key, strlen(s->key), NULL, T0 + 2 * SEC, &r);
+    s->rc = tally_hit_at(s->e, s->policy, s->key, strlen(s->key), NULL, now, &r);
     s->freed_at_return = atomic_load(&s->freed);
     return NULL;
+}
+
+static void *settle_worker(void *p)
+{
+    return settle_worker_at(p, T0 + 2 * SEC);
+}
+
+static void *settle_worker_late(void *p)
+{
+    return settle_worker_at(p, T0 + 200 * SEC);
 }
 
 /*
@@ -827,6 +836,84 @@ Test(stress, a_new_key_waits_for_the_slots_another_reclaim_holds, .timeout = 60)
     tally_snapshot snap;
     cr_assert_eq(tally_read(s.e, s.policy, s.key, strlen(s.key), &snap), 0);
     cr_assert_eq(snap.c[0].used, 1);
+    tally_close(s.e);
+}
+
+/*
+ * The same with TALLY_EVICT_LRU and the table at its capacity: the held
+ * slots are the window's expired half, the other half live, and every other
+ * reservation taken by keys outside the window. The new key waits for the
+ * held slots through as many grace periods as the holder takes, and once
+ * they are free it gets one (evicting if it must): the waits do not use up
+ * the evictions a call may make.
+ */
+Test(stress, an_lru_key_waits_for_held_slots_and_still_evicts, .timeout = 60)
+{
+    static struct settle_shared s;
+    memset(&s, 0, sizeof(s));
+    /* large enough that the keys outside the window fill the rest at the
+       usual load, so that they evict nothing */
+    s.e = open_engine(4096);
+    tally_limit l = { .algo = TALLY_FIXED_WINDOW, .max = 10, .period_ns = 100 * SEC };
+    s.policy = add_policy(s.e, "settle-lru", l, TALLY_EVICT_LRU);
+    tally__table *t = &tally__policy_get(s.e, s.policy)->table;
+    size_t n_groups = t->n_slots / TALLY__GROUP;
+
+    static char keys[TALLY__WINDOW + 1][24];
+    int n = 0;
+    for (uint64_t c = 0; n <= TALLY__WINDOW; c++) {
+        cr_assert_lt(c, UINT64_C(10000000));
+        snprintf(keys[n], sizeof(keys[n]), "sl-%" PRIu64, c);
+        if (home_group_of(t, tally__key_digest(s.e, keys[n], strlen(keys[n]))) == 0)
+            n++;
+    }
+    /* the window: half hit at T0, half at T0 + 150 s; by T0 + 200 s only the
+       first half's 100 s windows have ended */
+    for (int i = 0; i < TALLY__WINDOW; i++) {
+        tally_result r;
+        uint64_t at = i < TALLY__WINDOW / 2 ? T0 : T0 + 150 * SEC;
+        cr_assert_eq(tally_hit_at(s.e, s.policy, keys[i], strlen(keys[i]), NULL, at, &r), 0, "%d", i);
+    }
+    s.key = keys[TALLY__WINDOW];
+    tally__batch *b = tally__batch_new(t);
+    cr_assert_not_null(b);
+    tally__rcu_enter();
+    size_t taken = tally__table_reclaim_take(t, tally__key_digest(s.e, s.key, strlen(s.key)),
+                                             T0 + 200 * SEC, b);
+    tally__rcu_exit();
+    cr_assert_eq(taken, (size_t)TALLY__WINDOW / 2);
+    /* the rest of the capacity, keys whose windows cannot reach group 0's */
+    char key[24];
+    size_t live = TALLY__WINDOW / 2;
+    for (uint64_t c = 0; live < t->capacity; c++) {
+        cr_assert_lt(c, UINT64_C(10000000));
+        snprintf(key, sizeof(key), "so-%" PRIu64, c);
+        size_t g = home_group_of(t, tally__key_digest(s.e, key, strlen(key)));
+        if (g < TALLY__WINDOW / TALLY__GROUP || g + TALLY__WINDOW / TALLY__GROUP > n_groups)
+            continue;
+        tally_result r;
+        cr_assert_eq(tally_hit_at(s.e, s.policy, key, strlen(key), NULL, T0 + 150 * SEC, &r), 0);
+        live++;
+    }
+
+    /* the table is at its capacity: the new key needs an eviction */
+    cr_assert_eq(tally__res_live(atomic_load(&t->res)), t->capacity);
+    tally_stats st;
+    tally_stats_read(s.e, &st);
+    cr_assert_eq(st.lru_evictions, 0);
+    pthread_t th;
+    cr_assert_eq(pthread_create(&th, NULL, settle_worker_late, &s), 0);
+    struct timespec pause = { 0, 300 * 1000 * 1000 };
+    nanosleep(&pause, NULL);
+    atomic_store(&s.freed, 1);
+    tally__rcu_wait();
+    tally__table_reclaim_free(t, b);
+    tally__batch_free(b);
+    pthread_join(th, NULL);
+    cr_assert_eq(s.rc, 0, "the new key got %d (%s)", s.rc, tally_strerror(s.rc));
+    cr_assert(s.freed_at_return, "the call returned before the slots were free");
+    tally_stats_read(s.e, &st);
+    cr_assert_gt(st.lru_evictions, 0, "room came from an eviction");
     tally_close(s.e);
 }
 
