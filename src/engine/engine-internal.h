@@ -4,6 +4,7 @@
 #define TALLY_INTERNAL_H
 
 #include <pthread.h>
+#include <semaphore.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -436,9 +437,12 @@ typedef struct tally__note {
 
 /* TALLY__NOTE_FORGET: a LIVE key was evicted (TALLY_EVICT_LRU) while a
    flusher may run; its count in a shared window, which no slot holds any
-   more, is the flusher's to count as others' for the key's next slot. */
+   more, is the flusher's to count as others' for the key's next slot.
+   TALLY__NOTE_PREFETCH: a key just took its slot while a flusher syncs to a
+   store; the flusher reads its global count in each shared window at once
+   (limit is 0: it stands for every limit of the policy). */
 enum { TALLY__NOTE_DELTA, TALLY__NOTE_EVENT, TALLY__NOTE_FLAG, TALLY__NOTE_UNFLAG,
-       TALLY__NOTE_FORGET };
+       TALLY__NOTE_FORGET, TALLY__NOTE_PREFETCH };
 
 /* The hand-off stack (notes.c). */
 struct tally__notes {
@@ -467,6 +471,11 @@ struct tally_engine {
     tally__notes     notes;          /* spilled deltas and events for the flusher */
     _Atomic bool     syncing;        /* a flusher runs: hot path records deltas */
     _Atomic bool     events_on;      /* ... and wants first_exceeded events */
+    /* Prefetches: set by the hit that pushes the first prefetch note since
+       the flusher last took the notes, which alone posts wake; cleared by
+       the flusher before it takes them. */
+    _Atomic bool     prefetch_due;
+    sem_t *_Atomic   wake;           /* the running flusher's, while it syncs to a store */
     _Atomic uint64_t fail_closed_ns; /* 0: fail open; else deny when the last flush is older */
     _Atomic uint64_t last_flush_ok_ns;
     struct tally__flusher *flusher;  /* under add_lock */
@@ -525,6 +534,11 @@ void tally__spill(tally__notes *s, uint32_t policy, unsigned limit, tally__diges
 /* Make a note for the flusher carrying @key (or the digest). NULL when out of memory. */
 tally__note *tally__note_new(uint8_t kind, uint32_t policy, unsigned limit, tally__digest d,
                              const void *key, size_t key_len);
+/* A key of @policy just took its slot: when a flusher syncs to a store, hand
+   it a TALLY__NOTE_PREFETCH and wake it, unless an earlier prefetch already
+   did and the flusher has not taken the notes since. Caller is inside an RCU
+   read-side section. */
+void tally__prefetch(tally_engine *e, uint32_t policy, tally__digest d);
 /* The rejection watch, on the hot path: feed a denial of @cost to slot @idx. */
 void tally__watch_feed(tally_engine *e, tally__policy *p, size_t idx, tally__digest d,
                        const void *key, size_t key_len, uint64_t cost, uint64_t now);

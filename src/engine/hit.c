@@ -486,6 +486,10 @@ hit_core(tally_engine *e, uint32_t policy, const void *key, size_t key_len, cons
                     stat_inc(&st->full_refusals);
                 break;
             }
+            /* a key new to this engine asks the store for its global count;
+               this hit decides without it */
+            if (sync)
+                tally__prefetch(e, t->policy, d);
         }
         c.sync = sync ? sync + tally__slot_index(t, c.s) * p->n_limits : NULL;
         int step = p->n_limits == 1

@@ -1,8 +1,10 @@
 /*
  * The hand-off stack: deltas that can no longer stay in their slot, events
  * and flags, pushed by any thread (lock-free, MPSC) and taken all at once by
- * the flusher. Push allocates; a note that cannot be allocated is an event
- * lost, or a cost counted in lost (never silently dropped).
+ * the flusher; and the prefetch of a key's global count, which wakes the
+ * flusher once per batch of prefetches it takes. Push allocates; a note that
+ * cannot be allocated is an event or a prefetch lost, or a cost counted in
+ * lost (never silently dropped).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -72,4 +74,24 @@ void tally__spill(tally__notes *s, uint32_t policy, unsigned limit, tally__diges
     n->win = win;
     n->delta = delta;
     tally__note_push(s, n);
+}
+
+void tally__prefetch(tally_engine *e, uint32_t policy, tally__digest d)
+{
+    /* acquire: paired with the release store in tally__flusher_start(): the
+       semaphore is initialised; the read-side section keeps it alive
+       (tally_flusher_stop() clears it and waits for a grace period) */
+    sem_t *wake = atomic_load_explicit(&e->wake, memory_order_acquire);
+    if (!wake)
+        return;                               /* no store: nothing to learn */
+    /* the digest names the key's counts in the store: no key bytes */
+    tally__note *n = tally__note_new(TALLY__NOTE_PREFETCH, policy, 0, d, NULL, 0);
+    if (!n)
+        return;                               /* the key learns its count at the next flush */
+    tally__note_push(&e->notes, n);
+    /* acq_rel: the push before the flag, so that a flusher that clears a
+       flag we found set takes our note; paired with the acquire exchange in
+       the flusher (sync/flusher.c, take_notes) */
+    if (!atomic_exchange_explicit(&e->prefetch_due, true, memory_order_acq_rel))
+        sem_post(wake);
 }

@@ -39,6 +39,17 @@
  *     slot's own count, a take of a slot's delta that races the eviction moves
  *     total and acked together, and a reset before the eviction left the slot
  *     only what it counted since. forgot goes with its entry at the window's end.
+ *  9. A key that takes a slot while a store is on hands the flusher a
+ *     TALLY__NOTE_PREFETCH (engine/notes.c), and the first such note since
+ *     the flusher last took the notes posts its semaphore: one post per
+ *     batch of prefetches, not per key. Woken before its interval is over,
+ *     the flusher takes the notes and reads the totals of those keys' shared
+ *     windows in one exchange, with no batch (sink prefetch), into their
+ *     slots as a read-back does (guarantee 7: the same others' count, total
+ *     less acknowledged cost plus forgot, skipped while a batch of the key is
+ *     in flight, so a prefetch and a flush never count anything twice). It
+ *     writes nothing to the store, and a key without a slot by then is
+ *     skipped. The round of a flush is not moved by a prefetch.
  */
 #include <errno.h>
 #include <stddef.h>
@@ -207,6 +218,24 @@ static void note_refresh(struct tally__flusher *f, uint32_t policy, unsigned lim
     f->refresh[f->refresh_n++] = (refresh){ policy, limit, d, win };
 }
 
+/* A key new to the engine: its count in the current window of every shared
+   limit is read (guarantee 9). */
+static void note_prefetch(struct tally__flusher *f, const tally__note *n, uint64_t now)
+{
+    tally__policy *p = tally__policy_get(f->e, n->policy);
+    if (!p)
+        return;
+    /* acquire: paired with the release store of tally_policy_update()
+       (engine/engine.c): every limit read from one version of the policy,
+       which stays allocated until close */
+    const tally__limit *lim = atomic_load_explicit(&p->table.limits, memory_order_acquire);
+    for (unsigned l = 0; l < p->table.n_limits; l++) {
+        uint64_t win, prev;
+        if (shared_window(&lim[l], now, &win, &prev))
+            note_refresh(f, n->policy, l, n->digest, win);
+    }
+}
+
 /* Keys of slot @s hit in the current shared window or the one before: their
    count in the current window is read back (guarantee 7). */
 static void collect_refresh(collect_arg *a, tally__slot *s, tally__digest d)
@@ -285,14 +314,26 @@ static void collect_range(void *arg)
     }
 }
 
-static void collect(struct tally__flusher *f)
+/* Take every note: spilled deltas, evictions and events are kept for the
+   next push; prefetches are noted for a read-back when @prefetch, and
+   dropped by a flush, whose read-back covers every live key (guarantee 7). */
+static void take_notes(struct tally__flusher *f, bool prefetch)
 {
     tally_engine *e = f->e;
 
-    /* spilled deltas, evictions and events first */
+    /* acquire: paired with the acq_rel exchange of tally__prefetch()
+       (engine/notes.c): the note of a flag cleared here is taken below, and
+       a later note posts again */
+    atomic_exchange_explicit(&e->prefetch_due, false, memory_order_acquire);
     uint64_t taken = tally_now_ns();
     for (tally__note *n = tally__notes_take(&e->notes), *next; n; n = next) {
         next = n->next;
+        if (n->kind == TALLY__NOTE_PREFETCH) {
+            if (prefetch)
+                note_prefetch(f, n, taken);
+            free(n);
+            continue;
+        }
         if (n->kind == TALLY__NOTE_FORGET) {
             forget(f, n, taken);
             continue;
@@ -313,6 +354,14 @@ static void collect(struct tally__flusher *f)
         keep(f, n->policy, n->limit, n->digest, n->win, n->delta, 0, n->key, n->key_len);
         free(n);
     }
+}
+
+static void collect(struct tally__flusher *f)
+{
+    tally_engine *e = f->e;
+
+    /* spilled deltas, evictions and events first */
+    take_notes(f, false);
     /* acquire: paired with the release store in tally_policy_add() (engine/engine.c) */
     uint32_t np = atomic_load_explicit(&e->n_policies, memory_order_acquire);
     uint64_t now = tally_now_ns();
@@ -635,11 +684,24 @@ static int flush_once(struct tally__flusher *f)
     return rc;
 }
 
+/* Between flushes: the totals of the keys that took a slot since the notes
+   were last taken, in one exchange (guarantee 9). */
+static void prefetch_once(struct tally__flusher *f)
+{
+    f->refresh_n = 0;
+    take_notes(f, true);
+    if (f->refresh_n && f->sink->ops->prefetch)
+        f->sink->ops->prefetch(f->sink, f);
+    f->refresh_n = 0;
+}
+
 /* ---- The thread ----------------------------------------------------------- */
 
 static void *flusher_main(void *arg)
 {
     struct tally__flusher *f = arg;
+    uint64_t interval = (uint64_t)f->o.interval_ms * TALLY__NS_PER_MS;
+    uint64_t next = tally__mono_ns() + interval;     /* the next round, CLOCK_MONOTONIC */
 
     if (f->o.cpu >= 0) {
         cpu_set_t set;
@@ -650,13 +712,25 @@ static void *flusher_main(void *arg)
     pthread_mutex_lock(&f->lock);
     for (;;) {
         if (!f->stop && f->requested == f->done) {
-            struct timespec until = tally__deadline((uint64_t)f->o.interval_ms * TALLY__NS_PER_MS);
-            pthread_cond_timedwait(&f->cond, &f->lock, &until);
+            pthread_mutex_unlock(&f->lock);
+            struct timespec until = { .tv_sec = (time_t)(next / 1000000000u),
+                                      .tv_nsec = (long)(next % 1000000000u) };
+            /* a post is a request, a stop or a prefetch; the count a post
+               left after its request was served costs one empty turn */
+            sem_clockwait(&f->wake, CLOCK_MONOTONIC, &until);
+            bool early = tally__mono_ns() < next;
+            /* relaxed: a hint; take_notes() orders what it takes */
+            if (early && atomic_load_explicit(&f->e->prefetch_due, memory_order_relaxed))
+                prefetch_once(f);
+            pthread_mutex_lock(&f->lock);
+            if (early && !f->stop && f->requested == f->done)
+                continue;
         }
         bool stop = f->stop;
         uint64_t gen = f->requested;
         pthread_mutex_unlock(&f->lock);
         int rc = flush_once(f);
+        next = tally__mono_ns() + interval;
         pthread_mutex_lock(&f->lock);
         if (gen > f->done) {
             f->done = gen;
@@ -708,6 +782,7 @@ static void flusher_free(struct tally__flusher *f)
     free(f->cb);
     free(f->refresh);
     free(f->bucket_seq);
+    sem_destroy(&f->wake);
     pthread_mutex_destroy(&f->lock);
     pthread_cond_destroy(&f->cond);
     pthread_mutex_destroy(&f->err_lock);
@@ -769,6 +844,7 @@ int tally__flusher_start(tally_engine *e, const tally_flusher_options *o)
         free(f);
         return TALLY_ENOMEM;
     }
+    sem_init(&f->wake, 0, 0);
     pthread_mutex_init(&f->err_lock, NULL);
     f->sink = &tally__sink_local;
     if (o->redis) {
@@ -809,6 +885,14 @@ int tally__flusher_start(tally_engine *e, const tally_flusher_options *o)
                               f->redis_on ? (uint64_t)o->fail_closed_after_ms * TALLY__NS_PER_MS : 0,
                               memory_order_release);
         atomic_store_explicit(&e->events_on, o->on_event != NULL, memory_order_relaxed);
+        /* a flag an earlier flusher left set would keep this one asleep;
+           no hit runs tally__prefetch() while wake is NULL */
+        atomic_store_explicit(&e->prefetch_due, false, memory_order_relaxed);
+        /* release: the semaphore initialised, and the flag cleared, before a
+           hit posts; paired with the acquire load in tally__prefetch()
+           (engine/notes.c) */
+        if (f->redis_on)
+            atomic_store_explicit(&e->wake, &f->wake, memory_order_release);
         atomic_store_explicit(&e->syncing, true, memory_order_relaxed);
         /* The thread starts with every asynchronous signal blocked: they
            are the program's (nginx's workers, for one, wake their event loop
@@ -826,6 +910,7 @@ int tally__flusher_start(tally_engine *e, const tally_flusher_options *o)
         int created = pthread_create(&f->thread, NULL, flusher_main, f);
         pthread_sigmask(SIG_SETMASK, &old, NULL);
         if (created != 0) {
+            atomic_store_explicit(&e->wake, NULL, memory_order_relaxed);
             atomic_store_explicit(&e->syncing, false, memory_order_relaxed);
             atomic_store_explicit(&e->events_on, false, memory_order_relaxed);
             atomic_store_explicit(&e->fail_closed_ns, 0, memory_order_relaxed);
@@ -853,7 +938,7 @@ int tally_flush(tally_engine *e, uint32_t timeout_ms)
     pthread_mutex_lock(&f->lock);
     pthread_mutex_unlock(&e->add_lock);
     uint64_t gen = ++f->requested;
-    pthread_cond_broadcast(&f->cond);
+    sem_post(&f->wake);
     struct timespec until = tally__deadline((uint64_t)timeout_ms * TALLY__NS_PER_MS);
     int rc = 0;
     while (f->done < gen && !f->stop && rc == 0)
@@ -879,7 +964,7 @@ int tally_flusher_stop(tally_engine *e)
         return 0;
     pthread_mutex_lock(&f->lock);
     f->stop = true;
-    pthread_cond_broadcast(&f->cond);
+    sem_post(&f->wake);
     pthread_mutex_unlock(&f->lock);
     pthread_join(f->thread, NULL);
     int rc = f->done_rc;
@@ -887,7 +972,9 @@ int tally_flusher_stop(tally_engine *e)
     atomic_store_explicit(&e->syncing, false, memory_order_relaxed);
     atomic_store_explicit(&e->events_on, false, memory_order_relaxed);
     atomic_store_explicit(&e->fail_closed_ns, 0, memory_order_relaxed);
-    /* hits that saw syncing set finish before the last notes are freed */
+    atomic_store_explicit(&e->wake, NULL, memory_order_relaxed);
+    /* hits that saw syncing set finish before the last notes are freed, and
+       those that loaded wake before the semaphore is destroyed */
     tally__rcu_wait();
     flusher_free(f);
     pthread_mutex_lock(&e->add_lock);

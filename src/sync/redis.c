@@ -4,7 +4,8 @@
  * SENTINEL mode, one per master in CLUSTER mode: sync/redis-internal.h),
  * over which each flush is one pipeline per link of Lua batch scripts, event
  * and flag commands, the MGET read-back of the live keys that no batch
- * tells the total of and, with wait_replicas, a WAIT. A pipeline is written
+ * tells the total of and, with wait_replicas, a WAIT; between flushes, the
+ * same read-back alone for keys new to the engine. A pipeline is written
  * while it is built (past WRITE_AHEAD bytes), so that Redis runs the first
  * scripts while the next are formed, and read once all of it is written.
  * It keeps guarantees 3 and 6 of sync/flusher.c:
@@ -1073,6 +1074,24 @@ static int redis_push(tally__sink *s, struct tally__flusher *f)
     return ok && !f->inflight_head && !f->events ? 0 : TALLY_EIO;
 }
 
+/* The read-back of the keys new to the engine (sync/flusher.c, guarantee 9):
+   MGETs alone, one pipeline per link, no batch, event or WAIT. */
+static void redis_prefetch(tally__sink *s, struct tally__flusher *f)
+{
+    redis_sink *r = (redis_sink *)s;
+    if (r->ro.mode == TALLY_REDIS_CLUSTER) {
+        if (r->map_stale)
+            tally__cluster_refresh(f, r);
+        qsort_r(f->refresh, f->refresh_n, sizeof(*f->refresh), by_bucket, f->sink);
+    }
+    if (!plan_readback(f))
+        return;                               /* the keys learn their counts at the next flush */
+    append_readback(f);
+    exchange(f);
+    bool redirected = false;
+    settle(f, &redirected);
+}
+
 static void redis_destroy(tally__sink *s)
 {
     redis_sink *r = (redis_sink *)s;
@@ -1092,7 +1111,8 @@ static void redis_destroy(tally__sink *s)
     free(r);
 }
 
-static const tally__sink_ops redis_ops = { .push = redis_push, .destroy = redis_destroy };
+static const tally__sink_ops redis_ops = { .push = redis_push, .prefetch = redis_prefetch,
+                                           .destroy = redis_destroy };
 
 static char *dup_or_null(const char *s)
 {

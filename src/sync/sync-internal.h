@@ -10,13 +10,15 @@
  * (tally__sync_store_remote), a refused one goes back to its entry
  * (tally__sync_dissolve). A batch left in the in-flight list is kept with
  * its sequence number, to be sent again as it is. push returns 0 when
- * everything taken was acknowledged. The flusher knows no store; a store
- * knows no thread.
+ * everything taken was acknowledged. Between flushes, prefetch reads the
+ * totals of keys new to the engine the same way, with no batch. The flusher
+ * knows no store; a store knows no thread.
  */
 #ifndef TALLY_SYNC_INTERNAL_H
 #define TALLY_SYNC_INTERNAL_H
 
 #include <pthread.h>
+#include <semaphore.h>
 
 #include "engine/engine-internal.h"
 #include "ops/ops-internal.h"
@@ -34,6 +36,9 @@ struct tally__sink;
 
 typedef struct tally__sink_ops {
     int  (*push)(struct tally__sink *s, struct tally__flusher *f);
+    /* Read the store's totals of f->refresh alone, in one exchange, into
+       the slots; write nothing. NULL: the store tells no totals. */
+    void (*prefetch)(struct tally__sink *s, struct tally__flusher *f);
     void (*destroy)(struct tally__sink *s);
 } tally__sink_ops;
 
@@ -118,6 +123,7 @@ struct tally__flusher {
 
     pthread_mutex_t       lock;        /* guards the request fields below */
     pthread_cond_t        cond;
+    sem_t                 wake;        /* posted by requests, stops and prefetches */
     bool                  stop;
     uint64_t              requested, done;   /* flush generations */
     int                   done_rc;

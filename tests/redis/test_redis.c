@@ -1,7 +1,8 @@
 /*
  * The flusher against a real redis-server: exact totals key by key, faults
  * (paused, killed and restarted, refusing writes), two engines sharing one
- * limit, events once per window across engines, and bad options.
+ * limit, events once per window across engines, prefetches of keys new to
+ * an engine, and bad options.
  */
 #include "../test.h"
 
@@ -1553,5 +1554,258 @@ Test(redis, a_reset_before_an_eviction_does_not_come_back_with_the_key, .timeout
     cr_assert_eq(redis_count(&r, "lru:", "back"), 18 + after);
     tally_close(a);
     tally_close(b);
+    test_redis_stop(&r);
+}
+
+/* ---- Prefetch: a key new to an engine -------------------------------------- */
+
+static const tally_policy COLD = {
+    .name = "cold", .n_limits = 1, .flags = TALLY_ALIGNED,
+    .limits = { { .algo = TALLY_FIXED_WINDOW, .max = 50, .period_ns = HOUR } } };
+
+static uint64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* Engine A consumes the whole of @key and flushes, and is closed: what a
+   restarted engine finds in Redis. */
+static void consume_all(const test_redis *r, const char *prefix, const char *key)
+{
+    tally_engine *a = open_engine(64);
+    uint32_t pa;
+    tally_result res;
+    cr_assert_eq(tally_policy_add(a, &COLD, &pa), 0);
+    cr_assert_eq(start_flusher(a, r, prefix, NULL, 10), 0);
+    for (uint64_t i = 0; i < COLD.limits[0].max; i++) {
+        cr_assert_eq(tally_hit(a, pa, key, strlen(key), NULL, &res), 0);
+        cr_assert(res.allowed);
+    }
+    cr_assert_eq(flush_until_ok(a, 20), 0);
+    tally_close(a);
+}
+
+/* An engine started after A took the max (a restart) and whose flusher runs
+   no round for a minute: only the prefetch of the key's first hit can tell
+   it A's count, and it must deny the key long before a round could. */
+Test(redis, cold_start_denies_a_consumed_key_within_one_round_trip, .timeout = 60)
+{
+    test_redis r = { 0 };
+    cr_assert(test_redis_start(&r));
+    consume_all(&r, "cold:", "spent");
+    tally_engine *b = open_engine(64);
+    uint32_t pb;
+    tally_result res;
+    cr_assert_eq(tally_policy_add(b, &COLD, &pb), 0);
+    cr_assert_eq(start_flusher(b, &r, "cold:", NULL, 60000), 0);
+    uint64_t t0 = mono_ms();
+    cr_assert_eq(tally_hit(b, pb, "spent", 5, NULL, &res), 0);
+    uint64_t admitted = res.allowed, elapsed = 0;
+    bool denied = false;
+    while (!denied && elapsed < 2000) {
+        sleep_ms(1);
+        cr_assert_eq(tally_hit(b, pb, "spent", 5, NULL, &res), 0);
+        elapsed = mono_ms() - t0;
+        denied = !res.allowed;
+        admitted += res.allowed;
+    }
+    fprintf(stderr, "cold start: denied %" PRIu64 " ms after the first hit, %" PRIu64
+            " admitted before (interval 60000 ms)\n", elapsed, admitted);
+    cr_assert(denied, "still admitted %" PRIu64 " ms after the first hit: nothing taught "
+              "the engine A's count", elapsed);
+    cr_assert_lt(admitted, COLD.limits[0].max, "the engine decided the key alone");
+    cr_assert_eq(tally_flush(b, 3000), 0);
+    char name[256];
+    int len = key_name(name, sizeof(name), "cold:", "cold", 0, "spent", this_hour());
+    cr_assert_eq(test_redis_get(&r, name, (size_t)len), (long long)(COLD.limits[0].max + admitted));
+    tally_close(b);
+    test_redis_stop(&r);
+}
+
+static long long dbsize(const test_redis *r)
+{
+    redisContext *c = test_redis_connect(r);
+    cr_assert(c);
+    redisReply *v = redisCommand(c, "DBSIZE");
+    cr_assert(v && v->type == REDIS_REPLY_INTEGER);
+    long long n = v->integer;
+    freeReplyObject(v);
+    redisFree(c);
+    return n;
+}
+
+/* Prefetches only read: a key with no total in Redis keeps deciding from its
+   own count alone, a key with one learns it and Redis keeps it as it was,
+   and the flush after them counts each hit once. */
+Test(redis, a_prefetch_reads_and_changes_nothing, .timeout = 60)
+{
+    test_redis r = { 0 };
+    cr_assert(test_redis_start(&r));
+    consume_all(&r, "pre:", "known");
+    long long keys = dbsize(&r);
+    char known[256], unknown[256];
+    int kl = key_name(known, sizeof(known), "pre:", "cold", 0, "known", this_hour());
+    int ul = key_name(unknown, sizeof(unknown), "pre:", "cold", 0, "unknown", this_hour());
+    const uint64_t max = COLD.limits[0].max;
+
+    tally_engine *b = open_engine(64);
+    uint32_t pb;
+    tally_result res;
+    cr_assert_eq(tally_policy_add(b, &COLD, &pb), 0);
+    cr_assert_eq(start_flusher(b, &r, "pre:", NULL, 60000), 0);
+    cr_assert_eq(tally_hit(b, pb, "unknown", 7, NULL, &res), 0);
+    cr_assert(res.allowed);
+    cr_assert_eq(tally_hit(b, pb, "known", 5, NULL, &res), 0);
+    cr_assert(res.allowed);
+    /* the prefetch of "unknown" was taken no later than that of "known",
+       and settled before it */
+    uint64_t t0 = mono_ms();
+    do {
+        sleep_ms(1);
+        cr_assert_eq(tally_peek_at(b, pb, "known", 5, tally_now_ns(), &res), 0);
+    } while (!res.exceeded && mono_ms() - t0 < 2000);
+    cr_assert(res.exceeded, "\"known\" never learnt its total");
+    cr_assert_eq(test_redis_get(&r, known, (size_t)kl), (long long)max, "a prefetch wrote a count");
+    cr_assert_eq(test_redis_get(&r, unknown, (size_t)ul), -1, "a prefetch created a count");
+    cr_assert_eq(dbsize(&r), keys, "a prefetch wrote to Redis");
+    cr_assert_eq(tally_peek_at(b, pb, "unknown", 7, tally_now_ns(), &res), 0);
+    cr_assert_eq(res.remaining, max - 1, "a key without a total counts only its own hit");
+    for (uint64_t i = 1; i < max; i++) {
+        cr_assert_eq(tally_hit(b, pb, "unknown", 7, NULL, &res), 0);
+        cr_assert(res.allowed, "hit %" PRIu64 " of %" PRIu64 " denied", i + 1, max);
+    }
+    cr_assert_eq(tally_hit(b, pb, "unknown", 7, NULL, &res), 0);
+    cr_assert(!res.allowed);
+    cr_assert_eq(tally_flush(b, 3000), 0);
+    cr_assert_eq(test_redis_get(&r, known, (size_t)kl), (long long)max + 1);
+    cr_assert_eq(test_redis_get(&r, unknown, (size_t)ul), (long long)max);
+    /* after the flush, the others' counts are the totals less B's own */
+    cr_assert_eq(tally_peek_at(b, pb, "known", 5, tally_now_ns(), &res), 0);
+    cr_assert(res.exceeded);
+    cr_assert_eq(tally_peek_at(b, pb, "unknown", 7, tally_now_ns(), &res), 0);
+    cr_assert(res.exceeded);
+    tally_close(b);
+    test_redis_stop(&r);
+}
+
+#define NEW_KEYS 10000
+
+struct churn_new {
+    tally_engine     *e;
+    uint32_t          policy;
+    int               t;
+    _Atomic uint64_t *cost;
+    uint64_t          denied;
+};
+
+/* Each thread hits every key once, then its half of them once more, with
+   flushes and prefetch rounds going on. */
+static void *new_keys_worker(void *arg)
+{
+    struct churn_new *w = arg;
+    for (int pass = 0; pass < 2; pass++)
+        for (int k = 0; k < NEW_KEYS; k++) {
+            if (pass == 1 && k % 2 != w->t)
+                continue;
+            char key[32];
+            int len = snprintf(key, sizeof(key), "new-%d", k);
+            tally_result res;
+            int rc = tally_hit(w->e, w->policy, key, (size_t)len, NULL, &res);
+            /* every candidate for eviction may be holding unflushed cost */
+            cr_assert(rc == 0 || rc == TALLY_EFULL, "rc %d", rc);
+            if (rc == 0 && res.allowed)
+                atomic_fetch_add(&w->cost[k], 1);
+            else if (rc == 0)
+                w->denied++;
+        }
+    return NULL;
+}
+
+/* 10K keys new to an engine, half of them already counted in Redis by
+   another: every key gets a prefetch while its hits are flushed, and Redis
+   ends with exactly what both engines admitted, key by key. */
+Test(redis, many_new_keys_with_prefetches_keep_exact_totals, .timeout = 120)
+{
+    test_redis r = { 0 };
+    cr_assert(test_redis_start(&r));
+    tally_policy p = { .name = "many", .n_limits = 1, .flags = TALLY_ALIGNED | TALLY_EVICT_LRU,
+                       .limits = { { .algo = TALLY_FIXED_WINDOW, .max = 4, .period_ns = HOUR } } };
+    uint64_t win0 = this_hour();
+    _Atomic uint64_t *cost = calloc(NEW_KEYS, sizeof(*cost));
+    cr_assert(cost);
+    tally_engine *a = open_engine(2 * NEW_KEYS);
+    uint32_t pa;
+    cr_assert_eq(tally_policy_add(a, &p, &pa), 0);
+    cr_assert_eq(start_flusher(a, &r, "many:", NULL, 10), 0);
+    for (int k = 0; k < NEW_KEYS; k += 2) {
+        char key[32];
+        int len = snprintf(key, sizeof(key), "new-%d", k);
+        for (int i = 0; i < 3; i++) {
+            tally_result res;
+            cr_assert_eq(tally_hit(a, pa, key, (size_t)len, NULL, &res), 0);
+            cr_assert(res.allowed);
+            atomic_fetch_add(&cost[k], 1);
+        }
+    }
+    cr_assert_eq(flush_until_ok(a, 20), 0);
+    tally_close(a);
+
+    /* a quarter of the keys fit: evictions hand the flusher spilled deltas
+       and forgotten counts between its rounds, which prefetches take too */
+    tally_engine *b = open_engine(NEW_KEYS / 4);
+    uint32_t pb;
+    cr_assert_eq(tally_policy_add(b, &p, &pb), 0);
+    cr_assert_eq(start_flusher(b, &r, "many:", NULL, 20), 0);
+    pthread_t th[2];
+    struct churn_new w[2];
+    for (int t = 0; t < 2; t++) {
+        w[t] = (struct churn_new){ b, pb, t, cost, 0 };
+        cr_assert_eq(pthread_create(&th[t], NULL, new_keys_worker, &w[t]), 0);
+    }
+    uint64_t denied = 0;
+    for (int t = 0; t < 2; t++) {
+        pthread_join(th[t], NULL);
+        denied += w[t].denied;
+    }
+    cr_assert_eq(flush_until_ok(b, 20), 0);
+
+    /* a run across the top of an hour counts in two windows' keys */
+    uint64_t *got = calloc(NEW_KEYS, sizeof(*got));
+    cr_assert(got);
+    redisContext *c = test_redis_connect(&r);
+    cr_assert(c);
+    for (uint64_t win = win0, last = this_hour(); win <= last; win += HOUR) {
+        for (int k = 0; k < NEW_KEYS; k++) {
+            char key[32], name[256];
+            snprintf(key, sizeof(key), "new-%d", k);
+            key_name(name, sizeof(name), "many:", "many", 0, key, win);
+            redisAppendCommand(c, "GET %s", name);
+        }
+        for (int k = 0; k < NEW_KEYS; k++) {
+            redisReply *v = NULL;
+            cr_assert_eq(redisGetReply(c, (void **)&v), REDIS_OK);
+            cr_assert(v && (v->type == REDIS_REPLY_STRING || v->type == REDIS_REPLY_NIL));
+            got[k] += v->type == REDIS_REPLY_STRING ? strtoull(v->str, NULL, 10) : 0;
+            freeReplyObject(v);
+        }
+    }
+    redisFree(c);
+    uint64_t admitted = 0, over = 0;
+    for (int k = 0; k < NEW_KEYS; k++) {
+        uint64_t want = atomic_load(&cost[k]);
+        cr_assert_eq(got[k], want, "new-%d: Redis %" PRIu64 ", admitted %" PRIu64, k, got[k], want);
+        admitted += want;
+        over += want > p.limits[0].max;
+    }
+    tally_stats st;
+    cr_assert_eq(tally_stats_read(b, &st), 0);
+    fprintf(stderr, "many new keys: %" PRIu64 " admitted, %" PRIu64 " denied, %" PRIu64
+            " keys over max, %" PRIu64 " evictions\n", admitted, denied, over, st.lru_evictions);
+    cr_assert_gt(st.lru_evictions, 0);
+    free(got);
+    tally_close(b);
+    free(cost);
     test_redis_stop(&r);
 }
