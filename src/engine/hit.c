@@ -86,6 +86,7 @@ static int acquire_slot(tally_engine *e, tally__table *t, tally__digest d, const
 {
     tally__batch *batch = NULL;      /* large: on the heap, made on the first reclaim */
     unsigned idle = 0, evictions = 0;
+    bool held = false;               /* the last look saw the window's slots held */
     int rc;
 
     for (;;) {
@@ -117,9 +118,16 @@ static int acquire_slot(tally_engine *e, tally__table *t, tally__digest d, const
                may have been freed since we looked: try a few more times
                before giving up. */
             bool settling = tally__table_window_settling(t, d);
-            bool full = !settling && ++idle > RECLAIM_TRIES;
-            if (settling)
+            if (settling) {
+                held = true;
                 sched_yield();       /* the holder may need this CPU to free them */
+            } else if (held) {
+                /* the held slots became FREE since the eviction's look, which
+                   gave up for them: look again, as for a window never held */
+                held = false;
+                continue;
+            }
+            bool full = !settling && ++idle > RECLAIM_TRIES;
             if (!full && !settling && atomic_load_explicit(&t->zombies, memory_order_relaxed) == 0) {
                 if (tally__res_live(atomic_load_explicit(&t->res, memory_order_relaxed)) < t->capacity)
                     continue;
