@@ -726,8 +726,11 @@ static void key_publish(tally__table *t, size_t idx, void *copy)
        exchange, not a store, so that a spare left in the slot is not lost
        to a racing key_copy_at(), whose CAS then fails */
     void *old = atomic_exchange_explicit(&t->keys[idx], copy, memory_order_acq_rel);
-    if (is_spare(old))
+    if (is_spare(old)) {
+        /* taken from the reclaim's release, as key_copy_at() takes one */
+        tally__tsan_acquire(spare_buffer(old));
         free(spare_buffer(old));
+    }
 }
 
 int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size_t key_len,
