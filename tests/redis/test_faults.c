@@ -852,6 +852,17 @@ static void start_direct(tally_engine *e, const test_redis *r)
     cr_assert_eq(tally_flusher_start(e, &fo), 0);
 }
 
+/* A redis-server, and two engines of one hash key pushing to it directly. */
+static void two_direct_engines(test_redis *r, tally_engine **a, uint32_t *pa, tally_engine **b,
+                               uint32_t *pb)
+{
+    cr_assert(test_redis_start(r), "redis-server did not start");
+    *a = open_shared(pa);
+    *b = open_shared(pb);
+    start_direct(*a, r);
+    start_direct(*b, r);
+}
+
 /* A key whose batch Redis refuses (out of memory: writes refused, reads
    served) gets no total from the batch's reply; the flush reads its global
    count back all the same, so the engine decides under the other engine's
@@ -859,11 +870,9 @@ static void start_direct(tally_engine *e, const test_redis *r)
 Test(faults, a_refused_batch_still_reads_the_others_count_back, .timeout = 60)
 {
     test_redis r = { 0 };
-    cr_assert(test_redis_start(&r), "redis-server did not start");
     uint32_t pa, pb;
-    tally_engine *a = open_shared(&pa), *b = open_shared(&pb);
-    start_direct(a, &r);
-    start_direct(b, &r);
+    tally_engine *a, *b;
+    two_direct_engines(&r, &a, &pa, &b, &pb);
     tally_result res;
     for (int i = 0; i < 90; i++) {
         cr_assert_eq(tally_hit(b, pb, "k", 1, NULL, &res), 0);
@@ -937,11 +946,9 @@ static void expect_count_ttl(redisContext *c, const char *key)
 Test(faults, every_count_gets_its_ttl_from_the_increment_that_creates_it, .timeout = 60)
 {
     test_redis r = { 0 };
-    cr_assert(test_redis_start(&r), "redis-server did not start");
     uint32_t pa, pb;
-    tally_engine *a = open_shared(&pa), *b = open_shared(&pb);
-    start_direct(a, &r);
-    start_direct(b, &r);
+    tally_engine *a, *b;
+    two_direct_engines(&r, &a, &pa, &b, &pb);
     tally_result res;
     cr_assert_eq(tally_hit(a, pa, "k1", 2, NULL, &res), 0);
     cr_assert_eq(tally_flush(a, 3000), 0);
