@@ -416,5 +416,6 @@ TALLY_EXPORT int tally_reset_if(tally_engine *e, uint32_t policy, const void *ke
 #include "tally/spec.h"
 #include "tally/ops.h"
 #include "tally/coalesce.h"
+#include "tally/shared.h"
 
 #endif /* TALLY_H */

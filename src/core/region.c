@@ -1,4 +1,5 @@
 /* A region laid out once and checked by every process that maps it (core/region.h). */
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -55,7 +56,7 @@ void tally__region_ready(tally__region *r)
     atomic_store_explicit(&r->ready, 1, memory_order_release);
 }
 
-int tally__region_check(const void *mem, size_t len, uint64_t layout, const char **why)
+static int check(const void *mem, size_t len, uint64_t layout, bool here, const char **why)
 {
     const tally__region *r = mem;
     const char *bad = NULL;
@@ -73,7 +74,7 @@ int tally__region_check(const void *mem, size_t len, uint64_t layout, const char
         bad = "corrupt: its header does not match its checksum";
     else if (r->layout != layout)
         bad = "laid out by a build of the library with other struct sizes";
-    else if (r->base != (uint64_t)(uintptr_t)mem)
+    else if (here && r->base != (uint64_t)(uintptr_t)mem)
         bad = "mapped at another address than it was laid out at";
     else if (r->size != len)
         bad = "mapped with another length than it was laid out with";
@@ -82,4 +83,14 @@ int tally__region_check(const void *mem, size_t len, uint64_t layout, const char
     if (why)
         *why = bad;
     return bad ? TALLY_EINVAL : 0;
+}
+
+int tally__region_check(const void *mem, size_t len, uint64_t layout, const char **why)
+{
+    return check(mem, len, layout, true, why);
+}
+
+int tally__region_check_anywhere(const void *mem, size_t len, uint64_t layout, const char **why)
+{
+    return check(mem, len, layout, false, why);
 }

@@ -61,5 +61,8 @@ void tally__region_ready(tally__region *r);
    another version or build, mapped at another address or with another
    length, corrupt, or not ready. */
 int tally__region_check(const void *mem, size_t len, uint64_t layout, const char **why);
+/* The same checks but the address's: a first look at a region mapped
+   anywhere, to learn where it must be mapped (its base). */
+int tally__region_check_anywhere(const void *mem, size_t len, uint64_t layout, const char **why);
 
 #endif /* TALLY_CORE_REGION_H */

@@ -3,6 +3,7 @@
 #ifndef TALLY_INTERNAL_H
 #define TALLY_INTERNAL_H
 
+#include <errno.h>
 #include <pthread.h>
 #include <semaphore.h>
 #include <stdatomic.h>
@@ -13,6 +14,9 @@
 #include "core/atomics.h"
 #include "core/clock.h"
 #include "core/hash.h"
+
+struct tally__epoch;                 /* core/epoch.h */
+struct tally__region;                /* core/region.h */
 
 /* ---- Per-limit state: two words swapped together by a 16-byte CAS ------- */
 
@@ -195,6 +199,7 @@ struct tally__table {
     _Atomic uint64_t lru_evicted; /* LIVE slots evicted for a new key */
     struct tally__notes *notes;   /* where deltas of reclaimed slots are spilled */
     uint32_t        policy;       /* id of the owning policy */
+    struct tally__region *region; /* where the arrays are, for a shared engine; else NULL */
 };
 
 /* The reservation word: reservations taken (LIVE slots and promotions in
@@ -259,8 +264,17 @@ static inline tally__slot *tally__table_find_pref(const tally__table *t, tally__
     return NULL;
 }
 
+/* Zeroed memory of @size bytes aligned to @align (a power of two, at least
+   sizeof(void *)): from @r, never given back, for a shared engine; else from
+   the heap, for free(). NULL when there is no memory or no room. */
+void *tally__zalloc(struct tally__region *r, size_t size, size_t align);
+
+/* Lay out @t, its arrays from @r (tally__zalloc()). */
 int  tally__table_init(tally__table *t, size_t capacity, unsigned n_limits,
-                       const tally__limit *limits, bool keep_keys);
+                       const tally__limit *limits, bool keep_keys, struct tally__region *r);
+/* Bytes tally__table_init() and tally__table_stamp_alloc() take from a
+   region, alignment included. */
+size_t tally__table_region_bytes(size_t capacity, unsigned n_limits, bool stamps);
 void tally__table_destroy(tally__table *t);
 size_t tally__table_bytes(const tally__table *t);
 
@@ -345,8 +359,9 @@ void   tally__table_reclaim_free(tally__table *t, const tally__batch *b);
  */
 bool tally__table_evict(tally__table *t, tally__digest d, uint64_t now, bool syncing, tally__batch *b);
 
-/* Allocate the recency stamps of a table (under add_lock). Return 0 or TALLY_ENOMEM. */
-int tally__table_stamp_alloc(tally__table *t);
+/* Allocate the recency stamps of a table (under add_lock), from @r as
+   tally__zalloc(). Return 0 or TALLY_ENOMEM. */
+int tally__table_stamp_alloc(tally__table *t, struct tally__region *r);
 
 /* A recency stamp: tally__table_evict() compares them, units of 2^20 ns
    (about a millisecond), so that a key hit all the time writes its stamp
@@ -414,6 +429,11 @@ typedef struct tally__policy {
     const tally__limit *_Atomic limits;  /* cfg->limits, for the readers outside hit.c */
     tally__table table;
     pthread_mutex_t reset_lock;   /* serialises tally_reset_if on this policy */
+    /* Under reset_lock: the slot a reset is changing, and the instance it
+       saw, or SIZE_MAX. A shared engine's next resetter, told that the
+       holder died (a robust lock), gives that slot a fresh instance. */
+    size_t       reset_slot;
+    uint64_t     reset_gen;
     tally__limit watch_rule;      /* sliding window of denied cost, max = threshold */
     size_t       episodes_cap;
     struct tally__episodes *episodes;   /* under the engine's ops_lock */
@@ -464,6 +484,12 @@ struct tally_engine {
     tally_options    opts;
     tally__hasher    hasher;         /* the digest function tally_open chose */
     _Atomic bool     closing;
+    /* A shared engine (shared.c) lives in its region with all it points to,
+       at one address in every process; its sections are the region's epochs
+       (section.h). Both NULL: an engine in one process's memory. Fixed from
+       creation on. */
+    struct tally__epoch  *epoch;
+    struct tally__region *region;
     _Atomic size_t   reclaimers;     /* calls waiting for a grace period outside RCU */
     pthread_mutex_t  add_lock;       /* serialises tally_policy_add and flusher start/stop */
     _Atomic uint32_t n_policies;
@@ -505,6 +531,32 @@ static inline tally__digest tally__key_digest(const tally_engine *e, const void 
    exports them under each symbol version). */
 void tally__options_init(tally_options *opts);
 int  tally__open(const tally_options *opts, tally_engine **out);
+/* @opts (NULL: the defaults) checked into *@o, with a random hash key where
+   it is all zero, and the hash it names set up in *@h. Return 0,
+   TALLY_EINVAL or TALLY_ENOMEM, as tally_open(). */
+int  tally__options_resolve(const tally_options *opts, tally_options *o, tally__hasher *h);
+/* Set up the zeroed engine @e with @o and @h; @r: the region of a shared
+   engine (its locks then work across processes), or NULL. */
+void tally__engine_init(tally_engine *e, const tally_options *o, const tally__hasher *h,
+                        struct tally__region *r);
+/* tally_policy_add() without the refusal of shared engines: their creator
+   adds their policies, from their region, before they are published. */
+int  tally__policy_add(tally_engine *e, const tally_policy *p, uint32_t *id_out);
+/* The checks of tally_policy_add() on @p alone: 0, TALLY_EINVAL or TALLY_ENOMEM. */
+int  tally__policy_check(const tally_policy *p);
+/* A mutex of an engine; @shared: of a shared engine, robust across processes. */
+void tally__mutex_init(pthread_mutex_t *m, bool shared);
+
+/* Lock a mutex of an engine. Return true when its last holder died holding
+   it (a shared engine's robust lock), which the caller then repairs what it
+   guards from; the lock is taken either way. */
+static inline bool tally__lock(pthread_mutex_t *m)
+{
+    if (TALLY__LIKELY(pthread_mutex_lock(m) != EOWNERDEAD))
+        return false;
+    pthread_mutex_consistent(m);
+    return true;
+}
 /* Close, in the engine's part: mark it closing and wait until no call of
    its own runs (a grace period, and reclaims parked outside RCU); then free. */
 void tally__engine_quiesce(tally_engine *e);

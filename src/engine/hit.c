@@ -30,8 +30,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "core/rcu.h"
 #include "engine/algo-step.h"
+#include "engine/section.h"
 
 /*
  * Common argument checks; on success the caller is inside a read-side
@@ -48,15 +48,17 @@ enter(tally_engine *e, uint32_t policy, const void *key, size_t key_len, const v
 {
     if (TALLY__UNLIKELY(!e || !key || !out || key_len == 0))
         return TALLY_EINVAL;
-    tally__rcu_enter();
+    int rc = tally__sec_enter(e);
+    if (TALLY__UNLIKELY(rc))
+        return rc;
     /* relaxed: close's grace period, not this load, orders it (above) */
     if (TALLY__UNLIKELY(atomic_load_explicit(&e->closing, memory_order_relaxed))) {
-        tally__rcu_exit();
+        tally__sec_exit(e);
         return TALLY_ESTATE;
     }
     *pp = tally__policy_get(e, policy);
     if (TALLY__UNLIKELY(!*pp || key_len > e->opts.max_key_len)) {
-        tally__rcu_exit();
+        tally__sec_exit(e);
         return TALLY_EINVAL;
     }
     return 0;
@@ -140,10 +142,10 @@ static int acquire_slot(tally_engine *e, tally__table *t, tally__digest d, const
            closing and the load of reclaimers in tally__engine_quiesce()
            (engine.c), so that close waits for us or we see closing */
         atomic_fetch_add(&e->reclaimers, 1);
-        tally__rcu_exit();
-        tally__rcu_wait();
+        tally__sec_exit(e);
+        tally__sec_wait(e);
         tally__table_reclaim_free(t, batch);
-        tally__rcu_enter();
+        tally__sec_resume(e);
         /* seen before close's grace period began, or close waits for us;
            seq_cst: paired with the store in tally__engine_quiesce() */
         bool closing = atomic_load(&e->closing);
@@ -375,10 +377,11 @@ static inline tally__stat_shard *my_shard(tally_engine *e)
 
 /* One more on a counter of this thread's shard. A thread that owns its shard
    (the first TALLY__STAT_SHARDS threads) is its only writer: a plain atomic
-   store, no locked read-modify-write on the hot path. */
-static inline void stat_inc(_Atomic uint64_t *c)
+   store, no locked read-modify-write on the hot path. A shared engine's
+   shards are also the other processes' threads of the same number. */
+static inline void stat_inc(const tally_engine *e, _Atomic uint64_t *c)
 {
-    if (TALLY__LIKELY(tally__thread_no < TALLY__STAT_SHARDS))
+    if (TALLY__LIKELY(tally__thread_no < TALLY__STAT_SHARDS && !e->epoch))
         atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + 1,
                               memory_order_relaxed);
     else
@@ -437,14 +440,14 @@ hit_core(tally_engine *e, uint32_t policy, const void *key, size_t key_len, cons
     if (kind == HIT_MAX && max) {
         for (unsigned i = 0; i < p->n_limits; i++)
             if (tally__limit_with_max(&cfg->limits[i], max[i], &own[i])) {
-                tally__rcu_exit();
+                tally__sec_exit(e);
                 return TALLY_EINVAL;
             }
         c.lim = own;
     }
     if (kind == HIT_RESERVE) {
         if (!cfg->all_gcra) {
-            tally__rcu_exit();
+            tally__sec_exit(e);
             return TALLY_EINVAL;
         }
         /* The tolerance widened by the delay accepted: a hit that fits it
@@ -464,11 +467,11 @@ hit_core(tally_engine *e, uint32_t policy, const void *key, size_t key_len, cons
 
     tally__stat_shard *st = my_shard(e);
     if (TALLY__UNLIKELY(too_stale(e, now_ns))) {
-        tally__rcu_exit();
+        tally__sec_exit(e);
         memset(out, 0, sizeof(*out));
         out->retry_after_ns = atomic_load_explicit(&e->fail_closed_ns, memory_order_relaxed);
-        stat_inc(&st->hits);
-        stat_inc(&st->denials);
+        stat_inc(e, &st->hits);
+        stat_inc(e, &st->denials);
         return 0;
     }
 
@@ -491,7 +494,7 @@ hit_core(tally_engine *e, uint32_t policy, const void *key, size_t key_len, cons
             rc = acquire_slot(e, t, d, key, key_len, now_ns, &hint, &c.s);
             if (rc) {
                 if (rc == TALLY_EFULL)
-                    stat_inc(&st->full_refusals);
+                    stat_inc(e, &st->full_refusals);
                 break;
             }
             /* a key new to this engine asks the store for its global count;
@@ -526,9 +529,9 @@ hit_core(tally_engine *e, uint32_t policy, const void *key, size_t key_len, cons
                         push_event(e, &c, i, d, key, key_len, &r[i]);
                 }
             }
-            stat_inc(&st->hits);
+            stat_inc(e, &st->hits);
             if (TALLY__UNLIKELY(out->exceeded)) {
-                stat_inc(out->allowed ? &st->shadow_denials : &st->denials);
+                stat_inc(e, out->allowed ? &st->shadow_denials : &st->denials);
                 if (atomic_load_explicit(&t->watch, memory_order_relaxed)) {
                     uint64_t cost = 0;
                     for (unsigned i = 0; i < p->n_limits; i++)
@@ -541,7 +544,7 @@ hit_core(tally_engine *e, uint32_t policy, const void *key, size_t key_len, cons
         }
         tally__table_help_kill(t, c.s);
     }
-    tally__rcu_exit();
+    tally__sec_exit(e);
     return rc;
 }
 
@@ -612,10 +615,10 @@ int tally_hit_at(tally_engine *e, uint32_t policy, const void *key, size_t key_l
     }
     fill_result(1, cfg->flags, &r, out);
     tally__stat_shard *st = my_shard(e);
-    stat_inc(&st->hits);
+    stat_inc(e, &st->hits);
     if (TALLY__UNLIKELY(out->exceeded))
-        stat_inc(out->allowed ? &st->shadow_denials : &st->denials);
-    tally__rcu_exit();
+        stat_inc(e, out->allowed ? &st->shadow_denials : &st->denials);
+    tally__sec_exit(e);
     return 0;
 
 slow:
@@ -667,7 +670,7 @@ int tally_release_at(tally_engine *e, uint32_t policy, const void *key, size_t k
     /* acquire: paired with the release store of tally_policy_update() (engine.c) */
     const tally__cfg *cfg = atomic_load_explicit(&p->cfg, memory_order_acquire);
     if (cfg->conc < 0) {
-        tally__rcu_exit();
+        tally__sec_exit(e);
         return TALLY_EINVAL;
     }
     unsigned i = (unsigned)cfg->conc;
@@ -683,7 +686,7 @@ int tally_release_at(tally_engine *e, uint32_t policy, const void *key, size_t k
         if (tally__state_cas(&s->st[i], cur, rc ? cur : next))
             break;
     }
-    tally__rcu_exit();
+    tally__sec_exit(e);
     return rc;
 }
 
@@ -724,7 +727,7 @@ int tally_peek_at(tally_engine *e, uint32_t policy, const void *key, size_t key_
         algo_step(&cfg->limits[i], cur, now_ns, 1, TALLY__ADD_NEVER | TALLY__NO_MARK, &rem, &r[i]);
     }
     fill_result(p->n_limits, cfg->flags, r, out);
-    tally__rcu_exit();
+    tally__sec_exit(e);
     return 0;
 }
 
@@ -779,7 +782,7 @@ int tally_read(tally_engine *e, uint32_t policy, const void *key, size_t key_len
     const tally__cfg *cfg = atomic_load_explicit(&p->cfg, memory_order_acquire);
     if (s)
         rc = read_instance(t, cfg->limits, s, now, &snap);
-    tally__rcu_exit();
+    tally__sec_exit(e);
     if (!rc)
         *out = snap;
     return rc;
@@ -798,12 +801,12 @@ int tally_reset_if(tally_engine *e, uint32_t policy, const void *key, size_t key
     if (rc)
         return rc;
     if (observed->policy != policy || observed->n_limits != p->n_limits) {
-        tally__rcu_exit();
+        tally__sec_exit(e);
         return TALLY_EINVAL;
     }
     tally__slot *s = tally__table_find(&p->table, tally__key_digest(e, key, key_len));
     if (!s) {
-        tally__rcu_exit();
+        tally__sec_exit(e);
         return TALLY_ENOENT;
     }
     /* Resetters of one policy take turns, so that of several resetters of
@@ -811,9 +814,15 @@ int tally_reset_if(tally_engine *e, uint32_t policy, const void *key, size_t key
        find a new instance. Hits do not take the lock and never change gen. */
     tally__table *t = &p->table;
     _Atomic uint64_t *gen = &t->gen[tally__slot_index(t, s)];
-    pthread_mutex_lock(&p->reset_lock);
+    if (tally__lock(&p->reset_lock) && p->reset_slot != SIZE_MAX) {
+        /* a process of a shared engine died resetting that slot, its
+           instance odd and some of its states perhaps reset: a new one */
+        atomic_store_explicit(&t->gen[p->reset_slot], tally__table_gen_fresh(t), memory_order_release);
+        p->reset_slot = SIZE_MAX;
+    }
     uint64_t g = atomic_load_explicit(gen, memory_order_relaxed);
     if (g == observed->generation) {
+        p->reset_slot = tally__slot_index(t, s);
         /* odd: readers that see any state this reset writes retry or report
            the instance in flux. The state CAS below is a full barrier after
            it: paired with the acquire fence of read_instance() and the
@@ -832,9 +841,10 @@ int tally_reset_if(tally_engine *e, uint32_t policy, const void *key, size_t key
            paired with the acquire loads of gen in read_instance(),
            hit_multi() and take_back() */
         atomic_store_explicit(gen, mask ? tally__table_gen_fresh(t) : g, memory_order_release);
+        p->reset_slot = SIZE_MAX;
     }
     pthread_mutex_unlock(&p->reset_lock);
-    tally__rcu_exit();
+    tally__sec_exit(e);
     if (reset_mask)
         *reset_mask = mask;
     return mask ? 0 : TALLY_ECONFLICT;

@@ -170,6 +170,7 @@
 #include <string.h>
 
 #include "engine/engine-internal.h"
+#include "core/region.h"
 #include "core/tsan.h"
 
 static inline size_t wrap(const tally__table *t, size_t i)
@@ -357,13 +358,11 @@ static inline size_t key_alloc_size(size_t len)
     return (sizeof(size_t) + len + KEY_ROUND - 1) / KEY_ROUND * KEY_ROUND;
 }
 
-int tally__table_init(tally__table *t, size_t capacity, unsigned n_limits,
-                      const tally__limit *limits, bool keep_keys)
+/* The geometry of a table of @capacity keys of @n_limits limits. */
+static void table_geometry(tally__table *t, size_t capacity, unsigned n_limits)
 {
-    memset(t, 0, sizeof(*t));
     t->capacity = capacity;
     t->n_limits = n_limits;
-    t->limits = limits;
     t->stride = sizeof(tally__slot) + n_limits * sizeof(tally__state);
     /* Load factor at most 2/3 (1.5 slots per unit of capacity): a key
        mostly lives in its home group, the longest run of full groups stays
@@ -379,6 +378,37 @@ int tally__table_init(tally__table *t, size_t capacity, unsigned n_limits,
     if (t->n_slots < 2 * TALLY__WINDOW)
         t->n_slots = 2 * TALLY__WINDOW;
     t->n_slots = (t->n_slots + TALLY__GROUP - 1) / TALLY__GROUP * TALLY__GROUP;
+}
+
+/* The arrays of a table, in the order tally__table_init() takes them, each
+   aligned to a cache line: what a region must hold for it. */
+#define TABLE_ARRAYS(t, keep_keys)                                                  \
+    ARRAY(mem, (t)->n_slots * (t)->stride)                                         \
+    ARRAY(ctrl, (t)->n_slots)                                                      \
+    ARRAY(gen, (t)->n_slots * sizeof(*(t)->gen))                                   \
+    ARRAY(ovf, (t)->n_slots / TALLY__GROUP * sizeof(*(t)->ovf))                    \
+    ARRAY(keys, (keep_keys) ? (t)->n_slots * sizeof(*(t)->keys) : 0)
+
+size_t tally__table_region_bytes(size_t capacity, unsigned n_limits, bool stamps)
+{
+    tally__table t;
+    table_geometry(&t, capacity, n_limits);
+    size_t bytes = 0;
+#define ARRAY(name, size) bytes += ((size) + TALLY__CACHE_LINE - 1) / TALLY__CACHE_LINE * TALLY__CACHE_LINE;
+    TABLE_ARRAYS(&t, false)
+#undef ARRAY
+    if (stamps)
+        bytes += t.n_slots * sizeof(*t.stamp) + TALLY__CACHE_LINE;
+    return bytes + TALLY__CACHE_LINE;     /* the first array's alignment */
+}
+
+int tally__table_init(tally__table *t, size_t capacity, unsigned n_limits,
+                      const tally__limit *limits, bool keep_keys, tally__region *r)
+{
+    memset(t, 0, sizeof(*t));
+    table_geometry(t, capacity, n_limits);
+    t->limits = limits;
+    t->region = r;
     t->sweep_max = t->n_slots / TALLY__SWEEP_SHARE;
     if (t->sweep_max > TALLY__SWEEP_MAX)
         t->sweep_max = TALLY__SWEEP_MAX;
@@ -387,23 +417,17 @@ int tally__table_init(tally__table *t, size_t capacity, unsigned n_limits,
     atomic_init(&t->sweep_len, t->sweep_max < TALLY__SWEEP ? t->sweep_max : TALLY__SWEEP);
     if (t->n_slots > SIZE_MAX / t->stride)
         return TALLY_ENOMEM;
-    if (posix_memalign((void **)&t->mem, TALLY__CACHE_LINE, t->n_slots * t->stride) != 0)
-        return TALLY_ENOMEM;
-    memset(t->mem, 0, t->n_slots * t->stride);
-    if (posix_memalign((void **)&t->ctrl, TALLY__CACHE_LINE, t->n_slots) != 0) {
-        t->ctrl = NULL;
-        tally__table_destroy(t);
-        return TALLY_ENOMEM;
-    }
-    memset(t->ctrl, CTRL_EMPTY, t->n_slots);
-    t->gen = malloc(t->n_slots * sizeof(*t->gen));
-    t->ovf = calloc(t->n_slots / TALLY__GROUP, sizeof(*t->ovf));
-    if (keep_keys)
-        t->keys = calloc(t->n_slots, sizeof(*t->keys));
-    if (!t->gen || !t->ovf || (keep_keys && !t->keys)) {
+    bool ok = true;
+#define ARRAY(name, size) \
+    if (ok && (size) != 0) \
+        ok = (t->name = tally__zalloc(r, (size), TALLY__CACHE_LINE)) != NULL;
+    TABLE_ARRAYS(t, keep_keys)
+#undef ARRAY
+    if (!ok) {
         tally__table_destroy(t);      /* frees what was allocated, NULL the rest */
         return TALLY_ENOMEM;
     }
+    memset(t->ctrl, CTRL_EMPTY, t->n_slots);
     for (size_t i = 0; i < t->n_slots; i++)
         atomic_init(&t->gen[i], 2 * (uint64_t)(i + 1));
     atomic_init(&t->gen_next, 2 * (uint64_t)(t->n_slots + 1));
@@ -426,9 +450,12 @@ int tally__table_sync_alloc(tally__table *t)
     return 0;
 }
 
-/* Close, or a policy that was never published: no other thread is here. */
+/* Close, or a policy that was never published: no other thread is here.
+   A region's memory is the region's: nothing to give back. */
 void tally__table_destroy(tally__table *t)
 {
+    if (t->region)
+        return;
     free(atomic_load_explicit(&t->sync, memory_order_relaxed));
     atomic_store_explicit(&t->sync, NULL, memory_order_relaxed);
     free(atomic_load_explicit(&t->watch, memory_order_relaxed));
@@ -460,12 +487,12 @@ size_t tally__table_bytes(const tally__table *t)
         + (stamps ? t->n_slots * sizeof(*t->stamp) : 0);
 }
 
-int tally__table_stamp_alloc(tally__table *t)
+int tally__table_stamp_alloc(tally__table *t, tally__region *r)
 {
     /* relaxed: under add_lock, as is the only store */
     if (atomic_load_explicit(&t->stamp, memory_order_relaxed))
         return 0;
-    _Atomic uint64_t *a = calloc(t->n_slots, sizeof(*a));
+    _Atomic uint64_t *a = tally__zalloc(r, t->n_slots * sizeof(*a), TALLY__CACHE_LINE);
     if (!a)
         return TALLY_ENOMEM;
     /* release: the zeroed array before a claim or an eviction uses it;

@@ -20,6 +20,7 @@
 #include "engine/algo-step.h"
 #include "core/prom.h"
 #include "core/rcu.h"
+#include "engine/section.h"
 
 #define DEFAULT_EPISODES 200
 #define SCAN_CHUNK       1024
@@ -45,6 +46,8 @@ int tally_watch_set(tally_engine *e, uint32_t policy, const tally_watch *w)
 {
     if (!e || !w || w->threshold == 0 || w->window_ns == 0)
         return TALLY_EINVAL;
+    if (e->region)
+        return TALLY_ESTATE;        /* a watch's arrays and episodes are one process's */
     if (w->window_ns > TALLY_MAX_PERIOD_NS || w->threshold > TALLY_SLIDING_MAX_COUNT)
         return TALLY_EINVAL;
     tally__policy *p = tally__policy_get(e, policy);
@@ -73,7 +76,7 @@ int tally_watch_set(tally_engine *e, uint32_t policy, const tally_watch *w)
     memset(slots, 0, t->n_slots * sizeof(*slots));
     eps->n_buckets = n_buckets;
 
-    pthread_mutex_lock(&e->add_lock);
+    tally__lock(&e->add_lock);
     /* relaxed: the watch is set only under add_lock; closing is only a
        diagnostic (tally_close() in tally.h) */
     int rc = atomic_load_explicit(&e->closing, memory_order_relaxed)
@@ -81,7 +84,7 @@ int tally_watch_set(tally_engine *e, uint32_t policy, const tally_watch *w)
     if (!rc) {
         p->watch_rule = compiled;
         p->episodes_cap = cap;
-        pthread_mutex_lock(&e->ops_lock);
+        tally__lock(&e->ops_lock);
         p->episodes = eps;
         pthread_mutex_unlock(&e->ops_lock);
         /* release: the rule before the array that makes hits use it; paired
@@ -298,7 +301,11 @@ int tally_scan(tally_engine *e, uint32_t policy, const tally_scan_filter *filter
         c.to = c.from + SCAN_CHUNK < p->table.n_slots ? c.from + SCAN_CHUNK : p->table.n_slots;
         c.n = 0;
         c.keys_len = 0;
-        tally__rcu_read(scan_in_rcu, &c);
+        int rc = tally__sec_read(e, scan_in_rcu, &c);
+        if (rc) {
+            c.rc = rc;
+            break;
+        }
         for (size_t i = 0; i < c.n && !stop; i++) {
             c.items[i].entry.key = c.keys + c.items[i].key_off;
             stop = cb(ctx, &c.items[i].entry) != 0;
@@ -474,7 +481,7 @@ void tally__ops_flush(tally_engine *e, uint64_t now)
             c->to = c->from + 4096 < p->table.n_slots ? c->from + 4096 : p->table.n_slots;
             c->n = 0;
             tally__rcu_read(acc_in_rcu, c);
-            pthread_mutex_lock(&e->ops_lock);
+            tally__lock(&e->ops_lock);
             for (size_t i = 0; i < c->n; i++)
                 episode_add(p, c->items[i].d, c->items[i].key, c->items[i].key_len,
                             c->items[i].denied, now);
@@ -494,7 +501,7 @@ int tally_watch_episodes(tally_engine *e, uint32_t policy, size_t limit,
     if (rc)
         return rc;
     /* copy under the lock, call back outside it */
-    pthread_mutex_lock(&e->ops_lock);
+    tally__lock(&e->ops_lock);
     size_t n = p->episodes->count, keys = 0, got = 0;
     if (limit && limit < n)
         n = limit;
@@ -570,7 +577,7 @@ void tally__ops_usage_emit(tally_engine *e, uint64_t start, uint64_t end,
     }
     if (!last)
         return;
-    pthread_mutex_lock(&e->ops_lock);
+    tally__lock(&e->ops_lock);
     free(e->usage_last);
     e->usage_last = last;
     e->usage_last_n = k;
@@ -582,7 +589,7 @@ void tally__ops_prometheus(tally_engine *e, tally__prom *pw)
     tally__prom_put(pw, "# HELP tally_watch_flags Keys the rejection watch flagged.\n"
                          "# TYPE tally_watch_flags counter\ntally_watch_flags %" PRIu64 "\n",
                     atomic_load_explicit(&e->flags_set, memory_order_relaxed));
-    pthread_mutex_lock(&e->ops_lock);
+    tally__lock(&e->ops_lock);
     if (e->usage_last_n)
         tally__prom_put(pw, "# HELP tally_usage_cost Per-key cost used in the last flush "
                              "interval.\n# TYPE tally_usage_cost histogram\n");

@@ -828,6 +828,8 @@ int tally__flusher_start(tally_engine *e, const tally_flusher_options *o)
 {
     if (!e || !o)
         return TALLY_EINVAL;
+    if (e->region)
+        return TALLY_ESTATE;        /* a shared engine has no flusher (tally/shared.h) */
     int rc = check_options(o);
     if (rc)
         return rc;
@@ -867,7 +869,7 @@ int tally__flusher_start(tally_engine *e, const tally_flusher_options *o)
         memcpy(&f->instance, rnd, sizeof(rnd));
     f->instance ^= tally_now_ns();
 
-    pthread_mutex_lock(&e->add_lock);
+    tally__lock(&e->add_lock);
     /* relaxed: the policies change only under add_lock; closing is only a
        diagnostic (tally_close() in tally.h) */
     rc = e->flusher || e->flusher_stopping || atomic_load_explicit(&e->closing, memory_order_relaxed)
@@ -929,7 +931,7 @@ int tally_flush(tally_engine *e, uint32_t timeout_ms)
 {
     if (!e)
         return TALLY_EINVAL;
-    pthread_mutex_lock(&e->add_lock);
+    tally__lock(&e->add_lock);
     struct tally__flusher *f = e->flusher;
     if (!f) {
         pthread_mutex_unlock(&e->add_lock);
@@ -952,7 +954,7 @@ int tally_flusher_stop(tally_engine *e)
 {
     if (!e)
         return TALLY_EINVAL;
-    pthread_mutex_lock(&e->add_lock);
+    tally__lock(&e->add_lock);
     struct tally__flusher *f = e->flusher;
     e->flusher = NULL;
     /* a start waits for the end of this stop, or it would run with
@@ -977,7 +979,7 @@ int tally_flusher_stop(tally_engine *e)
        those that loaded wake before the semaphore is destroyed */
     tally__rcu_wait();
     flusher_free(f);
-    pthread_mutex_lock(&e->add_lock);
+    tally__lock(&e->add_lock);
     e->flusher_stopping = false;
     pthread_mutex_unlock(&e->add_lock);
     return rc;

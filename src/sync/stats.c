@@ -43,7 +43,7 @@ int tally_flusher_last_error(tally_engine *e, char *buf, size_t len)
         return TALLY_EINVAL;
     size_t n = 0;
     /* under add_lock the flusher cannot be freed (tally_flusher_stop) */
-    pthread_mutex_lock(&e->add_lock);
+    tally__lock(&e->add_lock);
     struct tally__flusher *f = e->flusher;
     if (f) {
         pthread_mutex_lock(&f->err_lock);
