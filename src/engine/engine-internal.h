@@ -306,6 +306,8 @@ tally__slot *tally__table_find(tally__table *t, tally__digest d);
 typedef struct tally__batch {
     size_t n, cap;
     size_t evicted;               /* of the n, LIVE slots evicted (tally__table_evict()) */
+    uint64_t owner;               /* a shared engine's: this process, as its ZOMBIEs name it */
+    uint64_t gone;                /* the last owner of ZOMBIEs found dead, or 0 */
     size_t *idx;
     tally__digest *digest;
 } tally__batch;

@@ -170,6 +170,7 @@
 #include <string.h>
 
 #include "engine/engine-internal.h"
+#include "core/proc.h"
 #include "core/region.h"
 #include "core/tsan.h"
 
@@ -256,6 +257,28 @@ static unsigned ctrl_claim(tally__table *t, size_t i, uint8_t tag)
            store in tally__table_reclaim_free() */
         if (atomic_compare_exchange_weak(w, &cur, next))
             return b;
+    }
+}
+
+#define CTRL_ANY 0x100        /* ctrl_cas(): whatever the byte holds */
+
+/* Move slot @i's control byte to @to if it holds @from (or anything, for
+   CTRL_ANY). Return whether it did. For a shared engine's reclaims, whose
+   steps another process may have to finish (guarantee 10). */
+static bool ctrl_cas(tally__table *t, size_t i, unsigned from, unsigned to)
+{
+    _Atomic uint64_t *w = &t->ctrl[i / 8];
+    unsigned shift = 8 * (i % 8);
+    /* relaxed: the CAS below reads the word again */
+    uint64_t cur = atomic_load_explicit(w, memory_order_relaxed);
+    for (;;) {
+        unsigned b = (unsigned)(cur >> shift) & 0xff;
+        if (from != CTRL_ANY && b != from)
+            return false;
+        uint64_t next = (cur & ~((uint64_t)0xff << shift)) | (uint64_t)to << shift;
+        /* seq_cst: as ctrl_set() */
+        if (atomic_compare_exchange_weak(w, &cur, next))
+            return true;
     }
 }
 
@@ -602,6 +625,29 @@ static bool full_now(uint64_t r, const tally__table *t)
     return tally__res_live(r) >= t->capacity && tally__res_holders(r) == 0;
 }
 
+/* How long a claimant of a shared engine waits for promotions in flight at
+   the capacity edge: a holder whose process died between its reservation
+   and its outcome leaves the count of holders high for good, and the table
+   then refuses new keys at its capacity after this wait instead of
+   waiting forever. A live holder needs a few instructions. */
+#define HOLDER_PATIENCE_NS UINT64_C(1000000000)
+
+/* Yield to the holders of reservations (guarantee 7). False when a shared
+   engine's claimant has waited out HOLDER_PATIENCE_NS since *@since (0: the
+   first wait, which sets it). */
+static bool wait_for_holders(const tally__table *t, uint64_t *since)
+{
+    if (t->region) {
+        uint64_t now = tally__mono_ns();
+        if (*since == 0)
+            *since = now;
+        else if (now - *since > HOLDER_PATIENCE_NS)
+            return false;
+    }
+    sched_yield();
+    return true;
+}
+
 /*
  * Resolve the PENDING claim at window position @me (guarantee 3). Return the
  * LIVE slot of @d, or NULL if the claim lost, or the table was full, and the
@@ -609,7 +655,7 @@ static bool full_now(uint64_t r, const tally__table *t)
  * table full). Promotion takes the capacity reservation, so that racing
  * duplicate claims of one key never count against the capacity.
  */
-static tally__slot *resolve(tally__table *t, tally__digest d, size_t home, size_t me)
+static tally__slot *resolve(tally__table *t, tally__digest d, size_t home, size_t me, uint64_t *since)
 {
     uint8_t tag = tag_of(d);
 again:;
@@ -668,7 +714,11 @@ again:;
         digest_load(mine, &lo, &hi);
         if (lo != d.lo || hi != tally__hi_with(d, TALLY__PENDING))
             break;
-        sched_yield();
+        if (!wait_for_holders(t, since)) {
+            if (kill_pending(t, mine_i, d))
+                return NULL;          /* the caller's next look refuses the key */
+            break;
+        }
     }
     digest_load(mine, &lo, &hi);
     return (lo == d.lo && hi == tally__hi_with(d, TALLY__LIVE)) ? mine : NULL;
@@ -766,6 +816,7 @@ int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size
     size_t home = tally__home_of(t, d);
     uint8_t tag = tag_of(d);
     void *copy = NULL;                /* a key copy not yet stored in a slot */
+    uint64_t since = 0;               /* of the first wait for holders */
 
     for (;; hint = NULL) {
         size_t free_k = SIZE_MAX;
@@ -795,7 +846,7 @@ int tally__table_acquire(tally__table *t, tally__digest d, const void *key, size
                 if (status_of(hi) == TALLY__LIVE) {
                     found = s;
                 } else if (status_of(hi) == TALLY__PENDING) {
-                    found = resolve(t, d, home, j);
+                    found = resolve(t, d, home, j, &since);
                     rescan = !found;          /* lost a race: scan again */
                 }
             }
@@ -824,10 +875,9 @@ claim:;
                 free(copy);
                 return 0;
             }
-            if (free_k != SIZE_MAX && !full_now(r, t)) {
-                sched_yield();        /* promotions in flight: see resolve() */
+            /* promotions in flight: see resolve() */
+            if (free_k != SIZE_MAX && !full_now(r, t) && wait_for_holders(t, &since))
                 continue;
-            }
             free(copy);
             return TALLY_EFULL;
         }
@@ -863,7 +913,7 @@ claim:;
             key_publish(t, idx, copy);
             copy = NULL;
         }
-        found = resolve(t, d, home, free_k);
+        found = resolve(t, d, home, free_k, &since);
         if (found) {
             *out = found;
             return 0;
@@ -938,6 +988,9 @@ tally__batch *tally__batch_new(const tally__table *t)
     b->n = 0;
     b->evicted = 0;
     b->cap = cap;
+    /* a shared engine's ZOMBIE slots name their reclaim's process */
+    b->owner = t->region ? tally__proc_self() & TALLY__DIGEST_HI_MASK : 0;
+    b->gone = 0;
     b->idx = malloc(cap * sizeof(*b->idx));
     b->digest = malloc(cap * sizeof(*b->digest));
     if (!b->idx || !b->digest) {
@@ -956,16 +1009,47 @@ void tally__batch_free(tally__batch *b)
     }
 }
 
-/* Move a DEAD slot to ZOMBIE, owned by this reclaim. */
-static bool take_dead(tally__table *t, tally__slot *s, tally__digest *d)
+/* Move a DEAD slot to ZOMBIE, owned by this reclaim (of process @owner in
+   a shared engine, else 0). */
+static bool take_dead(tally__table *t, tally__slot *s, uint64_t owner, tally__digest *d)
 {
     uint64_t lo, hi;
     digest_load(s, &lo, &hi);
-    if (status_of(hi) != TALLY__DEAD || !digest_cas(s, lo, hi, TALLY__LO_ZOMBIE, 0))
+    if (status_of(hi) != TALLY__DEAD || !digest_cas(s, lo, hi, TALLY__LO_ZOMBIE, owner))
         return false;
     d->lo = lo;
     d->hi = hi & TALLY__DIGEST_HI_MASK;
     atomic_fetch_add_explicit(&t->zombies, 1, memory_order_relaxed);
+    return true;
+}
+
+/* The digest a batch holds for a slot whose key is not known: a ZOMBIE
+   taken over from a dead process. No key's digest has these top bits. */
+#define UNKNOWN_HI UINT64_MAX
+
+/* Whether the process of @owner, which holds ZOMBIE slots, is gone; the
+   last answer is kept in @b, as a sweep meets a dead reclaim's slots in a
+   row. */
+static bool owner_gone(tally__batch *b, uint64_t owner)
+{
+    if (b->gone != owner && tally__proc_dead(owner))
+        b->gone = owner;
+    return b->gone == owner;
+}
+
+/* A ZOMBIE slot of a shared engine whose reclaim's process died before it
+   made the slot FREE (SIGKILL in its grace period): this reclaim takes it
+   over, by one CAS of the owner, and frees it after its own grace period.
+   Its key is not known, so the overflow counts of its claim stay (longer
+   probes past its groups, never a missed key: guarantee 1 needs only that
+   they are not too low). */
+static bool take_orphan(tally__slot *s, uint64_t lo, uint64_t hi, tally__batch *b)
+{
+    if (lo != TALLY__LO_ZOMBIE || hi == 0 || hi == b->owner || !owner_gone(b, hi)
+        || !digest_cas(s, lo, hi, TALLY__LO_ZOMBIE, b->owner))
+        return false;
+    /* it stays counted in zombies: the dead reclaim counted it, ours frees it */
+    b->digest[b->n] = (tally__digest){ 0, UNKNOWN_HI };
     return true;
 }
 
@@ -984,8 +1068,14 @@ static void consider(tally__table *t, size_t idx, uint64_t now, tally__batch *b)
     if (status_of(hi) == TALLY__LIVE && !kill_expired(t, s, now))
         return;
     if (status_of(hi) == TALLY__LIVE || status_of(hi) == TALLY__DEAD) {
-        if (take_dead(t, s, &b->digest[b->n]))
+        if (take_dead(t, s, b->owner, &b->digest[b->n]))
             b->idx[b->n++] = idx;
+    } else if (b->owner && take_orphan(s, lo, hi, b)) {
+        b->idx[b->n++] = idx;
+    } else if (b->owner && lo == TALLY__LO_FREE && hi == 0) {
+        /* a reclaim that died between the digest's FREE and the byte's
+           (guarantee 10): its slot would be neither claimable nor taken */
+        ctrl_cas(t, idx, CTRL_DEAD, CTRL_FREE);
     }
 }
 
@@ -1256,7 +1346,7 @@ bool tally__table_evict(tally__table *t, tally__digest d, uint64_t now, bool syn
             tally__table_help_kill(t, s);
             if (notes)
                 forget_send(t, lim, forget, st, now);
-            if (take_dead(t, s, &b->digest[b->n])) {
+            if (take_dead(t, s, b->owner, &b->digest[b->n])) {
                 b->idx[b->n++] = victim[j];
                 b->evicted++;
             }
@@ -1322,15 +1412,27 @@ void tally__table_reclaim_free(tally__table *t, const tally__batch *b)
             atomic_store_explicit(&t->keys[b->idx[j]], (void *)((uintptr_t)kp | 1), memory_order_release);
         }
         /* the key no longer lies past the groups before its slot (guarantee 1) */
-        pass_groups(t, tally__home_of(t, b->digest[j]), b->idx[j], -1);
+        if (b->digest[j].hi != UNKNOWN_HI)
+            pass_groups(t, tally__home_of(t, b->digest[j]), b->idx[j], -1);
         /* the next key here is a new instance (guarantee 6) */
         atomic_store_explicit(&t->gen[b->idx[j]], tally__table_gen_fresh(t), memory_order_relaxed);
         /* release: the zeroed state and the fresh instance before the slot can
            be claimed; paired with the claim CAS in tally__table_acquire() and
            the acquire loads of tally__table_find_fast() */
+        if (b->owner) {
+            /* a killer that died before its byte's DEAD left its tag: the
+               byte is DEAD before the digest is FREE (guarantee 10) */
+            ctrl_cas(t, b->idx[j], CTRL_ANY, CTRL_DEAD);
+            tally__word_store_relaxed(&s->d_hi, 0);   /* FREE is {1, 0}; published below */
+        }
         tally__word_store_release(&s->d_lo, TALLY__LO_FREE);
-        /* after the digest: a claimable byte means a claimable digest (guarantee 8) */
-        ctrl_set(t, b->idx[j], CTRL_DEAD, CTRL_FREE);
+        /* after the digest: a claimable byte means a claimable digest
+           (guarantee 8); in a shared engine another reclaim may have set
+           it since, for us (guarantee 10) */
+        if (b->owner)
+            ctrl_cas(t, b->idx[j], CTRL_DEAD, CTRL_FREE);
+        else
+            ctrl_set(t, b->idx[j], CTRL_DEAD, CTRL_FREE);
         atomic_fetch_sub_explicit(&t->zombies, 1, memory_order_relaxed);
     }
     /* evicted slots are counted apart, when killed (lru_evicted) */
