@@ -2,7 +2,8 @@
  * bench_flush: how fast the flusher empties 100K dirty keys into Redis,
  * side by side with what the same binary gets from a raw pipeline of INCRBY
  * on the same keys and the same server, and with redis-benchmark's
- * pipelined INCR (one key, 500 a round trip) against that server.
+ * pipelined INCR (500 a round trip) against that server: of one key, and of
+ * 100K random keys (-r), as many distinct keys as the flush has.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -91,12 +92,14 @@ int flush_bench_flush(void)
     return tally_flush(engine, 60000);
 }
 
-double flush_bench_redis_benchmark(size_t n)
+double flush_bench_redis_benchmark(size_t n, size_t keyspace)
 {
-    char cmd[512];
+    char cmd[512], r[32] = "";
+    if (keyspace)
+        snprintf(r, sizeof(r), " -r %zu", keyspace);
     snprintf(cmd, sizeof(cmd),
-             "redis-benchmark -h %s -p %d -c 1 -P 500 -t incr -n %zu --csv 2>/dev/null", host,
-             server.port, n);
+             "redis-benchmark -h %s -p %d -c 1 -P 500 -t incr -n %zu%s --csv 2>/dev/null", host,
+             server.port, n, r);
     FILE *p = popen(cmd, "r");
     if (!p)
         return 0;

@@ -1,6 +1,6 @@
 /*
  * The Redis sink's private declarations, shared by sync/redis.c (the sink:
- * connections, pipelines, the batch script) and sync/cluster.c (the slot map
+ * connections, pipelines, the batch transactions) and sync/cluster.c (the slot map
  * of a Redis Cluster). Not installed.
  *
  * The sink talks to its store over links, one connection each: one link in
@@ -24,14 +24,38 @@
 #define TALLY__CLUSTER_SLOTS   16384
 #define TALLY__CLUSTER_BUCKETS 1024    /* hash tags "{0}".."{1023}": keys over every master */
 #define TALLY__LINKS_MAX       64      /* masters of a cluster the sink can talk to */
+#define TALLY__FENCES_MAX      16      /* old connections of a link to close before a resend */
 
-/* A reply the pipeline of a link waits for, in order. */
+/* A reply the pipeline of a link waits for, in order. A transaction
+   (MULTI ... EXEC) waits for nrep replies: MULTI's, one a queued command,
+   EXEC's; r is EXEC's. */
 typedef struct tally__expect {
     int         kind;                  /* EX_* of sync/redis.c */
     void       *p;                     /* the batch, event or entry it answers */
-    size_t      from, n;               /* a read-back: its range of f->refresh */
-    redisReply *r;                     /* the reply once read; NULL: none came */
+    size_t      from, n;               /* a read-back: its range of f->refresh; a fence: the id */
+    size_t      nrep;                  /* replies it waits for */
+    redisReply *r;                     /* the (last) reply once read; NULL: none came */
+    redisReply *err;                   /* a transaction: the first error before EXEC's */
+    bool        multi_failed;          /* a transaction: MULTI itself was refused */
+    uint64_t    ttl[(CHUNK_KEYS + 63) / 64];   /* a batch: its items sent with a PEXPIRE */
 } tally__expect;
+
+/* A count created without a TTL (its INCRBY's total was its delta, and no
+   PEXPIRE went with it): a PEXPIRE NX is due. */
+typedef struct tally__ttl_due {
+    uint32_t      policy;
+    unsigned      limit;
+    tally__digest digest;
+    uint64_t      win, end_ns;
+    bool          done;
+} tally__ttl_due;
+
+/* A connection to close before a resend: client ids are a server process's
+   own, so a fence names the process too. */
+typedef struct tally__fence {
+    long long id;
+    char      run_id[41];
+} tally__fence;
 
 typedef struct tally__link {
     char           host[TALLY__NODE_HOST_MAX + 1];
@@ -46,6 +70,11 @@ typedef struct tally__link {
     bool           wait_lost;          /* a WAIT was due but could not be appended */
     bool           acked_by_wait;      /* it confirmed wait_replicas replicas */
     size_t         unwritten;          /* bytes appended since the pipeline was last written */
+    long long      client_id;          /* CLIENT ID of the connection */
+    char           run_id[41];         /* the run_id of the server process it is connected to */
+    bool           carried;            /* this round's pipeline holds a batch or a check */
+    tally__fence   fence[TALLY__FENCES_MAX];   /* connections dropped with batches unanswered */
+    int            n_fence;
 } tally__link;
 
 /* A key of a flush's read-back (f->refresh). */
@@ -73,6 +102,8 @@ typedef struct tally__redis_sink {
     size_t               rk_n, rk_cap, rb_n;
     char                *cmd;          /* a command in the Redis protocol, being built */
     size_t               cmd_cap;
+    tally__ttl_due      *due;          /* PEXPIREs owed to counts created without a TTL */
+    size_t               due_n, due_cap;
 } tally__redis_sink;
 
 /* CRC16-CCITT (XMODEM) as the cluster specification defines it, and the slot

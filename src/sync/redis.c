@@ -2,42 +2,54 @@
  * The Redis sink: links to Redis (TCP or a unix socket, AUTH, SELECT,
  * timeouts, reconnects with a capped backoff; one link in STANDALONE and
  * SENTINEL mode, one per master in CLUSTER mode: sync/redis-internal.h),
- * over which each flush is one pipeline per link of Lua batch scripts, event
- * and flag commands, the MGET read-back of the live keys that no batch
- * tells the total of and, with wait_replicas, a WAIT; between flushes, the
- * same read-back alone for keys new to the engine. A pipeline is written
- * while it is built (past WRITE_AHEAD bytes), so that Redis runs the first
- * scripts while the next are formed, and read once all of it is written.
- * It keeps guarantees 3 and 6 of sync/flusher.c:
+ * over which each flush is one pipeline per link of batch transactions
+ * (MULTI ... EXEC), event and flag commands, the MGET read-back of the live
+ * keys that no batch tells the total of and, with wait_replicas, a WAIT;
+ * between flushes, the same read-back alone for keys new to the engine. A
+ * pipeline is written while it is built (past WRITE_AHEAD bytes), so that
+ * Redis runs the first transactions while the next are formed, and read once
+ * all of it is written. It keeps guarantees 3 and 6 of sync/flusher.c:
  *
- *  3. Each batch carries the next sequence number of its bucket. The script
- *     checks it against the engine instance's record for that bucket (a
- *     string: the highest sequence applied, then a bitmap of the last
- *     TALLY__SEQ_WINDOW), sets its bit, and only then runs the INCRBYs: a
- *     batch whose reply was lost is sent again with the same number and
- *     content, and Redis applies it once, even after later batches ran. The
- *     record lives next to the counts it guards (the same slot in a cluster),
- *     so a replica that takes over holds both as of one moment, and answers
- *     a resend for what it holds. One record per engine instance and bucket,
- *     refreshed on use, expiring a day after the last: the bookkeeping stays
- *     a fixed number of keys whatever the number of batches. The script runs
- *     atomically: a batch is applied wholly, but for keys Redis refuses
- *     inside it (guarantee 6).
+ *  3. Each batch carries the next sequence number of its bucket. Its first
+ *     send is one transaction of plain commands: an INCRBY per key (their
+ *     replies are the totals), a PEXPIRE NX with the INCRBY of a key this
+ *     engine has no acknowledged cost of in the window, and the write of the
+ *     number into the engine instance's record of the bucket (a string of
+ *     TALLY__SEQ_WINDOW 32-bit slots, slot seq % TALLY__SEQ_WINDOW holding
+ *     the last number of that slot applied). Redis applies a transaction
+ *     wholly or not at all, and runs no other client's command inside it. A
+ *     batch whose outcome is unknown is never sent again blind: every
+ *     connection dropped with a batch unanswered is closed by CLIENT KILL ID
+ *     on the next one before anything else, so nothing it carried can still
+ *     run (not even bytes waiting in Redis's input buffer or in a proxy),
+ *     and then one transaction reads the batch's slot and the totals of its
+ *     keys: the slot holds the number, the batch ran and the totals are its
+ *     reply; else it is sent again as a first send. The flusher never has a
+ *     batch outstanding TALLY__SEQ_WINDOW numbers behind the newest of its
+ *     bucket, so a slot's number is never an older batch's of the same
+ *     slot. The record lives next to the counts it guards (the same slot in
+ *     a cluster), written by the same transaction, so a replica that takes
+ *     over holds both as of one moment. One record per engine instance and
+ *     bucket, refreshed on use, expiring a day after the last: the
+ *     bookkeeping stays a fixed number of keys whatever the number of
+ *     batches. A count an INCRBY created without a PEXPIRE in its batch (a
+ *     key deleted since this engine's last acknowledged cost) gets its
+ *     PEXPIRE NX in the next round, so no count is left without a TTL.
  *  6. Every reply is paired with the command it answers, in pipeline order.
- *     An error reply by which Redis refused a batch before running it (BUSY,
- *     OOM, LOADING, READONLY, MOVED, CROSSSLOT, ...: see refused_unapplied)
- *     puts its deltas back into their entries, merged per key and window,
- *     to be sent in a later batch under a new number. A batch whose outcome
- *     is unknown (its reply was lost, or an unexpected error; with
- *     wait_replicas, a WAIT that did not confirm enough replicas) is kept
- *     with its number and resent as it was; a refusal of a resend keeps it
- *     too, since an earlier send may have run. In a cluster, a MOVED or ASK
+ *     An error reply by which Redis refused a batch before running it (an
+ *     EXECABORT: a command refused when queued, BUSY, OOM, LOADING, READONLY,
+ *     MOVED, CROSSSLOT, ...: see refused_unapplied) puts its deltas back into
+ *     their entries, merged per key and window, to be sent in a later batch
+ *     under a new number. A batch whose outcome is unknown (its reply was
+ *     lost, or an unexpected error; with wait_replicas, a WAIT that did not
+ *     confirm enough replicas) is kept with its number and checked as
+ *     above; a refusal of a check keeps it too. In a cluster, a MOVED or ASK
  *     keeps the batch as it is and sends it to the node named, in the same
- *     push. The script never stops half-way: a key Redis refused inside it
- *     (WRONGTYPE, overflow, an ACL) is answered with its error and goes back
- *     to its entry alone. While MAX_KEPT_BATCHES or more kept batches of a
- *     bucket wait, the bucket forms no new batch, so what is sent per flush
- *     is bounded by the pending keys whatever Redis answers.
+ *     push. A key Redis refused inside the transaction (WRONGTYPE, overflow)
+ *     is answered with its error in its place and goes back to its entry
+ *     alone. While MAX_KEPT_BATCHES or more kept batches of a bucket wait,
+ *     the bucket forms no new batch, so what is sent per flush is bounded by
+ *     the pending keys whatever Redis answers.
  */
 #include <inttypes.h>
 #include <stdio.h>
@@ -54,11 +66,10 @@
 #define BACKOFF_MAX_MS  5000
 #define TTL_SLACK_MS    60000          /* late deltas (retries) still find their key */
 #define KEY_MAX         640            /* bytes of one Redis key name, prefix included */
-#define ROUNDS          3              /* pipelines per push: the first, then redirections */
+#define ROUNDS          4              /* pipelines per push: the first, then checks' resends,
+                                          redirections, re-reads and TTLs owed */
 #define WRITE_AHEAD     (256 * 1024)   /* bytes appended to a pipeline before it is written */
 
-#define STR_(x) #x
-#define STR(x)  STR_(x)
 
 typedef tally__redis_sink redis_sink;
 typedef tally__link       rlink;
@@ -76,88 +87,34 @@ enum {
 };
 
 /* What a reply of a link's pipeline answers. */
-enum { EX_BATCH, EX_ASKING, EX_EVENT, EX_FLAG, EX_MGET, EX_WAIT, EX_PING };
+enum { EX_FENCE, EX_BATCH, EX_CHECK, EX_ASKING, EX_EVENT, EX_FLAG, EX_MGET, EX_TTL, EX_WAIT,
+       EX_PING };
 
 /*
- * One batch. KEYS[1] is the record, KEYS[2] the keys of the record's batches
- * that Redis refused inside the script, KEYS[3..] the counts; ARGV[1] is the
- * sequence number, ARGV[2] the record's TTL, then a delta and a TTL a count.
- * The record is the first write (BITFIELD), so a refusal of the script by
- * OOM or READONLY, raised at the first write only, comes before anything
- * changed. A sequence number above the highest clears the bits of the
- * numbers it skips (their window is over) and forgets their refused keys; one
- * inside the window is new when its bit is clear; one below the window is
- * never sent (tally__sync_form_batches). The record's TTL is set on every
- * run, a write even for a resend, so that a WAIT after a resend waits for
- * what its first run wrote. After the record nothing can stop the script
- * half-way: each INCRBY runs under pcall, and a key Redis refused (WRONGTYPE,
- * overflow, an ACL) is answered with its error in its place and kept in
- * KEYS[2], so that a resend answers that key with an error again rather
- * than with a total that does not hold its cost.
+ * A batch's first send, one transaction:
+ *   MULTI
+ *   INCRBY <count> <delta> [PEXPIRE <count> <ms> NX]   per item
+ *   BITFIELD <record> SET u32 #<seq % W> <seq>
+ *   PEXPIRE <record> 86400000
+ *   EXEC
+ * A count gets a PEXPIRE when this engine has no acknowledged cost of it in
+ * the window: it may be the INCRBY that creates it. Any other count existed
+ * when this engine's last batch of it ran, with the TTL the creating
+ * transaction gave it; should it have gone since (deleted), the INCRBY's
+ * total is its own delta (deltas are never 0) and the count is owed a
+ * PEXPIRE NX (settle_batch). NX keeps a TTL the key has.
  *
- * A count gets its TTL from the INCRBY that creates it: the one whose total
- * is its own delta (deltas are never 0). Every other INCRBY finds a key that
- * already has one, so the script makes one call per count, not two. NX keeps
- * a TTL the key has: a total that only equals the delta in floating point
- * (above 2^53) costs a PEXPIRE that changes nothing.
+ * A kept batch's check, one transaction after the fences (guarantee 3):
+ *   MULTI
+ *   PEXPIRE <record> 86400000
+ *   BITFIELD <record> GET u32 #<seq % W>
+ *   MGET <count>...
+ *   EXEC
+ * The PEXPIRE is a write, so that a WAIT after the check also waits for
+ * the replication of what the first run wrote.
  */
-static const char LUA_BATCH[] =
-    "local W = " STR(TALLY__SEQ_WINDOW) "\n"
-    "local rec, refused, seq = KEYS[1], KEYS[2], tonumber(ARGV[1])\n"
-    "local call, try, tonumber, type = redis.call, redis.pcall, tonumber, type\n"
-    "local hi = call('BITFIELD', rec, 'GET', 'i64', 0)[1]\n"
-    "local new\n"
-    "if seq > hi then\n"
-    "  if seq - hi >= W then\n"
-    "    call('SETRANGE', rec, 8, string.rep('\\0', W / 8))\n"
-    "    call('DEL', refused)\n"
-    "  else\n"
-    "    for s = hi + 1, seq - 1 do call('SETBIT', rec, 64 + s % W, 0) end\n"
-    "    if call('EXISTS', refused) == 1 then\n"
-    "      for s = hi + 1 - W, seq - W do call('HDEL', refused, s) end\n"
-    "    end\n"
-    "  end\n"
-    "  call('BITFIELD', rec, 'SET', 'i64', 0, ARGV[1])\n"
-    "  call('SETBIT', rec, 64 + seq % W, 1)\n"
-    "  new = true\n"
-    "elseif hi - seq < W then\n"
-    "  new = call('SETBIT', rec, 64 + seq % W, 1) == 0\n"
-    "else\n"
-    "  return redis.error_reply('STALE batch below the record window')\n"
-    "end\n"
-    "call('PEXPIRE', rec, ARGV[2])\n"
-    "local out = {}\n"
-    "if new then\n"
-    "  local failed = {}\n"
-    "  for i = 1, #KEYS - 2 do\n"
-    "    local k, d = KEYS[i + 2], ARGV[2 * i + 1]\n"
-    "    local r = try('INCRBY', k, d)\n"
-    "    out[i] = r\n"
-    "    if r == tonumber(d) then\n"
-    "      try('PEXPIRE', k, ARGV[2 * i + 2], 'NX')\n"
-    "    elseif type(r) == 'table' then\n"
-    "      failed[#failed + 1] = i\n"
-    "    end\n"
-    "  end\n"
-    "  if #failed > 0 then\n"
-    "    try('HSET', refused, ARGV[1], table.concat(failed, ','))\n"
-    "    try('PEXPIRE', refused, ARGV[2])\n"
-    "  end\n"
-    "else\n"
-    "  local failed = {}\n"
-    "  for i in string.gmatch(call('HGET', refused, ARGV[1]) or '', '%d+') do\n"
-    "    failed[tonumber(i)] = true\n"
-    "  end\n"
-    "  for i = 1, #KEYS - 2 do\n"
-    "    if failed[i] then\n"
-    "      out[i] = redis.error_reply('REFUSED by Redis when the batch first ran')\n"
-    "    else\n"
-    "      local v = try('GET', KEYS[i + 2])\n"
-    "      out[i] = type(v) == 'string' and tonumber(v) or 0\n"
-    "    end\n"
-    "  end\n"
-    "end\n"
-    "return out\n";
+static const char MULTI_CMD[] = "*1\r\n$5\r\nMULTI\r\n";
+static const char EXEC_CMD[] = "*1\r\n$4\r\nEXEC\r\n";
 
 static struct timeval ms_tv(uint32_t ms)
 {
@@ -179,9 +136,8 @@ static bool reply_is(const redisReply *r, const char *code)
 /*
  * An error reply: count it, keep its text, and tell whether Redis refused the
  * command before it changed anything. These codes are raised before a command
- * runs or, in a script, by its first write (Redis denies OOM and READONLY at
- * the first write only, so a script never stops half-way for them). Any other
- * error may come from inside the script after it wrote: its outcome is unknown.
+ * runs (inside a transaction, when it is queued, which aborts the EXEC). Any
+ * other error may come from a command that wrote: its outcome is unknown.
  */
 static int refused_unapplied(struct tally__flusher *f, const redisReply *r)
 {
@@ -225,11 +181,21 @@ int tally__redis_link(redis_sink *r, const char *host, int port)
     return r->n_links++;
 }
 
+/* A connection dropped in the middle of a round that carried a batch or a
+   check may still have them waiting in Redis (in its input buffer, or on the
+   way): it is fenced, closed by the next connection before a resend. */
 void tally__redis_link_drop(rlink *l)
 {
-    if (l->rc)
+    if (l->rc) {
+        if (l->nex && l->carried) {
+            tally__fence *x = &l->fence[l->n_fence++];   /* room: append_batch */
+            x->id = l->client_id;
+            memcpy(x->run_id, l->run_id, sizeof(x->run_id));
+        }
         redisFree(l->rc);
+    }
     l->rc = NULL;
+    l->carried = false;
 }
 
 /* One command, for AUTH and SELECT: true when the reply is not an error. */
@@ -262,11 +228,14 @@ static bool discover(struct tally__flusher *f, rlink *l)
     return rc == 0;
 }
 
+static bool append_fences(struct tally__flusher *f, rlink *l);
+
+/* A connected link starts each round's pipeline with its fences. */
 bool tally__redis_link_ready(struct tally__flusher *f, rlink *l)
 {
     redis_sink *r = R(f);
     if (l->rc)
-        return true;
+        return l->nex || append_fences(f, l);
     /* Dropped in the middle of a round: the replies it waits for were lost
        with the connection, and a new one must not answer for them. */
     if (l->nex)
@@ -303,6 +272,30 @@ bool tally__redis_link_ready(struct tally__flusher *f, rlink *l)
         set_error_text(f, "the address the sentinels gave is not a master");
         ok = false;
     }
+    /* the name a later connection fences this one by: its id in the
+       server process of that run_id */
+    if (ok) {
+        redisReply *id = redisCommand(c, "CLIENT ID");
+        redisReply *info = id ? redisCommand(c, "INFO server") : NULL;
+        const char *run = info && info->type == REDIS_REPLY_STRING ? strstr(info->str, "run_id:") : NULL;
+        ok = id && id->type == REDIS_REPLY_INTEGER && id->integer > 0 && run
+             && strspn(run + 7, "0123456789abcdef") == sizeof(l->run_id) - 1;
+        if (ok) {
+            l->client_id = id->integer;
+            memcpy(l->run_id, run + 7, sizeof(l->run_id) - 1);
+            l->run_id[sizeof(l->run_id) - 1] = 0;
+        } else if (id && id->type == REDIS_REPLY_ERROR) {
+            refused_unapplied(f, id);
+        } else if (info && info->type == REDIS_REPLY_ERROR) {
+            refused_unapplied(f, info);
+        } else {
+            set_error_text(f, !id || !info ? c->errstr : "no CLIENT ID or run_id");
+        }
+        if (id)
+            freeReplyObject(id);
+        if (info)
+            freeReplyObject(info);
+    }
     if (!ok) {
         if (c)
             redisFree(c);
@@ -319,7 +312,7 @@ bool tally__redis_link_ready(struct tally__flusher *f, rlink *l)
     l->ever_connected = true;
     l->backoff_ms = 0;
     l->rc = c;
-    return true;
+    return append_fences(f, l);
 }
 
 /* The link of a bucket's commands, or -1 when no node serves it now. */
@@ -382,7 +375,7 @@ static bool send_cmd(struct tally__flusher *f, rlink *l, int kind, void *p, int 
 {
     if (!room(f, l) || redisAppendCommandArgv(l->rc, argc, argv, argl) != REDIS_OK)
         return false;
-    l->ex[l->nex++] = (tally__expect){ .kind = kind, .p = p };
+    l->ex[l->nex++] = (tally__expect){ .kind = kind, .p = p, .nrep = 1 };
     return true;
 }
 
@@ -393,7 +386,7 @@ static bool send_built(struct tally__flusher *f, rlink *l, int kind, void *p, si
     if (!room(f, l) || redisAppendFormattedCommand(l->rc, R(f)->cmd, len) != REDIS_OK)
         return false;
     l->unwritten += len;
-    l->ex[l->nex++] = (tally__expect){ .kind = kind, .p = p, .from = from, .n = n };
+    l->ex[l->nex++] = (tally__expect){ .kind = kind, .p = p, .from = from, .n = n, .nrep = 1 };
     return true;
 }
 
@@ -480,13 +473,11 @@ static int flag_key(struct tally__flusher *f, uint32_t policy, tally__digest d, 
     return (int)(put_key(f, tally__policy_get(f->e, policy), "flag", 4, d, w) - buf);
 }
 
-/* "<prefix><slot tag>seen:<instance>", the record of a bucket's batches,
-   then @suffix. */
-static int record_key(struct tally__flusher *f, unsigned bucket, const char *suffix, char *buf)
+/* "<prefix><slot tag>seen:<instance>", the record of a bucket's batches. */
+static int record_key(struct tally__flusher *f, unsigned bucket, char *buf)
 {
     char *w = put(put_head(f, bucket, buf), "seen:", 5);
-    w = put_hex64(w, f->instance);
-    return (int)(put(w, suffix, strlen(suffix)) - buf);
+    return (int)(put_hex64(w, f->instance) - buf);
 }
 
 /* Commands are built in the Redis protocol ("*<argc>" then "$<len>" and the
@@ -526,41 +517,160 @@ static char *put_arg_u64(char *w, uint64_t v)
 
 /* ---- Appending ----------------------------------------------------------- */
 
-/* EVAL script numkeys record refused count... seq record-ttl (delta ttl)... */
+/* "BITFIELD <record> <op> u32 #<slot>" and the value of a SET: the head of
+   a record command. */
+static char *put_record_op(struct tally__flusher *f, const batch *b, char *w, bool set)
+{
+    char key[KEY_MAX], at[24];
+    at[0] = '#';
+    size_t at_len = (size_t)(put_u64(at + 1, b->seq % TALLY__SEQ_WINDOW) - at);
+    w = put_count(w, '*', set ? 6 : 5);
+    w = put_arg(w, "BITFIELD", 8);
+    w = put_arg(w, key, (size_t)record_key(f, b->bucket, key));
+    w = put_arg(w, set ? "SET" : "GET", 3);
+    w = put_arg(w, "u32", 3);
+    w = put_arg(w, at, at_len);
+    return set ? put_arg_u64(w, b->seq & UINT32_MAX) : w;
+}
+
+static char *put_record_ttl(struct tally__flusher *f, const batch *b, char *w)
+{
+    char key[KEY_MAX];
+    w = put_count(w, '*', 3);
+    w = put_arg(w, "PEXPIRE", 7);
+    w = put_arg(w, key, (size_t)record_key(f, b->bucket, key));
+    return put_arg(w, RECORD_TTL_MS, sizeof(RECORD_TTL_MS) - 1);
+}
+
+static uint64_t ttl_ms(uint64_t end_ns, uint64_t now)
+{
+    return (end_ns > now ? (end_ns - now) / TALLY__NS_PER_MS : 0) + TTL_SLACK_MS;
+}
+
+/* A batch: its first send (b->sends == 0: nothing of it can run any more)
+   or its check; either as one transaction (see MULTI_CMD). */
 static bool append_batch(struct tally__flusher *f, rlink *l, batch *b)
 {
-    if (!cmd_room(f, 128 + sizeof(LUA_BATCH) + (b->n + 2) * (KEY_MAX + ARG_MAX_HEAD)
-                         + (2 * b->n + 2) * (20 + ARG_MAX_HEAD)))
+    bool check = b->sends > 0;
+    /* a connection that carried it must find room among the fences */
+    if (l->n_fence >= TALLY__FENCES_MAX
+        || !cmd_room(f, 512 + 3 * KEY_MAX + b->n * (2 * KEY_MAX + 8 * ARG_MAX_HEAD + 80)))
         return false;
     char key[KEY_MAX];
-    char *w = put_count(R(f)->cmd, '*', 7 + 3 * b->n);
-    w = put_arg(w, "EVAL", 4);
-    w = put_arg(w, LUA_BATCH, sizeof(LUA_BATCH) - 1);
-    w = put_arg_u64(w, b->n + 2);
-    w = put_arg(w, key, (size_t)record_key(f, b->bucket, "", key));
-    w = put_arg(w, key, (size_t)record_key(f, b->bucket, ":refused", key));
-    for (size_t i = 0; i < b->n; i++) {
-        const entry *x = b->items[i].e;
-        w = put_arg(w, key, (size_t)count_key(f, x->policy, x->limit, x->digest, x->win, key));
+    uint64_t ttl[(CHUNK_KEYS + 63) / 64] = { 0 };
+    size_t queued;
+    char *w = put(R(f)->cmd, MULTI_CMD, sizeof(MULTI_CMD) - 1);
+    if (check) {
+        w = put_record_ttl(f, b, w);
+        w = put_record_op(f, b, w, false);
+        w = put_arg(put_count(w, '*', b->n + 1), "MGET", 4);
+        for (size_t i = 0; i < b->n; i++) {
+            const entry *x = b->items[i].e;
+            w = put_arg(w, key, (size_t)count_key(f, x->policy, x->limit, x->digest, x->win, key));
+        }
+        queued = 3;
+    } else {
+        uint64_t now = tally_now_ns();
+        queued = b->n + 2;
+        for (size_t i = 0; i < b->n; i++) {
+            const entry *x = b->items[i].e;
+            size_t len = (size_t)count_key(f, x->policy, x->limit, x->digest, x->win, key);
+            w = put_arg(put_count(w, '*', 3), "INCRBY", 6);
+            w = put_arg_u64(put_arg(w, key, len), b->items[i].delta);
+            if (x->acked)
+                continue;
+            w = put_arg(put_count(w, '*', 4), "PEXPIRE", 7);
+            w = put_arg(put_arg_u64(put_arg(w, key, len), ttl_ms(x->end_ns, now)), "NX", 2);
+            ttl[i / 64] |= UINT64_C(1) << (i % 64);
+            queued++;
+        }
+        w = put_record_op(f, b, w, true);
+        w = put_record_ttl(f, b, w);
     }
-    w = put_arg_u64(w, b->seq);
-    w = put_arg(w, RECORD_TTL_MS, sizeof(RECORD_TTL_MS) - 1);
-    uint64_t now = tally_now_ns();
-    for (size_t i = 0; i < b->n; i++) {
-        const entry *x = b->items[i].e;
-        w = put_arg_u64(w, b->items[i].delta);
-        w = put_arg_u64(w, (x->end_ns > now ? (x->end_ns - now) / TALLY__NS_PER_MS : 0) + TTL_SLACK_MS);
-    }
+    w = put(w, EXEC_CMD, sizeof(EXEC_CMD) - 1);
     if (b->ask >= 0) {
         const char *asking[] = { "ASKING" };
         if (!send_cmd(f, l, EX_ASKING, NULL, 1, asking, NULL))
             return false;
     }
-    if (!send_built(f, l, EX_BATCH, b, 0, 0, (size_t)(w - R(f)->cmd)))
+    if (!send_built(f, l, check ? EX_CHECK : EX_BATCH, b, 0, 0, (size_t)(w - R(f)->cmd)))
         return false;
+    tally__expect *x = &l->ex[l->nex - 1];
+    x->nrep = queued + 2;
+    memcpy(x->ttl, ttl, sizeof(ttl));
     b->sends++;
     b->ask = -1;
+    l->carried = true;
     l->waits = R(f)->ro.wait_replicas > 0;
+    return true;
+}
+
+/* CLIENT KILL ID of every connection of @l dropped with a batch or a check
+   unanswered, first in its pipeline: what those carried either ran before
+   the kill or never will. A fence of another server process is let go
+   unsent: its id may name another client here, and the connection went
+   with its process (a restart) or writes to another data set (a failover:
+   what a deposed master runs late is never replicated to the new one). */
+static bool append_fences(struct tally__flusher *f, rlink *l)
+{
+    for (int i = 0; i < l->n_fence;) {
+        if (strcmp(l->fence[i].run_id, l->run_id) != 0) {
+            l->fence[i] = l->fence[--l->n_fence];
+            continue;
+        }
+        char id[24];
+        snprintf(id, sizeof(id), "%lld", l->fence[i].id);
+        const char *argv[] = { "CLIENT", "KILL", "ID", id };
+        if (!send_cmd(f, l, EX_FENCE, NULL, 4, argv, NULL))
+            return false;
+        l->ex[l->nex - 1].from = (size_t)l->fence[i].id;
+        i++;
+    }
+    return true;
+}
+
+/* The PEXPIREs owed to counts created without a TTL. */
+static bool append_ttl_due(struct tally__flusher *f)
+{
+    redis_sink *r = R(f);
+    bool ok = true;
+    uint64_t now = tally_now_ns();
+    for (size_t i = 0; i < r->due_n; i++) {
+        const tally__ttl_due *d = &r->due[i];
+        rlink *l = link_for(f, tally__sync_bucket(f->sink, d->digest));
+        char key[KEY_MAX], ms[24];
+        if (!l) {
+            ok = false;
+            continue;
+        }
+        int len = count_key(f, d->policy, d->limit, d->digest, d->win, key);
+        snprintf(ms, sizeof(ms), "%" PRIu64, ttl_ms(d->end_ns, now));
+        const char *argv[] = { "PEXPIRE", key, ms, "NX" };
+        size_t argl[] = { 7, (size_t)len, strlen(ms), 2 };
+        if (!send_cmd(f, l, EX_TTL, NULL, 4, argv, argl)) {
+            ok = false;
+            continue;
+        }
+        l->ex[l->nex - 1].from = i;
+        l->waits = r->ro.wait_replicas > 0;
+    }
+    return ok;
+}
+
+/* A count of @x is owed a PEXPIRE. False when out of memory. */
+static bool owe_ttl(struct tally__flusher *f, const entry *x)
+{
+    redis_sink *r = R(f);
+    if (r->due_n == r->due_cap) {
+        size_t cap = r->due_cap ? 2 * r->due_cap : 64;
+        tally__ttl_due *d = realloc(r->due, cap * sizeof(*d));
+        if (!d)
+            return false;
+        r->due = d;
+        r->due_cap = cap;
+    }
+    r->due[r->due_n++] = (tally__ttl_due){ .policy = x->policy, .limit = x->limit, .digest = x->digest,
+                                           .win = x->win, .end_ns = x->end_ns };
     return true;
 }
 
@@ -647,19 +757,31 @@ static void exchange(struct tally__flusher *f)
     for (int i = 0; i < r->n_links; i++) {
         rlink *l = &r->links[i];
         for (size_t k = 0; k < l->nex && l->rc; k++) {
-            redisReply *rep = NULL;
-            if (redisGetReply(l->rc, (void **)&rep) != REDIS_OK || !rep) {
-                set_error_text(f, l->rc->errstr);
-                tally__redis_link_drop(l);
-                if (r->ro.mode == TALLY_REDIS_CLUSTER)
-                    r->map_stale = true;
-                break;
+            tally__expect *x = &l->ex[k];
+            /* a transaction's +QUEUED replies are read and let go; the
+               first error before EXEC's reply tells why EXEC aborted */
+            for (size_t i = 0; i < x->nrep && l->rc; i++) {
+                redisReply *rep = NULL;
+                if (redisGetReply(l->rc, (void **)&rep) != REDIS_OK || !rep) {
+                    set_error_text(f, l->rc->errstr);
+                    tally__redis_link_drop(l);
+                    if (r->ro.mode == TALLY_REDIS_CLUSTER)
+                        r->map_stale = true;
+                    break;
+                }
+                if (i + 1 == x->nrep) {
+                    x->r = rep;
+                } else if (rep->type == REDIS_REPLY_ERROR && !x->err) {
+                    x->err = rep;
+                    x->multi_failed = i == 0;
+                } else {
+                    freeReplyObject(rep);
+                }
             }
-            l->ex[k].r = rep;
         }
         /* a demoted master: ask the sentinels again before the next write */
         for (size_t k = 0; k < l->nex && l->rc && r->ro.mode == TALLY_REDIS_SENTINEL; k++)
-            if (reply_is(l->ex[k].r, "READONLY"))
+            if (reply_is(l->ex[k].r, "READONLY") || reply_is(l->ex[k].err, "READONLY"))
                 tally__redis_link_drop(l);
         /* wait_replicas asked for a WAIT the pipeline could not carry (out
            of memory): nothing confirms its batches this round */
@@ -681,44 +803,109 @@ static void exchange(struct tally__flusher *f)
     }
 }
 
-/* The reply to a batch: one of the REPLY_ values. @acked: WAIT confirmed it
-   (or none was asked for). Settled batches leave the list afterwards. */
-static int settle_batch(struct tally__flusher *f, rlink *l, batch *b, const redisReply *r, bool acked)
+/* The error that refused a transaction, if one did; *unrun: it proves that
+   nothing of the transaction ran (an EXECABORT, whose cause is the first
+   command refused when queued or, since Redis 7.0, the text after "because
+   of: "). A MULTI refused leaves its commands to run one by one: their
+   outcome is unknown. */
+static const redisReply *txn_error(const tally__expect *x, redisReply *tmp, bool *unrun)
+{
+    static const char because[] = "because of: ";
+    const redisReply *r = x->r;
+    *unrun = false;
+    if (x->multi_failed)
+        return x->err;
+    if (r->type != REDIS_REPLY_ERROR)
+        return NULL;
+    if (!reply_is(r, "EXECABORT"))
+        return r;
+    *unrun = true;
+    if (x->err)
+        return x->err;
+    const char *at = r->str ? strstr(r->str, because) : NULL;
+    if (!at)
+        return r;
+    *tmp = *r;
+    tmp->str = (char *)at + sizeof(because) - 1;
+    tmp->len = r->len - (size_t)(tmp->str - r->str);
+    return tmp;
+}
+
+/* A batch or a check refused with @e. */
+static int refused_batch(struct tally__flusher *f, rlink *l, batch *b, const redisReply *e, bool unrun)
 {
     redis_sink *rs = R(f);
+    int kind = refused_unapplied(f, e);
+    if (unrun)
+        kind = REPLY_REFUSED;
+    if (rs->ro.mode == TALLY_REDIS_CLUSTER) {
+        bool ask = false;
+        int to = tally__cluster_redirect(rs, e, l, &ask);
+        if (to >= 0) {
+            /* not run by this node; to be sent to the one named, as a first
+               send when this was the only one */
+            if (b->sends == 1)
+                b->sends = 0;
+            b->ask = ask ? to : -1;
+            b->redirected = true;
+            rs->map_stale |= !ask;
+            return REPLY_UNKNOWN;
+        }
+        if (reply_is(e, "READONLY") || reply_is(e, "CLUSTERDOWN") || reply_is(e, "MASTERDOWN"))
+            rs->map_stale = true;
+    }
+    /* A refusal proves only that this send did not run: a batch sent
+       before may have run then, so it keeps its number. */
+    if (kind == REPLY_REFUSED && b->sends == 1) {
+        tally__sync_dissolve(b);
+        b->settled = true;
+        return REPLY_REFUSED;
+    }
+    return REPLY_UNKNOWN;
+}
+
+/* Acknowledge item @i of @b with the key's @total (an INCRBY's reply, or
+   a read after it), or put it back (@refused: Redis refused its INCRBY). */
+static void settle_item(struct tally__flusher *f, batch *b, size_t i, const redisReply *refused,
+                        uint64_t total, uint64_t *totals, size_t *n)
+{
+    entry *x = b->items[i].e;
+    x->inflight--;
+    if (refused) {
+        refused_unapplied(f, refused);
+        x->fresh += b->items[i].delta;         /* sent again, under a new number */
+        return;
+    }
+    x->acked += b->items[i].delta;
+    x->acked_seq = f->seq;
+    tally__sync_store_remote(f, x, total > x->acked ? total - x->acked : 0);
+    b->items[*n] = b->items[i];
+    totals[(*n)++] = total;
+}
+
+/* The reply to a batch's first send: one of the REPLY_ values. @acked:
+   WAIT confirmed it (or none was asked for). Settled batches leave the
+   list afterwards. */
+static int settle_batch(struct tally__flusher *f, rlink *l, batch *b, const tally__expect *ex, bool acked)
+{
+    const redisReply *r = ex->r, *e;
+    redisReply tmp;
+    bool unrun;
     if (!r)
         return REPLY_UNKNOWN;                  /* no reply: it may have run */
-    if (r->type == REDIS_REPLY_ERROR) {
-        int kind = refused_unapplied(f, r);
-        if (rs->ro.mode == TALLY_REDIS_CLUSTER) {
-            bool ask = false;
-            int to = tally__cluster_redirect(rs, r, l, &ask);
-            if (to >= 0) {
-                /* not run by this node; to be sent as it is to the one named */
-                b->ask = ask ? to : -1;
-                b->redirected = true;
-                rs->map_stale |= !ask;
-                return REPLY_UNKNOWN;
-            }
-            if (reply_is(r, "READONLY") || reply_is(r, "CLUSTERDOWN") || reply_is(r, "MASTERDOWN"))
-                rs->map_stale = true;
-        }
-        /* A refusal proves only that this send did not run: a batch sent
-           before may have run then, so it keeps its number. */
-        if (kind == REPLY_REFUSED && b->sends == 1) {
-            tally__sync_dissolve(b);
-            b->settled = true;
-            return REPLY_REFUSED;
-        }
-        return REPLY_UNKNOWN;
-    }
-    bool shape = r->type == REDIS_REPLY_ARRAY && r->elements == b->n;
-    for (size_t i = 0; i < b->n && shape; i++) {
-        const redisReply *v = r->element[i];
+    if ((e = txn_error(ex, &tmp, &unrun)))
+        return refused_batch(f, l, b, e, unrun);
+    size_t queued = b->n + 2;
+    for (size_t i = 0; i < b->n; i++)
+        queued += ex->ttl[i / 64] >> (i % 64) & 1;
+    bool shape = r->type == REDIS_REPLY_ARRAY && r->elements == queued;
+    for (size_t i = 0, at = 0; i < b->n && shape; i++) {
+        const redisReply *v = r->element[at];
         shape = v->type == REDIS_REPLY_ERROR || (v->type == REDIS_REPLY_INTEGER && v->integer >= 0);
+        at += 1 + (ex->ttl[i / 64] >> (i % 64) & 1);
     }
     if (!shape) {
-        set_error_text(f, "unexpected reply to a batch script");
+        set_error_text(f, "unexpected reply to a batch transaction");
         return REPLY_UNKNOWN;
     }
     if (!acked)
@@ -726,26 +913,106 @@ static int settle_batch(struct tally__flusher *f, rlink *l, batch *b, const redi
     uint64_t totals[CHUNK_KEYS];
     size_t n = 0;
     int rc = REPLY_OK;
-    for (size_t i = 0; i < b->n; i++) {
-        entry *x = b->items[i].e;
-        const redisReply *v = r->element[i];
-        x->inflight--;
+    for (size_t i = 0, at = 0; i < b->n; i++) {
+        const redisReply *v = r->element[at];
+        bool ttl = ex->ttl[i / 64] >> (i % 64) & 1;
+        at += 1 + ttl;
         if (v->type == REDIS_REPLY_ERROR) {
-            refused_unapplied(f, v);           /* the key's INCRBY did not run */
-            x->fresh += b->items[i].delta;     /* sent again, under a new number */
+            settle_item(f, b, i, v, 0, totals, &n);
             rc = REPLY_PARTLY;
             continue;
         }
-        uint64_t total = (uint64_t)v->integer;
-        x->acked += b->items[i].delta;
-        x->acked_seq = f->seq;
-        tally__sync_store_remote(f, x, total > x->acked ? total - x->acked : 0);
-        b->items[n] = b->items[i];
-        totals[n++] = total;
+        /* created by this INCRBY, and no PEXPIRE went with it */
+        if ((uint64_t)v->integer == b->items[i].delta && !ttl && !owe_ttl(f, b->items[i].e))
+            set_error_text(f, "out of memory for the TTL of a new count");
+        settle_item(f, b, i, NULL, (uint64_t)v->integer, totals, &n);
     }
     tally__sync_deliver_deltas(f, b->items, totals, n);
     b->settled = true;
     return rc;
+}
+
+/* The reply to a kept batch's check: its record slot and the totals of its
+   keys. The slot holds its number: it ran, and the totals tell what its
+   reply would have. Else, with every fence of the link acknowledged before
+   it, nothing of the batch can run any more: it goes again as a first send,
+   in the next round. */
+static int settle_check(struct tally__flusher *f, rlink *l, batch *b, const tally__expect *ex, bool acked)
+{
+    const redisReply *r = ex->r, *e;
+    redisReply tmp;
+    bool unrun;
+    if (!r)
+        return REPLY_UNKNOWN;
+    if ((e = txn_error(ex, &tmp, &unrun)))
+        return refused_batch(f, l, b, e, false);
+    if (r->type != REDIS_REPLY_ARRAY || r->elements != 3 || r->element[1]->type != REDIS_REPLY_ARRAY
+        || r->element[1]->elements != 1 || r->element[1]->element[0]->type != REDIS_REPLY_INTEGER
+        || r->element[2]->type != REDIS_REPLY_ARRAY || r->element[2]->elements != b->n) {
+        set_error_text(f, "unexpected reply to a batch check");
+        return REPLY_UNKNOWN;
+    }
+    if (l->n_fence) {
+        set_error_text(f, "an earlier connection could not be closed (CLIENT KILL)");
+        return REPLY_UNKNOWN;
+    }
+    if ((uint64_t)r->element[1]->element[0]->integer != (b->seq & UINT32_MAX)) {
+        b->sends = 0;
+        b->redirected = true;
+        return REPLY_UNKNOWN;
+    }
+    if (!acked)
+        return REPLY_UNKNOWN;
+    uint64_t totals[CHUNK_KEYS];
+    size_t n = 0;
+    int rc = REPLY_OK;
+    for (size_t i = 0; i < b->n; i++) {
+        const redisReply *v = r->element[2]->element[i];
+        uint64_t total = 0;
+        char *end = NULL;
+        if (v->type == REDIS_REPLY_STRING)
+            total = strtoull(v->str, &end, 10);
+        /* not an integer: the INCRBY was refused ("not an integer"); nil:
+           the count went since, or is no string (WRONGTYPE), which a read
+           cannot tell apart: taken as gone */
+        if (end && (end == v->str || *end)) {
+            redisReply refused = { .type = REDIS_REPLY_ERROR, .str = (char *)"ERR value is not an integer",
+                                   .len = 27 };
+            settle_item(f, b, i, &refused, 0, totals, &n);
+            rc = REPLY_PARTLY;
+            continue;
+        }
+        /* whether the first run created the count without a TTL is not
+           known: NX makes the PEXPIRE a no-op where it has one */
+        if (!owe_ttl(f, b->items[i].e))
+            set_error_text(f, "out of memory for the TTL of a new count");
+        settle_item(f, b, i, NULL, total, totals, &n);
+    }
+    tally__sync_deliver_deltas(f, b->items, totals, n);
+    b->settled = true;
+    return rc;
+}
+
+static void settle_fence(struct tally__flusher *f, rlink *l, const tally__expect *x)
+{
+    if (!x->r || x->r->type != REDIS_REPLY_INTEGER) {
+        if (x->r && x->r->type == REDIS_REPLY_ERROR)
+            refused_unapplied(f, x->r);
+        return;
+    }
+    for (int i = 0; i < l->n_fence; i++)
+        if ((size_t)l->fence[i].id == x->from) {
+            l->fence[i] = l->fence[--l->n_fence];
+            break;
+        }
+}
+
+static void settle_ttl(struct tally__flusher *f, const tally__expect *x)
+{
+    if (x->r && x->r->type == REDIS_REPLY_INTEGER)
+        R(f)->due[x->from].done = true;
+    else if (x->r && x->r->type == REDIS_REPLY_ERROR)
+        refused_unapplied(f, x->r);
 }
 
 /* An error reply to an event or a read-back: in a cluster, a redirect or a
@@ -815,12 +1082,20 @@ static void settle_mget(struct tally__flusher *f, size_t from, size_t n, const r
 static bool settle_one(struct tally__flusher *f, rlink *l, tally__expect *x, bool *redirected)
 {
     switch (x->kind) {
-    case EX_BATCH: {
+    case EX_BATCH:
+    case EX_CHECK: {
         batch *b = x->p;
-        int rc = settle_batch(f, l, b, x->r, l->acked_by_wait);
+        int rc = x->kind == EX_BATCH ? settle_batch(f, l, b, x, l->acked_by_wait)
+                                     : settle_check(f, l, b, x, l->acked_by_wait);
         *redirected |= b->redirected;
         return rc == REPLY_OK || b->redirected;
     }
+    case EX_FENCE:
+        settle_fence(f, l, x);
+        return true;
+    case EX_TTL:
+        settle_ttl(f, x);
+        return true;
     case EX_EVENT:
         return settle_event(f, x->p, x->r);
     case EX_FLAG:
@@ -838,28 +1113,46 @@ static bool settle_one(struct tally__flusher *f, rlink *l, tally__expect *x, boo
     }
 }
 
-/* Settle every reply of the round, the batches first (a read-back skips the
+/* The pass of settle() a reply belongs to. */
+static int settle_pass(int kind)
+{
+    return kind == EX_FENCE ? 0 : kind == EX_BATCH || kind == EX_CHECK ? 1 : 2;
+}
+
+/* Settle every reply of the round: the fences first (a check counts only
+   after every fence of its link), then the batches (a read-back skips the
    keys whose totals they told); true when all of it was acknowledged. */
 static bool settle(struct tally__flusher *f, bool *redirected)
 {
     redis_sink *r = R(f);
     bool ok = true;
-    for (int pass = 0; pass < 2; pass++)
+    for (int pass = 0; pass < 3; pass++)
         for (int i = 0; i < r->n_links; i++) {
             rlink *l = &r->links[i];
             for (size_t k = 0; k < l->nex; k++)
-                if ((l->ex[k].kind == EX_BATCH) == (pass == 0))
+                if (settle_pass(l->ex[k].kind) == pass)
                     ok &= settle_one(f, l, &l->ex[k], redirected);
         }
     for (int i = 0; i < r->n_links; i++) {
         rlink *l = &r->links[i];
-        for (size_t k = 0; k < l->nex; k++)
+        for (size_t k = 0; k < l->nex; k++) {
             if (l->ex[k].r)
                 freeReplyObject(l->ex[k].r);
+            if (l->ex[k].err)
+                freeReplyObject(l->ex[k].err);
+        }
         l->nex = 0;
+        l->carried = false;
         l->waits = false;
         l->wait_lost = false;
     }
+    /* TTLs set, or owed to counts whose keys have expired anyway */
+    uint64_t now = tally_now_ns();
+    size_t n = 0;
+    for (size_t i = 0; i < r->due_n; i++)
+        if (!r->due[i].done && r->due[i].end_ns + TTL_SLACK_MS * TALLY__NS_PER_MS > now)
+            r->due[n++] = r->due[i];
+    r->due_n = n;
     return ok;
 }
 
@@ -1009,6 +1302,10 @@ static bool append_round(struct tally__flusher *f, int round, batch *fresh)
         any |= r->rb_n > 0;
     }
     ok &= append_readback(f);
+    if (R(f)->due_n) {
+        ok &= append_ttl_due(f);
+        any = true;
+    }
     if (round == 0) {
         if (!any) {
             /* every master that serves a bucket */
@@ -1068,10 +1365,10 @@ static int redis_push(tally__sink *s, struct tally__flusher *f)
         ok &= settle(f, &redirected);
         sweep(f);
         plan_rereads(f);
-        if (!redirected && !r->rb_n)
+        if (!redirected && !r->rb_n && !r->due_n)
             break;
     }
-    return ok && !f->inflight_head && !f->events ? 0 : TALLY_EIO;
+    return ok && !f->inflight_head && !f->events && !r->due_n ? 0 : TALLY_EIO;
 }
 
 /* The read-back of the keys new to the engine (sync/flusher.c, guarantee 9):
@@ -1101,6 +1398,7 @@ static void redis_destroy(tally__sink *s)
     }
     free(r->rk);
     free(r->rb);
+    free(r->due);
     free(r->cmd);
     free(r->host);
     free(r->unix_path);

@@ -4,7 +4,9 @@
  * slot gets its reply either at once (FAULT_ERROR) or from Redis, whose
  * replies arrive in the order the forwarded commands were written, and the
  * slots leave for the client strictly from the head, so a fault never moves a
- * reply out of its place in a pipeline.
+ * reply out of its place in a pipeline. An EXEC answered with an error is
+ * forwarded as DISCARD, whose reply goes to a hidden slot, so that Redis
+ * leaves the transaction as it would have after refusing the EXEC.
  */
 #include "fault_proxy.h"
 
@@ -49,6 +51,7 @@ typedef struct rule {
 
 typedef struct slot {
     struct slot *next;
+    bool         hidden;        /* the reply is the proxy's own: never sent to the client */
     bool         faulted;       /* action applies */
     fault_action action;
     unsigned     ms;
@@ -68,6 +71,8 @@ typedef struct conn {
     bool     close_when_flushed;
     bool     split_blocked;     /* a piece met a full socket: wait for POLLOUT */
     uint64_t close_ns;          /* dying: when to close; 0: not timed */
+    uint64_t hold_ns;           /* FAULT_HOLD: nothing goes to Redis before; 0: no hold */
+    bool     client_gone;       /* the client left during a hold: Redis still gets it all */
     uint64_t piece_ns;          /* FAULT_SPLIT: the next piece not before */
 } conn;
 
@@ -359,7 +364,22 @@ static void take_commands(struct fault_proxy_state *s, conn *c)
         decide(s, name, (size_t)n, x);
         *c->tail = x;
         c->tail = &x->next;
-        if (!x->faulted || x->action != FAULT_ERROR) {
+        if (x->faulted && x->action == FAULT_HOLD && !c->hold_ns)
+            c->hold_ns = now_ns() + (uint64_t)x->ms * 1000000u;
+        if (x->faulted && x->action == FAULT_ERROR && strcmp(name, "EXEC") == 0 && x->ready) {
+            static const char discard[] = "*1\r\n$7\r\nDISCARD\r\n";
+            slot *h = calloc(1, sizeof(*h));
+            if (!h || !buf_add(&c->uout, discard, sizeof(discard) - 1)) {
+                free(h);
+                c->dead = true;
+                break;
+            }
+            h->hidden = true;
+            *c->tail = h;
+            c->tail = &h->next;
+            if (!c->await)
+                c->await = h;
+        } else if (!x->faulted || x->action != FAULT_ERROR) {
             if (!buf_add(&c->uout, c->cin.p + off, (size_t)n))
                 c->dead = true;
             if (!c->await)
@@ -414,7 +434,9 @@ static void pump(struct fault_proxy_state *s, conn *c, uint64_t now)
 {
     while (!c->dying && c->head && c->head->ready) {
         slot *x = c->head;
-        if (!x->faulted || x->action == FAULT_ERROR) {
+        if (x->hidden) {
+            /* nothing to send */
+        } else if (!x->faulted || x->action == FAULT_ERROR || x->action == FAULT_HOLD) {
             c->dead |= !buf_add(&c->cout, x->reply.p, x->reply.len);
         } else if (x->action == FAULT_DELAY) {
             if (now < x->release_ns)
@@ -481,6 +503,8 @@ static uint64_t conn_deadline(const conn *c)
     uint64_t d = UINT64_MAX;
     if (c->close_ns)
         d = c->close_ns;
+    if (c->hold_ns && c->hold_ns < d)
+        d = c->hold_ns;
     if (!c->dying && c->head && c->head->ready && c->head->faulted) {
         if (c->head->action == FAULT_DELAY && c->head->release_ns < d)
             d = c->head->release_ns;
@@ -506,10 +530,10 @@ static void *proxy_main(void *arg)
                 continue;
             short ce = (short)((c->dying ? 0 : POLLIN) | (c->cout.len || c->split_blocked ? POLLOUT : 0));
             who[n] = i;
-            pf[n++] = (struct pollfd){ .fd = c->cfd, .events = ce };
+            pf[n++] = (struct pollfd){ .fd = c->client_gone ? -1 : c->cfd, .events = ce };
             who[n] = i;
-            pf[n++] = (struct pollfd){ .fd = c->ufd,
-                                       .events = (short)(POLLIN | (c->uout.len ? POLLOUT : 0)) };
+            short ue = (short)(POLLIN | (c->uout.len && !c->hold_ns ? POLLOUT : 0));
+            pf[n++] = (struct pollfd){ .fd = c->ufd, .events = ue };
             uint64_t d = conn_deadline(c);
             if (d < deadline)
                 deadline = d;
@@ -536,9 +560,13 @@ static void *proxy_main(void *arg)
             }
             if (pf[k].revents & (POLLIN | POLLHUP | POLLERR)) {
                 if (client && !c->dying) {
-                    c->dead |= !read_in(c->cfd, &c->cin);
+                    bool in = read_in(c->cfd, &c->cin);
                     take_commands(s, c);
-                    c->dead |= !flush_out(s, c->ufd, &c->uout, &s->bytes_up);
+                    /* a client that leaves during a hold leaves its bytes to Redis */
+                    c->client_gone = !in && c->hold_ns;
+                    c->dead |= !in && !c->hold_ns;
+                    if (!c->hold_ns)
+                        c->dead |= !flush_out(s, c->ufd, &c->uout, &s->bytes_up);
                 } else if (client) {
                     c->dead = true;           /* the client left a dying connection */
                 } else {
@@ -551,7 +579,16 @@ static void *proxy_main(void *arg)
             conn *c = s->conns[i];
             if (!c)
                 continue;
-            if (!c->dead) {
+            if (!c->dead && c->hold_ns && now >= c->hold_ns) {
+                c->hold_ns = 0;
+                c->dead |= !flush_out(s, c->ufd, &c->uout, &s->bytes_up);
+            }
+            if (!c->dead && c->client_gone) {
+                /* Redis's replies have nowhere to go: close once it has had time to run it all */
+                if (!c->hold_ns && !c->uout.len && !c->close_ns)
+                    c->close_ns = now + FAULT_DROP_CLOSE_MS * 1000000u;
+                c->dead |= c->close_ns && now >= c->close_ns;
+            } else if (!c->dead) {
                 pump(s, c, now);
                 c->dead |= !flush_out(s, c->cfd, &c->cout, &s->bytes_down);
                 c->dead |= c->close_when_flushed && c->cout.len == 0;

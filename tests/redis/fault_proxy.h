@@ -14,6 +14,12 @@
  *   FAULT_SPLIT       forward, send the reply in pieces of 1..7 bytes with
  *                     pauses of 20..200 us, so the client must reassemble it
  *   FAULT_CLOSE_MID   forward, send the first half of the reply, then close
+ *   FAULT_HOLD        forward nothing to Redis from this command on for ms
+ *                     (the connection's later commands wait behind it), even
+ *                     if the client leaves meanwhile: then Redis gets it all,
+ *                     and the proxy closes FAULT_DROP_CLOSE_MS after
+ * FAULT_ERROR on an EXEC forwards a DISCARD in its place (its reply is the
+ * proxy's), so that Redis leaves the transaction, as after a refused EXEC.
  * A reply is sent only after every earlier reply of its connection, and
  * nothing more is sent on a connection after a dropped or cut reply.
  * Every call takes the proxy's lock; any thread may call them.
@@ -30,15 +36,16 @@ typedef enum fault_action {
     FAULT_DELAY,
     FAULT_DROP_REPLY,
     FAULT_SPLIT,
-    FAULT_CLOSE_MID
+    FAULT_CLOSE_MID,
+    FAULT_HOLD
 } fault_action;
 
 typedef struct fault_rule {
-    const char  *command;   /* "EVAL", "PING"...: case-insensitive; "*": any command */
+    const char  *command;   /* "EXEC", "PING"...: case-insensitive; "*": any command */
     fault_action action;
     int          skip;      /* matching commands it lets through before it bites */
     int          count;     /* matching commands it then faults; -1: every one */
-    unsigned     ms;        /* FAULT_DELAY */
+    unsigned     ms;        /* FAULT_DELAY, FAULT_HOLD */
     const char  *text;      /* FAULT_ERROR: the error line without '-' and CRLF */
 } fault_rule;
 

@@ -2,7 +2,9 @@
  * The flusher against a real Redis Cluster (cluster_harness.h: three masters,
  * three replicas): the key slots of the specification, and exact totals,
  * key by key, from two engines under load across a reshard of 1500 slots, a
- * CLUSTER FAILOVER, and a master killed with wait_replicas 1.
+ * CLUSTER FAILOVER, and a master killed with wait_replicas 1; and two engines
+ * enforcing one limit within the bound (shared_limit.h) on a key of a master
+ * that is not a seed.
  */
 #include "../test.h"
 
@@ -11,6 +13,7 @@
 #include <stdatomic.h>
 
 #include "cluster_harness.h"
+#include "shared_limit.h"
 #include "engine/engine-internal.h"
 #include "sync/redis-internal.h"
 
@@ -252,5 +255,89 @@ Test(cluster, killed_master_with_wait_replicas_loses_and_doubles_nothing, .timeo
     run_during(l, kill_master, &c, NULL);
     assert_exact(l, &c, "kill:");
     free(l);
+    test_cluster_stop(&c);
+}
+
+/* ---- One limit, two engines ----------------------------------------------- */
+
+/* The port of the master that serves @slot, as CLUSTER SLOTS of node @at
+   says; -1 when none does. */
+static int slot_owner(const test_cluster *c, int at, unsigned slot)
+{
+    redisReply *r = node_command(&c->node[at], "CLUSTER SLOTS");
+    int port = -1;
+    for (size_t i = 0; r && r->type == REDIS_REPLY_ARRAY && i < r->elements; i++) {
+        const redisReply *range = r->element[i];
+        if (range->type == REDIS_REPLY_ARRAY && range->elements >= 3
+            && (long long)slot >= range->element[0]->integer
+            && (long long)slot <= range->element[1]->integer)
+            port = (int)range->element[2]->element[1]->integer;
+    }
+    freeReplyObject(r);
+    return port;
+}
+
+struct cluster_key {
+    const test_cluster *c;
+    tally_engine       *e;
+};
+
+static long long stored_cluster(void *arg, const char *key, uint64_t window)
+{
+    struct cluster_key *ck = arg;
+    tally__digest d = tally__key_digest(ck->e, key, strlen(key));
+    char name[256];
+    int n = snprintf(name, sizeof(name), "lim:{%u}shared:0:%s:%016" PRIx64 "%016" PRIx64 ":%" PRIu64,
+                     (unsigned)(d.lo % TALLY__CLUSTER_BUCKETS),
+                     ck->e->hasher.kind == TALLY_HASH_AES ? "a1" : "s1",
+                     d.hi & TALLY__DIGEST_HI_MASK, d.lo, window);
+    return cluster_get(ck->c, name, (size_t)n);
+}
+
+/* The key lives on a master that neither seed is, so the engines reach it
+   only through the slot map they read. L is the slowest master's round trip:
+   on loopback the bound is the standalone one. */
+Test(cluster, two_engines_enforce_one_limit_within_the_bound, .timeout = 120)
+{
+    static test_cluster c;
+    cr_assert(test_cluster_start(&c), "the cluster did not form");
+    tally_engine *e[ENGINES];
+    uint32_t pol[ENGINES];
+    for (int i = 0; i < ENGINES; i++) {
+        tally_options o;
+        tally_options_init(&o);
+        o.capacity = 64;
+        memcpy(o.hash_key, HASH_KEY, 16);
+        cr_assert_eq(tally_open(&o, &e[i]), 0);
+        pol[i] = shared_limit_policy(e[i]);
+    }
+    char key[32];
+    int owner = -1;
+    for (int k = 0; k < 1000; k++) {
+        snprintf(key, sizeof(key), "shared-%d", k);
+        tally__digest d = tally__key_digest(e[0], key, strlen(key));
+        char tag[16];
+        int n = snprintf(tag, sizeof(tag), "{%u}", (unsigned)(d.lo % TALLY__CLUSTER_BUCKETS));
+        owner = slot_owner(&c, 0, tally__key_slot(tag, (size_t)n));
+        if (owner > 0 && owner != c.node[0].port && owner != c.node[1].port)
+            break;
+    }
+    cr_assert(owner != c.node[0].port && owner != c.node[1].port && owner > 0,
+              "a key on a master that is not a seed");
+    int m = cluster_node_of_port(&c, owner);
+    cr_assert(m >= 0 && node_is_master(&c.node[m]));
+    for (int i = 0; i < ENGINES; i++) {
+        tally_redis_options ro = { .mode = TALLY_REDIS_CLUSTER, .nodes = c.seeds, .key_prefix = "lim:",
+                                   .connect_timeout_ms = 300, .command_timeout_ms = 1000 };
+        tally_flusher_options fo;
+        tally_flusher_options_init(&fo);
+        fo.interval_ms = SHARED_INTERVAL;
+        fo.redis = &ro;
+        cr_assert_eq(tally_flusher_start(e[i], &fo), 0);
+    }
+    struct cluster_key ck = { &c, e[0] };
+    shared_limit_run("cluster", e[0], pol[0], e[1], pol[1], key, stored_cluster, &ck);
+    for (int i = 0; i < ENGINES; i++)
+        tally_close(e[i]);
     test_cluster_stop(&c);
 }

@@ -27,7 +27,7 @@
 #define SEC       UINT64_C(1000000000)
 #define HOUR      (3600 * SEC)
 #define NKEYS     1600        /* four batches of at most 500 keys per flush */
-#define BATCH     500         /* keys per EVAL (flusher.c) */
+#define BATCH     500         /* keys per batch, one EXEC (flusher.c) */
 #define NTHREADS  3
 #define TIMEOUT_MS 500        /* the flusher's command timeout */
 
@@ -137,6 +137,57 @@ Test(faults, proxy_keeps_pipelined_order_around_errors, .timeout = 60)
     cr_assert_eq(fault_proxy_seen(p, "PING").commands, 1);
     redisFree(d);
     redisFree(c);
+    fault_proxy_stop(p);
+    test_redis_stop(&r);
+}
+
+/* An EXEC the proxy refuses leaves Redis out of the transaction, which never
+   ran; a held command reaches Redis, with all after it, only when the hold
+   is over, also when the client has left by then. */
+Test(faults, proxy_refuses_an_exec_and_holds_commands, .timeout = 60)
+{
+    test_redis r = { 0 };
+    cr_assert(test_redis_start(&r), "redis-server did not start");
+    fault_proxy *p = fault_proxy_start(r.port);
+    cr_assert_not_null(p);
+    int a = fault_proxy_add(p, &(fault_rule){ .command = "EXEC", .action = FAULT_ERROR, .count = 1,
+                                              .text = "ERR refused" });
+    cr_assert_geq(a, 0);
+    redisContext *c = connect_port(p->port);
+    redisAppendCommand(c, "MULTI");
+    redisAppendCommand(c, "INCR t");
+    redisAppendCommand(c, "EXEC");
+    redisAppendCommand(c, "INCR u");
+    expect_status(c, REDIS_REPLY_STATUS, "OK");
+    expect_status(c, REDIS_REPLY_STATUS, "QUEUED");
+    expect_status(c, REDIS_REPLY_ERROR, "ERR refused");
+    redisReply *x = get_reply(c);
+    cr_assert(x && x->type == REDIS_REPLY_INTEGER && x->integer == 1, "INCR u ran outside a transaction");
+    freeReplyObject(x);
+    redisContext *d = test_redis_connect(&r);
+    x = redisCommand(d, "EXISTS t");
+    cr_assert(x && x->type == REDIS_REPLY_INTEGER && x->integer == 0, "the refused EXEC ran nothing");
+    freeReplyObject(x);
+
+    fault_proxy_clear(p);
+    int b = fault_proxy_add(p, &(fault_rule){ .command = "INCR", .action = FAULT_HOLD, .count = 1,
+                                              .ms = 300 });
+    cr_assert_geq(b, 0);
+    redisAppendCommand(c, "INCR h");
+    redisAppendCommand(c, "INCR h");
+    cr_assert_eq(redisBufferWrite(c, &(int){ 0 }), REDIS_OK);
+    sleep_ms(100);
+    x = redisCommand(d, "EXISTS h");
+    cr_assert(x && x->type == REDIS_REPLY_INTEGER && x->integer == 0, "held: nothing reached Redis");
+    freeReplyObject(x);
+    redisFree(c);                             /* the client leaves during the hold */
+    sleep_ms(400);
+    x = redisCommand(d, "GET h");
+    cr_assert(x && x->type == REDIS_REPLY_STRING && strcmp(x->str, "2") == 0,
+              "both INCRs reached Redis after the hold");
+    freeReplyObject(x);
+    cr_assert_eq(fault_proxy_fired(p, b), 1);
+    redisFree(d);
     fault_proxy_stop(p);
     test_redis_stop(&r);
 }
@@ -535,9 +586,9 @@ static void run_case(const fault_case *c)
     }
     for (int i = 0; i < c->flushes; i++) {
         sweep(s);
-        uint64_t evals = fault_proxy_seen(s->p, "EVAL").commands;
+        uint64_t evals = fault_proxy_seen(s->p, "EXEC").commands;
         int rc = flush_checked(s);
-        evals = fault_proxy_seen(s->p, "EVAL").commands - evals;
+        evals = fault_proxy_seen(s->p, "EXEC").commands - evals;
         if (c->expect == EXPECT_FAIL_ALL || (c->expect == EXPECT_FAIL_FIRST && i == 0))
             cr_assert_eq(rc, TALLY_EIO, "flush %d under the fault returned %d", i, rc);
         if (c->expect == EXPECT_OK_ALL)
@@ -575,12 +626,12 @@ static void run_case(const fault_case *c)
 
 Test(faults, busy_replies, .timeout = 120)
 {
-    ERROR_CASE("busy:", "EVAL", BUSY, false);
+    ERROR_CASE("busy:", "EXEC", BUSY, false);
 }
 
 Test(faults, oom_replies, .timeout = 120)
 {
-    ERROR_CASE("oom:", "EVAL", OOM, false);
+    ERROR_CASE("oom:", "EXEC", OOM, false);
 }
 
 Test(faults, loading_replies_to_every_command, .timeout = 120)
@@ -590,24 +641,24 @@ Test(faults, loading_replies_to_every_command, .timeout = 120)
 
 Test(faults, readonly_replies, .timeout = 120)
 {
-    ERROR_CASE("readonly:", "EVAL", READONLY, false);
+    ERROR_CASE("readonly:", "EXEC", READONLY, false);
 }
 
 Test(faults, moved_replies, .timeout = 120)
 {
-    ERROR_CASE("moved:", "EVAL", MOVED, true);
+    ERROR_CASE("moved:", "EXEC", MOVED, true);
 }
 
 Test(faults, crossslot_replies, .timeout = 120)
 {
-    ERROR_CASE("crossslot:", "EVAL", CROSSSLOT, true);
+    ERROR_CASE("crossslot:", "EXEC", CROSSSLOT, true);
 }
 
 Test(faults, second_batch_of_a_pipeline_refused, .timeout = 120)
 {
     run_case(&(fault_case){ .prefix = "second:", .flushes = 3, .expect = EXPECT_FAIL_FIRST,
                             .error_text = BUSY,
-                            .rules = { { .command = "EVAL", .action = FAULT_ERROR, .skip = 1,
+                            .rules = { { .command = "EXEC", .action = FAULT_ERROR, .skip = 1,
                                          .count = 1, .text = BUSY } } });
 }
 
@@ -615,30 +666,30 @@ Test(faults, second_and_fourth_batches_of_a_pipeline_refused, .timeout = 120)
 {
     run_case(&(fault_case){ .prefix = "two:", .flushes = 3, .expect = EXPECT_FAIL_FIRST,
                             .error_text = OOM,
-                            .rules = { { .command = "EVAL", .action = FAULT_ERROR, .skip = 1,
+                            .rules = { { .command = "EXEC", .action = FAULT_ERROR, .skip = 1,
                                          .count = 1, .text = LOADING },
-                                       { .command = "EVAL", .action = FAULT_ERROR, .skip = 3,
+                                       { .command = "EXEC", .action = FAULT_ERROR, .skip = 3,
                                          .count = 1, .text = OOM } } });
 }
 
 Test(faults, replies_delayed_within_the_timeout, .timeout = 120)
 {
     run_case(&(fault_case){ .prefix = "slow:", .flushes = 3, .expect = EXPECT_OK_ALL,
-                            .rules = { { .command = "EVAL", .action = FAULT_DELAY, .count = -1,
+                            .rules = { { .command = "EXEC", .action = FAULT_DELAY, .count = -1,
                                          .ms = TIMEOUT_MS / 5 } } });
 }
 
 Test(faults, replies_delayed_past_the_timeout, .timeout = 120)
 {
     run_case(&(fault_case){ .prefix = "late:", .flushes = 3, .expect = EXPECT_FAIL_ALL,
-                            .rules = { { .command = "EVAL", .action = FAULT_DELAY, .count = -1,
+                            .rules = { { .command = "EXEC", .action = FAULT_DELAY, .count = -1,
                                          .ms = TIMEOUT_MS * 2 } } });
 }
 
 Test(faults, replies_lost_after_redis_applied_the_batch, .timeout = 120)
 {
     run_case(&(fault_case){ .prefix = "drop:", .flushes = 3, .expect = EXPECT_FAIL_ALL,
-                            .rules = { { .command = "EVAL", .action = FAULT_DROP_REPLY,
+                            .rules = { { .command = "EXEC", .action = FAULT_DROP_REPLY,
                                          .count = -1 } } });
 }
 
@@ -649,8 +700,8 @@ Test(faults, refused_resend_of_a_batch_whose_reply_was_lost, .timeout = 120)
 {
     run_case(&(fault_case){ .prefix = "resend:", .flushes = 3, .expect = EXPECT_FAIL_ALL,
                             .error_text = LOADING, .permanent = false,
-                            .rules = { { .command = "EVAL", .action = FAULT_DROP_REPLY, .count = 1 },
-                                       { .command = "EVAL", .action = FAULT_ERROR, .count = -1,
+                            .rules = { { .command = "EXEC", .action = FAULT_DROP_REPLY, .count = 1 },
+                                       { .command = "EXEC", .action = FAULT_ERROR, .count = -1,
                                          .text = LOADING } } });
 }
 
@@ -663,9 +714,9 @@ Test(faults, reply_lost_then_resent_after_later_batches_ran, .timeout = 120)
 {
     run_case(&(fault_case){ .prefix = "below:", .flushes = 3, .expect = EXPECT_FAIL_FIRST,
                             .error_text = LOADING, .permanent = false,
-                            .rules = { { .command = "EVAL", .action = FAULT_DROP_REPLY, .skip = 3,
+                            .rules = { { .command = "EXEC", .action = FAULT_DROP_REPLY, .skip = 3,
                                          .count = 1 },
-                                       { .command = "EVAL", .action = FAULT_ERROR, .skip = 4,
+                                       { .command = "EXEC", .action = FAULT_ERROR, .skip = 4,
                                          .count = 1, .text = LOADING } } });
 }
 
@@ -677,7 +728,7 @@ Test(faults, unknown_batch_that_never_ran_applied_after_later_batches, .timeout 
 {
     run_case(&(fault_case){ .prefix = "gap:", .flushes = 3, .expect = EXPECT_FAIL_FIRST,
                             .error_text = "ERR injected", .permanent = true,
-                            .rules = { { .command = "EVAL", .action = FAULT_ERROR, .skip = 1,
+                            .rules = { { .command = "EXEC", .action = FAULT_ERROR, .skip = 1,
                                          .count = 1, .text = "ERR injected" } } });
 }
 
@@ -690,7 +741,7 @@ Test(faults, replies_in_pieces, .timeout = 120)
 Test(faults, replies_cut_in_the_middle, .timeout = 120)
 {
     run_case(&(fault_case){ .prefix = "cut:", .flushes = 3, .expect = EXPECT_FAIL_ALL,
-                            .rules = { { .command = "EVAL", .action = FAULT_CLOSE_MID,
+                            .rules = { { .command = "EXEC", .action = FAULT_CLOSE_MID,
                                          .count = -1 } } });
 }
 
@@ -704,7 +755,7 @@ Test(faults, refused_batches_do_not_make_traffic_grow, .timeout = 120)
     scene *s = scene_open("bounded:", NULL);
     s->at = tally_now_ns();                   /* one window, even across an hour's end */
     scene_flusher(s, true);
-    int id = fault_proxy_add(s->p, &(fault_rule){ .command = "EVAL", .action = FAULT_ERROR,
+    int id = fault_proxy_add(s->p, &(fault_rule){ .command = "EXEC", .action = FAULT_ERROR,
                                                   .count = -1, .text = CROSSSLOT });
     cr_assert_geq(id, 0);
     uint64_t evals[ROUNDS], bytes[ROUNDS];
@@ -714,9 +765,9 @@ Test(faults, refused_batches_do_not_make_traffic_grow, .timeout = 120)
     for (int r = 0; r < ROUNDS; r++) {
         for (int k = 0; k < ROUND_KEYS; k++)
             hit(s, k, 1);
-        fault_proxy_count e0 = fault_proxy_seen(s->p, "EVAL"), a0 = fault_proxy_seen(s->p, "*");
+        fault_proxy_count e0 = fault_proxy_seen(s->p, "EXEC"), a0 = fault_proxy_seen(s->p, "*");
         cr_assert_eq(tally_flush(s->e, 10000), TALLY_EIO, "round %d: every batch is refused", r);
-        evals[r] = fault_proxy_seen(s->p, "EVAL").commands - e0.commands;
+        evals[r] = fault_proxy_seen(s->p, "EXEC").commands - e0.commands;
         bytes[r] = fault_proxy_seen(s->p, "*").bytes - a0.bytes;
         fprintf(stderr, "round %d: %" PRIu64 " scripts, %" PRIu64 " bytes\n", r, evals[r], bytes[r]);
         cr_assert_leq(evals[r], bound, "round %d: %" PRIu64 " scripts for %d pending keys", r,
@@ -977,4 +1028,106 @@ Test(faults, every_count_gets_its_ttl_from_the_increment_that_creates_it, .timeo
     tally_close(a);
     tally_close(b);
     test_redis_stop(&r);
+}
+
+/* ---- A first send that reaches Redis late --------------------------------- */
+
+/* Every count of the scene's current window that Redis holds has a TTL. */
+static void expect_scene_ttls(scene *s)
+{
+    uint64_t now = tally_now_ns(), w = now - now % HOUR;
+    int with = 0;
+    for (int k = 0; k < NKEYS; k++) {
+        char key[16];
+        int len = snprintf(key, sizeof(key), "k%d", k);
+        tally__digest d = tally__key_digest(s->e, key, (size_t)len);
+        redisAppendCommand(s->rc, "PTTL %s%s:0:%s:%016" PRIx64 "%016" PRIx64 ":%" PRIu64, s->prefix, "f",
+                           s->e->hasher.kind == TALLY_HASH_AES ? "a1" : "s1", d.hi & TALLY__DIGEST_HI_MASK,
+                           d.lo, w);
+    }
+    for (int k = 0; k < NKEYS; k++) {
+        redisReply *t = get_reply(s->rc);
+        cr_assert(t && t->type == REDIS_REPLY_INTEGER, "PTTL of k%d", k);
+        cr_assert_neq(t->integer, -1, "k%d: a count without a TTL", k);
+        with += t->integer > 0;
+        freeReplyObject(t);
+    }
+    cr_assert_gt(with, 0, "no count in the window at all");
+}
+
+/* The first send of a batch (its EXEC and all after it) reaches Redis only
+   after the flusher's command timeout: the flusher cannot know whether it
+   ran. Once it arrives before the resend (the resend must find that it ran,
+   from the record, and not apply it again); once it is still held when the
+   resend goes out on a new connection, and arrives after it (the resend must
+   make sure it never runs). Either way Redis holds each cost once, key by
+   key, and every count has its TTL. */
+Test(faults, a_first_send_held_past_the_timeout_is_applied_once, .timeout = 120)
+{
+    scene *s = scene_open("held:", NULL);
+    scene_flusher(s, true);
+    scene_workers(s, NTHREADS);
+    sleep_ms(20);
+    cr_assert_eq(flush_checked(s), 0, "a flush before the fault");
+
+    /* held 800 ms, let go before the resend */
+    sweep(s);
+    int id = fault_proxy_add(s->p, &(fault_rule){ .command = "EXEC", .action = FAULT_HOLD, .count = 1,
+                                                  .ms = TIMEOUT_MS + 300 });
+    cr_assert_geq(id, 0);
+    cr_assert_eq(flush_checked(s), TALLY_EIO, "the held batch timed out");
+    cr_assert_eq(fault_proxy_fired(s->p, id), 1);
+    sleep_ms(600);
+    cr_assert_eq(flush_until_ok(s, 100), 0, "the resend after the held send arrived");
+
+    /* held 4 s: the resend goes out while it is still held */
+    fault_proxy_clear(s->p);
+    sweep(s);
+    uint64_t accepted = fault_proxy_accepted(s->p);
+    id = fault_proxy_add(s->p, &(fault_rule){ .command = "EXEC", .action = FAULT_HOLD, .count = 1,
+                                              .ms = 4000 });
+    cr_assert_geq(id, 0);
+    uint64_t t0 = tally_now_ns();
+    cr_assert_eq(flush_checked(s), TALLY_EIO, "the held batch timed out");
+    cr_assert_eq(fault_proxy_fired(s->p, id), 1);
+    cr_assert_eq(flush_until_ok(s, 100), 0, "the resend while the first send is held");
+    cr_assert_gt(fault_proxy_accepted(s->p), accepted, "the resend went on a new connection");
+    uint64_t resent_ms = (tally_now_ns() - t0) / 1000000;
+    cr_assert_lt(resent_ms, 4000, "the resend came before the hold ended");
+    sleep_ms((unsigned)(4300 - resent_ms));   /* the hold is over, what it held had its chance */
+    fault_proxy_clear(s->p);
+    scene_finish(s);
+    expect_scene_ttls(s);
+    scene_close(s);
+}
+
+/* A count gets a TTL from the flush that creates it, whenever that is: keys
+   deleted from Redis between flushes of one window are created again by an
+   engine that had counted them already, while hits go on. After every flush
+   that returned 0, no count of the window is without a TTL. */
+Test(faults, a_count_deleted_and_created_again_always_gets_a_ttl, .timeout = 120)
+{
+    scene *s = scene_open("ttl:", NULL);
+    s->at = tally_now_ns();                   /* one window, even across an hour's end */
+    scene_flusher(s, false);
+    sweep(s);
+    cr_assert_eq(flush_checked(s), 0);
+    expect_scene_ttls(s);
+    for (int round = 0; round < 4; round++) {
+        redisReply *x = redisCommand(s->rc, "KEYS ttl:f:*");
+        cr_assert(x && x->type == REDIS_REPLY_ARRAY && x->elements > 0);
+        /* half of them, a different half each round */
+        for (size_t i = (size_t)round % 2; i < x->elements; i += 2)
+            redisAppendCommand(s->rc, "DEL %s", x->element[i]->str);
+        for (size_t i = (size_t)round % 2; i < x->elements; i += 2) {
+            redisReply *y = get_reply(s->rc);
+            cr_assert(y && y->type == REDIS_REPLY_INTEGER && y->integer == 1);
+            freeReplyObject(y);
+        }
+        freeReplyObject(x);
+        sweep(s);
+        cr_assert_eq(tally_flush(s->e, 10000), 0, "round %d", round);
+        expect_scene_ttls(s);
+    }
+    scene_close(s);
 }

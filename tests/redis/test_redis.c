@@ -11,6 +11,7 @@
 #include <stdatomic.h>
 
 #include "redis_server.h"
+#include "shared_limit.h"
 #include "engine/engine-internal.h"
 
 #define SEC  UINT64_C(1000000000)
@@ -322,25 +323,11 @@ Test(redis, refused_writes_then_recovery, .timeout = 120)
 
 /* ---- Two engines, one limit ---------------------------------------------- */
 
-#define SHARED_MAX   1000
-#define SHARED_HITS  1500
-
-struct paced {
-    tally_engine *e;
-    uint32_t      policy;
-    int           allowed;
-};
-
-static void *paced_worker(void *arg)
+static long long stored_standalone(void *arg, const char *key, uint64_t window)
 {
-    struct paced *p = arg;
-    for (int i = 0; i < SHARED_HITS; i++) {
-        tally_result r;
-        if (tally_hit(p->e, p->policy, "shared", 6, NULL, &r) == 0 && r.allowed)
-            p->allowed++;
-        sleep_ms(1);
-    }
-    return NULL;
+    char name[256];
+    int len = key_name(name, sizeof(name), "t5:", "shared", 0, key, window);
+    return test_redis_get(arg, name, (size_t)len);
 }
 
 Test(redis, two_engines_enforce_one_limit_within_the_bound, .timeout = 120)
@@ -348,32 +335,10 @@ Test(redis, two_engines_enforce_one_limit_within_the_bound, .timeout = 120)
     test_redis r = { 0 };
     cr_assert(test_redis_start(&r));
     tally_engine *a = open_engine(64), *b = open_engine(64);
-    tally_policy p = { .name = "shared", .n_limits = 1, .flags = TALLY_ALIGNED,
-                       .limits = { { .algo = TALLY_FIXED_WINDOW, .max = SHARED_MAX, .period_ns = HOUR } } };
-    uint32_t pa, pb;
-    cr_assert_eq(tally_policy_add(a, &p, &pa), 0);
-    cr_assert_eq(tally_policy_add(b, &p, &pb), 0);
-    cr_assert_eq(start_flusher(a, &r, "t5:", NULL, 20), 0);
-    cr_assert_eq(start_flusher(b, &r, "t5:", NULL, 20), 0);
-    /* the whole run in one window: across the top of an hour each engine
-       would admit max again in the next */
-    uint64_t now = tally_now_ns(), left = HOUR - now % HOUR;
-    if (left < 30 * SEC)
-        sleep_ms((unsigned)(left / 1000000) + 10);
-    struct paced wa = { a, pa, 0 }, wb = { b, pb, 0 };
-    pthread_t ta, tb;
-    pthread_create(&ta, NULL, paced_worker, &wa);
-    pthread_create(&tb, NULL, paced_worker, &wb);
-    pthread_join(ta, NULL);
-    pthread_join(tb, NULL);
-    int total = wa.allowed + wb.allowed;
-    /* Bound (docs/SYNC.md): each other engine can admit what it hits between two of
-       its flushes, here about 1 hit/ms x (20 ms interval + round trip) = ~25-50. */
-    fprintf(stderr, "two engines admitted %d + %d = %d of max %d\n", wa.allowed, wb.allowed, total, SHARED_MAX);
-    cr_assert_geq(total, SHARED_MAX, "the limit is not stricter than max");
-    cr_assert_leq(total, SHARED_MAX + 100, "overshoot above the documented bound");
-    cr_assert_gt(wa.allowed, 100);
-    cr_assert_gt(wb.allowed, 100);
+    uint32_t pa = shared_limit_policy(a), pb = shared_limit_policy(b);
+    cr_assert_eq(start_flusher(a, &r, "t5:", NULL, SHARED_INTERVAL), 0);
+    cr_assert_eq(start_flusher(b, &r, "t5:", NULL, SHARED_INTERVAL), 0);
+    shared_limit_run("standalone", a, pa, b, pb, "shared", stored_standalone, &r);
     tally_close(a);
     tally_close(b);
     test_redis_stop(&r);

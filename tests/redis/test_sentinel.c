@@ -4,7 +4,9 @@
  * sentinels, before and after a SIGKILL of the master; and, end to end, a
  * flusher in SENTINEL mode that loses and doubles nothing across failovers:
  * the master SIGKILLed, the same after its replicas were cut off, and a
- * SENTINEL FAILOVER that demotes a live master.
+ * SENTINEL FAILOVER that demotes a live master; and two engines enforcing one
+ * limit within the bound (shared_limit.h) through the master the sentinels
+ * name.
  */
 #include "../test.h"
 
@@ -13,6 +15,7 @@
 #include <stdatomic.h>
 
 #include "sentinel_harness.h"
+#include "shared_limit.h"
 #include "engine/engine-internal.h"
 #include "sync/sentinel.h"
 
@@ -450,4 +453,47 @@ Test(sentinel_e2e, a_failover_after_the_replicas_were_cut_off_loses_nothing, .ti
 Test(sentinel_e2e, a_demoted_master_is_left_for_the_new_one, .timeout = 120)
 {
     failover_run(DEMOTE);
+}
+
+/* ---- One limit, two engines ----------------------------------------------- */
+
+static long long stored_sentinel(void *arg, const char *key, uint64_t window)
+{
+    tally__hasher h;
+    cr_assert_eq(tally__hasher_init(&h, TALLY_HASH_AUTO, HASH_KEY), 0);
+    tally__digest d = tally__hasher_digest(&h, key, strlen(key));
+    char name[256];
+    int n = snprintf(name, sizeof(name), "lim:shared:0:%s:%016" PRIx64 "%016" PRIx64 ":%" PRIu64,
+                     h.kind == TALLY_HASH_AES ? "a1" : "s1", d.hi & TALLY__DIGEST_HI_MASK, d.lo,
+                     window);
+    return test_redis_get(arg, name, (size_t)n);
+}
+
+/* L is the round trip to the master, as in STANDALONE mode: the same bound. */
+Test(sentinel_e2e, two_engines_enforce_one_limit_within_the_bound, .timeout = 120)
+{
+    test_sentinels s;
+    cr_assert(test_sentinels_start(&s, 1), "the sentinel deployment did not start");
+    tally_engine *e[2];
+    uint32_t pol[2];
+    for (int i = 0; i < 2; i++) {
+        tally_options o;
+        tally_options_init(&o);
+        o.capacity = 64;
+        memcpy(o.hash_key, HASH_KEY, 16);
+        cr_assert_eq(tally_open(&o, &e[i]), 0);
+        pol[i] = shared_limit_policy(e[i]);
+        tally_redis_options ro = { .mode = TALLY_REDIS_SENTINEL, .nodes = s.nodes,
+                                   .master_name = TS_MASTER_NAME, .key_prefix = "lim:",
+                                   .connect_timeout_ms = 500, .command_timeout_ms = 500 };
+        tally_flusher_options fo;
+        tally_flusher_options_init(&fo);
+        fo.interval_ms = SHARED_INTERVAL;
+        fo.redis = &ro;
+        cr_assert_eq(tally_flusher_start(e[i], &fo), 0);
+    }
+    shared_limit_run("sentinel", e[0], pol[0], e[1], pol[1], "shared", stored_sentinel, &s.node[0]);
+    for (int i = 0; i < 2; i++)
+        tally_close(e[i]);
+    test_sentinels_stop(&s);
 }
