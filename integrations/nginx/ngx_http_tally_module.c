@@ -11,17 +11,27 @@
  *   tally_metrics ZONE;                                               location
  *   $tally_status: PASSED, REJECTED, REJECTED_DRY_RUN or ERROR; $tally_remaining
  *
- * Each worker process opens the zone's engine when it starts
- * (init_process) and closes it when it exits: tally's engine runs threads
- * (its flusher) and RCU, which do not survive nginx's fork, so nothing of it
- * is created in the master. A zone's counts are therefore per worker: with
- * worker_processes N, a key is admitted up to N times its max unless the
- * zone syncs through Redis (redis=), which bounds the overshoot by what the
- * workers admit within one flush interval. Redis names a key by its keyed
- * digest, so every engine that shares the counts needs the same hash key:
- * redis= requires hash_key= (32 hex digits, a secret), the same in every
- * nginx that shares the zone's counts. A reload starts new workers with
- * new engines: usage held only locally starts again from zero.
+ * A zone without redis= is one shared engine (tally/shared.h) in an nginx
+ * shared memory zone of size=SIZE, laid out by the master when it reads the
+ * configuration and used by every worker: counts are exact across workers,
+ * as limit_req's are, without a lock. Its key capacity is what SIZE holds.
+ * A reload that keeps the zone's name, size and policies keeps every key's
+ * usage (nginx hands the new configuration the same memory); one that
+ * changes its policies at the same size is refused (give the zone another
+ * size or name to start it anew), since the workers of the old
+ * configuration still count in it while they finish.
+ *
+ * A zone with redis= syncs through Redis instead, and each worker process
+ * opens an engine of its own when it starts (init_process) and closes it
+ * when it exits: the flusher's threads do not survive nginx's fork, and a
+ * shared engine has no flusher. Such a zone's counts are per worker: with
+ * worker_processes N, a key is admitted up to N times its max within one
+ * flush interval, which bounds the overshoot by what the workers admit in
+ * it. Redis names a key by its keyed digest, so every engine that shares
+ * the counts needs the same hash key: redis= requires hash_key= (32 hex
+ * digits, a secret), the same in every nginx that shares the zone's counts.
+ * A reload starts new workers with new engines: usage held only locally
+ * starts again from zero.
  *
  * A request whose key evaluates to the empty string is not counted, as in
  * limit_req. The zone's policies are the specs of the policy grammar
@@ -62,7 +72,10 @@ typedef struct {
     u_char         hash_key[16];         /* tally_options.hash_key */
     ngx_flag_t     has_hash_key;         /* else each worker's engine draws its own */
     ngx_array_t    policies;             /* of ngx_http_tally_policy_t */
-    tally_engine  *engine;               /* this worker's */
+    ngx_shm_zone_t *shm;                 /* a shared zone's memory; NULL with redis= */
+    ngx_cycle_t   *cycle;                /* of the configuration that declared it */
+    uint64_t       fingerprint;          /* of a shared zone's policies */
+    tally_engine  *engine;               /* the shared zone's, or this worker's */
 } ngx_http_tally_zone_t;
 
 typedef struct {
@@ -102,6 +115,7 @@ static char *ngx_http_tally_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 static char *ngx_http_tally_policy(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 static char *ngx_http_tally(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 static char *ngx_http_tally_metrics(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+static ngx_int_t ngx_http_tally_init_zone(ngx_shm_zone_t *shm, void *data);
 
 static ngx_conf_enum_t ngx_http_tally_log_levels[] = {
     { ngx_string("info"), NGX_LOG_INFO },
@@ -341,6 +355,19 @@ static char *ngx_http_tally_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                            "(32 hex digits, the same in every nginx that shares the counts)",
                            &z->name);
         return NGX_CONF_ERROR;
+    }
+    if (z->redis_host.len == 0) {
+        z->shm = ngx_shared_memory_add(cf, &z->name, z->size, &ngx_http_tally_module);
+        if (z->shm == NULL)
+            return NGX_CONF_ERROR;
+        if (z->shm->data) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "tally zone \"%V\": the name of another shared "
+                               "memory zone", &z->name);
+            return NGX_CONF_ERROR;
+        }
+        z->shm->init = ngx_http_tally_init_zone;
+        z->shm->data = z;
+        z->cycle = cf->cycle;
     }
     return NGX_CONF_OK;
 }
@@ -770,7 +797,111 @@ static char *ngx_http_tally_metrics(ngx_conf_t *cf, ngx_command_t *cmd, void *co
     return NGX_CONF_OK;
 }
 
-/* ---- engines, one per worker and zone ---------------------------------------- */
+/* ---- shared zones: one engine for every worker --------------------------------- */
+
+/* FNV-1a over @n bytes at @p, on from @h. */
+static uint64_t fnv(uint64_t h, const void *p, size_t n)
+{
+    const u_char *b = p;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ b[i]) * 0x100000001b3ULL;
+    return h;
+}
+
+/* What a reload must keep for the zone's memory to be kept: the policies,
+   in order, as the parser made them. */
+static uint64_t zone_fingerprint(ngx_http_tally_zone_t *z)
+{
+    ngx_http_tally_policy_t *p = z->policies.elts;
+    uint64_t h = 0xcbf29ce484222325ULL;
+    for (ngx_uint_t i = 0; i < z->policies.nelts; i++) {
+        h = fnv(h, p[i].name_buf, sizeof(p[i].name_buf));
+        h = fnv(h, &p[i].policy.n_limits, sizeof(p[i].policy.n_limits));
+        h = fnv(h, &p[i].policy.flags, sizeof(p[i].policy.flags));
+        h = fnv(h, p[i].policy.limits, sizeof(p[i].policy.limits));
+    }
+    return h;
+}
+
+/* Readers of the shared engine: each worker's thread holds one until it
+   exits, and the workers of an older configuration keep theirs while they
+   finish after a reload. */
+static uint32_t zone_threads(ngx_cycle_t *cycle)
+{
+    ngx_core_conf_t *ccf = (ngx_core_conf_t *)ngx_get_conf(cycle->conf_ctx, ngx_core_module);
+    ngx_int_t n = ccf && ccf->worker_processes > 0 ? ccf->worker_processes : 1;
+    return n * 4 < 256 ? 256 : (uint32_t)(n * 4 > 65536 ? 65536 : n * 4);
+}
+
+static ngx_int_t ngx_http_tally_init_zone(ngx_shm_zone_t *shm, void *data)
+{
+    ngx_http_tally_zone_t *z = shm->data, *old = data;
+    ngx_slab_pool_t *pool = (ngx_slab_pool_t *)shm->shm.addr;
+    ngx_http_tally_policy_t *p = z->policies.elts;
+    tally_options o;
+    tally_policy *all;
+    size_t need = 0, room, lo, hi;
+    uint32_t threads = zone_threads(z->cycle);
+    void *mem;
+    int rc;
+
+    z->fingerprint = zone_fingerprint(z);
+    for (ngx_uint_t i = 0; i < z->policies.nelts; i++)
+        p[i].id = (uint32_t)i;
+    if (old) {
+        if (old->fingerprint != z->fingerprint) {
+            ngx_log_error(NGX_LOG_EMERG, shm->shm.log, 0, "tally zone \"%V\": its policies changed; "
+                          "give it another size or name to start its counts anew", &z->name);
+            return NGX_ERROR;
+        }
+        z->engine = old->engine;         /* the same memory: every key keeps its usage */
+        return NGX_OK;
+    }
+    if (z->policies.nelts == 0) {
+        ngx_log_error(NGX_LOG_EMERG, shm->shm.log, 0, "tally zone \"%V\" has no tally_policy", &z->name);
+        return NGX_ERROR;
+    }
+    all = ngx_alloc(z->policies.nelts * sizeof(*all), shm->shm.log);
+    if (all == NULL)
+        return NGX_ERROR;
+    for (ngx_uint_t i = 0; i < z->policies.nelts; i++)
+        all[i] = p[i].policy;
+    tally_options_init(&o);
+    o.digest_only = true;           /* keys may be secrets (API tokens): keep only digests */
+    /* The largest capacity whose engine fits the slab pool's free pages,
+       less a page a hundred for the pool's own page records. */
+    room = (size_t)(pool->end - pool->start);
+    room -= room / 100 + 2 * ngx_pagesize;
+    for (lo = TALLY_NGX_MIN_KEYS, hi = room / 16; lo < hi;) {
+        size_t mid = lo + (hi - lo + 1) / 2, n;
+        o.capacity = mid;
+        if (tally_shared_size(&o, all, z->policies.nelts, threads, &n) == 0 && n <= room)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    o.capacity = lo;
+    rc = tally_shared_size(&o, all, z->policies.nelts, threads, &need);
+    mem = rc == 0 ? ngx_slab_alloc(pool, need) : NULL;
+    if (rc == 0 && mem == NULL) {
+        ngx_free(all);
+        ngx_log_error(NGX_LOG_EMERG, shm->shm.log, 0, "tally zone \"%V\": size=%uz holds no engine "
+                      "of %uz keys", &z->name, z->size, (size_t)TALLY_NGX_MIN_KEYS);
+        return NGX_ERROR;
+    }
+    if (rc == 0)
+        rc = tally_shared_create(mem, need, &o, all, z->policies.nelts, threads, &z->engine);
+    ngx_free(all);
+    if (rc != 0) {
+        ngx_log_error(NGX_LOG_EMERG, shm->shm.log, 0, "tally zone \"%V\": %s", &z->name, tally_strerror(rc));
+        return NGX_ERROR;
+    }
+    ngx_log_error(NGX_LOG_NOTICE, shm->shm.log, 0, "tally zone \"%V\": %uz keys a policy, shared by "
+                  "every worker", &z->name, o.capacity);
+    return NGX_OK;
+}
+
+/* ---- engines, one per worker and zone, for zones that sync through Redis ---------- */
 
 static ngx_int_t ngx_http_tally_init(ngx_conf_t *cf)
 {
@@ -830,7 +961,7 @@ static ngx_int_t ngx_http_tally_init_process(ngx_cycle_t *cycle)
         return NGX_OK;
     z = mcf->zones.elts;
     for (ngx_uint_t i = 0; i < mcf->zones.nelts; i++) {
-        if (open_zone(cycle, &z[i]) != NGX_OK)
+        if (z[i].shm == NULL && open_zone(cycle, &z[i]) != NGX_OK)
             return NGX_ERROR;
     }
     return NGX_OK;
@@ -845,7 +976,9 @@ static void ngx_http_tally_exit_process(ngx_cycle_t *cycle)
         return;
     z = mcf->zones.elts;
     for (ngx_uint_t i = 0; i < mcf->zones.nelts; i++) {
-        /* the final flush pushes what Redis has not acknowledged yet */
+        /* the final flush pushes what Redis has not acknowledged yet; a
+           shared zone's engine stays, for the other workers: this worker
+           gives back its reader */
         tally_close(z[i].engine);
         z[i].engine = NULL;
     }
