@@ -84,22 +84,22 @@ TALLY_EXPORT void tally_flusher_options_init(tally_flusher_options *o);
  * tally_flusher_start - start the engine's flusher thread.
  * @o: options, copied (the strings of o->redis too).
  * Every interval the flusher takes each key's unflushed cost, hands it to
- * on_deltas and to Redis (one pipeline per flush and per master of Lua
- * scripts, each applying up to 500 INCRBYs once under a sequence number that
- * a record per engine in Redis remembers), learns the global
+ * on_deltas and to Redis (one pipeline per flush and per master of
+ * MULTI/EXEC transactions, each applying up to 500 INCRBYs once under a
+ * sequence number that a record per engine in Redis remembers), learns the global
  * totals from the replies and, for every live key hit in the current window or
  * the one before, from an MGET, and delivers first_exceeded events to on_event. A delta leaves the
  * engine only when every sink acknowledged it; on a failure it is kept and
  * sent again with a later flush: merged with later cost of the same key and
  * window when Redis refused it unapplied (an error reply such as BUSY, OOM,
  * LOADING, READONLY, MOVED or CROSSSLOT to its first send, or a key's own
- * error inside the script), as it was, under its sequence number, when its
+ * error inside the transaction), as it was, under its sequence number, when its
  * outcome is unknown (a lost reply, an unexpected error, a refused resend, or
  * fewer replicas than wait_replicas confirmed by WAIT). While 8 or
  * more batches of unknown outcome wait, new cost stays merged in the flusher,
  * so what is sent per flush is bounded by the number of pending keys.
  * Costs hit before the flusher started are not pushed.
- * In TALLY_REDIS_CLUSTER mode the keys of one script share a hash tag (one
+ * In TALLY_REDIS_CLUSTER mode the keys of one transaction share a hash tag (one
  * of 1024 buckets) and each master gets its own pipeline; in
  * TALLY_REDIS_SENTINEL mode the master is asked of the sentinels before each
  * connect and confirmed with ROLE.

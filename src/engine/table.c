@@ -34,7 +34,10 @@
  *
  *   EMPTY {0,0} --claim--> PENDING(D) --promote--> LIVE(D) --kill--> DEAD(D)
  *   FREE  {1,0} --claim--> PENDING(D) --lose-----> DEAD(D)
- *   DEAD(D) --take--> ZOMBIE {2,0} --grace period--> FREE {1,0}
+ *   DEAD(D) --take--> ZOMBIE {2,P} --grace period--> FREE {1,0}
+ *
+ * P is 0, or in a shared engine the identity of the reclaim's process
+ * (core/proc.h), for guarantee 10.
  *
  * Ordering and progress guarantees:
  *  1. An EMPTY control byte is never re-entered, so a probe that reads a
@@ -163,6 +166,32 @@
  *     the slot dead at its end and starts over in the next slot, counted in
  *     both: the error is on refusing. The notes are allocated before the
  *     kill: without memory the key is not evicted and the new key is refused.
+ * 10. A shared engine's table (engine/shared.c) is used by several
+ *     processes, and one may die at any instruction. What its steps leave
+ *     half done is finished by the others, so that no slot stays out of use
+ *     for good and nobody waits on it forever:
+ *       - its reclaim's ZOMBIE slots name its process: a reclaim that meets
+ *         ZOMBIEs of a dead process takes them over by one CAS of the name
+ *         and frees them after its own grace period (their keys' overflow
+ *         counts stay, which only lengthens probes: guarantee 1 needs them
+ *         never too low);
+ *       - a kill that died before its byte's DEAD left the tag of a DEAD
+ *         digest: the reclaim that takes the slot makes the byte DEAD again
+ *         before the digest is FREE, and sets FREE by a CAS from DEAD;
+ *       - a reclaim that died between the digest's FREE and the byte's left
+ *         a FREE digest under a DEAD byte: a reclaim that meets it sets the
+ *         byte FREE by a CAS from DEAD, the step the dead one would have
+ *         made (so both CAS from DEAD, and one that comes second changes
+ *         nothing);
+ *       - a promotion that died holding a reservation (guarantee 7) keeps
+ *         it for good: a claimant at the capacity edge then waits for it at
+ *         most HOLDER_PATIENCE_NS before it refuses the key. A claim that
+ *         died before its promotion leaves a PENDING slot that a later claim
+ *         of the same key resolves, or one slot out of use. So a process
+ *         killed while placing a key costs at most one slot and one unit of
+ *         capacity.
+ *     The read-side sections of a dead process are the epoch domain's to
+ *     give up on (core/epoch.h, guarantee 4).
  */
 #include <emmintrin.h>
 #include <sched.h>
