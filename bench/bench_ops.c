@@ -64,7 +64,8 @@ int main(int argc, char **argv)
     int virtual_clock = kind == BENCH_W_INSERT;
 
     if (bench_design_needs_redis(d)
-        || !(bench_design_supports(d, &w) || (d == BENCH_TALLY_AT && virtual_clock))) {
+        || !(bench_design_supports(d, &w)
+             || ((d == BENCH_TALLY_AT || d == BENCH_TALLY_SHARED_AT) && virtual_clock))) {
         fprintf(stderr, "bench_ops: %s does not run %s\n", argv[1], argv[2]);
         return 2;
     }

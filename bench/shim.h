@@ -124,6 +124,7 @@ const char    *bench_kind_name(bench_kind kind);
 typedef enum bench_design {
     BENCH_TALLY = 0,        /* tally_hit: reads the clock on every hit */
     BENCH_TALLY_AT,         /* tally_hit_at with a time read once per run */
+    BENCH_TALLY_SHARED_AT,  /* the same on a shared engine (tally/shared.h), digest_only */
     BENCH_MUTEX_MAP,        /* pthread mutex around an open-addressing map */
     BENCH_RWLOCK_MAP,       /* pthread rwlock: read lock + CAS for known keys, write lock to insert */
     BENCH_RCU_LFHT,         /* liburcu rculfhash (urcu-memb), lookup + CAS on the node's counter */

@@ -18,6 +18,7 @@
 #include <unistd.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #if defined(__x86_64__)
 #include <x86intrin.h>
@@ -46,6 +47,8 @@ struct bench_target {
     tally_engine     *engine;
     uint32_t          policy;
     uint64_t          now;          /* tally_hit_at: the time read once */
+    void             *shared;       /* BENCH_TALLY_SHARED_AT: the engine's mapping */
+    size_t            shared_len;
     uint64_t          start_ns;     /* bench_target_set_clock() */
     uint64_t          step_ns;      /* 0: the clock */
     bench_mutex_map  *mutex_map;
@@ -66,6 +69,7 @@ const char *bench_design_name(bench_design d)
 {
     static const char *const names[BENCH_N_DESIGNS] = {
         [BENCH_TALLY] = "tally",           [BENCH_TALLY_AT] = "tally_hit_at",
+        [BENCH_TALLY_SHARED_AT] = "tally_shared_at",
         [BENCH_MUTEX_MAP] = "mutex_map",   [BENCH_RWLOCK_MAP] = "rwlock_map",
         [BENCH_RCU_LFHT] = "rculfhash",    [BENCH_CK_HS] = "ck_hs",
         [BENCH_FLAT_LOCKFREE] = "flat_lockfree", [BENCH_CAS_ADD] = "cas_add",
@@ -157,6 +161,7 @@ int bench_design_supports(bench_design d, const bench_workload *w)
     case BENCH_RCU_LFHT:
         return 1;
     case BENCH_TALLY_AT:       /* one time for the whole run: windows never expire */
+    case BENCH_TALLY_SHARED_AT:
         return w->kind != BENCH_W_INSERT;
     case BENCH_CK_HS:          /* removes no keys: see ck_map.c */
         return w->kind != BENCH_W_INSERT;
@@ -184,6 +189,21 @@ int bench_design_needs_redis(bench_design d)
 
 /* ---- Targets ---------------------------------------------------------------------- */
 
+/* The policy open_tally() adds, for @w. */
+static tally_policy policy_of(const bench_workload *w)
+{
+    tally_policy p = {
+        .name = "bench",
+        .limits = { { .algo = w->algo == BENCH_GCRA ? TALLY_GCRA
+                            : w->algo == BENCH_CONCURRENCY ? TALLY_CONCURRENCY
+                            : TALLY_FIXED_WINDOW,
+                      .max = w->max, .period_ns = w->period_ns } },
+        .n_limits = 1,
+        .flags = w->evict_lru ? TALLY_EVICT_LRU : 0,
+    };
+    return p;
+}
+
 static int open_tally(size_t capacity, const bench_workload *w, bool digest_only,
                       tally_engine **e, uint32_t *policy)
 {
@@ -197,21 +217,35 @@ static int open_tally(size_t capacity, const bench_workload *w, bool digest_only
     int rc = tally_open(&o, e);
     if (rc)
         return rc;
-    tally_policy p = {
-        .name = "bench",
-        .limits = { { .algo = w->algo == BENCH_GCRA ? TALLY_GCRA
-                            : w->algo == BENCH_CONCURRENCY ? TALLY_CONCURRENCY
-                            : TALLY_FIXED_WINDOW,
-                      .max = w->max, .period_ns = w->period_ns } },
-        .n_limits = 1,
-        .flags = w->evict_lru ? TALLY_EVICT_LRU : 0,
-    };
+    tally_policy p = policy_of(w);
     rc = tally_policy_add(*e, &p, policy);
     if (rc) {
         tally_close(*e);
         *e = NULL;
     }
     return rc;
+}
+
+/* A shared engine of the same policy in an anonymous shared mapping, as a
+   server that forks its workers makes one (policy id 0). */
+static int open_shared(size_t capacity, const bench_workload *w, bench_target *t)
+{
+    tally_options o;
+    tally_options_init(&o);
+    o.capacity = capacity;
+    o.digest_only = true;
+    memcpy(o.hash_key, "tally-bench-key.", sizeof(o.hash_key));
+    tally_policy p = policy_of(w);
+    int rc = tally_shared_size(&o, &p, 1, BENCH_MAX_THREADS + 8, &t->shared_len);
+    if (rc)
+        return rc;
+    t->shared = mmap(NULL, t->shared_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (t->shared == MAP_FAILED) {
+        t->shared = NULL;
+        return TALLY_ENOMEM;
+    }
+    t->policy = 0;
+    return tally_shared_create(t->shared, t->shared_len, &o, &p, 1, BENCH_MAX_THREADS + 8, &t->engine);
 }
 
 static int one_op(bench_target *t, int tid, const char *key, size_t len, uint64_t cost, int peek);
@@ -233,6 +267,13 @@ bench_target *bench_target_new(bench_design d, const bench_workload *w, const be
         int rc = open_tally(w->capacity, w, false, &t->engine, &t->policy);
         if (rc)
             fprintf(stderr, "bench: tally_open/policy_add: %s\n", tally_strerror(rc));
+        made = rc == 0;
+        break;
+    }
+    case BENCH_TALLY_SHARED_AT: {
+        int rc = open_shared(w->capacity, w, t);
+        if (rc)
+            fprintf(stderr, "bench: tally_shared_create: %s\n", tally_strerror(rc));
         made = rc == 0;
         break;
     }
@@ -290,7 +331,9 @@ void bench_target_free(bench_target *t)
 {
     if (!t)
         return;
-    tally_close(t->engine);
+    tally_close(t->engine);         /* a shared engine's: a detach */
+    if (t->shared)
+        munmap(t->shared, t->shared_len);
     bench_mutex_map_free(t->mutex_map);
     bench_rwlock_map_free(t->rwlock_map);
     bench_rcu_map_free(t->rcu_map);
@@ -536,6 +579,7 @@ static OP_ENTRY int bench_op_redis_incr(bench_target *t, int tid, const char *ke
 
 static op_fn *const op_of_design[BENCH_N_DESIGNS] = {
     [BENCH_TALLY] = bench_op_tally,           [BENCH_TALLY_AT] = bench_op_tally_hit_at,
+    [BENCH_TALLY_SHARED_AT] = bench_op_tally_hit_at,
     [BENCH_MUTEX_MAP] = bench_op_mutex_map,   [BENCH_RWLOCK_MAP] = bench_op_rwlock_map,
     [BENCH_RCU_LFHT] = bench_op_rculfhash,    [BENCH_CK_HS] = bench_op_ck_hs,
     [BENCH_FLAT_LOCKFREE] = bench_op_flat_lockfree, [BENCH_CAS_ADD] = bench_op_cas_add,
@@ -569,13 +613,14 @@ time_of(const bench_design D, bench_target *t, int driven, uint64_t start, uint6
         return atomic_load_explicit(&t->window_clock, memory_order_relaxed);
     if (step)
         return start + (uint64_t)p * step;
-    return D == BENCH_TALLY_AT ? t->now : bench_clock_ns();
+    return D == BENCH_TALLY_AT || D == BENCH_TALLY_SHARED_AT ? t->now : bench_clock_ns();
 }
 
 static int one_op(bench_target *t, int tid, const char *key, size_t len, uint64_t cost, int peek)
 {
     op_fn *op = op_for(t->design, &t->w);
-    uint64_t now = t->design == BENCH_TALLY_AT ? t->now : bench_clock_ns();
+    uint64_t now = t->design == BENCH_TALLY_AT || t->design == BENCH_TALLY_SHARED_AT
+                   ? t->now : bench_clock_ns();
     return op ? op(t, tid, key, len, peek ? 0 : cost, now) : -1;
 }
 
@@ -675,7 +720,7 @@ static uint64_t run(bench_target *t, int tid, const bench_keys *k, const bench_s
         RUN_OP(BENCH_MUTEX_MAP, bench_op_mutex_map_pair);
     switch (t->design) {
 #define RUN(D) case D: RUN_OP(D, op_of_design[D]);
-    RUN(BENCH_TALLY) RUN(BENCH_TALLY_AT) RUN(BENCH_MUTEX_MAP) RUN(BENCH_RWLOCK_MAP)
+    RUN(BENCH_TALLY) RUN(BENCH_TALLY_AT) RUN(BENCH_TALLY_SHARED_AT) RUN(BENCH_MUTEX_MAP) RUN(BENCH_RWLOCK_MAP)
     RUN(BENCH_RCU_LFHT) RUN(BENCH_CK_HS) RUN(BENCH_FLAT_LOCKFREE) RUN(BENCH_CAS_ADD)
     RUN(BENCH_REDIS_INCR)
 #undef RUN

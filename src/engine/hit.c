@@ -816,7 +816,9 @@ int tally_reset_if(tally_engine *e, uint32_t policy, const void *key, size_t key
     _Atomic uint64_t *gen = &t->gen[tally__slot_index(t, s)];
     if (tally__lock(&p->reset_lock) && p->reset_slot != SIZE_MAX) {
         /* a process of a shared engine died resetting that slot, its
-           instance odd and some of its states perhaps reset: a new one */
+           instance odd and some of its states perhaps reset: a new one.
+           release: paired with the acquire loads of gen in read_instance(),
+           hit_multi() and take_back(), as the reset's own store below */
         atomic_store_explicit(&t->gen[p->reset_slot], tally__table_gen_fresh(t), memory_order_release);
         p->reset_slot = SIZE_MAX;
     }

@@ -305,7 +305,8 @@ static bool ctrl_cas(tally__table *t, size_t i, unsigned from, unsigned to)
         if (from != CTRL_ANY && b != from)
             return false;
         uint64_t next = (cur & ~((uint64_t)0xff << shift)) | (uint64_t)to << shift;
-        /* seq_cst: as ctrl_set() */
+        /* seq_cst: as ctrl_set(), paired with the seq_cst ctrl_group()
+           loads of the scans (guarantee 8) */
         if (atomic_compare_exchange_weak(w, &cur, next))
             return true;
     }
@@ -1445,15 +1446,15 @@ void tally__table_reclaim_free(tally__table *t, const tally__batch *b)
             pass_groups(t, tally__home_of(t, b->digest[j]), b->idx[j], -1);
         /* the next key here is a new instance (guarantee 6) */
         atomic_store_explicit(&t->gen[b->idx[j]], tally__table_gen_fresh(t), memory_order_relaxed);
-        /* release: the zeroed state and the fresh instance before the slot can
-           be claimed; paired with the claim CAS in tally__table_acquire() and
-           the acquire loads of tally__table_find_fast() */
         if (b->owner) {
             /* a killer that died before its byte's DEAD left its tag: the
                byte is DEAD before the digest is FREE (guarantee 10) */
             ctrl_cas(t, b->idx[j], CTRL_ANY, CTRL_DEAD);
             tally__word_store_relaxed(&s->d_hi, 0);   /* FREE is {1, 0}; published below */
         }
+        /* release: the zeroed state and the fresh instance before the slot can
+           be claimed; paired with the claim CAS in tally__table_acquire() and
+           the acquire loads of tally__table_find_fast() */
         tally__word_store_release(&s->d_lo, TALLY__LO_FREE);
         /* after the digest: a claimable byte means a claimable digest
            (guarantee 8); in a shared engine another reclaim may have set
