@@ -38,6 +38,20 @@ static uint32_t shared_limit_policy(tally_engine *e)
     return id;
 }
 
+/* An engine of the shared limit, with the hash key @hash_key that every
+   engine of the test shares; its policy's id in *@policy. */
+static tally_engine *shared_limit_engine(const uint8_t hash_key[16], uint32_t *policy)
+{
+    tally_options o;
+    tally_options_init(&o);
+    o.capacity = 64;
+    memcpy(o.hash_key, hash_key, 16);
+    tally_engine *e;
+    cr_assert_eq(tally_open(&o, &e), 0);
+    *policy = shared_limit_policy(e);
+    return e;
+}
+
 struct shared_paced {
     tally_engine *e;
     uint32_t      policy;

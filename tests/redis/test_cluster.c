@@ -303,14 +303,8 @@ Test(cluster, two_engines_enforce_one_limit_within_the_bound, .timeout = 120)
     cr_assert(test_cluster_start(&c), "the cluster did not form");
     tally_engine *e[ENGINES];
     uint32_t pol[ENGINES];
-    for (int i = 0; i < ENGINES; i++) {
-        tally_options o;
-        tally_options_init(&o);
-        o.capacity = 64;
-        memcpy(o.hash_key, HASH_KEY, 16);
-        cr_assert_eq(tally_open(&o, &e[i]), 0);
-        pol[i] = shared_limit_policy(e[i]);
-    }
+    for (int i = 0; i < ENGINES; i++)
+        e[i] = shared_limit_engine(HASH_KEY, &pol[i]);
     char key[32];
     int owner = -1;
     for (int k = 0; k < 1000; k++) {

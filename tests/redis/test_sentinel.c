@@ -477,12 +477,7 @@ Test(sentinel_e2e, two_engines_enforce_one_limit_within_the_bound, .timeout = 12
     tally_engine *e[2];
     uint32_t pol[2];
     for (int i = 0; i < 2; i++) {
-        tally_options o;
-        tally_options_init(&o);
-        o.capacity = 64;
-        memcpy(o.hash_key, HASH_KEY, 16);
-        cr_assert_eq(tally_open(&o, &e[i]), 0);
-        pol[i] = shared_limit_policy(e[i]);
+        e[i] = shared_limit_engine(HASH_KEY, &pol[i]);
         tally_redis_options ro = { .mode = TALLY_REDIS_SENTINEL, .nodes = s.nodes,
                                    .master_name = TS_MASTER_NAME, .key_prefix = "lim:",
                                    .connect_timeout_ms = 500, .command_timeout_ms = 500 };

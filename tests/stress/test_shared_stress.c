@@ -88,6 +88,14 @@ static pid_t child(void (*fn)(tally_engine *, ctl *, int), tally_engine *e, ctl 
     return pid;
 }
 
+/* PROCS children running @fn, each told when it has started. */
+static void spawn(void (*fn)(tally_engine *, ctl *, int), tally_engine *e, ctl *c, pid_t *pid)
+{
+    for (int p = 0; p < PROCS; p++)
+        pid[p] = child(fn, e, c, p);
+    wait_for(&c->started, PROCS);
+}
+
 static void reap(pid_t pid)
 {
     int st;
@@ -157,9 +165,7 @@ Test(shared_stress, processes_admit_exactly_max_and_one_first_exceeded, .timeout
     tally_engine *e = create(EXACT, 2, 4096, &m, &len);
     ctl *c = map_anon(sizeof(ctl));
     pid_t pid[PROCS];
-    for (int p = 0; p < PROCS; p++)
-        pid[p] = child(hit_process, e, c, p);
-    wait_for(&c->started, PROCS);
+    spawn(hit_process, e, c, pid);
     atomic_store(&c->go, 1);
     for (int p = 0; p < PROCS; p++)
         reap(pid[p]);
@@ -214,9 +220,7 @@ Test(shared_stress, of_processes_resetting_one_snapshot_exactly_one_wins, .timeo
     tally_engine *e = create(EXACT, 1, 1024, &m, &len);
     ctl *c = map_anon(sizeof(ctl));
     pid_t pid[PROCS];
-    for (int p = 0; p < PROCS; p++)
-        pid[p] = child(reset_process, e, c, p);
-    wait_for(&c->started, PROCS);
+    spawn(reset_process, e, c, pid);
     tally_result r;
     for (int round = 1; round <= ROUNDS; round++) {
         cr_assert_eq(tally_hit_at(e, 0, "hot", 3, NULL, T0 + (uint64_t)round, &r), 0);
