@@ -277,3 +277,32 @@ Test(shared, a_thread_beyond_max_threads_is_told_busy, .timeout = 30)
     tally_shared_detach(e);
     munmap(m, n);
 }
+
+/* A thread of more shared engines than its cache of readers holds: each call
+   still gets a reader (one given back for another), and the counts stay. */
+Test(shared, one_thread_uses_six_shared_engines_in_turn)
+{
+    enum { N = 6 };
+    tally_options o = digest_opts(100);
+    size_t n;
+    cr_assert_eq(tally_shared_size(&o, POLICIES, 1, 2, &n), 0);
+    void *m[N];
+    tally_engine *e[N];
+    for (int i = 0; i < N; i++) {
+        m[i] = map(n);
+        cr_assert_eq(tally_shared_create(m[i], n, &o, POLICIES, 1, 2, &e[i]), 0);
+    }
+    tally_result r;
+    for (int round = 0; round < 3; round++)
+        for (int i = 0; i < N; i++)
+            cr_assert_eq(tally_hit_at(e[i], 0, "k", 1, NULL, T0, &r), 0, "round %d, engine %d", round, i);
+    for (int i = 0; i < N; i++) {
+        tally_snapshot s;
+        cr_assert_eq(tally_read(e[i], 0, "k", 1, &s), 0);
+        cr_assert_eq(s.c[0].used, 3, "engine %d", i);
+        /* two readers each: one given back for another, never held twice */
+        cr_assert_eq(hit_in_a_thread(e[i]), 0, "engine %d has a reader for another thread", i);
+        tally_shared_detach(e[i]);
+        munmap(m[i], n);
+    }
+}

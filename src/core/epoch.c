@@ -38,6 +38,7 @@ typedef struct cache_entry {
 } cache_entry;
 
 static __thread cache_entry cache[CACHE_ENTRIES];
+static __thread unsigned next_evict;      /* the entry a full cache gives up next */
 
 static void give_back(tally__epoch_reader *r)
 {
@@ -145,8 +146,18 @@ tally__epoch_reader *tally__epoch_reader_get(tally__epoch *d)
         if (!cache[i].d || (cache[i].gen != gen && !revalidate(&cache[i], gen)))
             spare = &cache[i];
     }
-    if (!spare)
-        return NULL;
+    if (!spare) {
+        /* A thread of more domains than the cache holds: it gives back the
+           reader of the one it took longest ago, and takes it again when it
+           comes back to that domain. Safe here: sections do not nest
+           (guarantee 5), so the thread is in none of them. */
+        spare = &cache[next_evict++ % CACHE_ENTRIES];
+        pthread_mutex_lock(&proc_lock);
+        if (entry_current(spare))
+            give_back(spare->r);
+        spare->d = NULL;
+        pthread_mutex_unlock(&proc_lock);
+    }
     pthread_once(&proc_once, proc_init);
     pthread_setspecific(thread_key, cache);   /* any non-NULL value: thread_exit() runs */
     uint64_t me = tally__proc_self();

@@ -20,8 +20,10 @@
  *   }
  *
  * Each thread that enters a section takes a reader of its own on first use
- * (tally__epoch_reader_get) and keeps it in a thread-local cache. It gives
- * it back when it exits; tally__epoch_forget gives back all of a process's
+ * (tally__epoch_reader_get) and keeps it in a thread-local cache of 4
+ * domains (a thread of more gives back the reader it took longest ago, and
+ * takes one again when it returns to that domain). It gives it back when it
+ * exits; tally__epoch_forget gives back all of a process's
  * readers of a domain, and the other domains' entries of every thread's
  * cache stay good (checked against a record of the last 64 forgets; one
  * older than that is dropped, and its reader found again by owner and tid).

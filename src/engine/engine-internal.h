@@ -137,7 +137,7 @@ _Static_assert(sizeof(tally__slot) == 16 && _Alignof(tally__slot) == 16, "slot d
 
 enum { TALLY__EMPTY = 0, TALLY__PENDING = 1, TALLY__LIVE = 2, TALLY__DEAD = 3 };
 /* Digest words of the slots that hold no key (status bits 00):
-   {0, 0} never used, ends every probe; FREE {1, 0} reusable; ZOMBIE {2, P} owned by a
+   {0, 0} never used, ends every probe; FREE {1, P} reusable; ZOMBIE {2, P} owned by a
    reclaimer (P: its process in a shared engine, else 0; table.c, guarantee 10). */
 #define TALLY__LO_EMPTY  UINT64_C(0)
 #define TALLY__LO_FREE   UINT64_C(1)

@@ -816,15 +816,19 @@ int tally_reset_if(tally_engine *e, uint32_t policy, const void *key, size_t key
     _Atomic uint64_t *gen = &t->gen[tally__slot_index(t, s)];
     if (tally__lock(&p->reset_lock) && p->reset_slot != SIZE_MAX) {
         /* a process of a shared engine died resetting that slot, its
-           instance odd and some of its states perhaps reset: a new one.
+           instance odd and some of its states perhaps reset: a new one,
+           unless the slot was reclaimed since (its writer then).
            release: paired with the acquire loads of gen in read_instance(),
            hit_multi() and take_back(), as the reset's own store below */
-        atomic_store_explicit(&t->gen[p->reset_slot], tally__table_gen_fresh(t), memory_order_release);
+        uint64_t odd = p->reset_gen | 1;
+        atomic_compare_exchange_strong_explicit(&t->gen[p->reset_slot], &odd, tally__table_gen_fresh(t),
+                                                memory_order_release, memory_order_relaxed);
         p->reset_slot = SIZE_MAX;
     }
     uint64_t g = atomic_load_explicit(gen, memory_order_relaxed);
     if (g == observed->generation) {
         p->reset_slot = tally__slot_index(t, s);
+        p->reset_gen = g;
         /* odd: readers that see any state this reset writes retry or report
            the instance in flux. The state CAS below is a full barrier after
            it: paired with the acquire fence of read_instance() and the

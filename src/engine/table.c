@@ -34,7 +34,7 @@
  *
  *   EMPTY {0,0} --claim--> PENDING(D) --promote--> LIVE(D) --kill--> DEAD(D)
  *   FREE  {1,0} --claim--> PENDING(D) --lose-----> DEAD(D)
- *   DEAD(D) --take--> ZOMBIE {2,P} --grace period--> FREE {1,0}
+ *   DEAD(D) --take--> ZOMBIE {2,P} --grace period--> FREE {1,P}
  *
  * P is 0, or in a shared engine the identity of the reclaim's process
  * (core/proc.h), for guarantee 10.
@@ -178,11 +178,13 @@
  *       - a kill that died before its byte's DEAD left the tag of a DEAD
  *         digest: the reclaim that takes the slot makes the byte DEAD again
  *         before the digest is FREE, and sets FREE by a CAS from DEAD;
- *       - a reclaim that died between the digest's FREE and the byte's left
- *         a FREE digest under a DEAD byte: a reclaim that meets it sets the
- *         byte FREE by a CAS from DEAD, the step the dead one would have
- *         made (so both CAS from DEAD, and one that comes second changes
- *         nothing);
+ *       - a reclaim frees a slot by one CAS of its digest from {ZOMBIE, P}
+ *         to {FREE, P}, then sets the byte FREE. One that died between the
+ *         two left {FREE, P} under a DEAD byte, which nobody else changes
+ *         while P lives: a reclaim that meets it with P dead takes it by a
+ *         CAS of the digest to {FREE, itself}, and only the winner sets the
+ *         byte (a claimant that wins the FREE byte then CASes the digest
+ *         from whichever {FREE, P} it holds);
  *       - a promotion that died holding a reservation (guarantee 7) keeps
  *         it for good: a claimant at the capacity edge then waits for it at
  *         most HOLDER_PATIENCE_NS before it refuses the key. A claim that
@@ -935,8 +937,12 @@ claim:;
             /* relaxed: the digest CAS below, a full barrier, orders it first */
             atomic_store_explicit(&stamp[idx], tally__stamp_of(now), memory_order_relaxed);
         /* The byte made us the slot's one claimant (guarantee 2): the CAS
-           cannot fail. FREE is written to the byte after the digest. */
-        digest_cas(mine, was == CTRL_EMPTY ? TALLY__LO_EMPTY : TALLY__LO_FREE, 0,
+           cannot fail. FREE is written to the byte after the digest; a
+           shared engine's FREE names the process that freed it (guarantee
+           10), and only while the byte is DEAD does anyone change it.
+           acquire: paired with the digest CAS that made it FREE */
+        uint64_t free_hi = was == CTRL_FREE && t->region ? tally__word_load_acquire(&mine->d_hi) : 0;
+        digest_cas(mine, was == CTRL_EMPTY ? TALLY__LO_EMPTY : TALLY__LO_FREE, free_hi,
                    d.lo, tally__hi_with(d, TALLY__PENDING));
         if (copy) {
             /* the claim made us the only writer of this slot's key */
@@ -1102,9 +1108,15 @@ static void consider(tally__table *t, size_t idx, uint64_t now, tally__batch *b)
             b->idx[b->n++] = idx;
     } else if (b->owner && take_orphan(s, lo, hi, b)) {
         b->idx[b->n++] = idx;
-    } else if (b->owner && lo == TALLY__LO_FREE && hi == 0) {
-        /* a reclaim that died between the digest's FREE and the byte's
-           (guarantee 10): its slot would be neither claimable nor taken */
+    } else if (b->owner && lo == TALLY__LO_FREE && hi != 0 && hi != b->owner && owner_gone(b, hi)
+               /* seq_cst: paired with the byte CASes of the dead reclaim,
+                  all visible once the kernel says it died */
+               && ctrl_byte(t, idx, memory_order_seq_cst) == CTRL_DEAD
+               && digest_cas(s, lo, hi, TALLY__LO_FREE, b->owner)) {
+        /* A reclaim that died between the digest's FREE and the byte's
+           (guarantee 10): its slot would be neither claimable nor taken.
+           The digest CAS made this reclaim the one that sets the byte: the
+           byte stays DEAD until then, as the dead one set it last. */
         ctrl_cas(t, idx, CTRL_DEAD, CTRL_FREE);
     }
 }
@@ -1447,22 +1459,25 @@ void tally__table_reclaim_free(tally__table *t, const tally__batch *b)
         /* the next key here is a new instance (guarantee 6) */
         atomic_store_explicit(&t->gen[b->idx[j]], tally__table_gen_fresh(t), memory_order_relaxed);
         if (b->owner) {
-            /* a killer that died before its byte's DEAD left its tag: the
-               byte is DEAD before the digest is FREE (guarantee 10) */
+            /* A shared engine's (guarantee 10). A killer that died before
+               its byte's DEAD left its tag: the byte is DEAD before the
+               digest is FREE. The digest becomes {FREE, us} in one CAS (a
+               full barrier: the zeroed state and the fresh instance come
+               first, paired as the release store below), and the byte
+               after it: a reclaim that finds {FREE, us} under a DEAD byte
+               once we are dead finishes for us. */
             ctrl_cas(t, b->idx[j], CTRL_ANY, CTRL_DEAD);
-            tally__word_store_relaxed(&s->d_hi, 0);   /* FREE is {1, 0}; published below */
-        }
-        /* release: the zeroed state and the fresh instance before the slot can
-           be claimed; paired with the claim CAS in tally__table_acquire() and
-           the acquire loads of tally__table_find_fast() */
-        tally__word_store_release(&s->d_lo, TALLY__LO_FREE);
-        /* after the digest: a claimable byte means a claimable digest
-           (guarantee 8); in a shared engine another reclaim may have set
-           it since, for us (guarantee 10) */
-        if (b->owner)
-            ctrl_cas(t, b->idx[j], CTRL_DEAD, CTRL_FREE);
-        else
+            if (digest_cas(s, TALLY__LO_ZOMBIE, b->owner, TALLY__LO_FREE, b->owner))
+                ctrl_cas(t, b->idx[j], CTRL_DEAD, CTRL_FREE);
+        } else {
+            /* release: the zeroed state and the fresh instance before the
+               slot can be claimed; paired with the claim CAS in
+               tally__table_acquire() and the acquire loads of
+               tally__table_find_fast() */
+            tally__word_store_release(&s->d_lo, TALLY__LO_FREE);
+            /* after the digest: a claimable byte means a claimable digest (guarantee 8) */
             ctrl_set(t, b->idx[j], CTRL_DEAD, CTRL_FREE);
+        }
         atomic_fetch_sub_explicit(&t->zombies, 1, memory_order_relaxed);
     }
     /* evicted slots are counted apart, when killed (lru_evicted) */

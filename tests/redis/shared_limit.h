@@ -40,7 +40,7 @@ static uint32_t shared_limit_policy(tally_engine *e)
 
 /* An engine of the shared limit, with the hash key @hash_key that every
    engine of the test shares; its policy's id in *@policy. */
-static tally_engine *shared_limit_engine(const uint8_t hash_key[16], uint32_t *policy)
+static inline tally_engine *shared_limit_engine(const uint8_t hash_key[16], uint32_t *policy)
 {
     tally_options o;
     tally_options_init(&o);

@@ -40,6 +40,7 @@ typedef struct ctl {
     _Atomic int      round, resets_seen;
     _Atomic uint64_t admitted[2][KEYS], first[2][KEYS], calls;
     _Atomic uint64_t wins[256];
+    tally_snapshot   snap;        /* the parent's, for the resetting children */
     _Atomic int      errors;
 } ctl;
 
@@ -199,15 +200,19 @@ Test(shared_stress, processes_admit_exactly_max_and_one_first_exceeded, .timeout
 
 #define ROUNDS 200
 
+/* Round r, phase 2r - 1: every child resets from the parent's snapshot of
+   the round, of which exactly one may win. Phase 2r: the parent has hit the
+   key again, so that its state words are the snapshot's once more but in a
+   new instance: no child may reset from the snapshot. */
 static void reset_process(tally_engine *e, ctl *c, int no)
 {
     (void)no;
     atomic_fetch_add(&c->started, 1);
-    for (int round = 1; round <= ROUNDS; round++) {
-        wait_for(&c->round, round);
-        tally_snapshot s;
-        if (tally_read(e, 0, "hot", 3, &s) == 0 && tally_reset_if(e, 0, "hot", 3, &s, NULL) == 0)
-            atomic_fetch_add(&c->wins[round % 256], 1);
+    for (int phase = 1; phase <= 2 * ROUNDS; phase++) {
+        wait_for(&c->round, phase);
+        tally_snapshot s = c->snap;
+        if (tally_reset_if(e, 0, "hot", 3, &s, NULL) == 0)
+            atomic_fetch_add(&c->wins[phase % 256], 1);
         atomic_fetch_add(&c->resets_seen, 1);
     }
     tally_shared_detach(e);
@@ -223,12 +228,30 @@ Test(shared_stress, of_processes_resetting_one_snapshot_exactly_one_wins, .timeo
     spawn(reset_process, e, c, pid);
     tally_result r;
     for (int round = 1; round <= ROUNDS; round++) {
-        cr_assert_eq(tally_hit_at(e, 0, "hot", 3, NULL, T0 + (uint64_t)round, &r), 0);
-        atomic_store(&c->wins[round % 256], 0);
-        atomic_store(&c->round, round);
-        wait_for(&c->resets_seen, round * PROCS);
-        cr_assert_eq(atomic_load(&c->wins[round % 256]), 1, "round %d: %d resets won", round,
-                     (int)atomic_load(&c->wins[round % 256]));
+        cr_assert_eq(tally_hit_at(e, 0, "hot", 3, NULL, T0, &r), 0);
+        cr_assert_eq(tally_read(e, 0, "hot", 3, &c->snap), 0);
+        cr_assert_eq(c->snap.c[0].used, 1);
+        for (int phase = 2 * round - 1; phase <= 2 * round; phase++) {
+            atomic_store(&c->wins[phase % 256], 0);
+            /* seq_cst: the snapshot before the phase that hands it over */
+            atomic_store(&c->round, phase);
+            wait_for(&c->resets_seen, phase * PROCS);
+            int wins = (int)atomic_load(&c->wins[phase % 256]);
+            if (phase % 2) {
+                cr_assert_eq(wins, 1, "round %d: %d resets won", round, wins);
+                /* the same words again, in a new instance */
+                cr_assert_eq(tally_hit_at(e, 0, "hot", 3, NULL, T0, &r), 0);
+                tally_snapshot now;
+                cr_assert_eq(tally_read(e, 0, "hot", 3, &now), 0);
+                cr_assert(now.c[0].raw[0] == c->snap.c[0].raw[0] && now.c[0].raw[1] == c->snap.c[0].raw[1]
+                          && now.generation != c->snap.generation);
+            } else {
+                cr_assert_eq(wins, 0, "round %d: a reset from an old instance won", round);
+                tally_snapshot now;
+                cr_assert_eq(tally_read(e, 0, "hot", 3, &now), 0);
+                cr_assert(tally_reset_if(e, 0, "hot", 3, &now, NULL) == 0, "round %d", round);
+            }
+        }
     }
     for (int p = 0; p < PROCS; p++)
         reap(pid[p]);
