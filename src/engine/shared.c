@@ -23,6 +23,7 @@
  * (a reclaim's batch, a scan's chunk) lives only for that call.
  */
 #include <string.h>
+#include <sys/stat.h>
 
 #include "tally/shared.h"
 #include "core/epoch.h"
@@ -38,9 +39,23 @@ __thread tally__epoch_reader *tally__sec_reader __attribute__((tls_model("initia
 
 typedef struct tally__shared {
     uint64_t      magic;
-    uint32_t      max_threads;
+    uint64_t      pidns_dev, pidns_ino;   /* the creator's PID namespace */
     tally_engine *engine;
 } tally__shared;
+
+/* This process's PID namespace: process identities (core/proc.h), which
+   tell a dead reader or reclaim from a live one, name processes of one
+   namespace only. */
+static void pid_namespace(uint64_t *dev, uint64_t *ino)
+{
+    struct stat st;
+    if (stat("/proc/self/ns/pid", &st) == 0) {
+        *dev = (uint64_t)st.st_dev;
+        *ino = (uint64_t)st.st_ino;
+    } else {
+        *dev = *ino = 0;
+    }
+}
 
 /* Sizes a build lays out with: a region of another build is refused. */
 static uint64_t layout_of(void)
@@ -155,7 +170,7 @@ int tally_shared_create(void *mem, size_t len, const tally_options *opts,
     /* from here on calls take the region's sections */
     e->epoch = d;
     root->magic = ROOT_MAGIC;
-    root->max_threads = max_threads;
+    pid_namespace(&root->pidns_dev, &root->pidns_ino);
     root->engine = e;
     tally__region_ready(r);
     *out = e;
@@ -176,8 +191,12 @@ int tally_shared_check(const void *mem, size_t len, const char **why)
         const tally__shared *root = root_of(mem);
         const unsigned char *lo = mem, *hi = lo + len;
         const unsigned char *eng = (const unsigned char *)root->engine;
+        uint64_t dev, ino;
+        pid_namespace(&dev, &ino);
         if (root->magic != ROOT_MAGIC)
             bad = "not a shared engine: a region of another kind";
+        else if (root->pidns_dev != dev || root->pidns_ino != ino)
+            bad = "made in another PID namespace, whose processes this one cannot tell dead or alive";
         else if (eng < lo || eng > hi - sizeof(tally_engine) || root->engine->region != mem
                  || root->engine->epoch == NULL)
             bad = "corrupt: its engine is not where its header says";

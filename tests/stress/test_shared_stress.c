@@ -322,6 +322,39 @@ Test(shared_stress, an_unrelated_program_attaches_a_shared_file, .timeout = 120)
     unlink(path);
 }
 
+/* A program in another PID namespace (a container sharing /dev/shm) cannot
+   tell this one's processes dead or alive: it is refused the engine. */
+Test(shared_stress, a_program_in_another_pid_namespace_is_refused, .timeout = 60)
+{
+    char path[] = "/dev/shm/tally-shared-XXXXXX";
+    int fd = mkstemp(path);
+    cr_assert_geq(fd, 0);
+    tally_options o = digest_opts(1024);
+    size_t len;
+    cr_assert_eq(tally_shared_size(&o, EXACT, 1, 16, &len), 0);
+    cr_assert_eq(ftruncate(fd, (off_t)len), 0);
+    void *m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    cr_assert_neq(m, MAP_FAILED);
+    close(fd);
+    tally_engine *e;
+    cr_assert_eq(tally_shared_create(m, len, &o, EXACT, 1, 16, &e), 0);
+    char cmd[512];
+    snprintf(cmd, sizeof(cmd), "unshare --pid --fork %s %s %zu k 1 2>&1", SHARED_CHILD, path, len);
+    FILE *p = popen(cmd, "r");
+    cr_assert_not_null(p);
+    char out[512] = { 0 };
+    size_t got = fread(out, 1, sizeof(out) - 1, p);
+    out[got] = 0;
+    int st = pclose(p);
+    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 1, "status %#x: %s", st, out);
+    cr_assert_not_null(strstr(out, "another PID namespace"), "%s", out);
+    tally_snapshot s;
+    cr_assert_eq(tally_read(e, 0, "k", 1, &s), TALLY_ENOENT, "it hit nothing");
+    tally_shared_detach(e);
+    munmap(m, len);
+    unlink(path);
+}
+
 /* ---- SIGKILL in a hot loop ----------------------------------------------------- */
 
 #define CHURN_CAP 1024
