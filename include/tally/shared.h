@@ -17,12 +17,16 @@
  *    rejection watch (tally_watch_set() gets TALLY_ESTATE);
  *  - every other call of tally.h works on it, from any thread of any
  *    process that attached it.
- * A process killed at any instruction, SIGKILL included, stalls nobody: a
- * thread that waits for the grace period a slot's reuse needs gives up on
- * the dead process's read-side sections, and a reset lock it held is taken
- * over. What it was doing is lost with it: a hit it had not finished
- * counts or not, and a new key it was placing may keep its slot out of use
- * (docs/DESIGN.md, "Shared engines").
+ * A process killed at any instruction, SIGKILL included: a thread that
+ * waits for the grace period a slot's reuse needs gives up on the dead
+ * process's read-side sections, the slots its reclaims held are freed by
+ * the others, and a reset lock it held is taken over. What it was doing is
+ * lost with it: a hit it had not finished counts or not, and a new key it
+ * was placing may keep one slot and one unit of capacity out of use. If it
+ * died in the few instructions of a promotion, a table at its capacity
+ * makes every new key wait 1 s before it refuses (or evicts for) it, for
+ * the life of the region (docs/DESIGN.md, "Shared engines"). Processes of
+ * one PID namespace only: one of another is refused the region.
  */
 #ifndef TALLY_SHARED_H
 #define TALLY_SHARED_H
@@ -43,8 +47,11 @@ extern "C" {
  * @policies:    the engine's policies, @n_policies of them (at least one,
  *               at most TALLY_MAX_POLICIES), validated as tally_policy_add()
  *               validates one.
- * @max_threads: threads, across every process, that may be in a call on the
- *               engine at the same time (0: TALLY_SHARED_THREADS); a call
+ * @max_threads: threads, across every process, that may use the engine
+ *               (0: TALLY_SHARED_THREADS): a thread holds one of them from
+ *               its first call until it exits or its process detaches (a
+ *               thread that uses more than 4 shared engines in turn gives
+ *               back its oldest one's as it goes); a call of a thread
  *               beyond them gets TALLY_EBUSY.
  * @bytes:       receives the size.
  * Return 0 or TALLY_EINVAL (NULL @bytes or @policies, options or a policy

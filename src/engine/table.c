@@ -186,8 +186,9 @@
  *         byte (a claimant that wins the FREE byte then CASes the digest
  *         from whichever {FREE, P} it holds);
  *       - a promotion that died holding a reservation (guarantee 7) keeps
- *         it for good: a claimant at the capacity edge then waits for it at
- *         most HOLDER_PATIENCE_NS before it refuses the key. A claim that
+ *         it for good: every claimant at the capacity edge then waits for it
+ *         HOLDER_PATIENCE_NS before it refuses the key (or evicts for it),
+ *         for the life of the region: not yet settled by anyone. A claim that
  *         died before its promotion leaves a PENDING slot that a later claim
  *         of the same key resolves, or one slot out of use. So a process
  *         killed while placing a key costs at most one slot and one unit of

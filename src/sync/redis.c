@@ -21,7 +21,9 @@
  *     batch whose outcome is unknown is never sent again blind: every
  *     connection dropped with a batch unanswered is closed by CLIENT KILL ID
  *     on the next one before anything else, so nothing it carried can still
- *     run (not even bytes waiting in Redis's input buffer or in a proxy),
+ *     run (not even bytes waiting in Redis's input buffer, or in a proxy
+ *     that keeps one server connection per client connection; a proxy that
+ *     multiplexes clients onto shared connections defeats the fence),
  *     and then one transaction reads the batch's slot and the totals of its
  *     keys: the slot holds the number, the batch ran and the totals are its
  *     reply; else it is sent again as a first send. The flusher never has a
