@@ -262,20 +262,29 @@ Test(shared_stress, of_processes_resetting_one_snapshot_exactly_one_wins, .timeo
 
 /* ---- An unrelated program on a shared file -------------------------------------- */
 
-Test(shared_stress, an_unrelated_program_attaches_a_shared_file, .timeout = 120)
+/* A shared engine of EXACT's first policy in a new file @path (a mkstemp
+   template) in /dev/shm, mapped here at *@mem. */
+static tally_engine *create_in_file(char *path, void **mem, size_t *len)
 {
-    char path[] = "/dev/shm/tally-shared-XXXXXX";
     int fd = mkstemp(path);
     cr_assert_geq(fd, 0);
     tally_options o = digest_opts(1024);
-    size_t len;
-    cr_assert_eq(tally_shared_size(&o, EXACT, 1, 16, &len), 0);
-    cr_assert_eq(ftruncate(fd, (off_t)len), 0);
-    void *m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    cr_assert_neq(m, MAP_FAILED);
+    cr_assert_eq(tally_shared_size(&o, EXACT, 1, 16, len), 0);
+    cr_assert_eq(ftruncate(fd, (off_t)*len), 0);
+    *mem = mmap(NULL, *len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    cr_assert_neq(*mem, MAP_FAILED);
     close(fd);
     tally_engine *e;
-    cr_assert_eq(tally_shared_create(m, len, &o, EXACT, 1, 16, &e), 0);
+    cr_assert_eq(tally_shared_create(*mem, *len, &o, EXACT, 1, 16, &e), 0);
+    return e;
+}
+
+Test(shared_stress, an_unrelated_program_attaches_a_shared_file, .timeout = 120)
+{
+    char path[] = "/dev/shm/tally-shared-XXXXXX";
+    size_t len;
+    void *m;
+    tally_engine *e = create_in_file(path, &m, &len);
 
     /* two programs at once, one key: the max holds across them */
     char lenarg[32];
@@ -327,17 +336,9 @@ Test(shared_stress, an_unrelated_program_attaches_a_shared_file, .timeout = 120)
 Test(shared_stress, a_program_in_another_pid_namespace_is_refused, .timeout = 60)
 {
     char path[] = "/dev/shm/tally-shared-XXXXXX";
-    int fd = mkstemp(path);
-    cr_assert_geq(fd, 0);
-    tally_options o = digest_opts(1024);
     size_t len;
-    cr_assert_eq(tally_shared_size(&o, EXACT, 1, 16, &len), 0);
-    cr_assert_eq(ftruncate(fd, (off_t)len), 0);
-    void *m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    cr_assert_neq(m, MAP_FAILED);
-    close(fd);
-    tally_engine *e;
-    cr_assert_eq(tally_shared_create(m, len, &o, EXACT, 1, 16, &e), 0);
+    void *m;
+    tally_engine *e = create_in_file(path, &m, &len);
     char cmd[512];
     snprintf(cmd, sizeof(cmd), "unshare --pid --fork %s %s %zu k 1 2>&1", SHARED_CHILD, path, len);
     FILE *p = popen(cmd, "r");
